@@ -1,0 +1,22 @@
+"""flwr-transports: out-of-band payload transports for Flower.
+
+Public names: ``offload`` (server-side strategy wrapper) and ``payload_mod``
+(client-side ClientApp mod). Everything else lives in submodules.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["offload", "payload_mod", "__version__"]
+
+
+def __getattr__(name: str):  # lazy: importing the package stays cheap
+    if name == "offload":
+        from .flower.wrapper import offload
+
+        return offload
+    if name == "payload_mod":
+        from .flower.mod import payload_mod
+
+        return payload_mod
+    raise AttributeError(f"module 'flwr_transports' has no attribute {name!r}")

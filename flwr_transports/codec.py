@@ -1,0 +1,222 @@
+"""ArrayRecord <-> bytes.
+
+The payload format is a valid *safetensors* file, so any safetensors reader can open
+it, laid out so that neither side needs an extra copy of the array data:
+
+* every Flower ``Array`` is stored as one ``U8`` tensor whose bytes are exactly the
+  ``Array.data`` bytes (for ``stype == "numpy.ndarray"`` these are ``.npy`` bytes);
+* ``__metadata__["flwr_transports"]`` holds a JSON list, in record order, of
+  ``[name, dtype, shape, stype]`` for each array, so names, order, dtypes, shapes
+  (0-d and empty included) and serialization types round-trip exactly.
+
+Encoding produces a list of segments (the header and the arrays' own ``bytes``
+objects, never copied) plus the total size and a SHA-256 digest; links write the
+segments where they go. Decoding reads each array's bytes once from a *reader*
+(``read(offset, n) -> bytes``) into the final ``bytes`` object handed to ``Array``,
+hashing exactly what it decodes, so a writer that changes the payload while it is
+read is caught by the digest check (no time-of-check/time-of-use window).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from flwr.app import Array, ArrayRecord
+
+FORMAT = "flwr-transports/1"
+CODEC_VERSION = 1
+DIGEST_ALGO = "sha256"
+MAX_HEADER_BYTES = 64 * 1024 * 1024  # a header above this is hostile
+_META_KEY = "flwr_transports"
+
+
+class PayloadError(ValueError):
+    """A payload that is malformed, truncated, or fails its digest check."""
+
+
+@dataclass
+class EncodedPayload:
+    """An encoded ArrayRecord: segments to be written back to back."""
+
+    segments: list[bytes | memoryview]
+    size: int
+    digest: str  # "sha256:<hex>"
+    header_size: int = 0
+    n_arrays: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def iter_segments(self):
+        yield from self.segments
+
+    def to_bytes(self) -> bytes:
+        """Join the segments (one copy; for small payloads and tests)."""
+        return b"".join(self.segments)
+
+
+def _header(record: ArrayRecord) -> tuple[bytes, list[bytes]]:
+    arrays_meta = []
+    tensors: dict[str, dict] = {}
+    datas: list[bytes] = []
+    offset = 0
+    for i, (name, arr) in enumerate(record.items()):
+        data = arr.data
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"Array {name!r} has data of type {type(data).__name__}")
+        n = len(data)
+        tensors[f"a{i:08d}"] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
+        arrays_meta.append([name, arr.dtype, list(arr.shape), arr.stype])
+        datas.append(data)
+        offset += n
+    meta = {"format": FORMAT, _META_KEY: json.dumps(arrays_meta, separators=(",", ":"))}
+    hdr = {"__metadata__": meta, **tensors}
+    raw = json.dumps(hdr, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)  # safetensors: pad header to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw, datas
+
+
+def encode(record: ArrayRecord) -> EncodedPayload:
+    """Encode an ArrayRecord. No array data is copied; the digest is computed here."""
+    head, datas = _header(record)
+    h = hashlib.sha256(head)
+    size = len(head)
+    for d in datas:
+        h.update(d)
+        size += len(d)
+    return EncodedPayload(
+        segments=[head, *datas],
+        size=size,
+        digest=f"{DIGEST_ALGO}:{h.hexdigest()}",
+        header_size=len(head),
+        n_arrays=len(datas),
+    )
+
+
+def encode_to_bytes(record: ArrayRecord) -> tuple[bytes, str]:
+    p = encode(record)
+    return p.to_bytes(), p.digest
+
+
+Reader = Callable[[int, int], bytes]
+
+
+def _validate_meta(entry: object) -> tuple[str, str, tuple[int, ...], str]:
+    if not (isinstance(entry, list) and len(entry) == 4):
+        raise PayloadError("malformed array entry in payload header")
+    name, dtype, shape, stype = entry
+    if not (isinstance(name, str) and isinstance(dtype, str) and isinstance(stype, str)):
+        raise PayloadError("malformed array entry in payload header")
+    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise PayloadError(f"bad shape for array {name!r}")
+    if len(name) > 4096 or len(dtype) > 64 or len(stype) > 256 or len(shape) > 64:
+        raise PayloadError("oversized field in payload header")
+    return name, dtype, tuple(shape), stype
+
+
+def decode(read: Reader, size: int, digest: str | None) -> ArrayRecord:
+    """Decode a payload of ``size`` bytes given a ranged reader.
+
+    ``read(offset, n)`` must return exactly ``n`` bytes. ``digest`` (``"sha256:hex"``)
+    is verified over exactly the bytes decoded; pass None only for trusted data.
+    Raises PayloadError on anything malformed.
+    """
+    if size < 8:
+        raise PayloadError(f"payload too small ({size} bytes)")
+    h = hashlib.sha256()
+
+    def _read(off: int, n: int) -> bytes:
+        b = read(off, n)
+        if len(b) != n:
+            raise PayloadError(f"short read at offset {off}: wanted {n}, got {len(b)}")
+        h.update(b)
+        return b
+
+    (hlen,) = struct.unpack("<Q", _read(0, 8))
+    if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+        raise PayloadError(f"payload header length {hlen} is invalid for a {size}-byte payload")
+    try:
+        hdr = json.loads(_read(8, hlen))
+        meta = hdr.pop("__metadata__")
+        if meta.get("format") != FORMAT:
+            raise PayloadError(f"unknown payload format {meta.get('format')!r}")
+        entries = json.loads(meta[_META_KEY])
+    except PayloadError:
+        raise
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise PayloadError(f"malformed payload header: {exc}") from None
+    if not isinstance(entries, list) or len(entries) != len(hdr):
+        raise PayloadError("payload header array count mismatch")
+    base = 8 + hlen
+    pos = 0
+    out = ArrayRecord()
+    for i, entry in enumerate(entries):
+        name, dtype, shape, stype = _validate_meta(entry)
+        t = hdr.get(f"a{i:08d}")
+        try:
+            begin, end = t["data_offsets"]
+            ok = t["dtype"] == "U8" and isinstance(begin, int) and isinstance(end, int)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok or begin != pos or end < begin or base + end > size:
+            raise PayloadError(f"bad data offsets for array {name!r}")
+        if name in out:
+            raise PayloadError(f"duplicate array name {name!r}")
+        data = _read(base + begin, end - begin)
+        out[name] = Array(dtype=dtype, shape=shape, stype=stype, data=data)
+        pos = end
+    if base + pos != size:
+        raise PayloadError(f"payload has {size - base - pos} trailing bytes")
+    if digest is not None:
+        algo, _, want = digest.partition(":")
+        if algo != DIGEST_ALGO:
+            raise PayloadError(f"unsupported digest algorithm {algo!r}")
+        got = h.hexdigest()
+        if got != want:
+            raise PayloadError(f"digest mismatch: payload has sha256:{got}, reference says {digest}")
+    return out
+
+
+def decode_bytes(buf: bytes | bytearray | memoryview, digest: str | None) -> ArrayRecord:
+    mv = memoryview(buf)
+
+    def read(off: int, n: int) -> bytes:
+        return bytes(mv[off : off + n])
+
+    return decode(read, len(mv), digest)
+
+
+def hash_segments(segments: Sequence[bytes | memoryview]) -> str:
+    h = hashlib.sha256()
+    for s in segments:
+        h.update(s)
+    return f"{DIGEST_ALGO}:{h.hexdigest()}"
+
+
+def parse_size(value: str | int | float) -> int:
+    """Parse '64MiB', '1GB', '512k', 1048576 into bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid size {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"invalid size {value!r}")
+        return int(value)
+    s = str(value).strip().replace("_", "")
+    units = {
+        "": 1, "b": 1,
+        "k": 1024, "kb": 1000, "kib": 1024,
+        "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+        "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+        "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
+    }
+    num = s.rstrip("bBkKmMgGtTiI")
+    unit = s[len(num):].lower()
+    try:
+        n = float(num)
+    except ValueError:
+        raise ValueError(f"invalid size {value!r}") from None
+    if unit not in units or n < 0:
+        raise ValueError(f"invalid size {value!r} (use e.g. 64MiB, 1GB, 1048576)")
+    return int(n * units[unit])

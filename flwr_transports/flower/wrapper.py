@@ -1,0 +1,333 @@
+"""``offload(strategy, transport)``: move large ArrayRecords out of band for any strategy.
+
+Outgoing (``configure_train`` / ``configure_evaluate``): every ArrayRecord at or above
+``threshold`` bytes is encoded ONCE per distinct record object (FedAvg shares one
+RecordDict across all nodes), published on the link, and replaced in each message by
+a small reference record. Each message also gets a ticket scoped to (run, round,
+node, message type) with upload slots for the reply.
+
+Incoming (``aggregate_train`` / ``aggregate_evaluate``): every reference in a reply is
+validated against the issued tickets BEFORE anything is fetched, its digest verified
+AFTER, and only then the inner strategy sees a normal ArrayRecord. A reply that fails
+any check is replaced by an error reply (as Flower does for failed ClientApps) and
+the round goes on.
+
+Everything the run created on the link is removed when ``start()`` returns or raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.result import Result
+
+from ..codec import PayloadError, decode, encode, parse_size
+from ..links import LinkError, ServerLink, link_classes, server_link, split_url
+from ..refs import (
+    TICKET_KEY, Reference, RefError, Ticket, check_reply_ref, is_ref_record, parse_ref_record,
+)
+
+log = logging.getLogger("flwr_transports")
+
+#: Error code of replies the wrapper rejected (ASCII "FT")
+REJECTED_REPLY_CODE = 0x4654
+DEFAULT_THRESHOLD = 1024 * 1024
+MIN_REPLY_CAP = 64 * 1024 * 1024
+WRAPPER_OPTIONS = ("threshold", "max_reply_size", "reply_slots")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Approximate in-band size of a RecordDict: array bytes + serialized small records."""
+    n = 0
+    for rec in content.values():
+        if isinstance(rec, ArrayRecord):
+            n += rec.count_bytes()
+        else:
+            n += len(rec.deflate())
+    return n
+
+
+class OffloadStrategy(Strategy):
+    """Wraps a Message-API strategy; see :func:`offload`."""
+
+    def __init__(self, strategy: Strategy, transport: str = "inband", **options: Any):
+        if not isinstance(strategy, Strategy):
+            raise TypeError(
+                "offload() wraps a Message-API strategy (flwr.serverapp.strategy.Strategy), "
+                f"got {type(strategy).__name__}"
+            )
+        if isinstance(strategy, OffloadStrategy):
+            raise TypeError("strategy is already wrapped by offload()")
+        self.inner = strategy
+        self.transport = (transport or "inband").strip()
+        self.scheme = None if self.transport.lower() in {"inband", "in-band", "none", ""} else (
+            split_url(self.transport)[0]
+        )
+        opts: dict[str, Any] = {}
+        if self.scheme is not None:
+            opts.update(split_url(self.transport)[3])
+        opts.update(options)
+        self.threshold = parse_size(opts.pop("threshold", DEFAULT_THRESHOLD))
+        cap = opts.pop("max_reply_size", None)
+        self.max_reply_size = parse_size(cap) if cap is not None else None
+        self.reply_slots = int(opts.pop("reply_slots", 2))
+        if not 0 <= self.reply_slots <= 64:
+            raise ValueError("reply_slots must be between 0 and 64")
+        self.link_options = opts
+        if self.scheme is not None:
+            srv_cls, _ = link_classes(self.scheme)  # fail fast: unknown scheme / missing dep
+            unknown = set(opts) - set(srv_cls.options)
+            if unknown:
+                raise ValueError(
+                    f"unknown option(s) for {self.scheme}:// : {', '.join(sorted(unknown))} "
+                    f"(link options: {', '.join(srv_cls.options) or 'none'}; "
+                    f"wrapper options: {', '.join(WRAPPER_OPTIONS)})"
+                )
+        elif opts:
+            raise ValueError(f"transport 'inband' takes no link options, got {sorted(opts)}")
+        self.link: ServerLink | None = None
+        self._tickets: dict[str, Ticket] = {}
+        self._published: dict[tuple[int, str], list[str]] = {}
+        self._largest_out = 0
+        self.stats: dict[str, int | float] = {
+            "inband_bytes_sent": 0, "inband_bytes_received": 0,
+            "link_bytes_sent": 0, "link_bytes_received": 0,
+            "link_seconds_put": 0.0, "link_seconds_get": 0.0,
+            "replies_rejected": 0,
+        }
+
+    # -- delegation ----------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not found normally: expose the inner strategy's
+        # (fraction_train, weighted_by_key, ...) so code that inspects it still works.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def summary(self) -> None:
+        self.inner.summary()
+        log.info("flwr-transports: payloads >= %s go over %s", _mib(self.threshold),
+                 self.transport if self.scheme else "Flower (inband)")
+
+    # -- run lifecycle -------------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        if type(self.inner).start is not Strategy.start:
+            raise TypeError(
+                f"{type(self.inner).__name__} overrides start(); offload() drives the "
+                "standard round loop and cannot wrap a custom one"
+            )
+        try:
+            return Strategy.start(
+                self, grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                train_config=train_config, evaluate_config=evaluate_config,
+                evaluate_fn=evaluate_fn,
+            )
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Remove everything this run created on the link (idempotent)."""
+        if self.link is not None:
+            try:
+                self.link.close()
+            finally:
+                self.link = None
+        self._tickets.clear()
+        self._published.clear()
+        if self.scheme:
+            s = self.stats
+            log.info(
+                "flwr-transports summary: in-band %s sent / %s received; %s %s sent / "
+                "%s received; %d replies rejected",
+                _mib(s["inband_bytes_sent"]), _mib(s["inband_bytes_received"]), self.scheme,
+                _mib(s["link_bytes_sent"]), _mib(s["link_bytes_received"]),
+                s["replies_rejected"],
+            )
+
+    def _ensure_link(self, grid: Grid) -> ServerLink:
+        if self.link is None:
+            try:
+                run_id = grid.run.run_id
+            except Exception:  # grid without a run (tests, custom grids)
+                run_id = 0
+            self.link = server_link(self.transport, run_id, self.link_options)
+        return self.link
+
+    # -- outgoing ------------------------------------------------------------------
+    def _prepare(self, messages: Iterable[Message], server_round: int, phase: str,
+                 grid: Grid) -> list[Message]:
+        messages = list(messages)
+        if self.scheme is None:
+            for m in messages:
+                self.stats["inband_bytes_sent"] += record_bytes(m.content)
+            return messages
+        link = self._ensure_link(grid)
+        self._release(server_round, phase)
+        refs: dict[int, ArrayRecord] = {}  # id(original record) -> reference record
+        names = self._published.setdefault((server_round, phase), [])
+        for m in messages:
+            content = m.content
+            new = RecordDict()
+            for key, rec in content.items():
+                if isinstance(rec, ArrayRecord) and not is_ref_record(rec) and (
+                    rec.count_bytes() >= self.threshold
+                ):
+                    ref_rec = refs.get(id(rec))
+                    if ref_rec is None:
+                        t0 = time.perf_counter()
+                        payload = encode(rec)
+                        name = f"r{server_round}-{phase}-{len(names)}"
+                        loc = link.publish(name, payload)
+                        names.append(name)
+                        dt = time.perf_counter() - t0
+                        self.stats["link_seconds_put"] += dt
+                        self._largest_out = max(self._largest_out, payload.size)
+                        ref_rec = Reference(
+                            scheme=self.scheme, loc=loc, size=payload.size,
+                            digest=payload.digest, n_arrays=payload.n_arrays,
+                        ).to_record()
+                        ref_rec._ftx_size = payload.size  # noqa: SLF001 (local bookkeeping)
+                        refs[id(rec)] = ref_rec
+                        log.info("flwr-transports: round %d %s: published %r (%s, %d arrays) "
+                                 "on %s:// in %.2fs", server_round, phase, key,
+                                 _mib(payload.size), payload.n_arrays, self.scheme, dt)
+                    self.stats["link_bytes_sent"] += ref_rec._ftx_size
+                    new[key] = ref_rec
+                else:
+                    new[key] = rec
+            if self.reply_slots:
+                new[TICKET_KEY] = self._issue_ticket(link, m, server_round, phase).to_record()
+            m.content = new
+            self.stats["inband_bytes_sent"] += record_bytes(new)
+        return messages
+
+    def _issue_ticket(self, link: ServerLink, msg: Message, server_round: int,
+                      phase: str) -> Ticket:
+        node = msg.metadata.dst_node_id
+        cap = self.max_reply_size or max(4 * self._largest_out, MIN_REPLY_CAP)
+        tid = secrets.token_hex(16)
+        slots = [
+            link.issue_slot(f"r{server_round}-{phase}-n{node}-s{i}-{tid[:8]}", cap)
+            for i in range(self.reply_slots)
+        ]
+        t = Ticket(id=tid, scheme=self.scheme, run=int(msg.metadata.run_id), round=server_round,
+                   node=node, msg_type=phase, max_size=cap, threshold=self.threshold,
+                   slots=slots)
+        self._tickets[tid] = t
+        return t
+
+    def _release(self, server_round: int, phase: str) -> None:
+        """Remove payloads published for (round, phase) and everything older."""
+        if self.link is None:
+            return
+        for key in [k for k in self._published if k[0] < server_round or k == (server_round, phase)]:
+            for name in self._published.pop(key):
+                self.link.release(name)
+
+    # -- incoming ------------------------------------------------------------------
+    def _resolve(self, replies: Iterable[Message], server_round: int, phase: str) -> list[Message]:
+        out: list[Message] = []
+        for msg in replies:
+            if not msg.has_content():
+                out.append(msg)
+                continue
+            self.stats["inband_bytes_received"] += record_bytes(msg.content)
+            try:
+                self._resolve_one(msg, server_round, phase)
+                out.append(msg)
+            except (RefError, PayloadError, LinkError, OSError) as exc:
+                self.stats["replies_rejected"] += 1
+                reason = (f"flwr-transports rejected the reply payload of node "
+                          f"{msg.metadata.src_node_id}: {exc}")
+                log.warning(reason)
+                out.append(Message(metadata=msg.metadata,
+                                   error=Error(code=REJECTED_REPLY_CODE, reason=reason)))
+        # this phase's tickets are spent: remove unused slots, forget the tickets
+        if self.link is not None:
+            for tid, t in list(self._tickets.items()):
+                if (t.round, t.msg_type) == (server_round, phase) or t.round < server_round:
+                    for slot in t.slots:
+                        self.link.discard_slot(slot)
+                    del self._tickets[tid]
+            self._release(server_round, phase)
+        return out
+
+    def _resolve_one(self, msg: Message, server_round: int, phase: str) -> None:
+        content = msg.content
+        for key, rec in list(content.items()):
+            if not is_ref_record(rec):
+                continue
+            if self.link is None:
+                raise RefError("reply carries a payload reference but this run is in-band")
+            ref = parse_ref_record(rec)
+            ticket = check_reply_ref(
+                ref, tickets=self._tickets, src_node=msg.metadata.src_node_id,
+                server_round=server_round, msg_type=phase, record_key=key, scheme=self.scheme,
+            )
+            ticket.used.add(ref.slot)
+            slot = ticket.slots[ref.slot]
+            t0 = time.perf_counter()
+            try:
+                with self.link.open_upload(slot, ref.loc, ref.size) as src:
+                    arrays = decode(src.read, ref.size, ref.digest)
+            finally:
+                self.link.discard_slot(slot)
+            self.stats["link_seconds_get"] += time.perf_counter() - t0
+            self.stats["link_bytes_received"] += ref.size
+            content[key] = arrays
+
+    # -- Strategy API --------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        msgs = self.inner.configure_train(server_round, arrays, config, grid)
+        return self._prepare(msgs, server_round, "train", grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round, self._resolve(replies, server_round, "train"))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        msgs = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self._prepare(msgs, server_round, "evaluate", grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(
+            server_round, self._resolve(replies, server_round, "evaluate"))
+
+
+def offload(strategy: Strategy, transport: str = "inband", **options: Any) -> OffloadStrategy:
+    """Wrap ``strategy`` so large ArrayRecords travel over ``transport``.
+
+    ``transport``: ``"inband"`` (pass-through) or a link URL: ``"shm://"``,
+    ``"file:///dir"``, ``"s3://bucket/prefix"``, ``"tcp://host:port"``, ``"rdma://host:port"``.
+    Options ride in the URL query string or as keywords: wrapper options
+    ``threshold`` (default 1 MiB; records below it stay in-band), ``max_reply_size``
+    (cap on a client's reply payload; default max(4x the largest outgoing payload,
+    64 MiB)), ``reply_slots`` (large reply records per message, default 2), plus the
+    link's own options (see the docs of each link).
+
+    Must be the OUTERMOST wrapper (around DP wrappers, FedProx, FedAdam, ...).
+    """
+    return OffloadStrategy(strategy, transport, **options)

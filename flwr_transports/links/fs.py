@@ -1,0 +1,310 @@
+"""``shm://`` and ``file:///dir`` links: payloads as files in a directory.
+
+``shm://`` uses POSIX shared memory, which on Linux is the tmpfs at ``/dev/shm``
+(``shm_open(name)`` is ``/dev/shm/name``): for ServerApp and ClientApps on one host
+(LIFL-style co-location). ``file:///dir`` uses any directory all parties see at the
+same path: a local disk or a shared filesystem (NFS, Lustre, ...).
+
+Every name starts with ``ftx-<server pid>-<run>-<nonce>``; writers write to a
+temporary name and ``rename()`` it into place, so no reader ever sees a half-written
+payload. Readers open with ``O_NOFOLLOW`` and check the file type and size before
+reading. The server removes everything of its run on ``close()``; names whose owner
+pid is gone are what ``flwr-transports cleanup`` removes.
+
+URL options: ``mode`` (octal permission bits of created files, default ``600``;
+use e.g. ``640`` when SuperNodes run as other users of a shared group), ``fsync``
+(``file://`` only, default false: flush to stable storage before the rename).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import re
+import secrets
+import shutil
+import stat
+from typing import Any
+
+from ..codec import EncodedPayload
+from ..refs import RefError
+from .base import (
+    NAME_PREFIX, ClientLink, LinkError, PayloadSource, ServerLink, owner_pid, parse_bool,
+    pid_alive, split_url,
+)
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+_NAME_RE = re.compile(r"^ftx-[A-Za-z0-9_.-]{1,200}$")
+_MAX_PREAD = 0x7FFFF000  # Linux caps one read() at this many bytes
+_WRITE_CHUNK = 1 << 30
+
+
+def _write_all(fd: int, payload: EncodedPayload) -> None:
+    for seg in payload.segments:
+        mv = memoryview(seg).cast("B")
+        while len(mv):
+            n = os.write(fd, mv[:_WRITE_CHUNK])
+            mv = mv[n:]
+
+
+def atomic_write(path: str, payload: EncodedPayload, *, mode: int = 0o600,
+                 fsync: bool = False) -> None:
+    """Write ``payload`` to ``path`` via a temporary name and rename (atomic)."""
+    d, base = os.path.split(path)
+    tmp = os.path.join(d, f".{base}.tmp-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except FileNotFoundError:
+        raise LinkError(f"directory {d!r} does not exist (create it or fix the URL)") from None
+    except PermissionError:
+        raise LinkError(f"no permission to create files in {d!r}") from None
+    try:
+        try:
+            _write_all(fd, payload)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as exc:
+        _unlink(tmp)
+        if exc.errno == errno.ENOSPC:
+            free = shutil.disk_usage(d).free
+            raise LinkError(
+                f"no space left in {d!r} for a {payload.size}-byte payload ({free} bytes "
+                f"free); enlarge it (e.g. mount -o remount,size=16G /dev/shm) or use "
+                f"another link"
+            ) from None
+        raise
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def open_payload(path: str, size: int) -> PayloadSource:
+    """Open a payload file for ranged reads; refuse links, non-files, wrong sizes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LinkError(f"payload {path!r} does not exist (expired, cleaned up, or never written)") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RefError(f"payload {path!r} is a symbolic link; refused") from None
+        raise LinkError(f"cannot open payload {path!r}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RefError(f"payload {path!r} is not a regular file; refused")
+        if st.st_size != size:
+            raise RefError(f"payload {path!r} has {st.st_size} bytes, the reference says {size}")
+    except BaseException:
+        os.close(fd)
+        raise
+    mm: list[mmap.mmap] = []
+
+    def read(off: int, n: int) -> bytes:
+        if n <= _MAX_PREAD:
+            b = os.pread(fd, n, off)
+            if len(b) == n:
+                return b
+        if not mm:  # huge single array (> 2 GiB) or short read: slice a mapping
+            mm.append(mmap.mmap(fd, 0, prot=mmap.PROT_READ))
+        return mm[0][off : off + n]
+
+    def close() -> None:
+        if mm:
+            mm[0].close()
+        os.close(fd)
+
+    return PayloadSource(read, size, close)
+
+
+class _FsServerLink(ServerLink):
+    options = ("mode", "fsync")
+    loc_key = "path"
+
+    def __init__(self, url: str, run_id, options: dict[str, Any], root: str):
+        super().__init__(url, run_id, options)
+        self.root = os.path.realpath(root)
+        if not os.path.isdir(self.root):
+            raise LinkError(f"{self.scheme}:// root {self.root!r} is not a directory")
+        if not os.access(self.root, os.W_OK):
+            raise LinkError(f"{self.scheme}:// root {self.root!r} is not writable")
+        self.mode = int(str(options.get("mode", "600")), 8)
+        self.fsync = parse_bool(options.get("fsync", False))
+        self._published: dict[str, str] = {}
+
+    # names -> paths -> descriptors
+    def _path(self, name: str) -> str:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        return os.path.join(self.root, f"{self.prefix}-{safe}")
+
+    def _desc(self, path: str) -> dict[str, Any]:
+        return {"path": path}
+
+    def _claimed_path(self, loc: dict[str, Any]) -> str:
+        p = loc.get("path")
+        if not isinstance(p, str) or "\x00" in p or not os.path.isabs(p):
+            raise RefError("reply location is not an absolute path")
+        return p
+
+    def publish(self, name: str, payload: EncodedPayload) -> dict[str, Any]:
+        path = self._path(name)
+        atomic_write(path, payload, mode=self.mode, fsync=self.fsync)
+        self._published[name] = path
+        return self._desc(path)
+
+    def release(self, name: str) -> None:
+        path = self._published.pop(name, None)
+        if path:
+            _unlink(path)
+
+    def issue_slot(self, name: str, max_size: int) -> dict[str, Any]:
+        return {**self._desc(self._path(name)), "mode": f"{self.mode:o}"}
+
+    def open_upload(self, slot: dict[str, Any], loc: dict[str, Any], size: int) -> PayloadSource:
+        claimed = self._claimed_path(loc)
+        parent = os.path.realpath(os.path.dirname(os.path.normpath(claimed)))
+        if parent != self.root or os.path.normpath(claimed) != claimed:
+            raise RefError(f"reply location {claimed!r} is outside the link's root {self.root!r}")
+        expected = self._claimed_path(slot)
+        if claimed != expected:
+            raise RefError(f"reply location {claimed!r} is not the location issued for this slot")
+        return open_payload(claimed, size)
+
+    def discard_slot(self, slot: dict[str, Any]) -> None:
+        _unlink(self._claimed_path(slot))
+
+    def close(self) -> None:
+        for name in list(self._published):
+            self.release(name)
+        try:
+            entries = os.listdir(self.root)
+        except OSError:
+            return
+        for e in entries:  # slots, temporaries, anything else of this run
+            if e.lstrip(".").startswith(self.prefix):
+                _unlink(os.path.join(self.root, e))
+
+    @classmethod
+    def _cleanup_root(cls, root: str, dry_run: bool, all_: bool) -> list[str]:
+        found = []
+        try:
+            entries = sorted(os.listdir(root))
+        except FileNotFoundError:
+            return []
+        for e in entries:
+            if not e.lstrip(".").startswith(NAME_PREFIX):
+                continue
+            pid = owner_pid(e)
+            if not all_ and pid is not None and pid_alive(pid):
+                continue  # a live run owns it
+            path = os.path.join(root, e)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            found.append(path)
+            if not dry_run:
+                _unlink(path)
+        return found
+
+
+class ShmServerLink(_FsServerLink):
+    """``shm://``: payloads in POSIX shared memory (``/dev/shm``)."""
+
+    scheme = "shm"
+
+    def __init__(self, url: str, run_id, options: dict[str, Any]):
+        _, netloc, path, _ = split_url(url)
+        if netloc or path.strip("/"):
+            raise ValueError(f"shm:// takes no host or path (got {url!r}); use 'shm://'")
+        if not os.path.isdir(SHM_DIR):
+            raise LinkError(f"{SHM_DIR} is missing: shm:// needs Linux POSIX shared memory; use file://")
+        super().__init__(url, run_id, options, SHM_DIR)
+        self.fsync = False
+
+    def _desc(self, path: str) -> dict[str, Any]:
+        return {"name": os.path.basename(path)}
+
+    def _claimed_path(self, loc: dict[str, Any]) -> str:
+        return _shm_path(loc)
+
+    @classmethod
+    def cleanup(cls, url: str, *, dry_run: bool = False, all_: bool = False) -> list[str]:
+        return cls._cleanup_root(SHM_DIR, dry_run, all_)
+
+
+def _shm_path(loc: dict[str, Any]) -> str:
+    name = loc.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in {".", ".."}:
+        raise RefError(f"invalid shm:// segment name {name!r}")
+    return os.path.join(SHM_DIR, name)
+
+
+def _file_root(url: str) -> str:
+    _, netloc, path, _ = split_url(url)
+    if netloc not in ("", "localhost"):
+        raise ValueError(f"file:// URLs name a local or mounted directory, not host {netloc!r}")
+    if not path or not os.path.isabs(path):
+        raise ValueError(f"file:// needs an absolute directory, e.g. file:///shared/dir (got {url!r})")
+    return path
+
+
+class FileServerLink(_FsServerLink):
+    """``file:///dir``: payloads as files in a directory every party can see."""
+
+    scheme = "file"
+
+    def __init__(self, url: str, run_id, options: dict[str, Any]):
+        super().__init__(url, run_id, options, _file_root(url))
+
+    @classmethod
+    def cleanup(cls, url: str, *, dry_run: bool = False, all_: bool = False) -> list[str]:
+        return cls._cleanup_root(os.path.realpath(_file_root(url)), dry_run, all_)
+
+
+class _FsClientLink(ClientLink):
+    def _resolve(self, loc: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def open(self, loc: dict[str, Any], size: int) -> PayloadSource:
+        return open_payload(self._resolve(loc), size)
+
+    def upload(self, slot: dict[str, Any], payload: EncodedPayload) -> dict[str, Any]:
+        path = self._resolve(slot)
+        try:
+            mode = int(str(slot.get("mode", "600")), 8) & 0o666
+        except ValueError:
+            raise RefError("ticket slot has an invalid mode") from None
+        atomic_write(path, payload, mode=mode)
+        return {k: v for k, v in slot.items() if k != "mode"}
+
+
+class ShmClientLink(_FsClientLink):
+    scheme = "shm"
+
+    def _resolve(self, loc: dict[str, Any]) -> str:
+        return _shm_path(loc)
+
+
+class FileClientLink(_FsClientLink):
+    scheme = "file"
+
+    def _resolve(self, loc: dict[str, Any]) -> str:
+        p = loc.get("path")
+        if not isinstance(p, str) or "\x00" in p or not os.path.isabs(p):
+            raise RefError("file:// location is not an absolute path")
+        if os.path.normpath(p) != p or not _NAME_RE.match(os.path.basename(p)):
+            raise RefError(f"file:// location {p!r} is not a flwr-transports payload name")
+        return p

@@ -1,0 +1,215 @@
+"""In-band records that stand in for offloaded payloads, and their validation.
+
+Two records travel through Flower instead of the payload:
+
+* a **reference**: an ArrayRecord holding ONE Array named ``REF_ARRAY`` whose ``stype``
+  is a sentence telling the reader to add ``flwr_transports.payload_mod`` (so a
+  ClientApp without the mod fails with that sentence, e.g. from
+  ``ArrayRecord.to_numpy_ndarrays()``), and whose data is a small JSON document:
+  ``{"v", "scheme", "loc", "size", "digest", "n_arrays"}`` plus, for replies,
+  ``"ticket"``, ``"slot"`` and ``"key"``;
+* a **ticket**: a ConfigRecord under ``TICKET_KEY`` in each outgoing message, scoped to
+  (run, round, node, message type), with upload *slots* (one per large reply record)
+  that the link prepared, the size cap and the in-band threshold.
+
+Everything parsed here comes from the network: sizes are bounded, types checked,
+unknown fields ignored, and nothing is trusted before validation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from .codec import CODEC_VERSION
+
+REF_ARRAY = "__flwr_transports_ref__"
+REF_STYPE = (
+    "flwr_transports.ref: this ArrayRecord was offloaded by flwr-transports; add "
+    "flwr_transports.payload_mod as the FIRST mod of your ClientApp: "
+    "ClientApp(mods=[payload_mod])"
+)
+TICKET_KEY = "flwr_transports.ticket"
+MAX_REF_BYTES = 64 * 1024
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]{0,15}$")
+
+
+class RefError(ValueError):
+    """A reference or ticket that is malformed or not acceptable."""
+
+
+@dataclass
+class Reference:
+    scheme: str
+    loc: dict[str, Any]
+    size: int
+    digest: str
+    n_arrays: int = 0
+    ticket: str | None = None  # replies only
+    slot: int | None = None  # replies only
+    key: str | None = None  # replies only: record key in the reply content
+    v: int = CODEC_VERSION
+
+    def to_json(self) -> bytes:
+        d = {
+            "v": self.v, "scheme": self.scheme, "loc": self.loc, "size": self.size,
+            "digest": self.digest, "n_arrays": self.n_arrays,
+        }
+        if self.ticket is not None:
+            d.update(ticket=self.ticket, slot=self.slot, key=self.key)
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    def to_record(self) -> ArrayRecord:
+        data = self.to_json()
+        rec = ArrayRecord()
+        rec[REF_ARRAY] = Array(dtype="uint8", shape=(len(data),), stype=REF_STYPE, data=data)
+        return rec
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Reference:
+        if len(raw) > MAX_REF_BYTES:
+            raise RefError(f"reference is {len(raw)} bytes (limit {MAX_REF_BYTES})")
+        try:
+            d = json.loads(raw)
+        except ValueError as exc:
+            raise RefError(f"reference is not valid JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise RefError("reference is not a JSON object")
+        v = d.get("v")
+        if v != CODEC_VERSION:
+            raise RefError(
+                f"reference has codec version {v!r}; this flwr-transports understands "
+                f"{CODEC_VERSION} (upgrade flwr-transports on both sides)"
+            )
+        scheme, loc, size, digest = d.get("scheme"), d.get("loc"), d.get("size"), d.get("digest")
+        if not (isinstance(scheme, str) and _SCHEME_RE.match(scheme)):
+            raise RefError(f"reference has an invalid scheme {scheme!r}")
+        if not isinstance(loc, dict):
+            raise RefError("reference has no location")
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+            raise RefError(f"reference has an invalid size {size!r}")
+        if not (isinstance(digest, str) and _DIGEST_RE.match(digest)):
+            raise RefError("reference has an invalid digest (want sha256:<64 hex>)")
+        n = d.get("n_arrays", 0)
+        ref = cls(scheme=scheme, loc=loc, size=size, digest=digest,
+                  n_arrays=n if isinstance(n, int) else 0)
+        if "ticket" in d:
+            t, s, k = d.get("ticket"), d.get("slot"), d.get("key")
+            if not (isinstance(t, str) and len(t) <= 128):
+                raise RefError("reference has an invalid ticket id")
+            if not (isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1024):
+                raise RefError("reference has an invalid slot")
+            if not (isinstance(k, str) and len(k) <= 1024):
+                raise RefError("reference has an invalid key")
+            ref.ticket, ref.slot, ref.key = t, s, k
+        return ref
+
+
+def is_ref_record(rec: object) -> bool:
+    return isinstance(rec, ArrayRecord) and REF_ARRAY in rec and len(rec) == 1
+
+
+def parse_ref_record(rec: ArrayRecord) -> Reference:
+    arr = rec[REF_ARRAY]
+    if arr.stype != REF_STYPE:
+        raise RefError("reference array has an unexpected stype")
+    if not isinstance(arr.data, bytes):
+        raise RefError("reference array carries no bytes")
+    return Reference.from_json(arr.data)
+
+
+@dataclass
+class Ticket:
+    """Server-issued permission to upload a reply payload."""
+
+    id: str
+    scheme: str
+    run: int
+    round: int
+    node: int
+    msg_type: str
+    max_size: int
+    threshold: int
+    slots: list[dict[str, Any]] = field(default_factory=list)
+    used: set[int] = field(default_factory=set)  # server-side only
+
+    def to_record(self) -> ConfigRecord:
+        doc = {
+            "v": CODEC_VERSION, "id": self.id, "scheme": self.scheme, "run": self.run,
+            "round": self.round, "node": self.node, "msg_type": self.msg_type,
+            "max_size": self.max_size, "threshold": self.threshold, "slots": self.slots,
+        }
+        return ConfigRecord({"ticket": json.dumps(doc, separators=(",", ":"))})
+
+    @classmethod
+    def from_record(cls, rec: ConfigRecord) -> Ticket:
+        raw = rec.get("ticket")
+        if not isinstance(raw, str) or len(raw) > 4 * MAX_REF_BYTES:
+            raise RefError("ticket record is missing or oversized")
+        try:
+            d = json.loads(raw)
+            t = cls(
+                id=str(d["id"]), scheme=str(d["scheme"]), run=int(d["run"]),
+                round=int(d["round"]), node=int(d["node"]), msg_type=str(d["msg_type"]),
+                max_size=int(d["max_size"]), threshold=int(d["threshold"]),
+                slots=list(d["slots"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RefError(f"malformed ticket: {exc}") from None
+        if d.get("v") != CODEC_VERSION:
+            raise RefError(f"ticket has codec version {d.get('v')!r}, expected {CODEC_VERSION}")
+        if not all(isinstance(s, dict) for s in t.slots):
+            raise RefError("malformed ticket slots")
+        return t
+
+
+def check_reply_ref(
+    ref: Reference,
+    *,
+    tickets: dict[str, Ticket],
+    src_node: int,
+    server_round: int,
+    msg_type: str,
+    record_key: str,
+    scheme: str,
+) -> Ticket:
+    """Validate a reply reference against the tickets the server issued.
+
+    Runs BEFORE anything is fetched. Returns the ticket; raises RefError naming the
+    first violated rule.
+    """
+    if ref.ticket is None:
+        raise RefError("reply reference carries no ticket (not issued by this server)")
+    ticket = tickets.get(ref.ticket)
+    if ticket is None:
+        raise RefError(f"reply reference names ticket {ref.ticket[:16]!r} that this server never issued")
+    if ticket.node != src_node:
+        raise RefError(
+            f"reply from node {src_node} uses a ticket issued to node {ticket.node}"
+        )
+    if ticket.round != server_round or ticket.msg_type != msg_type:
+        raise RefError(
+            f"reply for round {server_round} ({msg_type}) uses a ticket for round "
+            f"{ticket.round} ({ticket.msg_type})"
+        )
+    if ref.scheme != scheme or ref.scheme != ticket.scheme:
+        raise RefError(f"reply reference uses scheme {ref.scheme!r}, this run uses {scheme!r}")
+    if ref.key != record_key:
+        raise RefError(
+            f"reply reference was made for record {ref.key!r} but sits at {record_key!r}"
+        )
+    if ref.slot is None or not 0 <= ref.slot < len(ticket.slots):
+        raise RefError(f"reply reference uses slot {ref.slot!r}, not issued")
+    if ref.slot in ticket.used:
+        raise RefError(f"reply reference reuses slot {ref.slot} of its ticket (replay)")
+    if ref.size > ticket.max_size:
+        raise RefError(
+            f"reply payload declares {ref.size} bytes, above the cap of {ticket.max_size} "
+            "(raise it with offload(..., max_reply_size=...))"
+        )
+    return ticket

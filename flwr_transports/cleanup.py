@@ -1,0 +1,46 @@
+"""``flwr-transports cleanup URL...``: remove what crashed runs left on a link.
+
+Every object a link creates is named ``ftx-<server pid>-<run>-<nonce>...``. A live run
+removes its own objects when it ends; after a crash (kill -9, power loss) they stay.
+This command finds them. By default it keeps objects whose owner pid still runs on
+this host; ``--all`` removes every flwr-transports object under the URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .links import link_classes, split_url
+
+
+def cleanup(url: str, *, dry_run: bool = False, all_: bool = False) -> list[str]:
+    scheme = split_url(url)[0]
+    srv, _ = link_classes(scheme)
+    return srv.cleanup(url, dry_run=dry_run, all_=all_)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="flwr-transports cleanup",
+        description="Remove payloads/objects left behind by crashed flwr-transports runs.",
+    )
+    p.add_argument("urls", nargs="*", default=["shm://"],
+                   help="link URLs to scan (default: shm://), e.g. file:///shared/dir "
+                        "s3://bucket/prefix?endpoint_url=...")
+    p.add_argument("--dry-run", "-n", action="store_true", help="only list what would be removed")
+    p.add_argument("--all", dest="all_", action="store_true",
+                   help="also remove objects of runs that still seem alive")
+    a = p.parse_args(argv)
+    total = 0
+    for url in a.urls:
+        try:
+            found = cleanup(url, dry_run=a.dry_run, all_=a.all_)
+        except (ValueError, RuntimeError) as exc:
+            print(f"{url}: error: {exc}")
+            return 1
+        verb = "would remove" if a.dry_run else "removed"
+        for f in found:
+            print(f"{verb} {f}")
+        print(f"{url}: {verb} {len(found)} object(s)")
+        total += len(found)
+    return 0

@@ -1,0 +1,1 @@
+"""Deterministic test app for the flwr-transports MPI runtime."""

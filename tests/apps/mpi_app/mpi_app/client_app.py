@@ -1,0 +1,54 @@
+"""Deterministic ClientApp: new = arrays + (partition_id + 1) * 0.5."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+def _update(arrays: ArrayRecord, pid: int) -> ArrayRecord:
+    out = {}
+    for key, arr in arrays.items():
+        a = arr.numpy()
+        if np.issubdtype(a.dtype, np.floating):
+            a = a + a.dtype.type((pid + 1) * 0.5)
+        out[key] = Array(a)
+    return ArrayRecord(out)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    cfg = context.run_config
+    if pid == cfg["fail-partition"]:
+        raise RuntimeError(f"partition {pid} fails on purpose")
+    if pid == cfg["stall-partition"]:
+        time.sleep(3600)
+    if pid == cfg["exit-partition"]:
+        os._exit(17)
+    # node state persists across rounds on this node
+    calls = int(context.state["calls"]["n"]) + 1 if "calls" in context.state else 1
+    context.state["calls"] = ConfigRecord({"n": calls})
+    arrays = _update(msg.content["arrays"], pid)
+    metrics = MetricRecord(
+        {
+            "num-examples": pid + 1,
+            "calls": calls,
+            "round": int(msg.content["config"]["server-round"]),
+        }
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    total = sum(float(np.sum(a.numpy(), dtype=np.float64)) for a in msg.content["arrays"].values())
+    metrics = MetricRecord({"num-examples": pid + 1, "checksum": total})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,1 @@
+"""quickstart-offload: a Flower app whose payloads can travel out of band."""

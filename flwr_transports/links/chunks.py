@@ -1,0 +1,1066 @@
+"""The chunk engine shared by the ``tcp://`` and ``rdma://`` links.
+
+A payload is cut into fixed-size chunks (the last one shorter). Each chunk has a
+CRC-32 in a *chunk table* that the server computes once when it publishes the payload
+(uploads: the client sends each chunk's CRC with it). Transfers run over ``streams``
+parallel connections; each connection keeps up to ``window`` chunk requests in
+flight (pipelining). A shared :class:`ChunkScheduler` hands chunk indices to the
+connections, takes back the ones that failed (a CRC mismatch re-requests that chunk
+only; a dropped connection puts its in-flight chunks back and the connection is
+re-opened, so the transfer resumes from the chunks already received) and gives up
+with a clear error after too many failures.
+
+Wire format (all integers big-endian). Every request starts with::
+
+    REQ  = magic "FTXQ" | op u8 | flags u8 | id_len u16 | token 32s | a u64 | b u64 | crc u32
+    then id_len bytes of object id (ASCII), then for PUT a body of b bytes
+
+and every response with::
+
+    RSP  = magic "FTXR" | status u8 | flags u8 | 0 u16 | a u64 | b u64 | crc u32
+    then b bytes of body (chunk data, chunk table, bitmap or an error message)
+
+The token is ``HMAC-SHA256(server secret, kind + "\\0" + object id)`` (kind ``get``
+or ``put``), checked on EVERY request in constant time: a request for another
+object, or a download token used to upload, is refused, logged, and the connection
+closed. Nothing in a request is trusted: ids are matched against a strict pattern,
+indices and lengths against the object's table, declared upload sizes against the
+slot's cap before anything is allocated.
+
+The data of a chunk normally travels inline after its header (``tcp://``); a wire
+may move it another way (``rdma://``: by RDMA SEND into registered memory, with the
+header as the control message) by overriding the ``*_chunk`` hooks of
+:class:`ClientConn` and :class:`ServerConn`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import hashlib
+import hmac
+import logging
+import mmap
+import re
+import socket
+import ssl
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..codec import EncodedPayload
+from .base import LinkError, PayloadSource
+
+log = logging.getLogger("flwr_transports.links")
+
+MAGIC_REQ = b"FTXQ"
+MAGIC_RSP = b"FTXR"
+REQ = struct.Struct("!4sBBH32sQQI")
+RSP = struct.Struct("!4sBBHQQI")
+TABLE_HEAD = struct.Struct("!QQI")  # size, chunk_size, n
+
+# ops
+OP_INFO, OP_GET, OP_PUT_OPEN, OP_PUT, OP_PUT_DONE, OP_HELLO = 1, 2, 3, 4, 5, 6
+OP_NAMES = {OP_INFO: "INFO", OP_GET: "GET", OP_PUT_OPEN: "PUT_OPEN", OP_PUT: "PUT",
+            OP_PUT_DONE: "PUT_DONE", OP_HELLO: "HELLO"}
+OP_KIND = {OP_INFO: "get", OP_GET: "get", OP_PUT_OPEN: "put", OP_PUT: "put",
+           OP_PUT_DONE: "put", OP_HELLO: "hello"}
+# statuses
+OK, DENIED, NOT_FOUND, BAD_REQUEST, BAD_CRC, BUSY, INCOMPLETE, TOO_BIG = range(8)
+STATUS_NAMES = ["OK", "DENIED", "NOT_FOUND", "BAD_REQUEST", "BAD_CRC", "BUSY", "INCOMPLETE",
+                "TOO_BIG"]
+# flags
+F_OUT_OF_BAND = 1  # chunk data moved by the wire's side channel (RDMA), not inline
+
+MIN_CHUNK = 64 * 1024
+MAX_CHUNK = 256 * 1024 * 1024
+DEFAULT_CHUNK = 8 * 1024 * 1024
+MAX_ID = 200
+MAX_ERR_BODY = 1024
+ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+_IOV_MAX = 512
+_DRAIN = 1024 * 1024
+
+
+class ProtocolError(ConnectionError):
+    """The peer broke the protocol (the connection is closed and, client side, retried)."""
+
+
+class Refused(LinkError):
+    """The payload server refused a request (bad token, unknown object, too big...)."""
+
+
+# -- small helpers ---------------------------------------------------------------------
+def make_token(secret: bytes, kind: str, oid: str) -> bytes:
+    return hmac.new(secret, kind.encode() + b"\0" + oid.encode(), hashlib.sha256).digest()
+
+
+def n_chunks(size: int, chunk_size: int) -> int:
+    return -(-size // chunk_size)
+
+
+def chunk_len(i: int, size: int, chunk_size: int) -> int:
+    return min(chunk_size, size - i * chunk_size)
+
+
+def check_chunk_size(cs: int) -> int:
+    if not MIN_CHUNK <= cs <= MAX_CHUNK:
+        raise ValueError(f"chunk_size must be between {MIN_CHUNK} and {MAX_CHUNK} bytes, got {cs}")
+    return cs
+
+
+def crc_views(views: Sequence[memoryview]) -> int:
+    c = 0
+    for v in views:
+        c = zlib.crc32(v, c)
+    return c
+
+
+def recv_exact_into(sock, mv: memoryview) -> None:
+    """Fill ``mv`` from ``sock`` (every recv under the socket's timeout)."""
+    while len(mv):
+        n = sock.recv_into(mv)
+        if n == 0:
+            raise ConnectionResetError("connection closed by peer")
+        mv = mv[n:]
+
+
+def recv_exact(sock, n: int) -> bytes:
+    buf = bytearray(n)
+    recv_exact_into(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def drain(sock, n: int) -> None:
+    buf = memoryview(bytearray(min(n, _DRAIN)))
+    while n:
+        k = min(n, len(buf))
+        recv_exact_into(sock, buf[:k])
+        n -= k
+
+
+def send_views(sock, bufs: Sequence[bytes | memoryview]) -> None:
+    """Send buffers back to back without joining them (``sendmsg`` gather I/O)."""
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg on TLS sockets
+        for b in bufs:
+            sock.sendall(b)
+        return
+    pending = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while pending:
+        n = sock.sendmsg(pending[:_IOV_MAX])
+        while n:
+            if n >= len(pending[0]):
+                n -= len(pending[0])
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][n:]
+                n = 0
+
+
+class SegmentView:
+    """Byte ranges of a list of segments, as memoryviews (never copied)."""
+
+    def __init__(self, segments: Sequence[bytes | memoryview]):
+        self.views = []
+        for s in segments:
+            v = memoryview(s)
+            if v.format != "B" or v.ndim != 1:
+                v = v.cast("B")
+            if len(v):
+                self.views.append(v)
+        self.starts = []
+        pos = 0
+        for v in self.views:
+            self.starts.append(pos)
+            pos += len(v)
+        self.size = pos
+
+    def range(self, off: int, n: int) -> list[memoryview]:
+        out = []
+        k = max(0, bisect.bisect_right(self.starts, off) - 1)
+        end = off + n
+        while off < end and k < len(self.views):
+            v, s = self.views[k], self.starts[k]
+            lo, hi = off - s, min(len(v), end - s)
+            if hi > lo:
+                out.append(v[lo:hi])
+                off = s + hi
+            k += 1
+        return out
+
+
+def build_table(sv: SegmentView, chunk_size: int) -> list[int]:
+    return [crc_views(sv.range(i * chunk_size, chunk_len(i, sv.size, chunk_size)))
+            for i in range(n_chunks(sv.size, chunk_size))]
+
+
+def pack_table(size: int, chunk_size: int, crcs: list[int]) -> bytes:
+    return TABLE_HEAD.pack(size, chunk_size, len(crcs)) + struct.pack(f"!{len(crcs)}I", *crcs)
+
+
+def unpack_table(body: bytes, size: int) -> tuple[int, list[int]]:
+    if len(body) < TABLE_HEAD.size:
+        raise ProtocolError("chunk table too short")
+    tsize, cs, n = TABLE_HEAD.unpack_from(body)
+    if tsize != size:
+        raise LinkError(f"payload server has {tsize} bytes for this object, the reference "
+                        f"says {size}")
+    check_chunk_size(cs)
+    if n != n_chunks(size, cs) or len(body) != TABLE_HEAD.size + 4 * n:
+        raise ProtocolError("chunk table does not match the payload size")
+    return cs, list(struct.unpack_from(f"!{n}I", body, TABLE_HEAD.size))
+
+
+def table_limit(size: int) -> int:
+    return TABLE_HEAD.size + 4 * n_chunks(size, MIN_CHUNK)
+
+
+# -- the scheduler ---------------------------------------------------------------------
+PENDING, INFLIGHT, DONE = 0, 1, 2
+
+
+class ChunkScheduler:
+    """Thread-safe chunk work queue shared by the connections of one transfer."""
+
+    def __init__(self, n: int, todo: Sequence[int] | None = None, *, max_chunk_retries: int = 5,
+                 workers: int = 1):
+        self.n = n
+        self.state = bytearray(n)
+        todo = range(n) if todo is None else todo
+        for i in range(n):
+            self.state[i] = DONE
+        for i in todo:
+            self.state[i] = PENDING
+        self.pending = collections.deque(todo)
+        self.remaining = len(self.pending)
+        self.tries = collections.Counter()
+        self.max_chunk_retries = max_chunk_retries
+        self.cond = threading.Condition()
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.alive = workers
+        self.stats = {"chunks": 0, "crc_errors": 0, "requeued": 0, "reconnects": 0}
+
+    @property
+    def finished(self) -> bool:
+        return self.remaining == 0
+
+    def take(self, block: bool = True) -> int | None:
+        """Next chunk to transfer; None when there is none (now, or ever if block)."""
+        with self.cond:
+            while True:
+                if self.error is not None or self.stopped or self.remaining == 0:
+                    return None
+                if self.pending:
+                    i = self.pending.popleft()
+                    self.state[i] = INFLIGHT
+                    return i
+                if not block:
+                    return None
+                self.cond.wait()
+
+    def done(self, i: int) -> None:
+        with self.cond:
+            if self.state[i] != DONE:
+                self.state[i] = DONE
+                self.remaining -= 1
+                self.stats["chunks"] += 1
+            self.cond.notify_all()
+
+    def requeue(self, i: int) -> None:
+        """Give back a chunk whose transfer was interrupted (connection lost)."""
+        with self.cond:
+            if self.state[i] == INFLIGHT:
+                self.state[i] = PENDING
+                self.pending.appendleft(i)
+                self.stats["requeued"] += 1
+                self.cond.notify_all()
+
+    def corrupted(self, i: int, why: str) -> None:
+        """A chunk arrived damaged: transfer it again, up to max_chunk_retries times."""
+        with self.cond:
+            self.stats["crc_errors"] += 1
+            self.tries[i] += 1
+            if self.tries[i] > self.max_chunk_retries:
+                self._fail(LinkError(f"chunk {i} failed its check {self.tries[i]} times "
+                                     f"({why}); giving up"))
+                return
+            log.warning("chunk %d: %s; fetching it again", i, why)
+            self.state[i] = PENDING
+            self.pending.appendleft(i)
+            self.cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self.cond:
+            self._fail(exc)
+
+    def worker_exit(self, exc: BaseException | None) -> None:
+        with self.cond:
+            self.alive -= 1
+            if self.alive <= 0 and self.remaining and self.error is None and not self.stopped:
+                self._fail(exc if isinstance(exc, LinkError) else LinkError(
+                    f"payload transfer failed: every connection gave up ({exc})"))
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+    def wait_chunks(self, first: int, last: int, timeout: float) -> None:
+        """Block until chunks first..last are done; raise the transfer's error if any."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if self.state[first:last + 1].count(DONE) == last + 1 - first:
+                    return
+                if self.stopped:
+                    raise LinkError("payload source is closed")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LinkError(f"timed out waiting for chunks {first}..{last}")
+                self.cond.wait(min(left, 1.0))
+
+    def wait_all(self, timeout: float) -> None:
+        if self.n:
+            self.wait_chunks(0, self.n - 1, timeout)
+        elif self.error is not None:
+            raise self.error
+
+
+def _close_map(m: mmap.mmap) -> None:
+    try:
+        m.close()
+    except BufferError:  # a view is still alive (a stuck thread): the GC unmaps it later
+        pass
+
+
+# -- client side -----------------------------------------------------------------------
+class Endpoint:
+    """Where and how a client connects (from a validated descriptor)."""
+
+    def __init__(self, host: str, port: int, *, timeout: float = 60.0,
+                 ssl_ctx: ssl.SSLContext | None = None, fingerprint: str | None = None):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.ssl_ctx, self.fingerprint = ssl_ctx, fingerprint
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_ctx is not None:
+                sock = self.ssl_ctx.wrap_socket(sock, server_hostname=self.host)
+                if self.fingerprint:
+                    der = sock.getpeercert(binary_form=True) or b""
+                    if not hmac.compare_digest(hashlib.sha256(der).hexdigest(), self.fingerprint):
+                        raise Refused("payload server's TLS certificate does not match the "
+                                      "one pinned in the reference; refused")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class ClientConn:
+    """One client connection; the chunk-data hooks are what a wire overrides."""
+
+    def __init__(self, ep: Endpoint):
+        self.ep = ep
+        self.sock = ep.connect()
+
+    def request(self, op: int, oid: str, token: bytes, a: int = 0, b: int = 0, crc: int = 0,
+                body: Sequence[memoryview] = (), flags: int = 0) -> None:
+        oidb = oid.encode()
+        send_views(self.sock, [REQ.pack(MAGIC_REQ, op, flags, len(oidb), token, a, b, crc),
+                               oidb, *body])
+
+    def response(self) -> tuple[int, int, int, int, int]:
+        magic, status, flags, _, a, b, crc = RSP.unpack(recv_exact(self.sock, RSP.size))
+        if magic != MAGIC_RSP:
+            raise ProtocolError("not a flwr-transports payload server (bad magic)")
+        return status, flags, a, b, crc
+
+    def body(self, n: int, limit: int) -> bytes:
+        if n > limit:
+            raise ProtocolError(f"response body of {n} bytes exceeds {limit}")
+        return recv_exact(self.sock, n)
+
+    def error_text(self, status: int, n: int) -> str:
+        msg = self.body(min(n, MAX_ERR_BODY), MAX_ERR_BODY).decode("utf-8", "replace")
+        name = STATUS_NAMES[status] if status < len(STATUS_NAMES) else str(status)
+        return f"{name}: {msg}"
+
+    # hooks --------------------------------------------------------------------------
+    def put_chunk(self, oid: str, token: bytes, i: int, crc: int, views: list[memoryview]) -> None:
+        self.request(OP_PUT, oid, token, a=i, b=sum(len(v) for v in views), crc=crc, body=views)
+
+    def recv_chunk_into(self, dest: memoryview, flags: int) -> None:
+        if flags & F_OUT_OF_BAND:
+            raise ProtocolError("server sent out-of-band chunk data on a tcp connection")
+        recv_exact_into(self.sock, dest)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+ConnFactory = Callable[[], ClientConn]
+
+# statuses after which retrying cannot help
+_FATAL = {DENIED, NOT_FOUND, BAD_REQUEST, TOO_BIG}
+
+
+def _raise_status(conn: ClientConn, status: int, n: int, what: str) -> None:
+    text = conn.error_text(status, n)
+    if status == BUSY:
+        raise ConnectionRefusedError(f"payload server busy: {text}")
+    if status in _FATAL:
+        raise Refused(f"payload server refused {what}: {text}")
+    raise ProtocolError(f"unexpected reply to {what}: {text}")
+
+
+def _first_request(factory: ConnFactory, fn, retries: int):
+    """Open a connection and run ``fn`` on it, retrying transient failures."""
+    for attempt in range(retries + 1):
+        conn = None
+        try:
+            conn = factory()
+            return conn, fn(conn)
+        except Refused:
+            if conn is not None:
+                conn.close()
+            raise
+        except (OSError, ProtocolError) as exc:
+            if conn is not None:
+                conn.close()
+            if attempt == retries:
+                raise LinkError(f"cannot reach the payload server: {exc}") from exc
+            time.sleep(min(0.05 * 2 ** attempt, 2.0))
+    raise AssertionError("unreachable")
+
+
+class _Workers:
+    """Run ``streams`` connection loops over one scheduler, with reconnects."""
+
+    def __init__(self, sched: ChunkScheduler, factory: ConnFactory, first: ClientConn | None,
+                 streams: int, retries: int, loop: Callable[[ClientConn], None], name: str):
+        self.sched, self.factory, self.retries, self.loop = sched, factory, retries, loop
+        self.conns: set[ClientConn] = set()
+        self.lock = threading.Lock()
+        self.threads = []
+        for k in range(streams):
+            t = threading.Thread(target=self._run, args=(first if k == 0 else None,),
+                                 name=f"{name}-{k}", daemon=True)
+            self.threads.append(t)
+        for t in self.threads:
+            t.start()
+
+    def _run(self, conn: ClientConn | None) -> None:
+        sched, failures, last = self.sched, 0, None
+        try:
+            while not (sched.finished or sched.error or sched.stopped):
+                if conn is None:
+                    try:
+                        conn = self.factory()
+                    except Refused as exc:
+                        sched.fail(exc)
+                        return
+                    except OSError as exc:
+                        failures, last = failures + 1, exc
+                        if failures > self.retries:
+                            return
+                        time.sleep(min(0.05 * 2 ** failures, 2.0))
+                        continue
+                with self.lock:
+                    self.conns.add(conn)
+                done_before = sched.stats["chunks"]
+                try:
+                    self.loop(conn)
+                    return
+                except Refused as exc:
+                    sched.fail(exc)
+                    return
+                except (OSError, ProtocolError, ValueError, struct.error) as exc:
+                    if sched.stopped:
+                        return
+                    if sched.stats["chunks"] > done_before:
+                        failures = 0  # progress since the last failure
+                    failures, last = failures + 1, exc
+                    with sched.cond:
+                        sched.stats["reconnects"] += 1
+                    log.info("payload connection lost (%s); resuming (%d/%d)", exc, failures,
+                             self.retries)
+                    if failures > self.retries:
+                        return
+                    time.sleep(min(0.02 * 2 ** failures, 2.0))
+                finally:
+                    with self.lock:
+                        self.conns.discard(conn)
+                    conn.close()
+                    conn = None
+        except BaseException as exc:  # noqa: BLE001 - never lose an error in a thread
+            last = exc
+            sched.fail(exc if isinstance(exc, LinkError) else LinkError(f"transfer failed: {exc!r}"))
+        finally:
+            if conn is not None:
+                conn.close()
+            sched.worker_exit(last)
+
+    def stop(self, join: float = 5.0) -> None:
+        self.sched.stop()
+        with self.lock:
+            for c in list(self.conns):
+                try:
+                    c.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for t in self.threads:
+            t.join(join)
+
+
+def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams: int = 4,
+             window: int = 4, retries: int = 5, timeout: float = 60.0,
+             stats: dict | None = None) -> PayloadSource:
+    """Fetch a published payload in parallel chunks; return a streaming PayloadSource.
+
+    Chunks land in one buffer allocated up front (an anonymous mapping: pages are
+    touched only by the data written into them); ``read(off, n)`` waits only for the
+    chunks covering its range, so decoding overlaps the transfer.
+    """
+    def info(c: ClientConn) -> tuple[int, list[int]]:
+        c.request(OP_INFO, oid, token)
+        st, _, _, n, _ = c.response()
+        if st != OK:
+            _raise_status(c, st, n, f"object {oid!r}")
+        return unpack_table(c.body(n, table_limit(size)), size)
+
+    conn, (cs, table) = _first_request(factory, info, retries)
+    buf = mmap.mmap(-1, max(size, 1))
+    mv = memoryview(buf)
+    sched = ChunkScheduler(len(table), workers=max(1, min(streams, len(table))))
+
+    def loop(c: ClientConn) -> None:
+        inflight: collections.deque[int] = collections.deque()
+        try:
+            while True:
+                while len(inflight) < window:
+                    i = sched.take(block=not inflight)
+                    if i is None:
+                        break
+                    c.request(OP_GET, oid, token, a=i)
+                    inflight.append(i)
+                if not inflight:
+                    return
+                i = inflight[0]
+                st, fl, a, n, _ = c.response()
+                if st != OK:
+                    _raise_status(c, st, n, f"chunk {i} of {oid!r}")
+                want = chunk_len(i, size, cs)
+                if a != i or n != want:
+                    raise ProtocolError(f"asked for chunk {i} ({want} bytes), got chunk {a} "
+                                        f"({n} bytes)")
+                dest = mv[i * cs: i * cs + n]
+                c.recv_chunk_into(dest, fl)
+                inflight.popleft()
+                if zlib.crc32(dest) != table[i]:
+                    sched.corrupted(i, "CRC mismatch")
+                else:
+                    sched.done(i)
+        finally:
+            for i in inflight:
+                sched.requeue(i)
+
+    workers = (_Workers(sched, factory, conn, sched.alive, retries, loop, "ftx-get")
+               if table else None)
+    if workers is None:
+        conn.close()
+
+    def read(off: int, n: int) -> bytes:
+        if off < 0 or n < 0 or off + n > size:
+            raise ValueError(f"read({off}, {n}) outside a {size}-byte payload")
+        if n == 0:
+            return b""
+        sched.wait_chunks(off // cs, (off + n - 1) // cs, timeout * (retries + 2))
+        return buf[off:off + n]
+
+    def close() -> None:
+        if workers is not None:
+            workers.stop()
+        if stats is not None:
+            stats.update(sched.stats)
+        mv.release()
+        _close_map(buf)
+
+    src = PayloadSource(read, size, close)
+    src.scheduler = sched  # for tests and benchmarks
+    return src
+
+
+def upload(factory: ConnFactory, oid: str, token: bytes, payload: EncodedPayload, *,
+           chunk_size: int = DEFAULT_CHUNK, streams: int = 4, window: int = 4,
+           retries: int = 5, timeout: float = 60.0, stats: dict | None = None) -> None:
+    """Push a payload into an upload slot in parallel chunks (resumable)."""
+    sv = SegmentView(payload.segments)
+    size = sv.size
+    if size != payload.size:
+        raise ValueError(f"payload segments hold {size} bytes, the payload says {payload.size}")
+    cs = check_chunk_size(chunk_size)
+    n = n_chunks(size, cs)
+    def open_(c: ClientConn) -> bytes:
+        c.request(OP_PUT_OPEN, oid, token, a=cs, b=size)
+        st, _, _, blen, _ = c.response()
+        if st != OK:
+            _raise_status(c, st, blen, f"an upload of {size} bytes")
+        have = c.body(blen, n + 1)
+        if len(have) != n:
+            raise ProtocolError("upload bitmap does not match the chunk count")
+        return have
+
+    conn, have = _first_request(factory, open_, retries)
+    todo = [i for i in range(n) if not have[i]]
+    sched = ChunkScheduler(n, todo, workers=max(1, min(streams, len(todo))))
+
+    def loop(c: ClientConn) -> None:
+        inflight: collections.deque[int] = collections.deque()
+        try:
+            while True:
+                while len(inflight) < window:
+                    i = sched.take(block=not inflight)
+                    if i is None:
+                        break
+                    views = sv.range(i * cs, chunk_len(i, size, cs))
+                    c.put_chunk(oid, token, i, crc_views(views), views)
+                    inflight.append(i)
+                if not inflight:
+                    return
+                i = inflight[0]
+                st, _, a, blen, _ = c.response()
+                if a != i:
+                    raise ProtocolError(f"reply for chunk {a}, expected {i}")
+                inflight.popleft()
+                if st == OK:
+                    sched.done(i)
+                elif st == BAD_CRC:
+                    c.body(blen, MAX_ERR_BODY)
+                    sched.corrupted(i, "server saw a CRC mismatch")
+                else:
+                    inflight.appendleft(i)
+                    _raise_status(c, st, blen, f"chunk {i} upload")
+        finally:
+            for i in inflight:
+                sched.requeue(i)
+
+    if todo:
+        workers = _Workers(sched, factory, conn, sched.alive, retries, loop, "ftx-put")
+        try:
+            for t in workers.threads:  # every socket operation has a timeout
+                t.join()
+        finally:
+            workers.stop()
+        if sched.error is not None:
+            raise sched.error
+        if not sched.finished:
+            raise LinkError("upload did not complete")
+    else:
+        conn.close()
+    if stats is not None:
+        stats.update(sched.stats)
+    # commit (on a fresh connection: the transfer ones are closed)
+    for attempt in range(retries + 1):
+        try:
+            c = factory()
+        except OSError:
+            if attempt == retries:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+            continue
+        try:
+            c.request(OP_PUT_DONE, oid, token)
+            st, _, _, blen, _ = c.response()
+            if st == OK:
+                return
+            _raise_status(c, st, blen, "upload commit")
+        finally:
+            c.close()
+
+
+# -- server side -----------------------------------------------------------------------
+class PublishedObject:
+    def __init__(self, payload: EncodedPayload, chunk_size: int):
+        self.sv = SegmentView(payload.segments)
+        self.size = self.sv.size
+        self.cs = chunk_size
+        self.crcs = build_table(self.sv, chunk_size)
+        self.table = pack_table(self.size, chunk_size, self.crcs)
+
+
+class UploadSlot:
+    def __init__(self, max_size: int):
+        self.max_size = max_size
+        self.size: int | None = None
+        self.cs = 0
+        self.buf: mmap.mmap | None = None
+        self.mv: memoryview | None = None
+        self.have = bytearray()
+        self.claimed: set[int] = set()
+        self.complete = False
+        self.readers = 0
+        self.lock = threading.Lock()
+
+    def free(self) -> None:
+        with self.lock:
+            if self.mv is not None:
+                self.mv.release()
+                self.mv = None
+            if self.buf is not None:
+                _close_map(self.buf)
+                self.buf = None
+
+
+class ServerConn:
+    """Server side of one connection; the chunk-data hooks are what a wire overrides."""
+
+    def __init__(self, server: ChunkServer, sock, peer: str):
+        self.server, self.sock, self.peer = server, sock, peer
+
+    def reply(self, status: int, a: int = 0, body: Sequence[bytes | memoryview] = (),
+              crc: int = 0, flags: int = 0, length: int | None = None) -> None:
+        n = sum(len(b) for b in body) if length is None else length
+        send_views(self.sock, [RSP.pack(MAGIC_RSP, status, flags, 0, a, n, crc), *body])
+
+    def error(self, status: int, msg: str, a: int = 0) -> None:
+        self.reply(status, a, [msg.encode()[:MAX_ERR_BODY]])
+
+    # hooks --------------------------------------------------------------------------
+    def send_chunk(self, i: int, crc: int, views: list[memoryview]) -> None:
+        self.reply(OK, i, views, crc)
+
+    def recv_chunk_into(self, dest: memoryview | None, n: int, flags: int) -> None:
+        if flags & F_OUT_OF_BAND:
+            raise ProtocolError("out-of-band chunk data on a tcp connection")
+        if dest is None:
+            drain(self.sock, n)
+        else:
+            recv_exact_into(self.sock, dest)
+
+    def hello(self, flags: int, a: int, b: int, oid: str) -> None:
+        self.error(BAD_REQUEST, "this server has no extensions")
+        raise ProtocolError("unsupported HELLO")
+
+    def close(self) -> None:
+        pass
+
+
+class ChunkServer:
+    """A threaded payload server: one acceptor, one thread per connection (capped)."""
+
+    def __init__(self, bind: str, port: int, *, secret: bytes, timeout: float = 60.0,
+                 max_conns: int = 256, ssl_ctx: ssl.SSLContext | None = None,
+                 conn_cls: type[ServerConn] = ServerConn, name: str = "tcp"):
+        self.secret, self.timeout, self.max_conns = secret, timeout, max_conns
+        self.ssl_ctx, self.conn_cls, self.name = ssl_ctx, conn_cls, name
+        self.objects: dict[str, PublishedObject] = {}
+        self.slots: dict[str, UploadSlot] = {}
+        self.lock = threading.Lock()
+        self.active: dict[socket.socket, threading.Thread] = {}
+        self.stopping = threading.Event()
+        self.stats = collections.Counter()
+        #: test hook: fault(op, oid, index, views) -> views (may raise to drop the connection)
+        self.fault: Callable[[int, str, int, list[memoryview]], list[memoryview]] | None = None
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        try:
+            self.sock = socket.create_server((bind, port), family=family, backlog=128,
+                                             reuse_port=False)
+        except OSError as exc:
+            raise LinkError(f"{name}:// payload server cannot listen on {bind!r} port {port}: "
+                            f"{exc.strerror or exc} (set bind=0.0.0.0 to listen on every "
+                            f"interface, or pick another port; port 0 picks a free one)"
+                            ) from None
+        self.sock.settimeout(0.25)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept, name=f"ftx-{name}-accept",
+                                       daemon=True)
+        self.thread.start()
+
+    # objects ------------------------------------------------------------------------
+    def token(self, kind: str, oid: str) -> bytes:
+        return make_token(self.secret, kind, oid)
+
+    def add_object(self, oid: str, payload: EncodedPayload, chunk_size: int) -> None:
+        obj = PublishedObject(payload, chunk_size)
+        with self.lock:
+            self.objects[oid] = obj
+
+    def remove_object(self, oid: str) -> None:
+        with self.lock:
+            self.objects.pop(oid, None)
+
+    def add_slot(self, oid: str, max_size: int) -> None:
+        with self.lock:
+            self.slots.setdefault(oid, UploadSlot(max_size))
+
+    def remove_slot(self, oid: str) -> None:
+        with self.lock:
+            slot = self.slots.pop(oid, None)
+        if slot is not None and slot.readers == 0:
+            slot.free()
+
+    # serving ------------------------------------------------------------------------
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                sock, addr = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            peer = f"{addr[0]}:{addr[1]}"
+            with self.lock:
+                busy = len(self.active) >= self.max_conns
+                if not busy:
+                    t = threading.Thread(target=self._serve, args=(sock, peer),
+                                         name=f"ftx-{self.name}-conn", daemon=True)
+                    self.active[sock] = t
+            if busy:
+                self.stats["busy"] += 1
+                self._busy(sock)
+                continue
+            t.start()
+
+    def _busy(self, sock) -> None:
+        try:
+            sock.settimeout(1.0)
+            if self.ssl_ctx is None:  # a TLS client would need a handshake first: just close
+                msg = b"too many connections; retry later"
+                sock.sendall(RSP.pack(MAGIC_RSP, BUSY, 0, 0, 0, len(msg), 0) + msg)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def refuse(self, conn: ServerConn, op: int, oid: str, why: str) -> None:
+        self.stats["refused"] += 1
+        log.warning("%s:// payload server refused %s %r from %s: %s", self.name,
+                    OP_NAMES.get(op, op), oid[:64], conn.peer, why)
+
+    def _serve(self, raw, peer: str) -> None:
+        conn = None
+        sock = raw
+        try:
+            raw.settimeout(self.timeout)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_ctx is not None:
+                sock = self.ssl_ctx.wrap_socket(raw, server_side=True)
+            conn = self.conn_cls(self, sock, peer)
+            while not self.stopping.is_set():
+                try:
+                    head = sock.recv(REQ.size)
+                except TimeoutError:
+                    return  # idle connection
+                if not head:
+                    return
+                if len(head) < REQ.size:
+                    head += recv_exact(sock, REQ.size - len(head))
+                if not self._handle(conn, head):
+                    return
+        except (OSError, ProtocolError, ssl.SSLError, ValueError) as exc:
+            self.stats["dropped"] += 1
+            log.debug("%s:// connection from %s closed: %s", self.name, peer, exc)
+        finally:
+            if conn is not None:
+                conn.close()
+            with self.lock:
+                self.active.pop(raw, None)
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _handle(self, conn: ServerConn, head: bytes) -> bool:
+        """Serve one request; False closes the connection."""
+        magic, op, flags, idlen, token, a, b, crc = REQ.unpack(head)
+        if magic != MAGIC_REQ or not 0 < idlen <= MAX_ID or op not in OP_KIND:
+            self.refuse(conn, op, "", "malformed request header")
+            conn.error(BAD_REQUEST, "malformed request")
+            return False
+        raw_id = recv_exact(conn.sock, idlen)
+        oid = raw_id.decode("ascii", "replace")
+        if not ID_RE.match(oid):
+            self.refuse(conn, op, oid, "malformed object id")
+            conn.error(BAD_REQUEST, "malformed object id")
+            return False
+        kind = OP_KIND[op]
+        if kind == "hello":
+            conn.hello(flags, a, b, oid)
+            return True
+        if not hmac.compare_digest(token, self.token(kind, oid)):
+            self.refuse(conn, op, oid, "invalid token")
+            conn.error(DENIED, "invalid token for this object")
+            return False
+        if kind == "get":
+            return self._handle_get(conn, op, oid, a)
+        return self._handle_put(conn, op, oid, flags, a, b, crc)
+
+    def _handle_get(self, conn: ServerConn, op: int, oid: str, i: int) -> bool:
+        obj = self.objects.get(oid)
+        if obj is None:
+            self.refuse(conn, op, oid, "object released or never published")
+            conn.error(NOT_FOUND, "payload expired (released by the server) or unknown")
+            return False
+        if op == OP_INFO:
+            conn.reply(OK, 0, [obj.table])
+            return True
+        if i >= len(obj.crcs):
+            self.refuse(conn, op, oid, f"chunk index {i} out of range")
+            conn.error(BAD_REQUEST, "chunk index out of range", i)
+            return False
+        views = obj.sv.range(i * obj.cs, chunk_len(i, obj.size, obj.cs))
+        if self.fault is not None:
+            views = self.fault(op, oid, i, views)
+        conn.send_chunk(i, obj.crcs[i], views)
+        self.stats["chunks_sent"] += 1
+        return True
+
+    def _handle_put(self, conn: ServerConn, op: int, oid: str, flags: int, a: int, b: int,
+                    crc: int) -> bool:
+        slot = self.slots.get(oid)
+        if slot is None:
+            self.refuse(conn, op, oid, "slot discarded or never issued")
+            conn.error(NOT_FOUND, "upload slot expired or unknown")
+            return False
+        if op == OP_PUT_OPEN:
+            size, cs = b, a
+            if size > slot.max_size:
+                self.refuse(conn, op, oid, f"declared {size} bytes > cap {slot.max_size}")
+                conn.error(TOO_BIG, f"upload of {size} bytes exceeds the cap of {slot.max_size}")
+                return False
+            if not MIN_CHUNK <= cs <= MAX_CHUNK:
+                conn.error(BAD_REQUEST, "chunk size out of range")
+                return False
+            with slot.lock:
+                if slot.size is None:
+                    slot.size, slot.cs = size, cs
+                    slot.buf = mmap.mmap(-1, max(size, 1))
+                    slot.mv = memoryview(slot.buf)
+                    slot.have = bytearray(n_chunks(size, cs))
+                elif (slot.size, slot.cs) != (size, cs):
+                    conn.error(BAD_REQUEST, "upload already opened with another size")
+                    return False
+                have = bytes(slot.have)
+            conn.reply(OK, 0, [have])
+            return True
+        if slot.size is None:
+            conn.error(BAD_REQUEST, "upload not opened")
+            return False
+        if op == OP_PUT_DONE:
+            with slot.lock:
+                missing = slot.have.count(0)
+                if missing == 0:
+                    slot.complete = True
+            if missing:
+                conn.error(INCOMPLETE, f"{missing} chunks missing")
+            else:
+                conn.reply(OK)
+            return True
+        # OP_PUT
+        i, n = a, b
+        if i >= len(slot.have) or n != chunk_len(i, slot.size, slot.cs):
+            self.refuse(conn, op, oid, f"chunk {i} of {n} bytes does not fit the upload")
+            conn.error(BAD_REQUEST, "chunk index or length does not fit the upload", i)
+            return False
+        with slot.lock:
+            write = not slot.have[i] and i not in slot.claimed and not slot.complete
+            if write:
+                slot.claimed.add(i)
+            dest = slot.mv[i * slot.cs: i * slot.cs + n] if write else None
+        try:
+            conn.recv_chunk_into(dest, n, flags)
+            ok = dest is None or zlib.crc32(dest) == crc
+        finally:
+            with slot.lock:
+                if write:
+                    slot.claimed.discard(i)
+                    if ok:
+                        slot.have[i] = 1
+                if dest is not None:
+                    dest.release()
+        if ok:
+            conn.reply(OK, i)
+            self.stats["chunks_received"] += 1
+        else:
+            self.stats["crc_errors"] += 1
+            conn.error(BAD_CRC, "chunk CRC mismatch", i)
+        return True
+
+    # upload results -----------------------------------------------------------------
+    def open_slot(self, oid: str, size: int) -> PayloadSource:
+        from ..refs import RefError
+
+        with self.lock:
+            slot = self.slots.get(oid)
+        if slot is None:
+            raise LinkError(f"upload slot {oid!r} was discarded")
+        with slot.lock:
+            if not slot.complete or slot.mv is None:
+                raise LinkError(f"the client did not finish its upload into {oid!r}")
+            if slot.size != size:
+                raise RefError(f"uploaded {slot.size} bytes, the reference says {size}")
+            slot.readers += 1
+            mv = slot.mv
+
+        def read(off: int, n: int) -> bytes:
+            if off < 0 or n < 0 or off + n > size:
+                raise ValueError(f"read({off}, {n}) outside a {size}-byte payload")
+            return bytes(mv[off:off + n])
+
+        def close() -> None:
+            with slot.lock:
+                slot.readers -= 1
+                gone = slot.readers == 0 and oid not in self.slots
+            if gone:
+                slot.free()
+
+        return PayloadSource(read, size, close)
+
+    def close(self) -> None:
+        self.stopping.set()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.thread.join(2.0)
+        with self.lock:
+            active = list(self.active.items())
+        for s, _ in active:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _, t in active:
+            t.join(2.0)
+        with self.lock:
+            self.objects.clear()
+            slots, self.slots = list(self.slots.values()), {}
+        for s in slots:
+            if s.readers == 0:
+                s.free()
+
+
+def describe_stats(stats: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(stats.items()))

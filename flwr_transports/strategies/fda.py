@@ -156,8 +156,13 @@ class FDA(Strategy):
         return self.inner.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
-        log(INFO, "\t├──> FDA: variant=%s threshold=%g adaptive=%s", self.variant,
-            self.threshold, self.adaptive)
+        log(
+            INFO,
+            "\t├──> FDA: variant=%s threshold=%g adaptive=%s",
+            self.variant,
+            self.threshold,
+            self.adaptive,
+        )
         if self.variant == "sketch":
             log(INFO, "\t│\t└── sketch %d x %d", self.sketch_depth, self.sketch_width)
         log(INFO, "\t└──> inner strategy %s:", type(self.inner).__name__)
@@ -215,9 +220,10 @@ class FDA(Strategy):
             sk = None
             if rec is not None and len(rec) == 1:
                 arr = next(iter(rec.values()))
-                if tuple(arr.shape) == (self.sketch_depth, self.sketch_width) and len(
-                    arr.data
-                ) <= 8 * MAX_SKETCH_DEPTH * MAX_SKETCH_WIDTH:
+                if (
+                    tuple(arr.shape) == (self.sketch_depth, self.sketch_width)
+                    and len(arr.data) <= 8 * MAX_SKETCH_DEPTH * MAX_SKETCH_WIDTH
+                ):
                     sk = arr.numpy().astype(np.float64)
             if sk is None or not np.all(np.isfinite(sk)):
                 log(WARNING, "FDA: node %s sent no valid sketch; ignored", node)
@@ -298,8 +304,12 @@ class FDA(Strategy):
             cfg = self._fda_config(train_config, P.MONITOR, epoch)
             send = global_arrays if pending_broadcast else ArrayRecord()
             msgs = list(self.inner.configure_train(step, send, cfg, grid))
-            msgs = [self._prepare_monitor(m, global_arrays, prev_global, epoch, node_epoch,
-                                          pending_broadcast) for m in msgs]
+            msgs = [
+                self._prepare_monitor(
+                    m, global_arrays, prev_global, epoch, node_epoch, pending_broadcast
+                )
+                for m in msgs
+            ]
             down = sum(message_bytes(m) for m in msgs)
             replies = list(grid.send_and_receive(msgs, timeout=timeout))
             up = sum(message_bytes(r) for r in replies)
@@ -312,8 +322,14 @@ class FDA(Strategy):
             rec.update(monitor_bytes_down=down, monitor_bytes_up=up, nodes=len(states))
             est = self._estimate(states) if states else float("nan")
             rec["estimate"] = est
-            log(INFO, "\t└──> variance estimate %.6g over %d nodes (%d B down, %d B up)",
-                est, len(states), down, up)
+            log(
+                INFO,
+                "\t└──> variance estimate %.6g over %d nodes (%d B down, %d B up)",
+                est,
+                len(states),
+                down,
+                up,
+            )
             train_metrics = self._monitor_metrics(states)
 
             if states and (theta <= 0 or est > theta):
@@ -329,29 +345,45 @@ class FDA(Strategy):
                         train_metrics = agg_metrics
                     if self.adaptive:
                         delta = P.flatten(global_arrays) - P.flatten(prev_global)
-                        theta = adaptive_threshold(theta, float(delta @ delta),
-                                                   self.adaptive_rho, self.adaptive_beta,
-                                                   self.theta_min)
+                        theta = adaptive_threshold(
+                            theta,
+                            float(delta @ delta),
+                            self.adaptive_rho,
+                            self.adaptive_beta,
+                            self.theta_min,
+                        )
                     if self.evaluate_after_sync:
-                        self._evaluate(grid, step, global_arrays, evaluate_config, timeout,
-                                       evaluate_fn, result)
+                        self._evaluate(
+                            grid, step, global_arrays, evaluate_config, timeout, evaluate_fn, result
+                        )
             self._finish_step(rec, train_metrics, result)
 
         if self.final_sync and steps_since_sync > 0 and states and num_rounds > 0:
             log(INFO, "")
             log(INFO, "[FDA FINAL SYNC]")
             rec = self.history[-1] if self.history else {"step": num_rounds}
-            synced = self._sync(grid, num_rounds, epoch, states, timeout, rec)
+            synced = self._sync(grid, num_rounds, epoch, states, timeout, rec, final=True)
             if synced is not None:
                 global_arrays = synced[0]
                 result.arrays = global_arrays
                 if synced[1] is not None:
                     result.train_metrics_clientapp[num_rounds] = synced[1]
                 if self.evaluate_after_sync:
-                    self._evaluate(grid, num_rounds, global_arrays, evaluate_config, timeout,
-                                   evaluate_fn, result)
-            self._finish_step(rec, result.train_metrics_clientapp.get(num_rounds, MetricRecord()),
-                              result, again=True)
+                    self._evaluate(
+                        grid,
+                        num_rounds,
+                        global_arrays,
+                        evaluate_config,
+                        timeout,
+                        evaluate_fn,
+                        result,
+                    )
+            self._finish_step(
+                rec,
+                result.train_metrics_clientapp.get(num_rounds, MetricRecord()),
+                result,
+                again=True,
+            )
 
         self.stats["threshold"] = theta
         log(INFO, "")
@@ -368,8 +400,9 @@ class FDA(Strategy):
             f"{s['bytes_up']} B up ({s['sync_bytes_up']} sync)"
         )
 
-    def _prepare_monitor(self, msg, global_arrays, prev_global, epoch, node_epoch,
-                         pending_broadcast) -> Message:
+    def _prepare_monitor(
+        self, msg, global_arrays, prev_global, epoch, node_epoch, pending_broadcast
+    ) -> Message:
         """Per-node content: new global for nodes that need it, fda config present."""
         node = msg.metadata.dst_node_id
         content = RecordDict({k: v for k, v in msg.content.items()})
@@ -380,8 +413,12 @@ class FDA(Strategy):
                 content[arr_keys[0]] = global_arrays
             else:
                 content["arrays"] = global_arrays
-        if (needs_reset and self.variant == "linear" and prev_global is not None
-                and node_epoch.get(node) != epoch - 1):
+        if (
+            needs_reset
+            and self.variant == "linear"
+            and prev_global is not None
+            and node_epoch.get(node) != epoch - 1
+        ):
             content[P.PREV] = prev_global
         if not any(P.PHASE in c for c in content.config_records.values()):
             content[FDA_CONFIG_KEY] = self._fda_config(ConfigRecord(), P.MONITOR, epoch)
@@ -390,13 +427,18 @@ class FDA(Strategy):
         msg.content = content
         return msg
 
-    def _sync(self, grid, step, epoch, states, timeout, rec):
+    def _sync(self, grid, step, epoch, states, timeout, rec, final: bool = False):
         """Ask every monitored node for its local model; aggregate with the inner strategy."""
         msgs = []
         for s in states:
             cfg = ConfigRecord({P.PHASE: P.SYNC, P.EPOCH: epoch, "server-round": step})
-            msgs.append(Message(RecordDict({FDA_CONFIG_KEY: cfg}), dst_node_id=s["node"],
-                                message_type=MessageType.TRAIN))
+            msgs.append(
+                Message(
+                    RecordDict({FDA_CONFIG_KEY: cfg}),
+                    dst_node_id=s["node"],
+                    message_type=MessageType.TRAIN,
+                )
+            )
         down = sum(message_bytes(m) for m in msgs)
         replies = list(grid.send_and_receive(msgs, timeout=timeout))
         up = sum(message_bytes(r) for r in replies)
@@ -407,7 +449,7 @@ class FDA(Strategy):
         if agg_arrays is None:
             log(WARNING, "FDA: sync at step %s produced no model; keeping the global one", step)
             return None
-        rec["sync"] = 1
+        rec["final_sync" if final else "sync"] = 1
         self.stats["syncs"] += 1
         return agg_arrays, agg_metrics
 
@@ -449,7 +491,7 @@ class FDA(Strategy):
         rec["bytes_up"] = mup + sup
         rec["total_bytes"] = self.stats["bytes_down"] + self.stats["bytes_up"]
         metrics = MetricRecord(dict(train_metrics.items()))
-        for key in ("sync", "bytes_down", "bytes_up", "total_bytes"):
+        for key in ("sync", "final_sync", "bytes_down", "bytes_up", "total_bytes"):
             metrics[f"fda.{key.replace('_', '-')}"] = int(rec.get(key, 0))
         metrics["fda.threshold"] = float(rec["threshold"])
         est = rec.get("estimate", float("nan"))

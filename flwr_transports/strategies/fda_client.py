@@ -28,8 +28,9 @@ class _FdaInputError(ValueError):
 
 def _error(msg: Message, reason: str) -> Message:
     log(ERROR, "fda_mod: %s", reason)
-    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"fda_mod: {reason}"),
-                   reply_to=msg)
+    return Message(
+        Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"fda_mod: {reason}"), reply_to=msg
+    )
 
 
 def _find_fda_config(msg: Message) -> tuple[str, ConfigRecord] | None:
@@ -56,9 +57,17 @@ def _copy(rec: ArrayRecord) -> ArrayRecord:
 def _reset(state: RecordDict, new: ArrayRecord, prev: ArrayRecord | None, variant: str) -> None:
     if len(new) == 0:
         raise _FdaInputError("reset without a model")
-    old = prev if prev is not None and len(prev) > 0 else state.get(P.NODE_BASE)
-    if old is not None and P.layout(old) != P.layout(new):
-        raise _FdaInputError("previous and new global models have different layouts")
+    if prev is not None and len(prev) > 0:
+        if P.layout(prev) != P.layout(new):
+            raise _FdaInputError("previous and new global models have different layouts")
+        old = prev
+    else:
+        old = state.get(P.NODE_BASE)
+        if old is not None and P.layout(old) != P.layout(new):
+            # a different model (e.g. a new run reusing node state): start afresh
+            old = None
+            if P.NODE_XI in state:
+                del state[P.NODE_XI]
     if variant == "linear" and old is not None:
         delta = P.flatten(new) - P.flatten(old)
         norm = float(np.linalg.norm(delta))

@@ -118,7 +118,11 @@ def accuracy(rec: ArrayRecord, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def make_client_app(
-    split: Split, local_steps: int = 5, batch: int = 32, lr: float = 0.1, seed: int = 0,
+    split: Split,
+    local_steps: int = 5,
+    batch: int = 32,
+    lr: float = 0.1,
+    seed: int = 0,
     mods=None,
 ) -> ClientApp:
     """An ordinary Message-API ClientApp training the MLP on the node's partition."""
@@ -133,8 +137,10 @@ def make_client_app(
         params = from_record(msg.content["arrays"])
         params, loss = train_steps(params, x, y, local_steps, batch, lr, rng)
         content = RecordDict(
-            {"arrays": to_record(params),
-             "metrics": MetricRecord({"train_loss": loss, "num-examples": len(x)})}
+            {
+                "arrays": to_record(params),
+                "metrics": MetricRecord({"train_loss": loss, "num-examples": len(x)}),
+            }
         )
         return Message(content=content, reply_to=msg)
 

@@ -85,7 +85,9 @@ def sketch_sqnorm(sketch: np.ndarray) -> float:
     return float(np.median(np.einsum("rw,rw->r", s, s)))
 
 
-def sketch_estimate(sqnorms: Sequence[float], sketches: Sequence[np.ndarray], weights=None) -> float:
+def sketch_estimate(
+    sqnorms: Sequence[float], sketches: Sequence[np.ndarray], weights=None
+) -> float:
     """sum p_i ||d_i||^2 - M/(1+eps), M = median_r ||sum_i p_i S(d_i)[r]||^2."""
     p = _weights(len(sqnorms), weights)
     stack = np.stack([np.asarray(s, dtype=np.float64) for s in sketches])

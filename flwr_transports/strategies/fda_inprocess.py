@@ -60,10 +60,15 @@ class InProcessGrid(Grid):
         self.contexts: dict[int, Context] = {}
         for i, node in enumerate(self.node_ids):
             node_config = (
-                node_config_fn(i) if node_config_fn else {"partition-id": i, "num-partitions": num_nodes}
+                node_config_fn(i)
+                if node_config_fn
+                else {"partition-id": i, "num-partitions": num_nodes}
             )
             self.contexts[node] = Context(
-                run_id=run_id, node_id=node, node_config=node_config, state=RecordDict(),
+                run_id=run_id,
+                node_id=node,
+                node_config=node_config,
+                state=RecordDict(),
                 run_config=dict(run_config or {}),
             )
         self._replies: dict[str, Message] = {}
@@ -105,16 +110,18 @@ class InProcessGrid(Grid):
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
         if node not in self.contexts:
-            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=f"no node {node}"),
-                           reply_to=msg)
+            return Message(
+                Error(code=ErrorCode.NODE_UNAVAILABLE, reason=f"no node {node}"), reply_to=msg
+            )
         if self.serialize:
             msg = Message(content=_roundtrip(msg.content), metadata=msg.metadata)
         self.delivered += 1
         try:
             reply = self.app(msg, self.contexts[node])
         except Exception as exc:  # noqa: BLE001 - a ClientApp crash becomes an error reply
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(exc)),
-                           reply_to=msg)
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(exc)), reply_to=msg
+            )
         if self.serialize and reply.has_content():
             reply = Message(content=_roundtrip(reply.content), metadata=reply.metadata)
         return reply

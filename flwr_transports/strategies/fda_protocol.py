@@ -58,7 +58,7 @@ NODE_META = "fda.meta"
 def flatten(arrays: ArrayRecord) -> np.ndarray:
     """Concatenate the floating-point arrays of ``arrays`` (in key order) into float64."""
     parts = []
-    for _, arr in arrays.items():
+    for arr in arrays.values():
         a = arr.numpy()
         if np.issubdtype(a.dtype, np.floating):
             parts.append(a.astype(np.float64, copy=False).ravel())

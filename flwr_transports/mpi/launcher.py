@@ -15,7 +15,9 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import secrets
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -140,7 +142,40 @@ def _bcast_json(comm, MPI, obj: Any) -> Any:
     return json.loads(bytes(buf))
 
 
+def _unlink_own_mpi_shm() -> None:
+    """Unlink the MPI library's shared-memory files this process has mapped.
+
+    MPICH removes them at a clean finalize but not after ``MPI_Abort``. Unlinking a
+    mapped file is harmless to the ranks still using it (the memory stays until they
+    unmap it), and nothing is left in /dev/shm once they are gone. Linux only.
+    """
+    with contextlib.suppress(Exception):  # cleanup must never get in the way of abort
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            rows = [line.split(None, 5) for line in f]
+        paths = {r[5].strip() for r in rows if len(r) == 6}
+        for p in paths:
+            name = p.rsplit("/", 1)[-1]
+            if p.startswith("/dev/shm/") and name.startswith(_MPI_SHM_PREFIXES):
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+
+
+_MPI_SHM_PREFIXES = ("mpich_shm_", "sm_segment.", "vader_segment.", "psm2_shm.")
+
+
+def _cleanup_on_sigterm() -> None:
+    """A scheduler (or mpiexec on Ctrl-C) ending the job with SIGTERM: exit at once."""
+
+    def _handler(signum, frame):
+        _unlink_own_mpi_shm()
+        os._exit(128 + signum)
+
+    with contextlib.suppress(ValueError, OSError):  # not in the main thread, or no SIGTERM
+        signal.signal(signal.SIGTERM, _handler)
+
+
 def _abort(MPI, code: int) -> None:
+    _unlink_own_mpi_shm()
     sys.stdout.flush()
     sys.stderr.flush()
     MPI.COMM_WORLD.Abort(code)
@@ -173,6 +208,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
 
+    _cleanup_on_sigterm()
     comm = world.Dup()
     try:
         setup: dict[str, Any]
@@ -184,6 +220,10 @@ def main(argv: list[str]) -> int:
         else:
             setup = {}
         setup = _bcast_json(comm, MPI, setup)
+        # every rank has attached MPI's shared-memory segment by now: unlink its file so
+        # that a killed job (mpiexec SIGKILLs the ranks when one dies) leaves nothing
+        comm.Barrier()
+        _unlink_own_mpi_shm()
         if not setup["ok"]:
             if rank == 0:
                 print(f"flwr-transports mpi: {setup['error']}", file=sys.stderr)
@@ -199,6 +239,10 @@ def main(argv: list[str]) -> int:
         log.error("rank %d is exiting (SystemExit %s); stopping all ranks", rank, exc.code)
         _abort(MPI, 1)
         return 1
+    except BaseException:  # noqa: BLE001 - anything else would leave the other ranks waiting forever
+        log.error("rank %d failed; stopping all ranks:\n%s", rank, traceback.format_exc())
+        _abort(MPI, 3)
+        return 3
     finally:
         with contextlib.suppress(Exception):  # MPI may already be torn down
             comm.Free()

@@ -133,7 +133,14 @@ class RunResult:
     superlink_peak_rss: int = 0
     children_peak_rss: dict[str, int] = field(default_factory=dict)
     supernodes_peak_rss: dict[str, int] = field(default_factory=dict)
+    #: pid -> (kind, create_time) of every SuperLink/SuperNode descendant seen during
+    #: the run (e.g. the run's ``flwr-serverapp``), for leak checks
+    processes: dict[int, tuple[str, float]] = field(default_factory=dict)
     log_path: str = ""
+
+    def pids_of(self, kind: str) -> list[int]:
+        """PIDs seen during the run whose program is ``kind`` (e.g. 'flwr-serverapp')."""
+        return sorted(pid for pid, (k, _) in self.processes.items() if k == kind)
 
     @property
     def ok(self) -> bool:
@@ -157,6 +164,7 @@ class _Sampler(threading.Thread):
         self.children_peak: dict[str, int] = {}
         self.supernodes_peak: dict[str, int] = {}
         self._procs: dict[int, tuple[Any, str, str]] = {}  # pid -> (proc, group, kind)
+        self.seen: dict[int, tuple[str, float]] = {}  # pid -> (kind, create_time)
         self._last_scan = 0.0
 
     def _scan(self) -> None:
@@ -167,11 +175,22 @@ class _Sampler(threading.Thread):
                 try:
                     if group == "supernode":
                         procs[root.pid] = (root, group, "flower-supernode")
-                    for child in root.children(recursive=True):
-                        old = self._procs.get(child.pid)
-                        procs[child.pid] = old if old else (child, group, _kind(child))
+                    children = root.children(recursive=True)
                 except ps.Error:
                     continue
+                for child in children:
+                    old = self._procs.get(child.pid)
+                    if old is not None:
+                        procs[child.pid] = old
+                        continue
+                    kind = _kind(child)
+                    if kind == "?":  # gone already (or unreadable): skip
+                        continue
+                    procs[child.pid] = (child, group, kind)
+                    try:
+                        self.seen[child.pid] = (kind, child.create_time())
+                    except ps.Error:
+                        pass
         self._procs = procs
 
     def sample(self) -> None:
@@ -291,10 +310,15 @@ class LocalDeployment:
         return proc
 
     def _remember_descendants(self) -> None:
+        """Record every descendant (Flower detaches them into their own sessions)."""
         ps = _psutil()
-        for popen in self._all_popen:
+        roots: dict[int, float | None] = {p.pid: None for p in self._all_popen}
+        roots.update(self._seen)
+        for pid, ctime in roots.items():
             try:
-                root = ps.Process(popen.pid)
+                root = ps.Process(pid)
+                if ctime is not None and abs(root.create_time() - ctime) > 0.01:
+                    continue
                 for child in root.children(recursive=True):
                     self._seen.setdefault(child.pid, child.create_time())
             except ps.Error:
@@ -423,60 +447,68 @@ class LocalDeployment:
         self._wait(lambda: self.online_nodes() >= n, f"{n} SuperNodes online", procs)
         self._remember_descendants()
 
+    def _live_procs(self) -> list[Any]:
+        """psutil handles of our processes that are still running (zombies excluded)."""
+        ps = _psutil()
+        self._remember_descendants()
+        cands: dict[int, float | None] = {p.pid: None for p in self._all_popen}
+        cands.update(self._seen)
+        out = []
+        for pid, ctime in cands.items():
+            try:
+                proc = ps.Process(pid)
+                if ctime is not None and abs(proc.create_time() - ctime) > 0.01:
+                    continue  # PID reused by an unrelated process
+                if proc.status() == ps.STATUS_ZOMBIE:
+                    continue
+                out.append(proc)
+            except ps.Error:
+                continue
+        return out
+
     def stop(self, grace: float = 10.0) -> None:
         """Stop every process of the deployment: SIGTERM, then SIGKILL after ``grace``."""
         with self._lock:
             if not self._all_popen:
                 return
             ps = _psutil()
-            self._remember_descendants()
-            targets = []
-            for popen in self._all_popen:
-                try:
-                    targets.append(ps.Process(popen.pid))
-                except ps.Error:
-                    pass
-            for pid, ctime in self._seen.items():
-                try:
-                    proc = ps.Process(pid)
-                    if abs(proc.create_time() - ctime) < 0.01:  # not a reused PID
-                        targets.append(proc)
-                except ps.Error:
-                    pass
+            targets = self._live_procs()
             for proc in targets:
                 try:
                     proc.send_signal(signal.SIGTERM)
                 except ps.Error:
                     pass
-            _, alive = ps.wait_procs(targets, timeout=grace)
-            for proc in alive:
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                for popen in self._all_popen:
+                    popen.poll()  # reap our direct children
+                if not self._live_procs():
+                    break
+                time.sleep(0.1)
+            for proc in self._live_procs():
                 try:
                     proc.kill()
                 except ps.Error:
                     pass
-            ps.wait_procs(alive, timeout=5)
             for popen in self._all_popen:
                 try:
                     popen.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     pass
+            leftover = self._live_procs()
             self._all_popen.clear()
             self._seen.clear()
+        if leftover:
+            self._failed = True
+            raise DeploymentError(
+                f"processes still alive after SIGKILL: {[p.pid for p in leftover]}"
+            )
         if self._own_workdir and not self._failed:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def pids(self) -> list[int]:
         """PIDs of every live process of this deployment (for leak checks)."""
-        self._remember_descendants()
-        out = [p.pid for p in self._all_popen if p.poll() is None]
-        ps = _psutil()
-        for pid, ctime in self._seen.items():
-            try:
-                if abs(ps.Process(pid).create_time() - ctime) < 0.01:
-                    out.append(pid)
-            except ps.Error:
-                pass
-        return sorted(set(out))
+        return sorted(p.pid for p in self._live_procs())
 
     def __enter__(self) -> Self:
         return self.start()
@@ -542,8 +574,10 @@ class LocalDeployment:
                     os.killpg(proc.pid, signal.SIGKILL)
                     rc = proc.wait()
         wall = time.perf_counter() - t0
-        self._remember_descendants()
         sampler.stop()
+        self._remember_descendants()
+        for pid, (_, ctime) in sampler.seen.items():
+            self._seen.setdefault(pid, ctime)
         output = log_path.read_text("utf-8", "replace")
         match = _RUN_ID_RE.search(output)
         run_id = int(match.group(1)) if match else None
@@ -563,6 +597,7 @@ class LocalDeployment:
             superlink_peak_rss=sampler.superlink_peak,
             children_peak_rss=dict(sampler.children_peak),
             supernodes_peak_rss=dict(sampler.supernodes_peak),
+            processes=dict(sampler.seen),
             log_path=str(log_path),
         )
 
@@ -582,8 +617,7 @@ class LocalDeployment:
         status = None
         while True:
             out = subprocess.run(
-                [self._exe("flwr"), "ls", _CONNECTION, "--run-id", str(run_id),
-                 "--format", "json"],
+                [self._exe("flwr"), "ls", _CONNECTION, "--run-id", str(run_id), "--format", "json"],
                 capture_output=True,
                 text=True,
                 env=self.env,

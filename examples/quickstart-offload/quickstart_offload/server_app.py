@@ -41,8 +41,14 @@ class TimedGrid(Grid):
     def run(self):
         return self._inner.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -57,8 +63,9 @@ class TimedGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._inner.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         messages = list(messages)
         kind = messages[0].metadata.message_type if messages else ""
         t0 = time.perf_counter()
@@ -135,9 +142,7 @@ def main(grid: Grid, context: Context) -> None:
         ],
         "arrays": {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in final.items()},
         "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
-        "evaluate_metrics": {
-            str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()
-        },
+        "evaluate_metrics": {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
         "stats": dict(getattr(strategy, "stats", {}) or {}),
     }
     json_path = path.with_suffix(".json")

@@ -1,0 +1,442 @@
+"""WAN emulation with network namespaces, veth pairs, ``tc tbf`` and a userspace delay stage.
+
+Topology (every name carries this process's pid, so concurrent runs never collide)::
+
+    ns ftxb-<pid>-a            ns ftxb-<pid>-r                   ns ftxb-<pid>-b
+    a0 10.77.0.1/24 ==veth== ra  <-- delay relay -->  rb ==veth== b0 10.77.0.2/24
+    tbf on a0 egress                                           tbf on b0 egress
+
+* **Bandwidth**: ``tc qdisc ... tbf`` on each endpoint's egress (``mtu 64kb`` so GSO
+  frames are not split before the relay).
+* **Delay (RTT)**: this kernel has no ``netem``. The relay in the middle namespace is
+  a userspace L2 bridge: two ``AF_PACKET`` sockets (with ``PACKET_VNET_HDR`` so 64 KiB
+  GSO frames pass whole), each frame is held ``RTT/2`` in a FIFO and then sent out of
+  the other port. Unlike a TCP proxy it does not terminate TCP: the endpoints see the
+  real RTT, so slow start and single-stream window limits (BDP > socket buffers) show
+  up as they would on a real WAN. ARP passes through it like any frame.
+* A profile with RTT 0 (``lan``) joins a0 and b0 with one veth pair, no relay.
+
+Limits (documented in docs/benchmarks.md): constant delay, no jitter, no random loss
+(drops only when the relay's bounded queue or tbf overflows); the Python relay
+forwards about 1-2 Gbit/s of GSO frames on this 2-core machine, so emulated rates
+should stay at or below 1 Gbit/s; IPv6 is disabled in the namespaces.
+
+Needs root (CAP_NET_ADMIN) and ``ip``/``tc`` (iproute2). Everything is removed by
+:meth:`WanEmulation.down` (called from ``__exit__``, atexit and SIGTERM/SIGINT/SIGHUP);
+``cleanup_stale()`` removes namespaces of runs whose process is gone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import ctypes
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+NS_PREFIX = "ftxb-"
+ADDR_A = "10.77.0.1"
+ADDR_B = "10.77.0.2"
+
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_VNET_HDR = 15
+PACKET_IGNORE_OUTGOING = 23
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    rtt_ms: float
+    rate_mbit: float
+    note: str = ""
+
+    def describe(self) -> str:
+        rtt = f"RTT {self.rtt_ms:g} ms" if self.rtt_ms else "RTT native veth (<0.1 ms)"
+        return f"{self.name}: {rtt}, {self.rate_mbit:g} Mbit/s each way"
+
+
+PROFILES: dict[str, Profile] = {
+    "lan": Profile("lan", 0.0, 10_000, "same data center: one veth pair, 10 Gbit/s"),
+    "geo-proximal": Profile("geo-proximal", 20.0, 1_000,
+                            "neighbouring regions (e.g. us-east-1 <-> us-east-2)"),
+    "geo-distributed": Profile("geo-distributed", 100.0, 1_000,
+                               "distant regions (e.g. us-east-1 <-> eu-central-1)"),
+}
+
+_CUSTOM = re.compile(r"^(?P<rtt>\d+(?:\.\d+)?)ms/(?P<rate>\d+(?:\.\d+)?)(?P<u>mbit|gbit)$")
+
+
+def get_profile(spec: str) -> Profile:
+    """A named profile, or a custom one written ``RTTms/RATE{mbit,gbit}`` (e.g. 50ms/500mbit)."""
+    if spec in PROFILES:
+        return PROFILES[spec]
+    m = _CUSTOM.match(spec.strip().lower())
+    if not m:
+        raise ValueError(
+            f"unknown WAN profile {spec!r}: use one of {', '.join(PROFILES)} or RTTms/RATEmbit "
+            f"(e.g. 50ms/500mbit)"
+        )
+    rtt = float(m["rtt"])
+    rate = float(m["rate"]) * (1000 if m["u"] == "gbit" else 1)
+    if not (0 <= rtt <= 2000) or not (1 <= rate <= 100_000):
+        raise ValueError("custom profile out of range (RTT 0-2000 ms, rate 1 Mbit/s-100 Gbit/s)")
+    return Profile(spec, rtt, rate, "custom")
+
+
+def can_emulate() -> str | None:
+    """Why WAN emulation cannot run here (or None)."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and tc); running on loopback instead"
+    for tool in ("ip", "tc"):
+        if not shutil.which(tool):
+            return f"'{tool}' (iproute2) not found"
+    if not os.path.exists("/var/run/netns") and not os.access("/var/run", os.W_OK):
+        return "cannot create /var/run/netns"
+    return None
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.strip() or p.stdout.strip()}")
+    return p
+
+
+def _set_pdeathsig() -> None:
+    """Die with the parent (so an emulator killed with SIGKILL leaves no relay behind)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class WanEmulation:
+    """Two namespaces A (sender/server side) and B (receiver/client side) joined by an
+    emulated WAN. Use as a context manager; ``prefix("a")`` gives the command prefix
+    that runs a program inside A."""
+
+    def __init__(self, profile: Profile | str, tag: str | None = None):
+        self.profile = get_profile(profile) if isinstance(profile, str) else profile
+        self.tag = tag or f"{NS_PREFIX}{os.getpid()}"
+        if not re.fullmatch(r"[a-z0-9-]{1,20}", self.tag):
+            raise ValueError(f"invalid namespace tag {self.tag!r}")
+        self.ns_a, self.ns_b, self.ns_r = f"{self.tag}-a", f"{self.tag}-b", f"{self.tag}-r"
+        self.addr_a, self.addr_b = ADDR_A, ADDR_B
+        self.relay: subprocess.Popen | None = None
+        self._created: list[str] = []
+        self._old_handlers: dict[int, object] = {}
+        self._up = False
+
+    # --- lifecycle -------------------------------------------------------------------
+    def __enter__(self) -> WanEmulation:  # noqa: PYI034
+        self.up()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def prefix(self, side: str) -> tuple[str, ...]:
+        ns = {"a": self.ns_a, "b": self.ns_b}[side]
+        return ("ip", "netns", "exec", ns)
+
+    def up(self) -> None:
+        why = can_emulate()
+        if why:
+            raise RuntimeError(f"WAN emulation unavailable: {why}")
+        self._install_handlers()
+        atexit.register(self.down)
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+        self._up = True
+
+    def _ns(self, name: str) -> None:
+        _run("ip", "netns", "add", name)
+        self._created.append(name)
+        _run("ip", "-n", name, "link", "set", "lo", "up")
+        for key in ("all", "default"):
+            _run("ip", "netns", "exec", name, "sysctl", "-qw",
+                 f"net.ipv6.conf.{key}.disable_ipv6=1", check=False)
+
+    def _tbf(self, ns: str, dev: str) -> None:
+        rate_bps = self.profile.rate_mbit * 1e6
+        burst = int(max(256 * 1024, rate_bps / 8 * 0.001))  # >= 1 ms at line rate
+        _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf",
+             "rate", f"{self.profile.rate_mbit:g}mbit", "burst", str(burst),
+             "mtu", "65536", "latency", "100ms")
+
+    def _build(self) -> None:
+        p = self.profile
+        self._ns(self.ns_a)
+        self._ns(self.ns_b)
+        if p.rtt_ms <= 0:
+            _run("ip", "link", "add", "name", "a0", "netns", self.ns_a, "type", "veth",
+                 "peer", "name", "b0", "netns", self.ns_b)
+        else:
+            self._ns(self.ns_r)
+            _run("ip", "link", "add", "name", "a0", "netns", self.ns_a, "type", "veth",
+                 "peer", "name", "ra", "netns", self.ns_r)
+            _run("ip", "link", "add", "name", "b0", "netns", self.ns_b, "type", "veth",
+                 "peer", "name", "rb", "netns", self.ns_r)
+            for dev in ("ra", "rb"):
+                _run("ip", "-n", self.ns_r, "link", "set", dev, "up")
+        _run("ip", "-n", self.ns_a, "addr", "add", f"{ADDR_A}/24", "dev", "a0")
+        _run("ip", "-n", self.ns_b, "addr", "add", f"{ADDR_B}/24", "dev", "b0")
+        _run("ip", "-n", self.ns_a, "link", "set", "a0", "up")
+        _run("ip", "-n", self.ns_b, "link", "set", "b0", "up")
+        self._tbf(self.ns_a, "a0")
+        self._tbf(self.ns_b, "b0")
+        if p.rtt_ms > 0:
+            one_way = p.rtt_ms / 2
+            bdp = p.rate_mbit * 1e6 / 8 * one_way / 1000
+            qmax = int(4 * bdp + 8 * 1024 * 1024)
+            self.relay = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns_r, sys.executable, "-m",
+                 "flwr_transports.bench.wan", "relay", "ra", "rb", f"{one_way}", str(qmax)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                start_new_session=True,
+            )
+            r, _, _ = select.select([self.relay.stdout], [], [], 20)
+            line = self.relay.stdout.readline() if r else ""
+            if line.strip() != "ready":
+                raise RuntimeError(f"delay relay did not start ({self.relay.poll()})")
+        self._wait_reachable()
+
+    def _wait_reachable(self, timeout: float = 15) -> None:
+        """ARP + a TCP handshake across the path, from inside A."""
+        code = (
+            "import socket,sys,time\n"
+            f"ls=None\n"
+            "d=time.monotonic()+%f\n"
+            "while time.monotonic()<d:\n"
+            f"  try: socket.create_connection(('{ADDR_B}',9),timeout=1).close(); break\n"
+            "  except ConnectionRefusedError: break\n"
+            "  except OSError: time.sleep(0.1)\n"
+            "else: sys.exit(1)\n" % timeout
+        )
+        # port 9 (discard) has no listener in B: a RST proves the round trip works
+        p = subprocess.run([*self.prefix("a"), sys.executable, "-c", code],
+                           capture_output=True, text=True, timeout=timeout + 10, check=False)
+        if p.returncode != 0:
+            raise RuntimeError(f"emulated WAN path does not carry traffic: {p.stderr[-300:]}")
+
+    def down(self) -> None:
+        """Remove everything (idempotent): processes in our namespaces, then namespaces."""
+        if self.relay is not None:
+            _stop(self.relay)
+            self.relay = None
+        for ns in reversed(self._created):
+            _kill_ns_pids(ns)
+            _run("ip", "netns", "del", ns, check=False)
+        self._created.clear()
+        self._up = False
+        self._restore_handlers()
+        atexit.unregister(self.down)
+
+    # --- signals ---------------------------------------------------------------------
+    def _install_handlers(self) -> None:
+        def handler(signum, frame):  # turn the signal into an exception: finally blocks run
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _restore_handlers(self) -> None:
+        for sig, old in self._old_handlers.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, TypeError):
+                pass
+        self._old_handlers.clear()
+
+    # --- measurement -----------------------------------------------------------------
+    def measure_rtt_ms(self, n: int = 5) -> float:
+        """Median TCP connect time from A to B (a listener is started in B for it)."""
+        srv = subprocess.Popen(
+            [*self.prefix("b"), sys.executable, "-c",
+             ("import socket,sys\n"
+              f"s=socket.create_server(('{ADDR_B}',0));print(s.getsockname()[1],flush=True)\n"
+              "while True:\n  c,_=s.accept();c.close()\n")],
+            stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        try:
+            port = int(srv.stdout.readline())
+            code = (
+                "import socket,time,statistics\nxs=[]\n"
+                f"for _ in range({n + 1}):\n"
+                "  t=time.perf_counter()\n"
+                f"  socket.create_connection(('{ADDR_B}',{port}),timeout=10).close()\n"
+                "  xs.append(time.perf_counter()-t)\n"
+                "print(statistics.median(xs[1:])*1e3)\n"
+            )
+            out = subprocess.run([*self.prefix("a"), sys.executable, "-c", code],
+                                 capture_output=True, text=True, timeout=60, check=True)
+            return float(out.stdout.strip())
+        finally:
+            _stop(srv)
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 3) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def _kill_ns_pids(ns: str) -> None:
+    """Kill processes still inside one of OUR namespaces (unique names: only ours)."""
+    p = _run("ip", "netns", "pids", ns, check=False)
+    pids = [int(x) for x in p.stdout.split() if x.isdigit()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return
+        time.sleep(0.3)
+        pids = alive
+
+
+def list_namespaces() -> list[str]:
+    p = _run("ip", "netns", "list", check=False)
+    return [ln.split()[0] for ln in p.stdout.splitlines() if ln.strip()]
+
+
+def cleanup_stale(dry_run: bool = False) -> list[str]:
+    """Remove ftxb-<pid>-* namespaces whose creating process is gone."""
+    from ..links.base import pid_alive
+
+    found = []
+    for ns in list_namespaces():
+        m = re.fullmatch(rf"{NS_PREFIX}(\d+)-[abr]", ns)
+        if not m or pid_alive(int(m[1])):
+            continue
+        found.append(ns)
+        if not dry_run:
+            _kill_ns_pids(ns)
+            _run("ip", "netns", "del", ns, check=False)
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# the delay relay (runs inside the middle namespace)
+
+
+def _packet_socket(ifname: str) -> socket.socket:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+    try:
+        s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+    except OSError:
+        pass  # old kernel: outgoing frames are filtered by address below
+    for opt in (SO_RCVBUFFORCE, SO_SNDBUFFORCE):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, opt, 32 * 1024 * 1024)
+        except OSError:
+            pass
+    s.bind((ifname, 0))
+    s.setblocking(False)
+    return s
+
+
+def relay_main(argv: list[str]) -> int:
+    """``relay IF1 IF2 ONE_WAY_MS MAX_QUEUE_BYTES``: bridge two interfaces with a delay."""
+    _set_pdeathsig()
+    if os.getppid() == 1:
+        return 1
+    if1, if2, delay_ms, qmax = argv[0], argv[1], float(argv[2]), int(argv[3])
+    delay = delay_ms / 1000.0
+    a, b = _packet_socket(if1), _packet_socket(if2)
+    socks = (a, b)
+    peer = {a: b, b: a}
+    queue: dict[socket.socket, collections.deque] = {a: collections.deque(), b: collections.deque()}
+    qbytes = {a: 0, b: 0}
+    drops = 0
+    stop = False
+
+    def on_term(signum, frame):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    print("ready", flush=True)
+    while not stop:
+        now = time.monotonic()
+        timeout = None
+        for s in socks:  # send what is due
+            q = queue[s]
+            out = peer[s]
+            while q and q[0][0] <= now:
+                _, frame = q.popleft()
+                qbytes[s] -= len(frame)
+                try:
+                    out.send(frame)
+                except (BlockingIOError, OSError):
+                    drops += 1
+            if q:
+                t = q[0][0] - now
+                timeout = t if timeout is None or t < timeout else timeout
+        try:
+            ready, _, _ = select.select(socks, (), (), timeout)
+        except InterruptedError:
+            continue
+        now = time.monotonic()
+        due = now + delay
+        for s in ready:
+            q = queue[s]
+            for _ in range(256):
+                try:
+                    frame = s.recv(70000)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if qbytes[s] + len(frame) > qmax:
+                    drops += 1  # tail drop, like a full router queue
+                    continue
+                q.append((due, frame))
+                qbytes[s] += len(frame)
+    print(f"drops {drops}", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "relay":
+        return relay_main(argv[1:])
+    print("internal entry point; use 'flwr-transports bench --wan PROFILE'", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""``s3://BUCKET/PREFIX``: payloads through any S3-compatible object store.
+
+Control stays on Flower; payloads go through the store. Only the ServerApp holds
+credentials (boto3's normal chain: environment, profile, instance role, ...). Clients
+get **presigned URLs** inside the reference / ticket and use plain HTTP (requests),
+never boto3:
+
+* the global model is uploaded ONCE per round (multipart, parallel parts) and every
+  client fetches it with parallel ranged GETs of one presigned GET URL;
+* for each reply slot the ServerApp creates a multipart upload and hands the client
+  one presigned PUT URL per part (enough for ``max_reply_size``), scoped to one object
+  key per (run, round, node, slot); the ServerApp lists the parts, checks them against
+  the declared size, completes the upload, and reads it back with ranged GETs;
+* every request is retried with backoff on 5xx / 429 / timeouts / resets, per part or
+  range, never restarting the whole object;
+* optional AES-256-GCM client-side encryption (``encrypt=true``): a fresh key per
+  object, sent in-band (inside the reference / slot), never stored in the bucket;
+* objects of a run are deleted and its multipart uploads aborted when the run ends;
+  ``flwr-transports cleanup s3://BUCKET/PREFIX`` removes leftovers of crashed runs.
+
+URL: ``s3://BUCKET[/PREFIX][?option=value&...]``; options may also be given as
+keywords of ``offload()``. See docs/links/s3.md for every option.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ..codec import EncodedPayload, parse_size
+from ..refs import RefError
+from .base import NAME_PREFIX, ClientLink, LinkError, PayloadSource, ServerLink, parse_bool, split_url
+from .s3_http import (
+    MAX_PART, MAX_PARTS, MIN_PART, Cipher, HttpTransport, Layout, Progress, RangedReader,
+    SegmentReader, build_part, check_encryption, check_get_url, check_int, clamp_concurrency,
+    compact_urls, expand_urls, new_encryption, part_count, progress_enabled, run_all,
+    upload_parts,
+)
+
+log = logging.getLogger("flwr_transports.s3")
+
+DEFAULT_PART = 16 * 2**20
+DEFAULT_EXPIRES = 3600
+ENC_CHUNK = 2**20
+MAX_EXPIRES = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_INSTALL = "pip install 'flwr-transports[s3]'"
+
+
+def parse_duration(v: Any) -> int:
+    """'3600', '90s', '30m', '2h', '1d' -> seconds."""
+    if isinstance(v, bool):
+        raise ValueError(f"invalid duration {v!r}")
+    if isinstance(v, int | float):
+        return int(v)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(v).lower())
+    if not m:
+        raise ValueError(f"invalid duration {v!r} (use e.g. 3600, 90s, 30m, 2h, 1d)")
+    return int(float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
+
+
+class S3Config:
+    """Parsed ``s3://`` URL + options (server side)."""
+
+    def __init__(self, url: str, options: dict[str, Any]):
+        scheme, bucket, path, _ = split_url(url)
+        if scheme != "s3":
+            raise ValueError(f"not an s3:// URL: {url!r}")
+        if not bucket or not _BUCKET_RE.match(bucket):
+            raise ValueError(f"s3:// URL needs a bucket name, e.g. s3://my-bucket/runs (got {url!r})")
+        prefix = path.strip("/")
+        if any(p in ("..", ".") for p in prefix.split("/")) or "//" in prefix:
+            raise ValueError(f"invalid s3:// prefix {prefix!r}")
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        o = options
+        self.endpoint_url = o.get("endpoint_url") or None
+        self.region = o.get("region") or None
+        self.profile = o.get("profile") or None
+        style = str(o.get("addressing_style", "path" if self.endpoint_url else "auto"))
+        if style not in ("auto", "path", "virtual"):
+            raise ValueError("addressing_style must be auto, path or virtual")
+        self.addressing_style = style
+        v = o.get("verify", True)
+        try:
+            self.verify: bool | str = parse_bool(v)
+        except ValueError:
+            self.verify = str(v)  # a CA bundle path
+        self.part_size = parse_size(o.get("part_size", DEFAULT_PART))
+        if not MIN_PART <= self.part_size <= MAX_PART:
+            raise ValueError("part_size must be between 5MiB and 5GiB (S3 multipart limits)")
+        self.concurrency = int(o.get("concurrency", 8))
+        if not 1 <= self.concurrency <= 64:
+            raise ValueError("concurrency must be between 1 and 64")
+        self.max_parts = int(o.get("max_parts", 64))
+        if not 1 <= self.max_parts <= MAX_PARTS:
+            raise ValueError(f"max_parts must be between 1 and {MAX_PARTS}")
+        self.checksum = str(o.get("checksum", "md5")).lower()
+        if self.checksum not in ("md5", "none"):
+            raise ValueError("checksum must be 'md5' (Content-MD5 on every part) or 'none'")
+        self.expires = parse_duration(o.get("expires", DEFAULT_EXPIRES))
+        if not 1 <= self.expires <= MAX_EXPIRES:
+            raise ValueError("expires must be between 1 second and 7 days")
+        self.encrypt = parse_bool(o.get("encrypt", False))
+        self.progress = parse_bool(o.get("progress", False))
+        self.retries = int(o.get("retries", 5))
+        if not 0 <= self.retries <= 20:
+            raise ValueError("retries must be between 0 and 20")
+        self.timeout = float(parse_duration(o.get("timeout", 120)))
+        self.create_bucket = parse_bool(o.get("create_bucket", False))
+
+    def where(self) -> str:
+        at = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        return f"s3://{self.bucket}/{self.prefix}{at}"
+
+    def client(self, region: str | None = None):
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as exc:
+            raise LinkError(f"the s3:// link needs boto3 on the ServerApp ({_INSTALL})") from exc
+        session = boto3.session.Session(profile_name=self.profile) if self.profile else (
+            boto3.session.Session())
+        if session.get_credentials() is None:
+            raise LinkError(
+                "no AWS credentials found for the s3:// link: the ServerApp needs them "
+                "(AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, AWS_PROFILE / profile=, "
+                "~/.aws/credentials, or an instance role); clients need none"
+            )
+        cfg = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": self.addressing_style},
+            retries={"max_attempts": self.retries + 1, "mode": "standard"},
+            max_pool_connections=self.concurrency + 4,
+            connect_timeout=10, read_timeout=self.timeout,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        region = region or self.region or session.region_name or "us-east-1"
+        return session.client("s3", endpoint_url=self.endpoint_url, region_name=region,
+                              config=cfg, verify=self.verify)
+
+
+def boto_error(exc: BaseException, what: str, cfg: S3Config) -> LinkError:
+    """A boto3/botocore error as a LinkError naming the cause and what to do."""
+    try:
+        from botocore import exceptions as bx
+    except ImportError:  # pragma: no cover
+        return LinkError(f"{what}: {exc}")
+    where = cfg.where()
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        msg = err.get("Message") or ""
+        detail = f"{code}{': ' + msg if msg else ''}" or f"HTTP {status}"
+        if code == "NoSuchBucket" or (code in ("404", "NotFound") and "bucket" in what):
+            return LinkError(
+                f"{what}: bucket {cfg.bucket!r} does not exist{' at ' + cfg.endpoint_url if cfg.endpoint_url else ''} "
+                f"({detail}); create it (aws s3 mb s3://{cfg.bucket}"
+                f"{' --endpoint-url ' + cfg.endpoint_url if cfg.endpoint_url else ''}), "
+                "fix the URL, or pass create_bucket=true")
+        if code == "SignatureDoesNotMatch":
+            return LinkError(
+                f"{what}: the store rejected the ServerApp's request signature ({detail}) "
+                f"for {where}: the secret key is wrong (check AWS_SECRET_ACCESS_KEY or the "
+                "profile), or a proxy altered the request")
+        if code in ("InvalidAccessKeyId", "InvalidClientTokenId", "InvalidToken",
+                    "ExpiredToken", "TokenRefreshRequired"):
+            return LinkError(
+                f"{what}: the store does not accept the ServerApp's credentials ({detail}) "
+                f"for {where}: fix or refresh AWS_ACCESS_KEY_ID / the profile / the session "
+                "token")
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            return LinkError(
+                f"{what}: access denied to {where} ({detail}); the ServerApp's credentials "
+                "need s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject, "
+                "s3:ListBucketMultipartUploads, s3:AbortMultipartUpload on this bucket/prefix")
+        if code in ("PermanentRedirect", "AuthorizationHeaderMalformed",
+                    "IllegalLocationConstraintException"):
+            return LinkError(f"{what}: {where} is in another region ({detail}); set region=")
+        if code == "NoSuchUpload":
+            return LinkError(f"{what}: the multipart upload no longer exists ({detail})")
+        return LinkError(f"{what}: {where} answered {detail}")
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return LinkError(f"{what}: no usable AWS credentials on the ServerApp ({exc})")
+    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError |
+                  bx.ConnectionClosedError | bx.ReadTimeoutError | bx.ConnectionError):
+        return LinkError(
+            f"{what}: cannot reach the S3 endpoint {cfg.endpoint_url or '(AWS default)'} "
+            f"({exc}); check endpoint_url, that the store is running, and the network")
+    return LinkError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class S3ServerLink(ServerLink):
+    """Server side: holds the credentials, uploads the global model, issues slots."""
+
+    scheme = "s3"
+    options = (
+        "endpoint_url", "region", "profile", "addressing_style", "verify",
+        "part_size", "concurrency", "max_parts", "checksum", "expires",
+        "encrypt", "progress", "retries", "timeout", "create_bucket",
+    )
+
+    def __init__(self, url: str, run_id: int | str, options: dict[str, Any]):
+        super().__init__(url, run_id, options)
+        self.cfg = S3Config(url, options)
+        self.s3 = self.cfg.client()
+        self._check_bucket()
+        self.http = HttpTransport(retries=self.cfg.retries, read_timeout=self.cfg.timeout)
+        self.key_prefix = f"{self.cfg.prefix}{self.prefix}"
+        self._published: dict[str, str] = {}
+        self._slots: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    # -- helpers -----------------------------------------------------------------------
+    def _boto(self, what: str, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise boto_error(exc, what, self.cfg) from None
+
+    def _check_bucket(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        what = f"checking bucket {self.cfg.bucket!r}"
+        try:
+            r = self.s3.list_objects_v2(Bucket=self.cfg.bucket, Prefix=self.cfg.prefix + NAME_PREFIX,
+                                        MaxKeys=1)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code == "NoSuchBucket" and self.cfg.create_bucket:
+                kw = {}
+                region = self.s3.meta.region_name
+                if region and region != "us-east-1" and not self.cfg.endpoint_url:
+                    kw["CreateBucketConfiguration"] = {"LocationConstraint": region}
+                self._boto(f"creating bucket {self.cfg.bucket!r}", self.s3.create_bucket,
+                           Bucket=self.cfg.bucket, **kw)
+                return
+            raise boto_error(exc, what, self.cfg) from None
+        except BotoCoreError as exc:
+            raise boto_error(exc, what, self.cfg) from None
+        # AWS tells the bucket's region: presigned URLs must be signed for it
+        real = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+        if real and not self.cfg.region and real != self.s3.meta.region_name:
+            self.s3 = self.cfg.client(region=real)
+
+    def _key(self, name: str) -> str:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        return f"{self.key_prefix}-{safe}"
+
+    def _presign(self, op: str, expires: int | None = None, **params) -> str:
+        return self.s3.generate_presigned_url(
+            op, Params={"Bucket": self.cfg.bucket, **params},
+            ExpiresIn=expires or self.cfg.expires)
+
+    def _loc(self, key: str, size: int, enc: dict | None, range_stored: int) -> dict[str, Any]:
+        layout = Layout(size, enc["chunk"] if enc else 0)
+        d: dict[str, Any] = {
+            "key": key, "get": self._presign("get_object", Key=key), "stored": layout.stored,
+            "range": range_stored, "conc": self.cfg.concurrency,
+        }
+        if enc:
+            d["enc"] = enc
+        if self.cfg.progress:
+            d["progress"] = True
+        return d
+
+    # -- publish -----------------------------------------------------------------------
+    def publish(self, name: str, payload: EncodedPayload) -> dict[str, Any]:
+        key = self._key(name)
+        enc = new_encryption(ENC_CHUNK) if self.cfg.encrypt else None
+        layout = Layout(payload.size, enc["chunk"] if enc else 0)
+        plain_unit, stored_unit = layout.align(self.cfg.part_size)
+        n = layout.units(stored_unit)
+        cipher = Cipher(enc, payload.size) if enc else None
+        reader = SegmentReader(payload)
+        md5 = self.cfg.checksum == "md5"
+        with self._lock:
+            self._published[name] = key
+        prog = Progress(f"upload {name}", layout.stored, progress_enabled(self.cfg.progress))
+        if n <= 1:
+            body = build_part(reader, layout, cipher, plain_unit, 0)
+            kw = {"ContentMD5": _b64md5(body)} if md5 else {}
+            self._boto(f"uploading {name}", self.s3.put_object, Bucket=self.cfg.bucket,
+                       Key=key, Body=body, **kw)
+            prog.add(len(body))
+            return self._loc(key, payload.size, enc, stored_unit)
+        up = self._boto(f"starting the upload of {name}", self.s3.create_multipart_upload,
+                        Bucket=self.cfg.bucket, Key=key)
+        uid = up["UploadId"]
+        etags: list[str | None] = [None] * n
+
+        def one(i: int) -> None:
+            body = build_part(reader, layout, cipher, plain_unit, i)
+            kw = {"ContentMD5": _b64md5(body)} if md5 else {}
+            r = self._boto(f"uploading part {i + 1}/{n} of {name}", self.s3.upload_part,
+                           Bucket=self.cfg.bucket, Key=key, UploadId=uid, PartNumber=i + 1,
+                           Body=body, **kw)
+            etags[i] = r["ETag"]
+            prog.add(len(body))
+
+        try:
+            run_all(one, n, self.cfg.concurrency)
+            self._boto(f"completing the upload of {name}", self.s3.complete_multipart_upload,
+                       Bucket=self.cfg.bucket, Key=key, UploadId=uid,
+                       MultipartUpload={"Parts": [{"PartNumber": i + 1, "ETag": e}
+                                                  for i, e in enumerate(etags)]})
+        except BaseException:
+            self._abort(key, uid)
+            raise
+        return self._loc(key, payload.size, enc, stored_unit)
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            key = self._published.pop(name, None)
+        if key:
+            self._delete(key)
+
+    def _delete(self, key: str) -> None:
+        try:
+            self.s3.delete_object(Bucket=self.cfg.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001 - best effort; cleanup finds leftovers
+            log.warning("s3: could not delete s3://%s/%s: %s", self.cfg.bucket, key, exc)
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self.s3.abort_multipart_upload(Bucket=self.cfg.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:  # noqa: BLE001
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if code != "NoSuchUpload":
+                log.warning("s3: could not abort the upload of s3://%s/%s: %s",
+                            self.cfg.bucket, key, exc)
+
+    # -- reply slots -------------------------------------------------------------------
+    def issue_slot(self, name: str, max_size: int) -> dict[str, Any]:
+        key = self._key(name)
+        enc = new_encryption(ENC_CHUNK) if self.cfg.encrypt else None
+        layout = Layout(max_size, enc["chunk"] if enc else 0)
+        want = max(self.cfg.part_size, math.ceil(layout.stored / self.cfg.max_parts))
+        want = -(-want // 2**20) * 2**20  # whole MiB
+        _, part = layout.align(want)
+        n = part_count(layout.stored, part)
+        if part > MAX_PART or n > MAX_PARTS:
+            raise LinkError(f"a reply cap of {max_size} bytes needs parts above S3's limits; "
+                            "lower max_reply_size or raise max_parts")
+        up = self._boto(f"starting the reply upload {name}", self.s3.create_multipart_upload,
+                        Bucket=self.cfg.bucket, Key=key)
+        uid = up["UploadId"]
+        with self._lock:
+            self._slots[key] = {"upload_id": uid, "state": "open", "part": part, "enc": enc,
+                                "n": n, "name": name}
+        try:
+            urls = [self._presign("upload_part", Key=key, UploadId=uid, PartNumber=i + 1)
+                    for i in range(n)]
+        except BaseException:
+            self.discard_slot({"key": key})
+            raise
+        slot: dict[str, Any] = {
+            "key": key, "put": compact_urls(urls), "part": part, "conc": self.cfg.concurrency,
+            "checksum": self.cfg.checksum,
+        }
+        if enc:
+            slot["enc"] = enc
+        if self.cfg.progress:
+            slot["progress"] = True
+        return slot
+
+    def open_upload(self, slot: dict[str, Any], loc: dict[str, Any], size: int) -> PayloadSource:
+        key = slot.get("key") if isinstance(slot, dict) else None
+        claimed = loc.get("key") if isinstance(loc, dict) else None
+        if not isinstance(claimed, str) or claimed != key:
+            raise RefError(f"reply location {str(claimed)[:200]!r} is not the object key "
+                           "issued for this slot")
+        with self._lock:
+            st = self._slots.get(key)
+            if st is None or st["state"] != "open":
+                raise RefError(f"reply slot {key!r} is not open (never issued, already used "
+                               "or discarded)")
+            st["state"] = "completing"
+        enc = st["enc"]
+        layout = Layout(size, enc["chunk"] if enc else 0)
+        want = part_count(layout.stored, st["part"])
+        if want > st["n"]:
+            raise RefError(f"reply of {size} bytes does not fit the slot ({st['n']} parts)")
+        parts = []
+        pager = self.s3.get_paginator("list_parts")
+        try:
+            for page in pager.paginate(Bucket=self.cfg.bucket, Key=key, UploadId=st["upload_id"]):
+                parts.extend(page.get("Parts", []))
+                if len(parts) > st["n"]:
+                    break
+        except Exception as exc:
+            st["state"] = "open"
+            raise boto_error(exc, f"listing the parts of reply {st['name']}", self.cfg) from None
+        nums = [p["PartNumber"] for p in parts]
+        if nums != list(range(1, want + 1)):
+            st["state"] = "open"
+            raise RefError(f"reply upload has parts {nums[:12]}{'...' if len(nums) > 12 else ''}"
+                           f", a {size}-byte payload needs parts 1..{want}")
+        for p in parts:
+            expect = min(st["part"], layout.stored - (p["PartNumber"] - 1) * st["part"])
+            if p["Size"] != expect:
+                st["state"] = "open"
+                raise RefError(f"reply part {p['PartNumber']} has {p['Size']} bytes, a "
+                               f"{size}-byte payload needs {expect}")
+        try:
+            self._boto(f"completing reply {st['name']}", self.s3.complete_multipart_upload,
+                       Bucket=self.cfg.bucket, Key=key, UploadId=st["upload_id"],
+                       MultipartUpload={"Parts": [{"PartNumber": p["PartNumber"],
+                                                   "ETag": p["ETag"]} for p in parts]})
+        except BaseException:
+            st["state"] = "open"
+            raise
+        st["state"] = "completed"
+        head = self._boto(f"checking reply {st['name']}", self.s3.head_object,
+                          Bucket=self.cfg.bucket, Key=key)
+        if head.get("ContentLength") != layout.stored:
+            raise RefError(f"reply object has {head.get('ContentLength')} bytes, expected "
+                           f"{layout.stored}")
+        url = self._presign("get_object", expires=min(self.cfg.expires, 3600), Key=key)
+        return RangedReader(self.http, url, size, enc, st["part"], self.cfg.concurrency,
+                            st["name"], progress_enabled(self.cfg.progress)).source()
+
+    def discard_slot(self, slot: dict[str, Any]) -> None:
+        key = slot.get("key") if isinstance(slot, dict) else None
+        with self._lock:
+            st = self._slots.pop(key, None) if isinstance(key, str) else None
+        if st is None:
+            return
+        if st["state"] in ("open", "completing"):
+            self._abort(key, st["upload_id"])
+        if st["state"] in ("completing", "completed"):
+            self._delete(key)
+
+    # -- end of run --------------------------------------------------------------------
+    def close(self) -> None:
+        for name in list(self._published):
+            self.release(name)
+        for key in list(self._slots):
+            self.discard_slot({"key": key})
+        try:  # anything else of this run (e.g. after a crash of a previous call)
+            _sweep(self.s3, self.cfg, self.key_prefix, older_than=None, dry_run=False)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("s3: could not sweep %s%s: %s", self.cfg.where(), self.prefix, exc)
+        self.http.close()
+
+    @classmethod
+    def cleanup(cls, url: str, *, dry_run: bool = False, all_: bool = False) -> list[str]:
+        """Remove ``ftx-`` objects and multipart uploads under the URL's prefix.
+
+        Without ``all_`` only those older than ``older_than`` (URL option, default 1h:
+        the default presigned-URL lifetime, after which nobody can use them) go.
+        """
+        _, _, _, q = split_url(url)
+        older = parse_duration(q.pop("older_than", 3600))
+        unknown = set(q) - set(cls.options)
+        if unknown:
+            raise ValueError(f"unknown option(s) for s3:// cleanup: {', '.join(sorted(unknown))}")
+        cfg = S3Config(url, q)
+        s3 = cfg.client()
+        return _sweep(s3, cfg, cfg.prefix + NAME_PREFIX, older_than=None if all_ else older,
+                      dry_run=dry_run)
+
+
+def _b64md5(body: bytes) -> str:
+    import base64
+    import hashlib
+
+    return base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
+def _sweep(s3, cfg: S3Config, prefix: str, *, older_than: int | None, dry_run: bool) -> list[str]:
+    """Delete objects / abort uploads whose key starts with ``prefix``."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    cutoff = None if older_than is None else datetime.now(UTC) - timedelta(seconds=older_than)
+    found: list[str] = []
+    try:
+        batch: list[dict[str, str]] = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=cfg.bucket, Prefix=prefix):
+            for o in page.get("Contents", []):
+                if cutoff is not None and o["LastModified"] > cutoff:
+                    continue
+                found.append(f"s3://{cfg.bucket}/{o['Key']}")
+                batch.append({"Key": o["Key"]})
+                if len(batch) == 1000 and not dry_run:
+                    s3.delete_objects(Bucket=cfg.bucket, Delete={"Objects": batch, "Quiet": True})
+                    batch = []
+        if batch and not dry_run:
+            s3.delete_objects(Bucket=cfg.bucket, Delete={"Objects": batch, "Quiet": True})
+        for page in s3.get_paginator("list_multipart_uploads").paginate(
+                Bucket=cfg.bucket, Prefix=prefix):
+            for u in page.get("Uploads", []):
+                if cutoff is not None and u["Initiated"] > cutoff:
+                    continue
+                found.append(f"s3://{cfg.bucket}/{u['Key']} (incomplete upload {u['UploadId'][:16]})")
+                if not dry_run:
+                    try:
+                        s3.abort_multipart_upload(Bucket=cfg.bucket, Key=u["Key"],
+                                                  UploadId=u["UploadId"])
+                    except ClientError as exc:
+                        if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                            raise
+    except (ClientError, BotoCoreError) as exc:
+        raise boto_error(exc, f"cleaning up {cfg.where()}", cfg) from None
+    return found
+
+
+def _label(key: Any) -> str:
+    """A short name for progress lines: the key without prefix and run id."""
+    base = str(key or "payload").rsplit("/", 1)[-1]
+    return re.sub(r"^ftx-\d+-[^-]*-[0-9a-f]{8}-", "", base)[:120]
+
+
+class S3ClientLink(ClientLink):
+    """Client side: plain HTTP with the presigned URLs from the reference / slot."""
+
+    scheme = "s3"
+
+    def __init__(self):
+        self._http: HttpTransport | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def http(self) -> HttpTransport:
+        with self._lock:
+            if self._http is None:
+                self._http = HttpTransport()
+            return self._http
+
+    def open(self, loc: dict[str, Any], size: int) -> PayloadSource:
+        if not isinstance(loc, dict):
+            raise RefError("s3:// location is not an object")
+        url = check_get_url(loc.get("get"))
+        enc = check_encryption(loc.get("enc"))
+        stored = check_int(loc.get("stored"), 0, 2**62, "stored size")
+        rng = check_int(loc.get("range"), 1, MAX_PART + 2**30, "range size")
+        if stored != Layout(size, enc["chunk"] if enc else 0).stored:
+            raise RefError(f"s3:// location says {stored} stored bytes, which does not match "
+                           f"a {size}-byte payload")
+        conc = clamp_concurrency(loc.get("conc"))
+        label = _label(loc.get("key"))
+        return RangedReader(self.http, url, size, enc, rng, conc, label,
+                            progress_enabled(loc.get("progress"))).source()
+
+    def upload(self, slot: dict[str, Any], payload: EncodedPayload) -> dict[str, Any]:
+        if not isinstance(slot, dict):
+            raise RefError("s3:// slot is not an object")
+        key = slot.get("key")
+        if not isinstance(key, str) or not 0 < len(key) <= 1024:
+            raise RefError("s3:// slot has no object key")
+        urls = expand_urls(slot.get("put"))
+        enc = check_encryption(slot.get("enc"))
+        part = check_int(slot.get("part"), MIN_PART, MAX_PART + 2**30, "part size")
+        checksum = slot.get("checksum", "md5")
+        if checksum not in ("md5", "none"):
+            raise RefError(f"s3:// slot has an unknown checksum mode {checksum!r}")
+        n = upload_parts(self.http, urls, payload, enc, part, clamp_concurrency(slot.get("conc")),
+                         checksum == "md5", _label(key),
+                         progress_enabled(slot.get("progress")))
+        return {"key": key, "parts": n}
+

@@ -17,7 +17,7 @@ def _update(arrays: ArrayRecord, pid: int) -> ArrayRecord:
     for key, arr in arrays.items():
         a = arr.numpy()
         if np.issubdtype(a.dtype, np.floating):
-            a = a + a.dtype.type((pid + 1) * 0.5)
+            a = np.asarray(a + a.dtype.type((pid + 1) * 0.5))
         out[key] = Array(a)
     return ArrayRecord(out)
 
@@ -52,3 +52,23 @@ def evaluate(msg: Message, context: Context) -> Message:
     total = sum(float(np.sum(a.numpy(), dtype=np.float64)) for a in msg.content["arrays"].values())
     metrics = MetricRecord({"num-examples": pid + 1, "checksum": total})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Echo everything back, plus who answered."""
+    content = RecordDict(dict(msg.content.items()))
+    content["who"] = MetricRecord(
+        {
+            "partition-id": int(context.node_config["partition-id"]),
+            "num-partitions": int(context.node_config["num-partitions"]),
+            "node-id": context.node_id,
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.query("slow")
+def slow(msg: Message, context: Context) -> Message:
+    time.sleep(float(msg.content["config"]["sleep"]))
+    return Message(RecordDict({"done": MetricRecord({"ok": 1})}), reply_to=msg)

@@ -1,0 +1,1 @@
+"""FDA test app for the loopback deployment test."""

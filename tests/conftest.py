@@ -1,0 +1,37 @@
+"""Shared test fixtures (kept small: most helpers live next to the tests using them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO_ROOT / "examples"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def quickstart_app() -> Path:
+    """The example Flower app driven by the deployment tests and benchmarks."""
+    app = EXAMPLES / "quickstart-offload"
+    assert (app / "pyproject.toml").is_file(), f"example app missing at {app}"
+    return app
+
+
+def _ftx_names(root: Path, prefix: str = "ftx-") -> set[str]:
+    try:
+        names = [p.name for p in root.iterdir()]
+    except OSError:
+        return set()
+    return {n for n in names if n.lstrip(".").startswith(prefix)}
+
+
+@pytest.fixture(scope="session")
+def ftx_names():
+    """``ftx_names(dir=/dev/shm)``: names a link created there (hidden temp names too)."""
+    return lambda root=Path("/dev/shm"): _ftx_names(Path(root))

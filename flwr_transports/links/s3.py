@@ -28,6 +28,7 @@ import logging
 import math
 import re
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -48,6 +49,7 @@ DEFAULT_EXPIRES = 3600
 ENC_CHUNK = 2**20
 MAX_EXPIRES = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_KEY_TIME = re.compile(r"-t(\d{9,11})-")
 _INSTALL = "pip install 'flwr-transports[s3]'"
 
 
@@ -67,7 +69,8 @@ class S3Config:
     """Parsed ``s3://`` URL + options (server side)."""
 
     def __init__(self, url: str, options: dict[str, Any]):
-        scheme, bucket, path, _ = split_url(url)
+        scheme, bucket, path, query = split_url(url)
+        options = {**query, **options}
         if scheme != "s3":
             raise ValueError(f"not an s3:// URL: {url!r}")
         if not bucket or not _BUCKET_RE.match(bucket):
@@ -252,8 +255,10 @@ class S3ServerLink(ServerLink):
             self.s3 = self.cfg.client(region=real)
 
     def _key(self, name: str) -> str:
+        # the creation time in the key lets cleanup judge age on stores whose listings
+        # carry no (or a fake) upload initiation time
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-        return f"{self.key_prefix}-{safe}"
+        return f"{self.key_prefix}-t{int(time.time())}-{safe}"
 
     def _presign(self, op: str, expires: int | None = None, **params) -> str:
         return self.s3.generate_presigned_url(
@@ -482,11 +487,20 @@ def _sweep(s3, cfg: S3Config, prefix: str, *, older_than: int | None, dry_run: b
 
     cutoff = None if older_than is None else datetime.now(UTC) - timedelta(seconds=older_than)
     found: list[str] = []
+
+    def young(key: str, stamp: datetime) -> bool:
+        if cutoff is None:
+            return False
+        m = _KEY_TIME.search(key)
+        if m:
+            stamp = max(stamp, datetime.fromtimestamp(int(m.group(1)), UTC))
+        return stamp > cutoff
+
     try:
         batch: list[dict[str, str]] = []
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=cfg.bucket, Prefix=prefix):
             for o in page.get("Contents", []):
-                if cutoff is not None and o["LastModified"] > cutoff:
+                if young(o["Key"], o["LastModified"]):
                     continue
                 found.append(f"s3://{cfg.bucket}/{o['Key']}")
                 batch.append({"Key": o["Key"]})
@@ -498,7 +512,7 @@ def _sweep(s3, cfg: S3Config, prefix: str, *, older_than: int | None, dry_run: b
         for page in s3.get_paginator("list_multipart_uploads").paginate(
                 Bucket=cfg.bucket, Prefix=prefix):
             for u in page.get("Uploads", []):
-                if cutoff is not None and u["Initiated"] > cutoff:
+                if young(u["Key"], u["Initiated"]):
                     continue
                 found.append(f"s3://{cfg.bucket}/{u['Key']} (incomplete upload {u['UploadId'][:16]})")
                 if not dry_run:
@@ -516,7 +530,7 @@ def _sweep(s3, cfg: S3Config, prefix: str, *, older_than: int | None, dry_run: b
 def _label(key: Any) -> str:
     """A short name for progress lines: the key without prefix and run id."""
     base = str(key or "payload").rsplit("/", 1)[-1]
-    return re.sub(r"^ftx-\d+-[^-]*-[0-9a-f]{8}-", "", base)[:120]
+    return re.sub(r"^ftx-\d+-[^-]*-[0-9a-f]{8}-(t\d+-)?", "", base)[:120]
 
 
 class S3ClientLink(ClientLink):

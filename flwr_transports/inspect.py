@@ -14,7 +14,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="flwr-transports inspect",
                                 description="Show the arrays of a flwr-transports payload file.")
     p.add_argument("path")
-    p.add_argument("--digest", help="verify against this sha256:<hex> digest")
+    p.add_argument("--digest", help="verify against this sha256t:<hex> digest")
     a = p.parse_args(argv)
     size = os.path.getsize(a.path)
     try:

@@ -35,7 +35,7 @@ REF_STYPE = (
 )
 TICKET_KEY = "flwr_transports.ticket"
 MAX_REF_BYTES = 64 * 1024
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"^sha256t:[0-9a-f]{64}$")
 _SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]{0,15}$")
 
 
@@ -94,7 +94,7 @@ class Reference:
         if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
             raise RefError(f"reference has an invalid size {size!r}")
         if not (isinstance(digest, str) and _DIGEST_RE.match(digest)):
-            raise RefError("reference has an invalid digest (want sha256:<64 hex>)")
+            raise RefError("reference has an invalid digest (want sha256t:<64 hex>)")
         n = d.get("n_arrays", 0)
         ref = cls(scheme=scheme, loc=loc, size=size, digest=digest,
                   n_arrays=n if isinstance(n, int) else 0)

@@ -54,7 +54,8 @@ def test_roundtrip_all_dtypes_shapes_order_names():
 def test_digest_is_sha256_of_bytes_and_detects_any_flip():
     rec = _record()
     raw, digest = encode_to_bytes(rec)
-    assert digest == "sha256:" + hashlib.sha256(raw).hexdigest()
+    leaf = hashlib.sha256(raw).digest()  # < 16 MiB: a single chunk
+    assert digest == "sha256t:" + hashlib.sha256(leaf).hexdigest()
     for pos in (0, 9, len(raw) // 2, len(raw) - 1):
         bad = bytearray(raw)
         bad[pos] ^= 0x01
@@ -102,6 +103,21 @@ def test_header_offsets_must_be_contiguous():
     forged = struct.pack("<Q", len(new)) + new + raw[8 + hlen :]
     with pytest.raises(PayloadError, match="offsets"):
         decode_bytes(forged, None)
+
+
+def test_chunked_digest_matches_definition_across_segment_boundaries():
+    from flwr_transports.codec import DIGEST_CHUNK, hash_segments
+    rng = np.random.default_rng(1)
+    blob = rng.integers(0, 255, 2 * DIGEST_CHUNK + 12345, dtype=np.uint8).tobytes()
+    cuts = [0, 7, DIGEST_CHUNK - 3, DIGEST_CHUNK + 5, len(blob)]
+    segs = [blob[a:b] for a, b in zip(cuts, cuts[1:])]
+    leaves = b"".join(hashlib.sha256(blob[i:i + DIGEST_CHUNK]).digest()
+                      for i in range(0, len(blob), DIGEST_CHUNK))
+    assert hash_segments(segs) == "sha256t:" + hashlib.sha256(leaves).hexdigest()
+    assert hash_segments(segs) == hash_segments([blob])
+    flipped = bytearray(blob)
+    flipped[DIGEST_CHUNK + 1] ^= 1
+    assert hash_segments([bytes(flipped)]) != hash_segments([blob])
 
 
 def test_wrong_digest_algorithm_rejected():

@@ -176,7 +176,7 @@ CASES = {
                         "not the location issued"),
     "size-above-cap": (lambda d, r: d.update(size=10**12), "above the cap"),
     "size-lie": (lambda d, r: d.update(size=d["size"] - 1), "bytes, the reference says"),
-    "digest-mismatch": (lambda d, r: d.update(digest="sha256:" + "0" * 64), "digest mismatch"),
+    "digest-mismatch": (lambda d, r: d.update(digest="sha256t:" + "0" * 64), "digest mismatch"),
     "bad-slot": (lambda d, r: d.update(slot=7), "slot"),
     "key-mismatch": (lambda d, r: d.update(key="other"), "sits at"),
     "bad-json-type": (lambda d, r: d.update(size="12"), "invalid size"),

@@ -25,8 +25,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.integration
-
 MODEL_MIB = 8.0
 ROUNDS = 2
 MIB = 1 << 20
@@ -144,6 +142,7 @@ def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
     return Federation(runs, file_dir, shm_before, ftx_names(), alive, stray)
 
 
+@pytest.mark.integration
 def test_final_model_identical_across_transports(federation):
     ref = federation.runs["inband"]
     assert len(ref.names) == 6
@@ -156,6 +155,7 @@ def test_final_model_identical_across_transports(federation):
             assert np.array_equal(a, b), f"{name}: array {key!r} differs from in-band"
 
 
+@pytest.mark.integration
 def test_final_model_equals_fedavg_computed_in_process(federation, quickstart_app):
     """The deployment result is exactly FedAvg of the deterministic client updates."""
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
@@ -189,6 +189,7 @@ def test_final_model_equals_fedavg_computed_in_process(federation, quickstart_ap
     assert got.arrays["output.scale"].shape == ()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["shm", "file", "inband"])
 def test_every_round_got_every_reply(federation, name):
     summary = federation.runs[name].summary
@@ -201,6 +202,7 @@ def test_every_round_got_every_reply(federation, name):
     assert len(summary["per_round_s"]) == ROUNDS
 
 
+@pytest.mark.integration
 def test_payload_went_over_the_link_not_through_flower(federation):
     model_bytes = federation.runs["inband"].summary["model_bytes"]
     assert model_bytes >= MODEL_MIB * MIB * 0.99
@@ -218,6 +220,7 @@ def test_payload_went_over_the_link_not_through_flower(federation):
         assert stats["inband_bytes_received"] < 64 * 1024, (name, stats)
 
 
+@pytest.mark.integration
 def test_superlink_memory_does_not_grow_with_offloaded_payloads(federation):
     """SuperLink RSS growth during a run: in-band grows by several model sizes."""
     model_bytes = federation.runs["inband"].summary["model_bytes"]
@@ -243,6 +246,7 @@ def test_superlink_memory_does_not_grow_with_offloaded_payloads(federation):
         assert peak < federation.runs["inband"].result.superlink_peak_rss, name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["shm", "file"])
 def test_payloads_used_the_link_and_nothing_is_left_there(federation, name):
     run = federation.runs[name]
@@ -260,6 +264,49 @@ def test_payloads_used_the_link_and_nothing_is_left_there(federation, name):
         assert sorted(p.name for p in federation.file_dir.iterdir()) == []
 
 
+@pytest.mark.integration
 def test_no_process_left_behind(federation):
     assert federation.alive_after == []
     assert federation.stray_after == []
+
+
+# --- the harness itself (fast, no deployment) -------------------------------------
+
+
+def test_run_config_toml_quotes_and_validates():
+    import tomllib
+
+    from flwr_transports.bench.deploy import run_config_toml
+
+    cfg = {
+        "transport": "file:///tmp/a dir/with \"quotes\" and 'single'",
+        "model-mib": 8.0,
+        "num-server-rounds": 2,
+        "flag": True,
+        "path": "C:\\x\n",
+    }
+    assert tomllib.loads(run_config_toml(cfg)) == cfg
+    for bad in ({"a b": 1}, {"x=1 y": 1}, {"": 1}, {"k": [1]}, {"k": float("nan")}):
+        with pytest.raises((ValueError, TypeError)):
+            run_config_toml(bad)
+
+
+def test_startup_failure_raises_with_log_tail(tmp_path, monkeypatch):
+    pytest.importorskip("psutil", reason="the deployment harness needs psutil")
+    from flwr_transports.bench import deploy
+
+    fake = tmp_path / "fake-superlink"
+    fake.write_text("#!/bin/sh\necho 'boom: cannot bind' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    real_exe = deploy.LocalDeployment._exe
+    monkeypatch.setattr(
+        deploy.LocalDeployment,
+        "_exe",
+        lambda self, name: str(fake) if name == "flower-superlink" else real_exe(self, name),
+    )
+    dep = deploy.LocalDeployment(n_supernodes=1, workdir=tmp_path / "w", startup_timeout=20)
+    with pytest.raises(deploy.DeploymentError) as err:
+        dep.start()
+    msg = str(err.value)
+    assert "exited with code 3" in msg and "boom: cannot bind" in msg
+    assert dep.pids() == []

@@ -71,7 +71,7 @@ def fetch(cache: str = DEFAULT_CACHE, *, quiet: bool = False) -> str:
     def sim() -> list[str]:
         r = subprocess.run(
             ["apt-get", "install", "-s", "--no-install-recommends", *PACKAGES],
-            capture_output=True, text=True,
+            capture_output=True, text=True, check=False,
         )
         if r.returncode != 0:
             raise RadosgwError(f"apt-get install -s failed: {r.stderr.strip()[-500:]}")
@@ -86,10 +86,12 @@ def fetch(cache: str = DEFAULT_CACHE, *, quiet: bool = False) -> str:
         raise RadosgwError("apt-get install -s radosgw found nothing to download "
                            "(are the Ceph packages already installed system-wide?)")
     names += EXTRA_PACKAGES
-    r = subprocess.run(["apt-get", "download", *names], cwd=debs, stdout=out, stderr=out)
+    r = subprocess.run(["apt-get", "download", *names], cwd=debs, stdout=out, stderr=out,
+                           check=False)
     if r.returncode != 0:
         subprocess.run(["apt-get", "update", "-qq"], stdout=out, stderr=out, check=False)
-        r = subprocess.run(["apt-get", "download", *names], cwd=debs, stdout=out, stderr=out)
+        r = subprocess.run(["apt-get", "download", *names], cwd=debs, stdout=out, stderr=out,
+                           check=False)
         if r.returncode != 0:
             raise RadosgwError("apt-get download of the Ceph packages failed (no network or "
                                "no Debian mirror?)")
@@ -160,16 +162,16 @@ rgw thread pool size = 64
 
 
 def _run(cmd: list[str], env: dict, d: str, what: str, timeout: float = 60) -> str:
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=d)
+    r = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=d)
     if r.returncode != 0:
         raise RadosgwError(f"{what} failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}")
     return r.stdout
 
 
 def _spawn(cmd: list[str], env: dict, d: str, name: str) -> int:
-    log = open(os.path.join(d, "log", f"{name}.out"), "ab")
-    p = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=d, start_new_session=True)
-    log.close()
+    with open(os.path.join(d, "log", f"{name}.out"), "ab") as log:
+        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=d,
+                             start_new_session=True)
     return p.pid
 
 

@@ -24,18 +24,18 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
 
-from flwr_transports import offload, payload_mod  # noqa: E402
-from flwr_transports.codec import decode, encode  # noqa: E402
-from flwr_transports.links import LinkError, server_link  # noqa: E402
-from flwr_transports.links.s3 import S3ClientLink, S3ServerLink  # noqa: E402
-from flwr_transports.refs import RefError  # noqa: E402
+from flwr_transports import offload, payload_mod
+from flwr_transports.codec import decode, encode
+from flwr_transports.links import LinkError, server_link
+from flwr_transports.links.s3 import S3ClientLink, S3ServerLink
+from flwr_transports.refs import RefError
 
 sys.path.insert(0, os.path.dirname(__file__))
-from inproc import InProcessGrid  # noqa: E402
+from inproc import InProcessGrid
 
 MiB = 2**20
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -347,9 +347,8 @@ def test_encryption_roundtrip_and_ciphertext_at_rest(moto_endpoint, s3, bucket):
         evil = bytearray(blob)
         evil[2 * MiB + 100] ^= 1
         s3.put_object(Bucket=bucket, Key=loc["key"], Body=bytes(evil))
-        with pytest.raises(LinkError, match="failed authentication"):
-            with S3ClientLink().open(loc, payload.size) as src:
-                decode(src.read, payload.size, payload.digest)
+        with pytest.raises(LinkError, match="failed authentication"), S3ClientLink().open(loc, payload.size) as src:
+            decode(src.read, payload.size, payload.digest)
     finally:
         link.close()
     assert leftovers(s3, bucket) == ([], [])
@@ -443,16 +442,14 @@ def test_clear_errors(moto_endpoint, s3, bucket, monkeypatch):
            "stored": payload.size, "range": 5 * MiB}
     c = S3ClientLink()
     c.http.retries, c.http.backoff = 1, 0.01
-    with pytest.raises(LinkError, match="cannot reach|failed to connect"):
-        with c.open(loc, payload.size) as src:
-            src.read(0, 8)
+    with pytest.raises(LinkError, match="cannot reach|failed to connect"), c.open(loc, payload.size) as src:
+        src.read(0, 8)
     # object gone (removed at the end of its round)
     link = server_link(f"s3://{bucket}?endpoint_url={moto_endpoint}", 1)
     loc = link.publish("g", payload)
     link.release("g")
-    with pytest.raises(LinkError, match="does not exist"):
-        with S3ClientLink().open(loc, payload.size) as src:
-            src.read(0, 8)
+    with pytest.raises(LinkError, match="does not exist"), S3ClientLink().open(loc, payload.size) as src:
+        src.read(0, 8)
     link.close()
     # unknown option, bad values
     with pytest.raises(ValueError, match="unknown option"):

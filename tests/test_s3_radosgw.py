@@ -18,12 +18,12 @@ import pytest
 
 pytest.importorskip("boto3")
 
-from flwr_transports.codec import decode  # noqa: E402
-from flwr_transports.links import LinkError, server_link  # noqa: E402
-from flwr_transports.links.s3 import S3ClientLink, S3ServerLink  # noqa: E402
+from flwr_transports.codec import decode
+from flwr_transports.links import LinkError, server_link
+from flwr_transports.links.s3 import S3ClientLink, S3ServerLink
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_s3_link import leftovers, payload_of, run, same  # noqa: E402
+from test_s3_link import leftovers, payload_of, run, same
 
 pytestmark = pytest.mark.radosgw
 MiB = 2**20
@@ -108,20 +108,17 @@ def test_tampered_presigned_urls_fail_clearly(rgw):
             assert same(decode(src.read, payload.size, payload.digest), rec)
         # pointing the signed GET at another object
         evil = dict(loc, get=loc["get"].replace("-g?", "-h?"))
-        with pytest.raises(LinkError, match="signature"):
-            with client.open(evil, payload.size) as src:
-                src.read(0, 8)
+        with pytest.raises(LinkError, match="signature"), client.open(evil, payload.size) as src:
+            src.read(0, 8)
         # a different signature
         sig = loc["get"].rsplit("X-Amz-Signature=", 1)[1][:64]
         evil = dict(loc, get=loc["get"].replace(sig, "0" * 64))
-        with pytest.raises(LinkError, match="signature"):
-            with client.open(evil, payload.size) as src:
-                src.read(0, 8)
+        with pytest.raises(LinkError, match="signature"), client.open(evil, payload.size) as src:
+            src.read(0, 8)
         # stretching the lifetime invalidates the signature
         evil = dict(loc, get=loc["get"].replace("X-Amz-Expires=3600", "X-Amz-Expires=604800"))
-        with pytest.raises(LinkError, match="signature"):
-            with client.open(evil, payload.size) as src:
-                src.read(0, 8)
+        with pytest.raises(LinkError, match="signature"), client.open(evil, payload.size) as src:
+            src.read(0, 8)
         # a part URL rewritten to another part number
         slot = link.issue_slot("r", 64 * MiB)
         parts = list(slot["put"]["parts"])
@@ -143,9 +140,8 @@ def test_expired_presigned_url_fails_clearly(rgw):
         loc = link.publish("g", payload)
         slot = link.issue_slot("r", 64 * MiB)
         time.sleep(3.5)
-        with pytest.raises(LinkError, match="expired"):
-            with S3ClientLink().open(loc, payload.size) as src:
-                src.read(0, 8)
+        with pytest.raises(LinkError, match="expired"), S3ClientLink().open(loc, payload.size) as src:
+            src.read(0, 8)
         with pytest.raises(LinkError, match="expired.*expires="):
             S3ClientLink().upload(slot, payload)
     finally:

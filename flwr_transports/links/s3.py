@@ -34,11 +34,36 @@ from typing import Any
 
 from ..codec import EncodedPayload, parse_size
 from ..refs import RefError
-from .base import NAME_PREFIX, ClientLink, LinkError, PayloadSource, ServerLink, parse_bool, split_url
+from .base import (
+    NAME_PREFIX,
+    ClientLink,
+    LinkError,
+    PayloadSource,
+    ServerLink,
+    parse_bool,
+    split_url,
+)
 from .s3_http import (
-    MAX_PART, MAX_PARTS, MIN_PART, Cipher, HttpTransport, Layout, Progress, RangedReader,
-    SegmentReader, build_part, check_encryption, check_get_url, check_int, clamp_concurrency,
-    compact_urls, expand_urls, new_encryption, part_count, progress_enabled, run_all,
+    MAX_PART,
+    MAX_PARTS,
+    MIN_PART,
+    Cipher,
+    HttpTransport,
+    Layout,
+    Progress,
+    RangedReader,
+    SegmentReader,
+    build_part,
+    check_encryption,
+    check_get_url,
+    check_int,
+    clamp_concurrency,
+    compact_urls,
+    expand_urls,
+    new_encryption,
+    part_count,
+    progress_enabled,
+    run_all,
     upload_parts,
 )
 
@@ -56,7 +81,7 @@ _INSTALL = "pip install 'flwr-transports[s3]'"
 def parse_duration(v: Any) -> int:
     """'3600', '90s', '30m', '2h', '1d' -> seconds."""
     if isinstance(v, bool):
-        raise ValueError(f"invalid duration {v!r}")
+        raise ValueError(f"invalid duration {v!r}")  # noqa: TRY004 - a bad value, not type
     if isinstance(v, int | float):
         return int(v)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(v).lower())
@@ -401,7 +426,7 @@ class S3ServerLink(ServerLink):
                 parts.extend(page.get("Parts", []))
                 if len(parts) > st["n"]:
                     break
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - mapped to a clear LinkError
             st["state"] = "open"
             raise boto_error(exc, f"listing the parts of reply {st['name']}", self.cfg) from None
         nums = [p["PartNumber"] for p in parts]

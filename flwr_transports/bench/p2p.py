@@ -373,6 +373,9 @@ class S3Link(_Link):
     def s_setup(self):
         self._moto = _start_moto(self.host)
         self._endpoint = f"http://{self.host}:{self._moto[1]}"
+        # the ServerApp side uses boto3's normal credential chain; moto accepts any key
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_DEFAULT_REGION="us-east-1")
         try:
             import boto3
 
@@ -387,7 +390,7 @@ class S3Link(_Link):
             raise
 
     def url(self):
-        return f"s3://ftxbench/bench?endpoint={self._endpoint}"
+        return f"s3://ftxbench/bench?endpoint_url={self._endpoint}"
 
     def s_close(self):
         try:
@@ -618,6 +621,7 @@ def run_workers(name: str, size: int, k: int, repeat: int, warmup: int,
         mode = BACKENDS[name].mode
         lat: list[float] = []
         per_rx: list[float] = []
+        send_s: list[float] = []
         for it in range(warmup + repeat):
             if mode == "push":
                 for r in receivers:
@@ -634,6 +638,7 @@ def run_workers(name: str, size: int, k: int, repeat: int, warmup: int,
             if any(t is None for t in t0s):
                 raise RuntimeError("no start time recorded")
             if it >= warmup:
+                send_s.append(srep["send_s"])
                 lat.append(max(rep["t1"] for rep in reps) - min(t0s))
                 per_rx.extend(rep["t1"] - t0 for rep, t0 in zip(reps, t0s, strict=True))
         r_close = [r.call(op="close") for r in receivers]
@@ -641,6 +646,8 @@ def run_workers(name: str, size: int, k: int, repeat: int, warmup: int,
         res = summarize(lat, size, k)
         res.update(
             per_receiver_latency_median_s=statistics.median(per_rx),
+            # push: the sender's whole send; pull: publish only (e.g. write to /dev/shm)
+            sender_op_median_s=statistics.median(send_s),
             receiver_peak_rss_bytes=max(c["peak_rss"] for c in r_close),
             receiver_base_rss_bytes=max(r_base),
             receiver_peak_over_base_bytes=max(

@@ -1,0 +1,257 @@
+"""``flwr-transports bench``: point-to-point and end-to-end benchmarks.
+
+    flwr-transports bench p2p [--sizes 1MB,10MB,100MB,1GB] [--backends raw-tcp,grpc-unary,...]
+                              [--concurrency 1,4] [--repeat 5] [--warmup 1]
+                              [--wan lan|geo-proximal|geo-distributed|RTTms/RATEmbit]
+                              [--out DIR] [--no-plots]
+    flwr-transports bench e2e [--sizes 10MiB,100MiB] [--transports inband,shm://,tcp://]
+                              [--nodes 2] [--rounds 2] [--floor-mib 0.01] [--wan PROFILE]
+                              [--out DIR] [--no-plots]
+    flwr-transports bench wan [--profile geo-distributed]   # bring a WAN up, measure, tear down
+    flwr-transports bench wan --cleanup                     # remove namespaces of dead runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..codec import parse_size
+
+
+def _sizes(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        n = parse_size(part)
+        if n <= 0 or n > 64 * 1024**3:
+            raise argparse.ArgumentTypeError(f"size {part!r} out of range (1 B .. 64 GiB)")
+        out.append(n)
+    if not out:
+        raise argparse.ArgumentTypeError("no sizes given")
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        xs = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}")
+    if not xs or any(x < 1 or x > 64 for x in xs):
+        raise argparse.ArgumentTypeError("values must be integers in 1..64")
+    return xs
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _default_out(kind: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("bench-results") / f"{kind}-{stamp}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .p2p import ALL_BACKENDS, DEFAULT_BACKENDS
+    from .wan import PROFILES
+
+    ap = argparse.ArgumentParser(prog="flwr-transports bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    profiles = ", ".join(f"{p.describe()}" for p in PROFILES.values())
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--wan", metavar="PROFILE", default=None,
+                       help=f"emulate a WAN between the two sides (needs root): {profiles}; "
+                            f"or RTTms/RATEmbit, e.g. 50ms/500mbit")
+        p.add_argument("--out", type=Path, default=None,
+                       help="output directory (default bench-results/<kind>-<time>)")
+        p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+        p.add_argument("--repeat", type=int, default=None, help="measured runs per point")
+
+    p = sub.add_parser("p2p", help="point-to-point transfers, one sender to K receivers")
+    p.add_argument("--sizes", type=_sizes, default=_sizes("1MB,10MB,100MB,1GB"),
+                   help="payload sizes, e.g. 1MB,10MB,100MB,1GB (default)")
+    p.add_argument("--backends", type=_names, default=list(DEFAULT_BACKENDS),
+                   help=f"comma-separated subset of: {', '.join(ALL_BACKENDS)}")
+    p.add_argument("--concurrency", type=_ints, default=[1, 4],
+                   help="numbers of concurrent receivers K (default 1,4)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per point (default 1)")
+    common(p)
+
+    e = sub.add_parser("e2e", help="a real Flower deployment (SuperLink + SuperNodes + flwr run)")
+    e.add_argument("--sizes", type=_sizes, default=_sizes("10MiB,100MiB"),
+                   help="model sizes (default 10MiB,100MiB)")
+    e.add_argument("--transports", type=_names, default=["inband", "shm://", "tcp://"],
+                   help="inband, shm://, file://, tcp://, s3:// (s3 uses an embedded moto "
+                        "server); default inband,shm://,tcp://")
+    e.add_argument("--nodes", type=int, default=2, help="SuperNodes (default 2)")
+    e.add_argument("--rounds", type=int, default=2, help="server rounds per run (default 2)")
+    e.add_argument("--floor-mib", type=float, default=0.01,
+                   help="model size of the control-plane floor run (default 0.01 MiB; 0: skip)")
+    e.add_argument("--timeout", type=float, default=900, help="seconds per flwr run")
+    e.add_argument("--app", type=Path, default=None,
+                   help="Flower app directory (default examples/quickstart-offload)")
+    common(e)
+
+    w = sub.add_parser("wan", help="bring an emulated WAN up, measure RTT and throughput, "
+                                   "tear it down")
+    w.add_argument("--profile", default="geo-distributed")
+    w.add_argument("--cleanup", action="store_true",
+                   help="remove ftxb-* namespaces left by runs whose process is gone")
+    return ap
+
+
+def _with_wan(profile: str | None):
+    """(context manager or None, description); None + reason when not possible."""
+    if not profile:
+        return None, None
+    from .wan import WanEmulation, can_emulate, get_profile
+
+    prof = get_profile(profile)  # validate even when we cannot emulate
+    why = can_emulate()
+    if why:
+        _say(f"WAN emulation '{profile}' unavailable: {why}")
+        return None, None
+    return WanEmulation(prof), prof.describe()
+
+
+def _term_to_interrupt() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, handler)
+        except ValueError:
+            pass
+
+
+def cmd_p2p(args: argparse.Namespace) -> int:
+    from .p2p import ALL_BACKENDS, Placement, run_p2p
+    from .report import write_outputs
+
+    bad = [b for b in args.backends if b not in ALL_BACKENDS]
+    if bad:
+        _say(f"unknown backend(s): {', '.join(bad)} (known: {', '.join(ALL_BACKENDS)})")
+        return 2
+    repeat = args.repeat or 5
+    if repeat < 1 or args.warmup < 0:
+        _say("--repeat must be >= 1 and --warmup >= 0")
+        return 2
+    wan, desc = _with_wan(args.wan)
+    meta: dict[str, Any] = {
+        "sizes": args.sizes, "backends": args.backends, "concurrency": args.concurrency,
+        "repeat": repeat, "warmup": args.warmup, "wan": args.wan if wan else None,
+        "wan_desc": desc,
+    }
+    if wan is None:
+        rows = run_p2p(args.sizes, args.backends, args.concurrency, repeat, args.warmup,
+                       progress=_say)
+    else:
+        with wan:
+            meta["wan_measured_rtt_ms"] = wan.measure_rtt_ms()
+            _say(f"WAN up: {desc} (measured TCP connect RTT "
+                 f"{meta['wan_measured_rtt_ms']:.2f} ms)")
+            place = Placement(host=wan.addr_a, sender_prefix=wan.prefix("a"),
+                              receiver_prefix=wan.prefix("b"), wan=True)
+            rows = run_p2p(args.sizes, args.backends, args.concurrency, repeat, args.warmup,
+                           place=place, progress=_say)
+    out = args.out or _default_out("p2p")
+    paths = write_outputs("p2p", rows, meta, out, plots=not args.no_plots)
+    print((Path(paths["markdown"])).read_text(encoding="utf-8"))
+    for k, v in paths.items():
+        _say(f"{k}: {v}")
+    return 0 if not any("error" in r for r in rows) else 1
+
+
+def cmd_e2e(args: argparse.Namespace) -> int:
+    from .e2e import run_e2e
+    from .report import write_outputs
+
+    if not 1 <= args.nodes <= 32 or not 1 <= args.rounds <= 100:
+        _say("--nodes must be in 1..32 and --rounds in 1..100")
+        return 2
+    repeat = args.repeat or 1
+    wan, desc = _with_wan(args.wan)
+    meta: dict[str, Any] = {
+        "sizes_mib": [s / 2**20 for s in args.sizes], "transports": args.transports,
+        "nodes": args.nodes, "rounds": args.rounds, "repeat": repeat,
+        "floor_mib": args.floor_mib, "wan": args.wan if wan else None, "wan_desc": desc,
+    }
+    kw = dict(sizes_mib=meta["sizes_mib"], transports=args.transports, nodes=args.nodes,
+              rounds=args.rounds, floor_mib=args.floor_mib, repeat=repeat,
+              timeout=args.timeout, app=args.app, progress=_say)
+    if wan is None:
+        rows, ratios = run_e2e(**kw)
+    else:
+        with wan:
+            meta["wan_measured_rtt_ms"] = wan.measure_rtt_ms()
+            _say(f"WAN up: {desc} (measured RTT {meta['wan_measured_rtt_ms']:.2f} ms)")
+            rows, ratios = run_e2e(wan=wan, **kw)
+    meta["ratios"] = ratios
+    out = args.out or _default_out("e2e")
+    paths = write_outputs("e2e", rows, meta, out, plots=not args.no_plots)
+    print(Path(paths["markdown"]).read_text(encoding="utf-8"))
+    for k, v in paths.items():
+        _say(f"{k}: {v}")
+    return 0 if not any("error" in r for r in rows) else 1
+
+
+def cmd_wan(args: argparse.Namespace) -> int:
+    from .wan import WanEmulation, can_emulate, cleanup_stale, get_profile
+
+    if args.cleanup:
+        for ns in cleanup_stale():
+            print(f"removed {ns}")
+        return 0
+    prof = get_profile(args.profile)
+    why = can_emulate()
+    if why:
+        _say(f"WAN emulation unavailable: {why}")
+        return 1
+    from .p2p import Placement, run_p2p
+
+    with WanEmulation(prof) as wan:
+        rtt = wan.measure_rtt_ms()
+        print(f"{prof.describe()}: measured TCP connect RTT {rtt:.2f} ms")
+        place = Placement(host=wan.addr_a, sender_prefix=wan.prefix("a"),
+                          receiver_prefix=wan.prefix("b"), wan=True)
+        rows = run_p2p([parse_size("64MiB")], ["raw-tcp"], [1, 4], 2, 1, place=place,
+                       progress=_say)
+        for r in rows:
+            if "throughput_Gbps" in r:
+                print(f"raw TCP, {r['k']} stream(s): {r['throughput_Gbps'] * 1000:.0f} Mbit/s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    _term_to_interrupt()
+    try:
+        if args.cmd == "p2p":
+            return cmd_p2p(args)
+        if args.cmd == "e2e":
+            return cmd_e2e(args)
+        return cmd_wan(args)
+    except ValueError as exc:
+        _say(f"flwr-transports bench: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _say("interrupted; everything started was removed")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

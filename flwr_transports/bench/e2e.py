@@ -1,0 +1,336 @@
+"""End-to-end benchmark: a REAL Flower deployment per transport and model size.
+
+For every transport and model size it runs the ``quickstart-offload`` example app
+(FedAvg wrapped by ``offload``) with ``flwr run`` on a :class:`~.deploy.LocalDeployment`
+(one ``flower-superlink``, N ``flower-supernode``), and collects:
+
+* the ServerApp's per-round times (train + evaluate round trips; from the app's
+  result JSON), and the ``flwr run`` wall time;
+* the control-plane **floor**: the same transport with a tiny model, so
+  ``overhead = round - floor`` is what the payload costs above Flower's polling;
+* bytes through Flower vs through the link (the wrapper's ``stats``);
+* SuperLink and ServerApp peak RSS (sampled by the deployment harness).
+
+With ``--wan`` the SuperLink, the ServerApp and the link servers (tcp payload server,
+moto S3) run in namespace A and the SuperNodes (and their ClientApps) in namespace B:
+this module re-runs itself inside A (``ip netns exec``) and starts the SuperNodes
+through ``ip netns exec B``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+LOCAL_ONLY = ("shm", "file")
+
+
+def default_app() -> Path | None:
+    app = Path(__file__).resolve().parents[2] / "examples" / "quickstart-offload"
+    return app if (app / "pyproject.toml").is_file() else None
+
+
+def _scheme(t: str) -> str:
+    return "inband" if t == "inband" else t.split("://", 1)[0].lower()
+
+
+def _deployment_class(supernode_prefix: Sequence[str] | None, superlink_addr: str | None):
+    """LocalDeployment, or a subclass whose SuperNodes run elsewhere (another namespace)."""
+    from .deploy import DeploymentError, LocalDeployment, free_port
+
+    if not supernode_prefix:
+        return LocalDeployment
+
+    class SplitDeployment(LocalDeployment):
+        """SuperLink listens on every address of its namespace; SuperNodes run behind a
+        command prefix (``ip netns exec B``) and dial ``superlink_addr``."""
+
+        def _start_superlink(self) -> None:
+            for attempt in range(3):
+                self.superlink_port = free_port()
+                self._write_cli_config()
+                cmd = [self._exe("flower-superlink"), "--insecure",
+                       "--disable-runtime-dependency-installation",
+                       "--host", "0.0.0.0", "--port", str(self.superlink_port)]
+                self.superlink = self._spawn(cmd, "superlink.log")
+                try:
+                    self._wait(lambda: self._http_ok(self.superlink_port), "SuperLink",
+                               [self.superlink])
+                    return
+                except DeploymentError:
+                    if attempt < 2 and self.superlink.poll() is not None:
+                        self._all_popen.remove(self.superlink)
+                        continue
+                    raise
+
+        def _start_supernodes(self) -> None:
+            n = self.n_supernodes
+            for i in range(n):
+                port = 9094 + i  # inside namespace B: nothing else listens there
+                self.supernode_ports.append(port)
+                cmd = [*supernode_prefix, self._exe("flower-supernode"), "--insecure",
+                       "--superlink", f"{superlink_addr}:{self.superlink_port}",
+                       "--host", "127.0.0.1", "--port", str(port),
+                       "--node-config", f"partition-id={i} num-partitions={n}"]
+                self.supernodes.append(self._spawn(cmd, f"supernode-{i}.log"))
+            procs = [self.superlink, *self.supernodes]
+            self._wait(lambda: self.online_nodes() >= n, f"{n} SuperNodes online", procs)
+            self._remember_descendants()
+
+    return SplitDeployment
+
+
+def _mean_round(per_round: list[float]) -> float:
+    # the first round also pays one-off costs (ClientApp start, link setup): drop it
+    # when there are 3 or more rounds
+    xs = per_round[1:] if len(per_round) >= 3 else per_round
+    return statistics.mean(xs)
+
+
+def _serverapp_peak(children: dict[str, int]) -> int:
+    return max((v for k, v in children.items() if "serverapp" in k), default=0)
+
+
+class _S3:
+    """An embedded moto S3 server for s3:// runs (stopped at the end)."""
+
+    def __init__(self, host: str):
+        from .p2p import _start_moto
+
+        self.proc, self.port = _start_moto(host)
+        self.endpoint = f"http://{host}:{self.port}"
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="bench",
+                     aws_secret_access_key="bench", region_name="us-east-1",
+                     ).create_bucket(Bucket="ftxbench")
+
+    def close(self) -> None:
+        from .p2p import _stop_proc
+
+        _stop_proc(self.proc)
+
+
+def run_e2e_local(
+    sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 2, rounds: int = 2,
+    floor_mib: float = 0.01, repeat: int = 1, timeout: float = 900, app: Path | None = None,
+    progress: Callable[[str], None] | None = None, host: str = "127.0.0.1",
+    supernode_prefix: Sequence[str] | None = None, wan: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    say = progress or (lambda s: None)
+    app = Path(app) if app else default_app()
+    if app is None or not (app / "pyproject.toml").is_file():
+        raise ValueError("Flower app not found: pass --app (e.g. examples/quickstart-offload)")
+    rows: list[dict[str, Any]] = []
+    work = Path(tempfile.mkdtemp(prefix="ftxb-e2e-"))
+    s3: _S3 | None = None
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "GRPC_VERBOSITY": "ERROR"}
+    plan: list[tuple[str, str | None, str | None]] = []  # (transport, url, skip reason)
+    try:
+        for t in transports:
+            sch = _scheme(t)
+            if wan and sch in LOCAL_ONLY:
+                plan.append((t, None, "same-host only (no network path to emulate)"))
+            elif sch == "inband":
+                plan.append((t, "inband", None))
+            elif sch == "shm":
+                plan.append((t, "shm://", None))
+            elif sch == "file":
+                d = t[len("file://"):] or str(work / "file-link")
+                os.makedirs(d, exist_ok=True)
+                plan.append((t, f"file://{d}", None))
+            elif sch == "tcp":
+                plan.append((t, t if t not in ("tcp://", "tcp") else f"tcp://{host}:0", None))
+            elif sch == "s3":
+                if t not in ("s3://", "s3"):
+                    plan.append((t, t, None))
+                    continue
+                try:
+                    s3 = s3 or _S3(host)
+                    plan.append((t, f"s3://ftxbench/e2e?endpoint_url={s3.endpoint}", None))
+                except Exception as exc:  # noqa: BLE001
+                    plan.append((t, None, f"no S3 server: {exc}"))
+            else:
+                plan.append((t, t, None))
+        cls = _deployment_class(supernode_prefix, host if supernode_prefix else None)
+        n_runs = sum(1 for _, u, _ in plan if u) * (len(sizes_mib) + (1 if floor_mib else 0))
+        k = 0
+        with cls(n_supernodes=nodes, workdir=work / "deploy", env=env) as dep:
+            say(f"deployment up: SuperLink + {nodes} SuperNodes ({work})")
+            for t, url, skip in plan:
+                if skip:
+                    for m in sizes_mib:
+                        rows.append({"transport": t, "model_mib": m, "skipped": skip})
+                    say(f"{t}: skipped: {skip}")
+                    continue
+                floor = None
+                todo = ([("floor", floor_mib)] if floor_mib else []) + [("model", m)
+                                                                        for m in sizes_mib]
+                for kind, m in todo:
+                    k += 1
+                    say(f"[{k}/{n_runs}] {t:<10} {m:g} MiB ({kind}), {rounds} rounds ...")
+                    row = _one(dep, app, url, m, rounds, repeat, timeout, work, t)
+                    row["kind"] = kind
+                    if "error" in row:
+                        say(f"[{k}/{n_runs}] {t:<10} {m:g} MiB FAILED: {row['error'][:300]}")
+                    else:
+                        say(f"[{k}/{n_runs}] {t:<10} {m:g} MiB round {row['round_s']:.2f} s  "
+                            f"SuperLink peak {row['superlink_peak_rss_bytes'] / MiB:.0f} MiB")
+                    if kind == "floor":
+                        floor = row.get("round_s")
+                        row["floor_s"] = floor
+                    else:
+                        if floor is not None and "round_s" in row:
+                            row["floor_s"] = floor
+                            row["overhead_s"] = row["round_s"] - floor
+                    rows.append(row)
+    finally:
+        if s3:
+            s3.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return rows, ratios(rows)
+
+
+def _one(dep, app: Path, url: str, model_mib: float, rounds: int, repeat: int,
+         timeout: float, work: Path, label: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"transport": label, "url": url, "model_mib": model_mib}
+    results = []
+    for rep in range(repeat):
+        res_path = work / f"result-{_scheme(label)}-{model_mib:g}-{rep}-{time.monotonic_ns()}.npz"
+        cfg = {"transport": url, "model-mib": float(model_mib), "num-server-rounds": rounds,
+               "result-path": str(res_path)}
+        try:
+            r = dep.run(app, cfg, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            return row
+        js = res_path.with_suffix(".json")
+        if not r.ok or not js.is_file():
+            row["error"] = (f"flwr run failed (rc={r.returncode}, status={r.status}, "
+                            f"timed_out={r.timed_out}): {r.output[-600:]}")
+            return row
+        summary = json.loads(js.read_text(encoding="utf-8"))
+        for p in (res_path, js):
+            p.unlink(missing_ok=True)
+        results.append((r, summary))
+    # the repeat with the median round time represents the point
+    results.sort(key=lambda x: _mean_round(x[1]["per_round_s"]))
+    r, summary = results[len(results) // 2]
+    row.update(
+        round_s=_mean_round(summary["per_round_s"]),
+        per_round_s=summary["per_round_s"],
+        round_s_all_repeats=[_mean_round(s["per_round_s"]) for _, s in results],
+        wall_s=r.wall_s,
+        serverapp_total_s=summary.get("total_s"),
+        model_bytes=summary.get("model_bytes"),
+        stats=summary.get("stats") or {},
+        superlink_rss_before_bytes=r.superlink_rss_before,
+        superlink_peak_rss_bytes=r.superlink_peak_rss,
+        serverapp_peak_rss_bytes=_serverapp_peak(r.children_peak_rss),
+        children_peak_rss_bytes=r.children_peak_rss,
+        supernodes_peak_rss_bytes=r.supernodes_peak_rss,
+    )
+    return row
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """in-band / transport, per model size: on the overhead (round - floor) and raw."""
+    out: dict[str, float] = {}
+    models = [r for r in rows if r.get("kind") == "model" and "round_s" in r]
+    for r in models:
+        if r["transport"] == "inband":
+            continue
+        ib = [x for x in models if x["transport"] == "inband" and x["model_mib"] == r["model_mib"]]
+        if not ib:
+            continue
+        b = ib[0]
+        tag = f"{r['model_mib']:g} MiB inband/{r['transport']}"
+        if r["round_s"] > 0:
+            out[f"{tag} round"] = b["round_s"] / r["round_s"]
+        # a ratio of overheads only means something when both stand above the noise
+        # of the floor (a few hundred ms here); otherwise it is left out
+        ro, bo = r.get("overhead_s"), b.get("overhead_s")
+        if ro is not None and bo is not None and ro > 0.05 and bo > 0.05:
+            out[f"{tag} overhead"] = bo / ro
+    return out
+
+
+def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 2,
+            rounds: int = 2, floor_mib: float = 0.01, repeat: int = 1, timeout: float = 900,
+            app: Path | None = None, progress: Callable[[str], None] | None = None,
+            wan=None) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Loopback, or across a :class:`~.wan.WanEmulation` (driver re-run inside namespace A)."""
+    if wan is None:
+        return run_e2e_local(sizes_mib, transports, nodes, rounds, floor_mib, repeat, timeout,
+                             app, progress)
+    app = Path(app) if app else default_app()
+    spec = {
+        "sizes_mib": list(sizes_mib), "transports": list(transports), "nodes": nodes,
+        "rounds": rounds, "floor_mib": floor_mib, "repeat": repeat, "timeout": timeout,
+        "app": str(app) if app else None, "host": wan.addr_a,
+        "supernode_prefix": list(wan.prefix("b")),
+    }
+    fd, spec_path = tempfile.mkstemp(prefix="ftxb-e2e-spec-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
+    try:
+        proc = subprocess.Popen(
+            [*wan.prefix("a"), sys.executable, "-m", "flwr_transports.bench.e2e", "inner",
+             spec_path],
+            stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        try:
+            out, _ = proc.communicate(timeout=timeout * (len(sizes_mib) + 1)
+                                      * max(1, len(transports)) * repeat + 300)
+        except BaseException:
+            from .p2p import _stop_proc
+
+            _stop_proc(proc, timeout=20)  # SIGTERM: the inner driver stops its deployment
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"e2e driver inside the WAN namespace failed ({proc.returncode})")
+        doc = json.loads(out.strip().splitlines()[-1])
+        return doc["rows"], doc["ratios"]
+    finally:
+        os.unlink(spec_path)
+
+
+def _inner(spec_path: str) -> int:
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    from .wan import _set_pdeathsig
+
+    _set_pdeathsig()
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    rows, rat = run_e2e_local(
+        spec["sizes_mib"], spec["transports"], spec["nodes"], spec["rounds"],
+        spec["floor_mib"], spec["repeat"], spec["timeout"],
+        Path(spec["app"]) if spec["app"] else None,
+        lambda s: print(s, file=sys.stderr, flush=True),
+        host=spec["host"], supernode_prefix=spec["supernode_prefix"], wan=True,
+    )
+    print(json.dumps({"rows": rows, "ratios": rat}, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "inner":
+        sys.exit(_inner(sys.argv[2]))
+    print("internal entry point; use 'flwr-transports bench e2e'", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,264 @@
+"""Benchmark outputs: JSON (with environment info), a markdown table and PNG plots.
+
+matplotlib is imported only when plots are drawn; without it the JSON and markdown
+are still written and the plots are skipped with a hint.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as md
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=False)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Where the figures come from (so they can be compared honestly)."""
+    mem = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "time_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "kernel": platform.release(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "mem_total_bytes": mem,
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "git_commit": _git_commit(),
+        "versions": {
+            d: _version(d)
+            for d in ("flwr-transports", "flwr", "grpcio", "numpy", "mpi4py", "mpich",
+                      "moto", "boto3", "torch", "psutil")
+        },
+    }
+
+
+def _fmt_ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1e3:.2f}"
+
+
+def _fmt(v: float | None, nd: int = 1) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def human_size(n: int) -> str:
+    for unit, f in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= f:
+            v = n / f
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n} B"
+
+
+# --------------------------------------------------------------------------------------
+# p2p
+
+
+def p2p_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"### Point to point ({meta.get('wan_desc') or 'loopback'})",
+        "",
+        f"{meta.get('repeat')} runs after {meta.get('warmup')} warm-up(s); median and p95 "
+        "latency of one transfer (sender start to last receiver done); throughput = "
+        "K x size / median; receiver peak RSS = max over receivers of ru_maxrss.",
+        "",
+        "| backend | size | K | median ms | p95 ms | MB/s | Gbit/s | rx peak RSS MiB "
+        "| rx peak over base MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        head = f"| {r['backend']} | {human_size(r['size_bytes'])} | {r['k']} "
+        if "skipped" in r or "error" in r:
+            why = r.get("skipped") or f"error: {r.get('error')}"
+            lines.append(head + f"| {why} | | | | | | |")
+            continue
+        lines.append(
+            head
+            + f"| {_fmt_ms(r['latency_median_s'])} | {_fmt_ms(r['latency_p95_s'])} "
+            f"| {_fmt(r['throughput_MBps'])} | {_fmt(r['throughput_Gbps'], 2)} "
+            f"| {_fmt(r['receiver_peak_rss_bytes'] / MiB)} "
+            f"| {_fmt(r['receiver_peak_over_base_bytes'] / MiB)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def p2p_plots(rows: list[dict[str, Any]], out: Path, title: str) -> list[str]:
+    plt = _plt()
+    if plt is None:
+        return []
+    ok = [r for r in rows if "latency_median_s" in r]
+    files = []
+    for k in sorted({r["k"] for r in ok}):
+        series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for r in ok:
+            if r["k"] == k:
+                series[r["backend"]].append((r["size_bytes"], r["throughput_MBps"]))
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] / MiB for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("payload size (MiB)")
+        ax.set_ylabel("aggregate throughput (MB/s)")
+        ax.set_title(f"{title}, K={k} receiver{'s' if k > 1 else ''}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"p2p-throughput-k{k}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path.name)
+    return files
+
+
+# --------------------------------------------------------------------------------------
+# e2e
+
+
+def e2e_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"### End to end ({meta.get('wan_desc') or 'loopback'}, {meta.get('nodes')} SuperNodes, "
+        f"{meta.get('rounds')} rounds)",
+        "",
+        "Round time = mean of the ServerApp's per-round times (train + evaluate); floor = "
+        "the same transport with a tiny model; overhead = round - floor. Bytes are the "
+        "offload wrapper's counters (through Flower vs through the link).",
+        "",
+        "| transport | model | round s | floor s | overhead s | wall s | Flower bytes "
+        "| link bytes | SuperLink peak RSS MiB | ServerApp peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        head = f"| {r['transport']} | {r['model_mib']:g} MiB "
+        if "skipped" in r or "error" in r:
+            why = r.get("skipped") or f"error: {r.get('error')}"
+            lines.append(head + f"| {why} | | | | | | | |")
+            continue
+        st = r.get("stats") or {}
+        inband = st.get("inband_bytes_sent", 0) + st.get("inband_bytes_received", 0)
+        link = st.get("link_bytes_sent", 0) + st.get("link_bytes_received", 0)
+        lines.append(
+            head
+            + f"| {_fmt(r.get('round_s'), 2)} | {_fmt(r.get('floor_s'), 2)} "
+            f"| {_fmt(r.get('overhead_s'), 2)} | {_fmt(r.get('wall_s'), 1)} "
+            f"| {human_size(inband) if st else '-'} | {human_size(link) if st else '-'} "
+            f"| {_fmt(r['superlink_peak_rss_bytes'] / MiB)} "
+            f"| {_fmt((r.get('serverapp_peak_rss_bytes') or 0) / MiB)} |"
+        )
+    ratios = meta.get("ratios")
+    if ratios:
+        lines += ["", "Overhead ratios (in-band / transport, same model size):", ""]
+        for k, v in ratios.items():
+            lines.append(f"- {k}: {v:.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def e2e_plots(rows: list[dict[str, Any]], out: Path, title: str) -> list[str]:
+    plt = _plt()
+    if plt is None:
+        return []
+    ok = [r for r in rows if "round_s" in r]
+    if not ok:
+        return []
+    sizes = sorted({r["model_mib"] for r in ok})
+    transports = list(dict.fromkeys(r["transport"] for r in ok))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / max(1, len(transports))
+    for i, t in enumerate(transports):
+        ys = []
+        for s in sizes:
+            m = [r["round_s"] for r in ok if r["transport"] == t and r["model_mib"] == s]
+            ys.append(m[0] if m else 0)
+        ax.bar([j + i * width for j in range(len(sizes))], ys, width, label=t)
+    ax.set_xticks([j + width * (len(transports) - 1) / 2 for j in range(len(sizes))])
+    ax.set_xticklabels([f"{s:g} MiB" for s in sizes])
+    ax.set_ylabel("round time (s)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / "e2e-round-time.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path.name]
+
+
+# --------------------------------------------------------------------------------------
+
+
+def write_outputs(kind: str, rows: list[dict[str, Any]], meta: dict[str, Any],
+                  out: str | os.PathLike[str], plots: bool = True) -> dict[str, str]:
+    """Write ``<kind>.json``, ``<kind>.md`` and the plots into ``out``; return their paths."""
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    doc = {"kind": kind, "meta": meta, "environment": environment(), "results": rows}
+    paths: dict[str, str] = {}
+    jp = outdir / f"{kind}.json"
+    jp.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
+    paths["json"] = str(jp)
+    md_text = (p2p_markdown if kind == "p2p" else e2e_markdown)(rows, meta)
+    mp = outdir / f"{kind}.md"
+    mp.write_text(md_text, encoding="utf-8")
+    paths["markdown"] = str(mp)
+    if plots:
+        title = f"{kind} ({meta.get('wan_desc') or 'loopback'})"
+        files = (p2p_plots if kind == "p2p" else e2e_plots)(rows, outdir, title)
+        if files:
+            paths["plots"] = ", ".join(str(outdir / f) for f in files)
+        else:
+            paths["plots"] = "skipped (pip install 'flwr-transports[bench]' for matplotlib)"
+    return paths

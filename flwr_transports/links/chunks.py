@@ -560,8 +560,8 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
                     i = sched.take(block=not inflight)
                     if i is None:
                         break
+                    inflight.append(i)  # before sending: a failed send requeues it
                     c.request(OP_GET, oid, token, a=i)
-                    inflight.append(i)
                 if not inflight:
                     return
                 i = inflight[0]
@@ -641,9 +641,9 @@ def upload(factory: ConnFactory, oid: str, token: bytes, payload: EncodedPayload
                     i = sched.take(block=not inflight)
                     if i is None:
                         break
+                    inflight.append(i)  # before sending: a failed send requeues it
                     views = sv.range(i * cs, chunk_len(i, size, cs))
                     c.put_chunk(oid, token, i, crc_views(views), views)
-                    inflight.append(i)
                 if not inflight:
                     return
                 i = inflight[0]
@@ -989,6 +989,7 @@ class ChunkServer:
             if write:
                 slot.claimed.add(i)
             dest = slot.mv[i * slot.cs: i * slot.cs + n] if write else None
+        ok = False
         try:
             conn.recv_chunk_into(dest, n, flags)
             ok = dest is None or zlib.crc32(dest) == crc

@@ -200,7 +200,7 @@ def _server_tls(cert: str | None, key: str | None) -> tuple[ssl.SSLContext, dict
         ctx.load_cert_chain(cert, key or None)
     except (OSError, ssl.SSLError, UnicodeDecodeError) as exc:
         raise LinkError(f"cannot load TLS certificate/key ({cert!r}, {key!r}): {exc}") from None
-    m = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, re.S)
+    m = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, re.DOTALL)
     if not m:
         raise LinkError(f"{cert!r} holds no PEM certificate")
     pem = m.group(0) + "\n"

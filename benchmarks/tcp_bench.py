@@ -1,0 +1,118 @@
+"""Point-to-point loopback benchmark: the tcp:// link vs a raw Python socket.
+
+Both run in this one process (server and client threads), over 127.0.0.1, on the
+same payload:
+
+* raw:       one connection, ``sendall(memoryview)`` -> ``recv_into`` a preallocated
+             buffer (the best a plain Python socket does; no checks, no framing);
+* tcp GET:   ``TcpServerLink.publish`` (chunk table computed before the clock starts)
+             then ``TcpClientLink.open`` and wait for every chunk (CRC-checked) in
+             the client's buffer; ``+read`` adds ``read()`` of the whole payload into
+             ``bytes`` (what the decoder does, one extra copy);
+* tcp PUT:   ``TcpClientLink.upload`` into a slot (client computes CRCs while sending,
+             server checks them) until the commit returns.
+
+Usage: python benchmarks/tcp_bench.py [--size 1GiB] [--repeat 3] [--streams 4]
+       [--window 4] [--chunk-size 8MiB]
+Prints median and best GB/s for each and the ratio link/raw (target >= 0.7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+
+from flwr_transports.codec import EncodedPayload, parse_size
+from flwr_transports.links.tcp import TcpClientLink, TcpServerLink
+
+
+def raw_transfer(data: memoryview, dest: memoryview) -> float:
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def serve():
+        c, _ = srv.accept()
+        with c:
+            c.sendall(data)
+        srv.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    cli = socket.create_connection(("127.0.0.1", port))
+    t0 = time.perf_counter()
+    mv = dest
+    while len(mv):
+        n = cli.recv_into(mv)
+        if not n:
+            raise RuntimeError("short raw transfer")
+        mv = mv[n:]
+    dt = time.perf_counter() - t0
+    cli.close()
+    t.join()
+    return dt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--window", type=int, default=4)
+    ap.add_argument("--chunk-size", default="8MiB")
+    ap.add_argument("--no-put", action="store_true")
+    a = ap.parse_args(argv)
+    size = parse_size(a.size)
+    data = os.urandom(min(size, 64 << 20)) * (size // min(size, 64 << 20))
+    data += os.urandom(size - len(data))
+    payload = EncodedPayload(segments=[data], size=size, digest="sha256:" + "0" * 64)
+    dest = bytearray(size)  # raw: preallocated and warmed
+    res: dict[str, list[float]] = {"raw": [], "tcp GET": [], "tcp GET+read": [], "tcp PUT": []}
+
+    srv = TcpServerLink("tcp://127.0.0.1:0", "bench", {
+        "chunk_size": a.chunk_size, "streams": a.streams, "window": a.window})
+    cli = TcpClientLink()
+    try:
+        t0 = time.perf_counter()
+        loc = srv.publish("bench", payload)
+        t_pub = time.perf_counter() - t0
+        for _ in range(a.repeat):
+            res["raw"].append(raw_transfer(memoryview(data), memoryview(dest)))
+            t0 = time.perf_counter()
+            src = cli.open(loc, size)
+            src.scheduler.wait_all(600)
+            t1 = time.perf_counter()
+            step = 64 << 20
+            for off in range(0, size, step):
+                src.read(off, min(step, size - off))
+            t2 = time.perf_counter()
+            src.close()
+            res["tcp GET"].append(t1 - t0)
+            res["tcp GET+read"].append(t2 - t0)
+            if not a.no_put:
+                slot = srv.issue_slot(f"put{_}", size)
+                t0 = time.perf_counter()
+                cli.upload(slot, payload)
+                res["tcp PUT"].append(time.perf_counter() - t0)
+                srv.discard_slot(slot)
+    finally:
+        srv.close()
+    print(f"payload {size / 2**20:.0f} MiB, chunk {a.chunk_size}, streams {a.streams}, "
+          f"window {a.window}, repeats {a.repeat}; publish (CRC table) {t_pub:.2f}s")
+    raw_best = size / min(res["raw"]) / 1e9
+    raw_med = size / statistics.median(res["raw"]) / 1e9
+    for name, ts in res.items():
+        if not ts:
+            continue
+        best, med = size / min(ts) / 1e9, size / statistics.median(ts) / 1e9
+        ratio = "" if name == "raw" else f"  ratio median {med / raw_med:.2f}x best {best / raw_best:.2f}x"
+        print(f"  {name:<13} median {med:6.2f} GB/s  best {best:6.2f} GB/s{ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

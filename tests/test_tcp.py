@@ -1,0 +1,466 @@
+"""tcp:// link: protocol, access control, faults, concurrency, TLS, offload round trip."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import ssl
+import threading
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+from test_tcp_helpers import FaultProxy, make_payload, self_signed_cert
+
+from flwr_transports import offload, payload_mod
+from flwr_transports.codec import decode
+from flwr_transports.links import LinkError, server_link
+from flwr_transports.links import chunks as ch
+from flwr_transports.links.tcp import TcpClientLink, TcpServerLink
+from flwr_transports.refs import RefError
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+@pytest.fixture
+def server():
+    links = []
+
+    def make(**opts):
+        opts.setdefault("chunk_size", "64KiB")
+        opts.setdefault("timeout", 10)  # a hang fails fast instead of waiting 60 s
+        link = TcpServerLink("tcp://127.0.0.1:0", 7, opts)
+        links.append(link)
+        return link
+
+    yield make
+    for link in links:
+        link.close()
+
+
+def fetch(loc, payload, client=None):
+    client = client or TcpClientLink()
+    with client.open(loc, payload.size) as src:
+        return decode(src.read, payload.size, payload.digest), client.last_stats
+
+
+def same(a: ArrayRecord, b: ArrayRecord) -> bool:
+    return list(a) == list(b) and all(a[k].data == b[k].data for k in a)
+
+
+# -- scheduler (the state machine shared by both wires) ---------------------------------
+def test_scheduler_requeue_corrupt_and_giveup():
+    s = ch.ChunkScheduler(3, workers=1, max_chunk_retries=2)
+    assert [s.take(), s.take()] == [0, 1]
+    s.done(0)
+    s.requeue(1)  # connection lost: back to the front
+    assert s.take() == 1
+    s.corrupted(1, "test")
+    assert s.take() == 1 and s.stats["crc_errors"] == 1
+    s.done(1)
+    assert s.take() == 2
+    s.corrupted(2, "x")
+    s.take()
+    s.corrupted(2, "x")
+    s.take()
+    s.corrupted(2, "x")  # third failure > max_chunk_retries=2
+    with pytest.raises(LinkError, match="chunk 2 failed"):
+        s.wait_chunks(2, 2, 1)
+    assert s.take() is None
+
+
+def test_scheduler_fails_when_every_worker_gives_up():
+    s = ch.ChunkScheduler(4, workers=2)
+    s.worker_exit(OSError("a"))
+    assert s.error is None  # one worker left
+    s.worker_exit(OSError("b"))
+    with pytest.raises(LinkError, match="every connection gave up"):
+        s.wait_all(1)
+
+
+def test_scheduler_wait_blocks_until_done():
+    s = ch.ChunkScheduler(2, workers=1)
+    threading.Timer(0.1, lambda: (s.done(s.take()), s.done(s.take()))).start()
+    s.wait_chunks(0, 1, 5)
+    assert s.finished
+
+
+def test_segment_view_ranges_cross_segments():
+    sv = ch.SegmentView([b"abc", b"", memoryview(b"defgh"), b"ij"])
+    assert sv.size == 10
+    assert b"".join(sv.range(2, 5)) == b"cdefg"
+    assert b"".join(sv.range(0, 10)) == b"abcdefghij"
+    assert b"".join(sv.range(8, 2)) == b"ij"
+
+
+# -- basic transfers ---------------------------------------------------------------------
+def test_download_upload_roundtrip_multi_chunk(server):
+    link = server(streams=3, window=2)
+    rec, p = make_payload(700 * KiB)
+    loc = link.publish("r1-train-0", p)
+    assert loc["port"] == link.server.port > 0 and loc["host"] == "127.0.0.1"
+    out, stats = fetch(loc, p)
+    assert same(out, rec) and stats["chunks"] == -(-p.size // (64 * KiB))
+    slot = link.issue_slot("r1-train-n101-s0-aa", 4 * MiB)
+    client = TcpClientLink()
+    back = client.upload(slot, p)
+    assert back == {"host": "127.0.0.1", "port": loc["port"], "id": slot["id"]}
+    with link.open_upload(slot, back, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+    link.discard_slot(slot)
+    link.discard_slot(slot)  # idempotent
+
+
+def test_small_payload_and_read_bounds(server):
+    link = server()
+    _rec, p = make_payload(8)
+    loc = link.publish("tiny", p)
+    with TcpClientLink().open(loc, p.size) as src:
+        assert src.read(0, 8) == p.to_bytes()[:8]
+        with pytest.raises(ValueError):
+            src.read(p.size - 1, 2)
+
+
+def test_url_and_options():
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        server_link("tcp://127.0.0.1", 1)
+    with pytest.raises(ValueError, match="clients dial"):
+        server_link("tcp://0.0.0.0:0", 1)
+    with pytest.raises(ValueError, match="unknown option"):
+        server_link("tcp://127.0.0.1:0?colour=red", 1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        server_link("tcp://127.0.0.1:0?chunk_size=1KiB", 1)
+    # HOST advertised, bind elsewhere: clients get the URL's host
+    link = server_link("tcp://localhost:0?bind=127.0.0.1&streams=2", 1)
+    try:
+        _, p = make_payload(100 * KiB)
+        loc = link.publish("x", p)
+        assert loc["host"] == "localhost" and loc["streams"] == 2
+        assert fetch(loc, p)[0] is not None
+    finally:
+        link.close()
+
+
+def test_listen_failure_is_clear():
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = busy.getsockname()[1]
+        with pytest.raises(LinkError, match="cannot listen"):
+            TcpServerLink(f"tcp://127.0.0.1:{port}", 1, {})
+    finally:
+        busy.close()
+
+
+def test_descriptor_validation():
+    c = TcpClientLink()
+    good = {"host": "127.0.0.1", "port": 1, "id": "g.x", "token": "0" * 64}
+    for bad in ({**good, "host": "a b"}, {**good, "port": 70000}, {**good, "port": True},
+                {**good, "id": "../etc"}, {**good, "token": "zz"}, {**good, "streams": 1000},
+                {**good, "tls": {"cert": "x", "fp": "nothex"}}, "notadict"):
+        with pytest.raises(RefError):
+            c.open(bad, 10)
+
+
+# -- access control ----------------------------------------------------------------------
+def test_invalid_token_refused_and_logged(server, caplog):
+    link = server()
+    _, p = make_payload(200 * KiB)
+    loc = link.publish("r1-train-0", p)
+    loc2 = link.publish("r1-train-1", p)
+    caplog.set_level(logging.WARNING, logger="flwr_transports.links")
+    bad = {**loc, "token": "ab" * 32}
+    with pytest.raises(LinkError, match="refused.*invalid token"):
+        TcpClientLink().open(bad, p.size)
+    # a valid token for ANOTHER object does not open this one
+    with pytest.raises(LinkError, match="refused"):
+        TcpClientLink().open({**loc, "id": loc2["id"]}, p.size)
+    # a download token cannot upload, even to a slot with the same name
+    slot = link.issue_slot("r1-train-n101-s0-aa", 4 * MiB)
+    with pytest.raises(LinkError, match="refused"):
+        TcpClientLink().upload({**slot, "token": loc["token"]}, p)
+    assert link.server.stats["refused"] >= 3
+    assert "invalid token" in caplog.text
+    # garbage on the socket: refused, the server keeps serving
+    with socket.create_connection(("127.0.0.1", loc["port"])) as s:
+        s.sendall(b"GET / HTTP/1.1\r\n" + b"x" * 100)
+        s.settimeout(5)
+        data = s.recv(1000)
+        assert data[:4] == ch.MAGIC_RSP and data[4] == ch.BAD_REQUEST
+    assert fetch(loc, p)[0] is not None
+
+
+def test_released_payload_and_discarded_slot(server):
+    link = server()
+    _, p = make_payload(100 * KiB)
+    loc = link.publish("r1", p)
+    link.release("r1")
+    with pytest.raises(LinkError, match="expired"):
+        TcpClientLink().open(loc, p.size)
+    slot = link.issue_slot("s", 4 * MiB)
+    link.discard_slot(slot)
+    with pytest.raises(LinkError, match="expired"):
+        TcpClientLink().upload(slot, p)
+
+
+def test_upload_cap_and_reference_checks(server):
+    link = server()
+    _, p = make_payload(300 * KiB)
+    small = link.issue_slot("small", 100 * KiB)
+    with pytest.raises(LinkError, match="exceeds the cap"):
+        TcpClientLink().upload(small, p)
+    slot = link.issue_slot("s0", 4 * MiB)
+    other = link.issue_slot("s1", 4 * MiB)
+    with pytest.raises(LinkError, match="did not finish"):
+        link.open_upload(slot, {k: slot[k] for k in ("host", "port", "id")}, p.size)
+    loc = TcpClientLink().upload(slot, p)
+    with pytest.raises(RefError):
+        link.open_upload(other, loc, p.size)  # claims another slot
+    with pytest.raises(RefError):
+        link.open_upload(slot, {**loc, "host": "evil.example"}, p.size)
+    with pytest.raises(RefError):
+        link.open_upload(slot, loc, p.size + 1)  # size mismatch
+
+
+# -- faults ------------------------------------------------------------------------------
+def test_corrupted_chunk_is_refetched_alone(server):
+    link = server(streams=2)
+    rec, p = make_payload(600 * KiB)
+    loc = link.publish("r1", p)
+    hits = []
+
+    def corrupt(op, oid, i, views):
+        if i == 3 and not hits:
+            hits.append(i)
+            data = bytearray(b"".join(views))
+            data[100] ^= 0x55
+            return [memoryview(data)]
+        return views
+
+    link.server.fault = corrupt
+    out, stats = fetch(loc, p)
+    assert hits == [3] and same(out, rec)
+    assert stats["crc_errors"] == 1
+    n = -(-p.size // (64 * KiB))
+    assert link.server.stats["chunks_sent"] == n + 1  # only chunk 3 was sent twice
+
+
+def test_corruption_in_flight_through_proxy_upload(server):
+    link = server(streams=1, window=2)
+    rec, p = make_payload(500 * KiB)
+    slot = link.issue_slot("s0", 4 * MiB)
+    # flip one byte deep inside the first chunk's body on the client->server stream
+    proxy = FaultProxy(link.server.port, flip_at=("up", 5000))
+    try:
+        pslot = {**slot, "port": proxy.port}
+        client = TcpClientLink()
+        loc = client.upload(pslot, p)
+        assert proxy.flipped == 1 and client.last_stats["crc_errors"] == 1
+        with link.open_upload(pslot, loc, p.size) as src:
+            assert same(decode(src.read, p.size, p.digest), rec)
+        assert link.server.stats["crc_errors"] == 1
+    finally:
+        proxy.close()
+
+
+def test_killed_connection_resumes_download(server):
+    link = server(streams=1, window=4)
+    rec, p = make_payload(2 * MiB)
+    loc = link.publish("r1", p)
+    proxy = FaultProxy(link.server.port, kill_after=("down", 900 * KiB))
+    try:
+        out, stats = fetch({**loc, "port": proxy.port}, p)
+        assert proxy.killed == 1 and proxy.conns >= 2  # killed conn, then the resumed one
+        assert same(out, rec)
+        n = -(-p.size // (64 * KiB))
+        assert stats["reconnects"] >= 1
+        assert stats["chunks"] == n  # every chunk completed exactly once
+        assert 1 <= stats["requeued"] <= 4  # at most the window was fetched again
+    finally:
+        proxy.close()
+
+
+def test_killed_upload_resumes_from_server_bitmap(server):
+    link = server(streams=1, window=2, retries=0)
+    rec, p = make_payload(2 * MiB)
+    n = -(-p.size // (64 * KiB))
+    slot = link.issue_slot("s0", 8 * MiB)
+    proxy = FaultProxy(link.server.port, kill_after=("up", 1 * MiB))
+    try:
+        pslot = {**slot, "port": proxy.port, "retries": 0}
+        with pytest.raises(LinkError):
+            TcpClientLink().upload(pslot, p)  # no retries allowed: fails mid-way
+        deadline = time.monotonic() + 10  # let the server finish what it was receiving
+        while link.server.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stored = link.server.slots[slot["id"]].have.count(1)
+        assert 0 < stored < n
+        client = TcpClientLink()  # a new attempt asks what the server has, sends the rest
+        loc = client.upload(slot, p)
+        assert client.last_stats["chunks"] == n - stored
+        with link.open_upload(slot, loc, p.size) as src:
+            assert same(decode(src.read, p.size, p.digest), rec)
+    finally:
+        proxy.close()
+
+
+def test_stalled_client_does_not_block_others(server):
+    link = server(timeout=1.0)
+    rec, p = make_payload(1 * MiB)
+    loc = link.publish("r1", p)
+    token = bytes.fromhex(loc["token"])
+    # 1: sends half a header and stalls; 2: asks for chunks and never reads them
+    s1 = socket.create_connection(("127.0.0.1", loc["port"]))
+    s1.sendall(ch.MAGIC_REQ + b"\x02")
+    s2 = socket.create_connection(("127.0.0.1", loc["port"]))
+    s2.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    oid = loc["id"].encode()
+    for i in range(16):
+        s2.sendall(ch.REQ.pack(ch.MAGIC_REQ, ch.OP_GET, 0, len(oid), token, i, 0, 0) + oid)
+    try:
+        t0 = time.monotonic()
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(fetch(loc, p)[0]))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(results) == 4 and all(same(r, rec) for r in results)
+        assert time.monotonic() - t0 < 20
+        # the server times the stalled connections out (timeout=1s) and closes them
+        s1.settimeout(10)
+        assert s1.recv(100) == b""
+        deadline = time.monotonic() + 10
+        while len(link.server.active) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not link.server.active
+    finally:
+        s1.close()
+        s2.close()
+
+
+def test_backpressure_max_conns(server):
+    link = server(max_conns=2, streams=2)
+    rec, p = make_payload(400 * KiB)
+    loc = link.publish("r1", p)
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(fetch(loc, p)[0])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 5 and all(same(r, rec) for r in results)
+    assert link.server.stats["busy"] > 0  # some were told to back off, and retried
+
+
+def test_sixteen_concurrent_clients(server):
+    link = server(streams=2)
+    rec, p = make_payload(512 * KiB, seed=1)
+    loc = link.publish("r1-train-0", p)
+    slots = [link.issue_slot(f"r1-train-n{i}-s0-x", 4 * MiB) for i in range(16)]
+    replies = [make_payload(300 * KiB, seed=100 + i) for i in range(16)]
+    errors, locs = [], {}
+
+    def client(i):
+        try:
+            c = TcpClientLink()
+            out, _ = fetch(loc, p, c)
+            assert same(out, rec)
+            locs[i] = c.upload(slots[i], replies[i][1])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i in range(16):
+        r, rp = replies[i]
+        with link.open_upload(slots[i], locs[i], rp.size) as src:
+            assert same(decode(src.read, rp.size, rp.digest), r)
+
+
+# -- TLS ---------------------------------------------------------------------------------
+def test_tls_pinned_certificate(server, tmp_path):
+    cert, key = self_signed_cert(str(tmp_path), "some-other-name")
+    link = server(tls_cert=cert, tls_key=key)
+    rec, p = make_payload(300 * KiB)
+    loc = link.publish("r1", p)
+    assert "tls" in loc and len(loc["tls"]["fp"]) == 64
+    assert same(fetch(loc, p)[0], rec)
+    slot = link.issue_slot("s0", 4 * MiB)
+    back = TcpClientLink().upload(slot, p)
+    with link.open_upload(slot, back, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+    # a plain-TCP client cannot talk to it; a client pinning another cert refuses it
+    with pytest.raises(LinkError):
+        TcpClientLink().open({**loc, "tls": None, "retries": 0}, p.size)
+    other, _ = self_signed_cert(str(tmp_path), "impostor")
+    with open(other) as f:
+        pem = f.read()
+    fp = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+    with pytest.raises(LinkError):
+        TcpClientLink().open({**loc, "tls": {"cert": pem, "fp": fp}, "retries": 0}, p.size)
+
+
+# -- through offload() ------------------------------------------------------------------
+def _app():
+    app = ClientApp(mods=[payload_mod])
+
+    @app.train()
+    def train(msg, ctx):
+        arrs = msg.content["arrays"].to_numpy_ndarrays()
+        pid = ctx.node_config["partition-id"]
+        new = [a + (pid + 1) * 0.5 for a in arrs]
+        return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord(
+            {"num-examples": 10 * (pid + 1)})}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg, ctx):
+        arrs = msg.content["arrays"].to_numpy_ndarrays()
+        return Message(RecordDict({"metrics": MetricRecord(
+            {"loss": float(sum(a.sum() for a in arrs)), "num-examples": 1})}), reply_to=msg)
+
+    return app
+
+
+def test_offload_fedavg_tcp_equals_inband():
+    from inproc import InProcessGrid
+
+    init = ArrayRecord([np.arange(300_000, dtype=np.float32).reshape(300, 1000), np.ones(3)])
+    results = {}
+    for t in ("inband", "tcp://127.0.0.1:0?chunk_size=256KiB"):
+        s = offload(FedAvg(), transport=t)
+        r = s.start(InProcessGrid(_app(), n_nodes=2), init, num_rounds=2)
+        results[t] = (r.arrays, s.stats)
+    (a, _), (b, stats) = results.values()
+    for k in a:
+        np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
+    assert same(a, b)
+    assert stats["link_bytes_sent"] > 0 and stats["link_bytes_received"] > 0
+    assert stats["replies_rejected"] == 0
+    # the payload server is gone after the run
+    assert not [t for t in threading.enumerate() if t.name.startswith("ftx-tcp")]
+
+
+def test_server_close_stops_threads_and_port():
+    link = TcpServerLink("tcp://127.0.0.1:0", 1, {})
+    port = link.server.port
+    link.close()
+    time.sleep(0.1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ftx-tcp")]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()

@@ -66,6 +66,36 @@ def _setup_zero_copy():
 
 _ZC = _setup_zero_copy()
 
+_HUGE_MIN = 4 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _setup_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        return fn, os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # pragma: no cover
+        return None
+
+
+_MADVISE = _setup_madvise()
+
+
+def _advise_huge(addr: int, n: int) -> None:
+    """Ask for transparent huge pages on a large receive buffer, as NumPy does for its
+    arrays: far fewer page faults while MPI writes the data (Linux, THP=madvise)."""
+    if _MADVISE is None or n < _HUGE_MIN:
+        return
+    fn, page = _MADVISE
+    start = (addr + page - 1) & ~(page - 1)
+    end = (addr + n) & ~(page - 1)
+    if end > start:
+        fn(start, end - start, _MADV_HUGEPAGE)  # advice only: failure is harmless
+
 
 def alloc_bytes(n: int) -> tuple[Any, memoryview]:
     """Return ``(obj, writable view of obj)`` for an ``n``-byte receive.
@@ -79,10 +109,15 @@ def alloc_bytes(n: int) -> tuple[Any, memoryview]:
     if _ZC is not None and n >= _ZC_MIN:
         new, ptr = _ZC
         obj = new(None, n)
-        view = memoryview((ctypes.c_char * n).from_address(ptr(obj))).cast("B")
+        addr = ptr(obj)
+        _advise_huge(addr, n)
+        view = memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
         return obj, view
     buf = bytearray(n)
-    return buf, memoryview(buf)
+    view = memoryview(buf)
+    if n >= _HUGE_MIN:
+        _advise_huge(ctypes.addressof(ctypes.c_char.from_buffer(buf)), n)
+    return buf, view
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,7 +35,10 @@ def train(msg: Message, context: Context) -> Message:
     # node state persists across rounds on this node
     calls = int(context.state["calls"]["n"]) + 1 if "calls" in context.state else 1
     context.state["calls"] = ConfigRecord({"n": calls})
-    arrays = _update(msg.content["arrays"], pid)
+    if cfg["client-work"] == "echo":  # benchmarks: no compute, send the model back as is
+        arrays = msg.content["arrays"]
+    else:
+        arrays = _update(msg.content["arrays"], pid)
     metrics = MetricRecord(
         {
             "num-examples": pid + 1,
@@ -49,7 +52,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
-    total = sum(float(np.sum(a.numpy(), dtype=np.float64)) for a in msg.content["arrays"].values())
+    total = 0.0
+    if context.run_config["client-work"] != "echo":
+        total = sum(
+            float(np.sum(a.numpy(), dtype=np.float64)) for a in msg.content["arrays"].values()
+        )
     metrics = MetricRecord({"num-examples": pid + 1, "checksum": total})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

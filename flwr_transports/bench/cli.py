@@ -189,9 +189,9 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         "nodes": args.nodes, "rounds": args.rounds, "repeat": repeat,
         "floor_mib": args.floor_mib, "wan": args.wan if wan else None, "wan_desc": desc,
     }
-    kw = dict(sizes_mib=meta["sizes_mib"], transports=args.transports, nodes=args.nodes,
-              rounds=args.rounds, floor_mib=args.floor_mib, repeat=repeat,
-              timeout=args.timeout, app=args.app, progress=_say)
+    kw = {"sizes_mib": meta["sizes_mib"], "transports": args.transports, "nodes": args.nodes,
+              "rounds": args.rounds, "floor_mib": args.floor_mib, "repeat": repeat,
+              "timeout": args.timeout, "app": args.app, "progress": _say}
     if wan is None:
         rows, ratios = run_e2e(**kw)
     else:

@@ -98,12 +98,12 @@ def p2p_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"### Point to point ({meta.get('wan_desc') or 'loopback'})",
         "",
-        f"{meta.get('repeat')} runs after {meta.get('warmup')} warm-up(s); median and p95 "
+        (f"{meta.get('repeat')} runs after {meta.get('warmup')} warm-up(s); median and p95 "
         "latency of one transfer (sender start to last receiver done); throughput = "
-        "K x size / median; receiver peak RSS = max over receivers of ru_maxrss.",
+        "K x size / median; receiver peak RSS = max over receivers of ru_maxrss."),
         "",
-        "| backend | size | K | median ms | p95 ms | MB/s | Gbit/s | rx peak RSS MiB "
-        "| rx peak over base MiB |",
+        ("| backend | size | K | median ms | p95 ms | MB/s | Gbit/s | rx peak RSS MiB "
+        "| rx peak over base MiB |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -171,15 +171,15 @@ def p2p_plots(rows: list[dict[str, Any]], out: Path, title: str) -> list[str]:
 
 def e2e_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        f"### End to end ({meta.get('wan_desc') or 'loopback'}, {meta.get('nodes')} SuperNodes, "
-        f"{meta.get('rounds')} rounds)",
+        (f"### End to end ({meta.get('wan_desc') or 'loopback'}, {meta.get('nodes')} SuperNodes, "
+        f"{meta.get('rounds')} rounds)"),
         "",
-        "Round time = mean of the ServerApp's per-round times (train + evaluate); floor = "
+        ("Round time = mean of the ServerApp's per-round times (train + evaluate); floor = "
         "the same transport with a tiny model; overhead = round - floor. Bytes are the "
-        "offload wrapper's counters (through Flower vs through the link).",
+        "offload wrapper's counters (through Flower vs through the link)."),
         "",
-        "| transport | model | round s | floor s | overhead s | wall s | Flower bytes "
-        "| link bytes | SuperLink peak RSS MiB | ServerApp peak RSS MiB |",
+        ("| transport | model | round s | floor s | overhead s | wall s | Flower bytes "
+        "| link bytes | SuperLink peak RSS MiB | ServerApp peak RSS MiB |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

@@ -139,9 +139,10 @@ def test_tcp_server_rejects_out_of_band_and_hello():
 
 
 # -- real hardware only ------------------------------------------------------------------
-@pytest.mark.skipif(not HAVE_RDMA, reason=f"no RDMA here: {WHY}")
-@pytest.mark.skipif(not os.environ.get("FLWR_TRANSPORTS_RDMA_HOST"),
-                    reason="set FLWR_TRANSPORTS_RDMA_HOST to an address of an RDMA interface")
+@pytest.mark.skipif(
+    not HAVE_RDMA or not os.environ.get("FLWR_TRANSPORTS_RDMA_HOST"),
+    reason=f"no RDMA here: {WHY}" if not HAVE_RDMA else
+    "set FLWR_TRANSPORTS_RDMA_HOST to the address of an RDMA-capable interface")
 def test_rdma_roundtrip_on_hardware():
     host = os.environ["FLWR_TRANSPORTS_RDMA_HOST"]
     link = rdma.RdmaServerLink(f"rdma://{host}:0", 1, {"chunk_size": "1MiB"})

@@ -148,14 +148,11 @@ class _Endpoint:
         self.posted.append(mr)
 
     def close(self) -> None:
-        try:
-            self.cmid.disconnect()
-        except Exception:  # noqa: BLE001
-            pass
-        try:
-            self.cmid.close()
-        except Exception:  # noqa: BLE001
-            pass
+        for step in (self.cmid.disconnect, self.cmid.close):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - best effort teardown
+                log.debug("rdma:// teardown: %s", exc)
 
 
 class _RdmaListener:
@@ -211,8 +208,8 @@ class _RdmaListener:
         self.stopping = True
         try:
             self.cmid.close()  # unblocks get_request
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as exc:  # noqa: BLE001 - best effort teardown
+            log.debug("rdma:// listener teardown: %s", exc)
         with self.cond:
             for ep in self.pending.values():
                 ep.close()
@@ -290,7 +287,7 @@ class _RdmaServerLink(TcpServerLink):
         try:
             self.server.rdma = _RdmaListener(self.server.sock.getsockname()[0], port,
                                              self.chunk_size, self.window, self.timeout)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pyverbs errors are not OSErrors
             self.server.close()
             raise LinkError(f"rdma:// cannot listen for queue pairs on port {port}: {exc}; "
                             f"{_HINT}") from None

@@ -272,6 +272,24 @@ class FDA(Strategy):
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
         """Run ``num_rounds`` FDA monitoring steps (syncing when Theta is exceeded)."""
+        try:
+            return self._run(
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                evaluate_fn,
+            )
+        finally:
+            close = getattr(self.inner, "close", None)
+            if callable(close):  # e.g. offload(): remove what the run left on its link
+                close()
+
+    def _run(
+        self, grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn
+    ) -> Result:
         log(INFO, "Starting %s strategy:", self.__class__.__name__)
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
@@ -386,6 +404,11 @@ class FDA(Strategy):
             )
 
         self.stats["threshold"] = theta
+        inner_stats = getattr(self.inner, "stats", None)
+        if isinstance(inner_stats, dict):  # offload(): bytes that went over its link
+            for key in ("link_bytes_sent", "link_bytes_received"):
+                if key in inner_stats:
+                    self.stats[key] = inner_stats[key]
         log(INFO, "")
         log(INFO, "FDA finished in %.2fs: %s", time.time() - t_start, self.summary_line())
         for line in io.StringIO(str(result)):
@@ -429,13 +452,28 @@ class FDA(Strategy):
 
     def _sync(self, grid, step, epoch, states, timeout, rec, final: bool = False):
         """Ask every monitored node for its local model; aggregate with the inner strategy."""
-        msgs = []
-        for s in states:
-            cfg = ConfigRecord({P.PHASE: P.SYNC, P.EPOCH: epoch, "server-round": step})
+        # Built by the inner strategy (with an empty ArrayRecord) so that wrappers such as
+        # offload() can attach what the reply needs (e.g. an upload ticket).
+        wanted = {s["node"] for s in states}
+        cfg = ConfigRecord({P.PHASE: P.SYNC, P.EPOCH: epoch})
+        msgs: list[Message] = []
+        for m in self.inner.configure_train(step, ArrayRecord(), cfg, grid):
+            node = m.metadata.dst_node_id
+            if node in wanted:
+                wanted.discard(node)
+                if not any(P.PHASE in c for c in m.content.config_records.values()):
+                    content = RecordDict(dict(m.content.items()))
+                    content[FDA_CONFIG_KEY] = ConfigRecord(
+                        {P.PHASE: P.SYNC, P.EPOCH: epoch, "server-round": step}
+                    )
+                    m.content = content
+                msgs.append(m)
+        for node in sorted(wanted):  # monitored nodes the inner strategy did not sample
+            cfg_n = ConfigRecord({P.PHASE: P.SYNC, P.EPOCH: epoch, "server-round": step})
             msgs.append(
                 Message(
-                    RecordDict({FDA_CONFIG_KEY: cfg}),
-                    dst_node_id=s["node"],
+                    RecordDict({FDA_CONFIG_KEY: cfg_n}),
+                    dst_node_id=node,
                     message_type=MessageType.TRAIN,
                 )
             )

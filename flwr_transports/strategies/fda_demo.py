@@ -1,7 +1,7 @@
 """A small numpy learning task for FDA tests, examples and the benchmark (no downloads).
 
-Data: inputs x ~ N(0, I_dim); labels from a fixed random "teacher" network
-(argmax of W2 tanh(W1 x)), so the task is non-linear but learnable. Non-IID split:
+Data: a Gaussian mixture, ``modes`` cluster centres per class (so the classes are not
+linearly separable) plus isotropic noise. Non-IID split:
 every client draws its label mix from a Dirichlet(alpha) distribution (label skew).
 Model: a one-hidden-layer MLP (tanh) trained with minibatch SGD on cross-entropy.
 The ClientApp built by :func:`make_client_app` is an ordinary Flower ClientApp with
@@ -33,16 +33,18 @@ def make_data(
     alpha: float = 0.5,
     test_size: int = 4000,
     seed: int = 0,
+    modes: int = 3,
+    noise: float = 1.5,
 ) -> Split:
-    """Teacher-labelled synthetic data with a Dirichlet label-skew split."""
+    """Gaussian-mixture data (``modes`` clusters per class) with a Dirichlet label skew."""
     rng = np.random.default_rng(seed)
-    t1 = rng.standard_normal((dim, 64)) / np.sqrt(dim)
-    t2 = rng.standard_normal((64, classes))
+    centers = rng.standard_normal((classes, modes, dim))
 
     def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
-        x = rng.standard_normal((n, dim)).astype(np.float32)
-        y = np.argmax(np.tanh(x @ t1 * 2.0) @ t2, axis=1).astype(np.int64)
-        return x, y
+        y = rng.integers(0, classes, size=n)
+        m = rng.integers(0, modes, size=n)
+        x = centers[y, m] + noise * rng.standard_normal((n, dim))
+        return x.astype(np.float32), y.astype(np.int64)
 
     pool_x, pool_y = sample(num_clients * per_client * 4)
     by_class = [list(np.flatnonzero(pool_y == c)) for c in range(classes)]

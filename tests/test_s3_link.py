@@ -465,7 +465,7 @@ def test_clear_errors(moto_endpoint, s3, bucket, monkeypatch):
         server_link(f"s3://{bucket}?endpoint_url={moto_endpoint}", 1)
 
 
-def test_cleanup_finds_leftovers_of_a_crashed_run(moto_endpoint, s3, bucket):
+def test_cleanup_finds_leftovers_of_a_crashed_run(moto_endpoint, s3, bucket, capsys):
     _, payload = payload_of(6 * MiB)
     url = f"s3://{bucket}/pre?endpoint_url={moto_endpoint}"
     s3.put_object(Bucket=bucket, Key="pre/not-ours.bin", Body=b"keep me")
@@ -476,6 +476,10 @@ def test_cleanup_finds_leftovers_of_a_crashed_run(moto_endpoint, s3, bucket):
     assert S3ServerLink.cleanup(url) == []  # younger than older_than (1h): a live run's
     found = S3ServerLink.cleanup(url + "&older_than=0", dry_run=True)
     assert len(found) == 2 and any("incomplete upload" in f for f in found)
+    from flwr_transports.cleanup import main as cleanup_cli  # the CLI reaches the same code
+
+    assert cleanup_cli([url + "&older_than=0", "--dry-run"]) == 0
+    assert "would remove 2 object(s)" in capsys.readouterr().out
     objs, ups = leftovers(s3, bucket)
     assert len(objs) == 2 and len(ups) == 1
     found = S3ServerLink.cleanup(url, all_=True)

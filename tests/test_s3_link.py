@@ -521,3 +521,30 @@ def test_client_side_needs_no_boto3(moto_endpoint, s3, bucket):
     finally:
         link.close()
     assert leftovers(s3, bucket) == ([], [])
+
+
+def test_random_reads_and_progress(moto_endpoint, s3, bucket, capfd, monkeypatch):
+    """Ranged reads in any order (backwards too) return the right bytes; progress lines
+    appear only when asked for."""
+    _, payload = payload_of(13 * MiB)
+    plain = payload.to_bytes()
+    link = server_link(f"s3://{bucket}?endpoint_url={moto_endpoint}", 8,
+                       {"part_size": "5MiB", "concurrency": 2})
+    try:
+        loc = link.publish("g", payload)
+        rng = np.random.default_rng(5)
+        with S3ClientLink().open(loc, payload.size) as src:
+            for _ in range(25):
+                off = int(rng.integers(0, payload.size))
+                n = int(rng.integers(0, min(7 * MiB, payload.size - off) + 1))
+                assert src.read(off, n) == plain[off: off + n]
+            with pytest.raises(ValueError):
+                src.read(payload.size - 1, 2)
+        assert "flwr-transports s3" not in capfd.readouterr().err  # quiet by default
+        monkeypatch.setenv("FLWR_TRANSPORTS_PROGRESS", "1")
+        with S3ClientLink().open(loc, payload.size) as src:
+            src.read(0, payload.size)
+        err = capfd.readouterr().err
+        assert "flwr-transports s3 download g:" in err and "(100%)" in err
+    finally:
+        link.close()

@@ -29,7 +29,7 @@ import struct
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -601,7 +601,10 @@ class RangedReader:
             futs = [self.futs[j] for j in range(j0, j1 + 1)]
         out = []
         for k, f in enumerate(futs):
-            data = f.result()
+            try:
+                data = f.result()
+            except CancelledError:  # dropped by a concurrent reader: fetch it here
+                data = self._fetch(j0 + k)
             base = (j0 + k) * U
             a = max(off, base) - base
             b = min(off + n, base + len(data)) - base

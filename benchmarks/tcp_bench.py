@@ -3,8 +3,10 @@
 Both run in this one process (server and client threads), over 127.0.0.1, on the
 same payload:
 
-* raw:       one connection, ``sendall(memoryview)`` -> ``recv_into`` a preallocated
-             buffer (the best a plain Python socket does; no checks, no framing);
+* raw:       one connection, ``sendall(memoryview)`` -> ``recv_into`` a preallocated,
+             already touched buffer (the best a plain Python socket does; no checks,
+             no framing); ``raw fresh`` allocates the buffer inside the timing, as any
+             receiver of a new payload must (page faults included);
 * tcp GET:   ``TcpServerLink.publish`` (chunk table computed before the clock starts)
              then ``TcpClientLink.open`` and wait for every chunk (CRC-checked) in
              the client's buffer; ``+read`` adds ``read()`` of the whole payload into
@@ -14,7 +16,9 @@ same payload:
 
 Usage: python benchmarks/tcp_bench.py [--size 1GiB] [--repeat 3] [--streams 4]
        [--window 4] [--chunk-size 8MiB]
-Prints median and best GB/s for each and the ratio link/raw (target >= 0.7).
+Prints median and best GB/s for each, the ratio link/raw (target >= 0.7) and the
+CPU seconds (all threads of the process: both ends) spent per GiB moved, which is
+steadier than throughput on a loaded machine.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ import time
 from flwr_transports.codec import EncodedPayload, parse_size
 from flwr_transports.links.tcp import TcpClientLink, TcpServerLink
 
+KINDS = ("raw", "raw fresh", "tcp GET", "tcp GET+read", "tcp PUT")
+CPU: dict[str, list[float]] = {k: [] for k in KINDS}
 
-def raw_transfer(data: memoryview, dest: memoryview) -> float:
+
+def raw_transfer(data: memoryview, dest: memoryview | None, key: str = "raw") -> float:
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
 
@@ -44,8 +51,9 @@ def raw_transfer(data: memoryview, dest: memoryview) -> float:
     t = threading.Thread(target=serve)
     t.start()
     cli = socket.create_connection(("127.0.0.1", port))
+    c0 = time.process_time()
     t0 = time.perf_counter()
-    mv = dest
+    mv = memoryview(bytearray(len(data))) if dest is None else dest
     while len(mv):
         n = cli.recv_into(mv)
         if not n:
@@ -54,6 +62,7 @@ def raw_transfer(data: memoryview, dest: memoryview) -> float:
     dt = time.perf_counter() - t0
     cli.close()
     t.join()
+    CPU[key].append(time.process_time() - c0)
     return dt
 
 
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     data += os.urandom(size - len(data))
     payload = EncodedPayload(segments=[data], size=size, digest="sha256:" + "0" * 64)
     dest = bytearray(size)  # raw: preallocated and warmed
-    res: dict[str, list[float]] = {"raw": [], "tcp GET": [], "tcp GET+read": [], "tcp PUT": []}
+    res: dict[str, list[float]] = {"raw": [], "raw fresh": [], "tcp GET": [], "tcp GET+read": [], "tcp PUT": []}
 
     srv = TcpServerLink("tcp://127.0.0.1:0", "bench", {
         "chunk_size": a.chunk_size, "streams": a.streams, "window": a.window})
@@ -82,35 +91,48 @@ def main(argv: list[str] | None = None) -> int:
         t_pub = time.perf_counter() - t0
         for _ in range(a.repeat):
             res["raw"].append(raw_transfer(memoryview(data), memoryview(dest)))
+            res["raw fresh"].append(raw_transfer(memoryview(data), None, "raw fresh"))
+            c0 = time.process_time()
             t0 = time.perf_counter()
             src = cli.open(loc, size)
             src.scheduler.wait_all(600)
             t1 = time.perf_counter()
+            c1 = time.process_time()
             step = 64 << 20
             for off in range(0, size, step):
                 src.read(off, min(step, size - off))
             t2 = time.perf_counter()
+            c2 = time.process_time()
+            CPU["tcp GET"].append(c1 - c0)
+            CPU["tcp GET+read"].append(c2 - c0)
             src.close()
             res["tcp GET"].append(t1 - t0)
             res["tcp GET+read"].append(t2 - t0)
             if not a.no_put:
                 slot = srv.issue_slot(f"put{_}", size)
+                c0 = time.process_time()
                 t0 = time.perf_counter()
                 cli.upload(slot, payload)
                 res["tcp PUT"].append(time.perf_counter() - t0)
+                CPU["tcp PUT"].append(time.process_time() - c0)
                 srv.discard_slot(slot)
     finally:
         srv.close()
     print(f"payload {size / 2**20:.0f} MiB, chunk {a.chunk_size}, streams {a.streams}, "
           f"window {a.window}, repeats {a.repeat}; publish (CRC table) {t_pub:.2f}s")
-    raw_best = size / min(res["raw"]) / 1e9
     raw_med = size / statistics.median(res["raw"]) / 1e9
+    fresh_med = size / statistics.median(res["raw fresh"]) / 1e9
     for name, ts in res.items():
         if not ts:
             continue
         best, med = size / min(ts) / 1e9, size / statistics.median(ts) / 1e9
-        ratio = "" if name == "raw" else f"  ratio median {med / raw_med:.2f}x best {best / raw_best:.2f}x"
-        print(f"  {name:<13} median {med:6.2f} GB/s  best {best:6.2f} GB/s{ratio}")
+        ratio = "" if name.startswith("raw") else (
+            f"  x{med / raw_med:.2f} of raw, x{med / fresh_med:.2f} of raw fresh")
+        cpu = statistics.median(CPU[name]) / (size / 2**30)
+        print(f"  {name:<13} median {med:6.2f} GB/s  best {best:6.2f} GB/s  "
+              f"CPU {cpu:5.2f} s/GiB{ratio}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"  (load average {load:.1f} on {os.cpu_count()} CPUs while measuring)")
     return 0
 
 

@@ -147,9 +147,13 @@ def isend(comm, MPI, dest: int, header: bytes, segments: list[Any]) -> PendingSe
     return PendingSend(dest, reqs, [header, segments])
 
 
+_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+
+
 def wait_all(MPI, requests: list[Any], deadline: float | None, what: str) -> None:
     """Drive ``requests`` to completion; raise MpiTimeout past ``deadline``."""
     while requests and not MPI.Request.Testall(requests):
+        _yield()
         if deadline is not None and time.monotonic() > deadline:
             for r in requests:
                 with contextlib.suppress(Exception):  # best effort

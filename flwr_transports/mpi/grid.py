@@ -183,6 +183,7 @@ class MpiGrid(Grid):
                 self._poller.wait()
             else:
                 self._poller.reset()
+                C._yield()  # data in flight: keep polling, but let the nodes have the CPU
         return [got[m] for m in ids if m in got]
 
     # -- engine ----------------------------------------------------------------------

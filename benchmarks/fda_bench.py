@@ -80,7 +80,7 @@ class Run:
         return None
 
 
-def run_method(name, split, init, args, theta=None, variant=None) -> Run:
+def run_method(name, split, init, args, theta=None, variant=None, rho=None) -> Run:
     app = D.make_client_app(split, local_steps=args.local_steps, batch=args.batch, lr=args.lr,
                             seed=args.seed, mods=[fda_mod])
     grid = CountingGrid(app, args.clients, serialize=True)
@@ -99,7 +99,8 @@ def run_method(name, split, init, args, theta=None, variant=None) -> Run:
         run.syncs = args.steps
     else:
         fda = FDA(inner, threshold=theta, variant=variant, sketch_depth=args.sketch_depth,
-                  sketch_width=args.sketch_width, seed=args.seed)
+                  sketch_width=args.sketch_width, seed=args.seed, adaptive=rho is not None,
+                  adaptive_rho=rho or 10.0)
         fda.start(grid, init, num_rounds=args.steps, evaluate_fn=evaluate_fn)
         run.syncs = int(fda.stats["syncs"])
         own = fda.stats["bytes_down"] + fda.stats["bytes_up"]
@@ -124,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--theta", type=float, nargs="+", default=[2.0],
                     help="Theta values to run for each FDA variant")
     ap.add_argument("--variants", nargs="+", default=["naive", "linear", "sketch"])
+    ap.add_argument("--adaptive-rho", type=float, nargs="*", default=[],
+                    help="also run each variant with the adaptive Theta rule at these rho")
     ap.add_argument("--tolerance", type=float, default=0.005,
                     help="target accuracy = FedAvg final accuracy - tolerance")
     ap.add_argument("--seed", type=int, default=0)
@@ -146,13 +149,17 @@ def main(argv=None) -> int:
             runs.append(run_method(f"FDA-{variant} (Theta={theta:g})", split, init, args,
                                    theta=theta, variant=variant))
             print(f"  done {runs[-1].name}", file=sys.stderr, flush=True)
+        for rho in args.adaptive_rho:
+            runs.append(run_method(f"FDA-{variant} (adaptive rho={rho:g})", split, init, args,
+                                   theta=0.0, variant=variant, rho=rho))
+            print(f"  done {runs[-1].name}", file=sys.stderr, flush=True)
 
     fedavg = runs[0]
     target = fedavg.final_acc - args.tolerance
     fb = fedavg.bytes_to(target)
     print(f"# target accuracy {target:.4f} (FedAvg final {fedavg.final_acc:.4f} - "
           f"{args.tolerance})")
-    hdr = (f"{'method':<28}{'syncs':>6}{'final acc':>10}{'best acc':>10}"
+    hdr = (f"{'method':<34}{'syncs':>6}{'final acc':>10}{'best acc':>10}"
            f"{'MB total':>10}{'MB to target':>14}{'vs FedAvg':>11}{'s':>7}")
     print(hdr)
     for r in runs:
@@ -160,7 +167,7 @@ def main(argv=None) -> int:
         best = max(a for _, a in r.curve)
         ratio = f"{b / fb:.4f}" if b is not None and fb else "-"
         to_t = f"{b / 1e6:.3f}" if b is not None else "not reached"
-        print(f"{r.name:<28}{r.syncs:>6}{r.final_acc:>10.4f}{best:>10.4f}"
+        print(f"{r.name:<34}{r.syncs:>6}{r.final_acc:>10.4f}{best:>10.4f}"
               f"{r.total_bytes / 1e6:>10.3f}{to_t:>14}{ratio:>11}{r.seconds:>7.1f}")
 
     if args.json:

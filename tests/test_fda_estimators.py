@@ -131,7 +131,8 @@ def test_estimator_input_validation():
 
 
 def test_adaptive_threshold_rule():
-    # EMA towards rho * ||global step||^2, floored at theta_min
-    assert E.adaptive_threshold(1.0, 4.0, rho=0.5, beta=0.5, theta_min=0.0) == pytest.approx(1.5)
-    assert E.adaptive_threshold(1.0, 0.0, rho=0.5, beta=1.0, theta_min=0.1) == pytest.approx(0.1)
-    assert E.adaptive_threshold(1.0, float("nan"), rho=0.5, beta=0.5, theta_min=0.0) == 1.0
+    # EMA towards the target (rho * one-step variance), floored at theta_min
+    assert E.adaptive_threshold(1.0, 2.0, beta=0.5, theta_min=0.0) == pytest.approx(1.5)
+    assert E.adaptive_threshold(1.0, 0.0, beta=1.0, theta_min=0.1) == pytest.approx(0.1)
+    assert E.adaptive_threshold(0.0, 3.0, beta=0.5, theta_min=0.0, first=True) == 3.0
+    assert E.adaptive_threshold(1.0, float("nan"), beta=0.5, theta_min=0.0) == 1.0

@@ -197,21 +197,27 @@ def test_linear_xi_is_direction_of_last_global_update(split):
         np.testing.assert_allclose(xi, xi_expect, rtol=1e-4, atol=1e-6)
 
 
-def test_adaptive_threshold_changes_after_sync(split):
+def test_adaptive_threshold_calibrates_from_one_step_variance(split):
     grid = InProcessGrid(D.make_client_app(split, mods=[fda_mod]), K)
     fda = FDA(
         FedAvg(min_available_nodes=K, fraction_evaluate=0.0),
-        threshold=0.01,
-        variant="linear",
+        threshold=0.0,
+        variant="naive",
         adaptive=True,
-        adaptive_rho=0.5,
+        adaptive_rho=4.0,
         adaptive_beta=0.5,
     )
-    fda.start(grid, _init(), num_rounds=10)
-    thetas = [h["threshold"] for h in fda.history]
-    first_sync = next(i for i, h in enumerate(fda.history) if h["sync"])
-    assert thetas[first_sync + 1] != thetas[first_sync]
-    assert fda.stats["threshold"] == pytest.approx(thetas[-1]) or fda.history[-1]["sync"]
+    fda.start(grid, _init(), num_rounds=12)
+    h = fda.history
+    # Theta <= 0 + adaptive: the first step calibrates Theta = rho * v1 (no sync at step 1)
+    assert h[0]["threshold"] == pytest.approx(4.0 * h[0]["estimate"])
+    assert h[0]["sync"] == 0
+    syncs = [i for i, x in enumerate(h) if x["sync"]]
+    assert syncs and len(syncs) < 12
+    # after a sync, the next step's estimate recalibrates Theta by the EMA rule
+    i = syncs[0] + 1
+    expect = 0.5 * h[i - 1]["threshold"] + 0.5 * 4.0 * h[i]["estimate"]
+    assert h[i]["threshold"] == pytest.approx(expect)
 
 
 # --------------------------------------------------------------------------- hostile input

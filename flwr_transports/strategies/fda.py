@@ -81,8 +81,11 @@ class FDA(Strategy):
     sketch_depth, sketch_width : int
         AMS sketch shape for the sketch variant (eps = 1/sqrt(width)).
     adaptive : bool
-        Adapt Theta after every sync:
-        ``Theta <- max(theta_min, (1-beta) Theta + beta * rho * ||w_sync - w_prev||^2)``.
+        Recalibrate Theta at the first monitoring step after every sync (and at the
+        start), from that step's variance estimate v1 (the one-step drift):
+        ``Theta <- max(theta_min, (1-beta) Theta + beta * rho * v1)``; with
+        ``threshold <= 0`` the first calibration sets ``Theta = rho * v1``. So Theta is
+        unit-free: "sync when the variance reaches rho times its one-step value".
     adaptive_rho, adaptive_beta, theta_min : float
         Parameters of the adaptive rule.
     seed : int
@@ -108,7 +111,7 @@ class FDA(Strategy):
         sketch_depth: int = 5,
         sketch_width: int = 250,
         adaptive: bool = False,
-        adaptive_rho: float = 1.0,
+        adaptive_rho: float = 10.0,
         adaptive_beta: float = 0.5,
         theta_min: float = 0.0,
         seed: int = 0,
@@ -349,6 +352,15 @@ class FDA(Strategy):
                 up,
             )
             train_metrics = self._monitor_metrics(states)
+            if self.adaptive and steps_since_sync == 1 and math.isfinite(est):
+                theta = adaptive_threshold(
+                    theta,
+                    self.adaptive_rho * est,
+                    self.adaptive_beta,
+                    self.theta_min,
+                    first=(theta <= 0),
+                )
+                rec["threshold"] = theta
 
             if states and (theta <= 0 or est > theta):
                 synced = self._sync(grid, step, epoch, states, timeout, rec)
@@ -361,15 +373,6 @@ class FDA(Strategy):
                     steps_since_sync = 0
                     if agg_metrics is not None:
                         train_metrics = agg_metrics
-                    if self.adaptive:
-                        delta = P.flatten(global_arrays) - P.flatten(prev_global)
-                        theta = adaptive_threshold(
-                            theta,
-                            float(delta @ delta),
-                            self.adaptive_rho,
-                            self.adaptive_beta,
-                            self.theta_min,
-                        )
                     if self.evaluate_after_sync:
                         self._evaluate(
                             grid, step, global_arrays, evaluate_config, timeout, evaluate_fn, result

@@ -170,15 +170,20 @@ def estimate(variant: str, sqnorms, xi_dots=None, sketches=None, weights=None) -
 
 
 def adaptive_threshold(
-    theta: float, last_update_sqnorm: float, rho: float, beta: float, theta_min: float
+    theta: float, target: float, beta: float, theta_min: float, first: bool = False
 ) -> float:
-    """Adaptive Theta after a sync (the rule documented in docs/fda.md).
+    """Adaptive Theta (the rule documented in docs/fda.md).
 
-    Theta_new = max(theta_min, (1 - beta) * Theta + beta * rho * ||w_sync - w_prev_sync||^2)
+    ``target`` is rho times the variance estimate after the first monitoring step of
+    the current epoch (the one-step drift). The new Theta is
 
-    i.e. the clients may disagree (in variance) by ``rho`` times the squared length of
-    the last global step, smoothed by an exponential moving average with factor beta.
+        max(theta_min, (1 - beta) * Theta + beta * target)      (target if ``first``)
+
+    i.e. an exponential moving average that keeps Theta at about rho one-step
+    variances, whatever the units of the model and the size of its steps.
     """
-    if not math.isfinite(last_update_sqnorm) or last_update_sqnorm < 0:
+    if not math.isfinite(target) or target < 0:
         return theta
-    return max(theta_min, (1.0 - beta) * theta + beta * rho * last_update_sqnorm)
+    if first:
+        return max(theta_min, target)
+    return max(theta_min, (1.0 - beta) * theta + beta * target)

@@ -464,3 +464,47 @@ def test_server_close_stops_threads_and_port():
     assert not [t for t in threading.enumerate() if t.name.startswith("ftx-tcp")]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_ipv6_host():
+    link = TcpServerLink("tcp://[::1]:0", 1, {"chunk_size": "64KiB", "timeout": 10})
+    try:
+        rec, p = make_payload(200 * KiB)
+        loc = link.publish("r1", p)
+        assert loc["host"] == "::1"
+        assert same(fetch(loc, p)[0], rec)
+    finally:
+        link.close()
+
+
+def test_buffers_are_reused_without_leaking_old_data(server):
+    link = server()
+    pool = ch.BufferPool(64 * MiB)
+    rec1, p1 = make_payload(400 * KiB, seed=1)
+    rec2, p2 = make_payload(400 * KiB, seed=2)  # same size, other bytes
+    assert p1.size == p2.size
+    for rec, p, name in ((rec1, p1, "a"), (rec2, p2, "b")):
+        loc = link.publish(name, p)
+        ep = ch.Endpoint("127.0.0.1", loc["port"], timeout=10)
+        with ch.download(lambda ep=ep: ch.ClientConn(ep), loc["id"], bytes.fromhex(loc["token"]),
+                         p.size, pool=pool) as src:
+            assert same(decode(src.read, p.size, p.digest), rec)
+    assert pool.hits == 1 and len(pool.free) == 1
+    # server side: round 2's upload slot reuses round 1's buffer
+    for i, (rec, p) in enumerate(((rec1, p1), (rec2, p2))):
+        slot = link.issue_slot(f"r{i}-s0", 4 * MiB)
+        loc = TcpClientLink().upload(slot, p)
+        with link.open_upload(slot, loc, p.size) as src:
+            assert same(decode(src.read, p.size, p.digest), rec)
+        link.discard_slot(slot)
+    assert link.server.pool.hits == 1
+    pool.clear()

@@ -19,6 +19,8 @@ URL options (query string or ``offload(...)`` keywords):
 ``retries``     reconnect attempts per connection without progress (default 5)
 ``max_conns``   concurrent connections the server accepts; beyond it clients are told
                 to back off and retry (default 256)
+``buffer_pool`` bytes of upload buffers kept for reuse by the next round's replies
+                (default 1GiB; 0 disables; clients: env FLWR_TRANSPORTS_BUFFER_POOL)
 ``tls_cert``, ``tls_key``
                 PEM files: serve over TLS. The certificate is pinned in every
                 descriptor (clients verify the chain against it AND its SHA-256
@@ -86,7 +88,7 @@ class TcpServerLink(ServerLink):
 
     scheme = "tcp"
     options = ("bind", "chunk_size", "streams", "window", "timeout", "retries", "max_conns",
-               "tls_cert", "tls_key")
+               "tls_cert", "tls_key", "buffer_pool")
     conn_cls: type[chunks.ServerConn] = chunks.ServerConn
 
     def __init__(self, url: str, run_id, options: dict[str, Any]):
@@ -125,10 +127,12 @@ class TcpServerLink(ServerLink):
         ssl_ctx = None
         if options.get("tls_cert") or options.get("tls_key"):
             ssl_ctx, self.tls = _server_tls(options.get("tls_cert"), options.get("tls_key"))
+        pool_cap = parse_size(options.get("buffer_pool", "1GiB"))
         self.secret = secrets.token_bytes(32)
         self.server = chunks.ChunkServer(
             bind_host, bind_port, secret=self.secret, timeout=self.timeout,
-            max_conns=max_conns, ssl_ctx=ssl_ctx, conn_cls=self.conn_cls, name=self.scheme)
+            max_conns=max_conns, ssl_ctx=ssl_ctx, conn_cls=self.conn_cls, name=self.scheme,
+            pool_cap=pool_cap)
         # the advertised port: the URL's, or the one we got if the URL said 0
         self.port = port or self.server.port
         self._published: dict[str, str] = {}

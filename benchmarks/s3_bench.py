@@ -23,6 +23,7 @@ link / boto3 time. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import multiprocessing as mp
 import os
@@ -76,7 +77,7 @@ class Radosgw:
             "ftx_radosgw", os.path.join(REPO, "scripts", "radosgw.py"))
         self.mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(self.mod)
-        self.state = self.mod.start(mem_bytes=int(os.environ.get("FTX_RGW_MEM", 5 << 30)))
+        self.state = self.mod.start(mem_bytes=int(os.environ.get("FTX_RGW_MEM", str(5 << 30))))
         self.endpoint = self.state["endpoint"]
         self.keys = {"AWS_ACCESS_KEY_ID": self.state["access_key"],
                      "AWS_SECRET_ACCESS_KEY": self.state["secret_key"]}
@@ -137,10 +138,8 @@ def _client(kind: str, job: dict, barrier, q) -> None:
             assert "boto3" not in sys.modules
         q.put((dt, n, None))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        try:
+        with contextlib.suppress(Exception):
             barrier.abort()
-        except Exception:  # noqa: BLE001
-            pass
         q.put((0.0, 0, f"{type(exc).__name__}: {exc}"))
 
 
@@ -220,7 +219,12 @@ def bench_store(name: str, store, sizes: list[int], clients: int, repeat: int, p
             _print(rows[-5:])
     finally:
         link.close()
-        s3.delete_bucket(Bucket=bucket)
+        try:
+            for o in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+                s3.delete_object(Bucket=bucket, Key=o["Key"])
+            s3.delete_bucket(Bucket=bucket)
+        except Exception as exc:  # noqa: BLE001 - the store is stopped next anyway
+            print(f"(could not remove bucket {bucket}: {exc})", file=sys.stderr)
     return rows
 
 

@@ -244,6 +244,7 @@ class S3ServerLink(ServerLink):
         self._published: dict[str, str] = {}
         self._slots: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        self.fast_presign = False  # set once part URLs were signed by _QuerySigner
 
     # -- helpers -----------------------------------------------------------------------
     def _boto(self, what: str, fn, *args, **kwargs):
@@ -289,6 +290,30 @@ class S3ServerLink(ServerLink):
         return self.s3.generate_presigned_url(
             op, Params={"Bucket": self.cfg.bucket, **params},
             ExpiresIn=expires or self.cfg.expires)
+
+    def _part_urls(self, key: str, upload_id: str, n: int) -> list[str]:
+        """Presigned PUT URLs for parts 1..n.
+
+        botocore needs ~1-5 ms per presigned URL; a slot may need 64. Part URLs differ
+        only in partNumber, so the first comes from botocore and the others are signed
+        here (SigV4 query signing) - but only if re-signing the first reproduces
+        botocore's signature exactly; otherwise botocore signs every part.
+        """
+        first = self._presign("upload_part", Key=key, UploadId=upload_id, PartNumber=1)
+        if n == 1:
+            return [first]
+        signer = _QuerySigner.from_url(first, "PUT", self._credentials())
+        if signer is None:
+            return [first] + [self._presign("upload_part", Key=key, UploadId=upload_id,
+                                            PartNumber=i) for i in range(2, n + 1)]
+        self.fast_presign = True
+        return [first] + [signer.url(partNumber=str(i)) for i in range(2, n + 1)]
+
+    def _credentials(self):
+        try:
+            return self.s3._request_signer._credentials.get_frozen_credentials()
+        except Exception:  # noqa: BLE001 - any surprise: botocore signs every URL
+            return None
 
     def _loc(self, key: str, size: int, enc: dict | None, range_stored: int) -> dict[str, Any]:
         layout = Layout(size, enc["chunk"] if enc else 0)
@@ -387,8 +412,7 @@ class S3ServerLink(ServerLink):
             self._slots[key] = {"upload_id": uid, "state": "open", "part": part, "enc": enc,
                                 "n": n, "name": name}
         try:
-            urls = [self._presign("upload_part", Key=key, UploadId=uid, PartNumber=i + 1)
-                    for i in range(n)]
+            urls = self._part_urls(key, uid, n)
         except BaseException:
             self.discard_slot({"key": key})
             raise
@@ -497,6 +521,60 @@ class S3ServerLink(ServerLink):
         s3 = cfg.client()
         return _sweep(s3, cfg, cfg.prefix + NAME_PREFIX, older_than=None if all_ else older,
                       dry_run=dry_run)
+
+
+class _QuerySigner:
+    """SigV4 query-string signing of variants of one botocore-presigned URL."""
+
+    def __init__(self, method: str, parts, pieces: list[tuple[str, str]], amz_date: str,
+                 scope: str, key: bytes):
+        self.method, self.parts, self.pieces = method, parts, pieces
+        self.amz_date, self.scope, self.key = amz_date, scope, key
+
+    @classmethod
+    def from_url(cls, url: str, method: str, creds) -> _QuerySigner | None:
+        import hashlib
+        import hmac
+        from urllib.parse import unquote, urlsplit
+
+        if creds is None or not creds.secret_key:
+            return None
+        u = urlsplit(url)
+        try:
+            pieces = [tuple(p.split("=", 1)) for p in u.query.split("&")]
+            d = dict(pieces)
+            akid, date, region, service, term = unquote(d["X-Amz-Credential"]).split("/")
+            amz_date, sig = d["X-Amz-Date"], d["X-Amz-Signature"]
+        except (KeyError, ValueError):
+            return None
+        if (d.get("X-Amz-Algorithm") != "AWS4-HMAC-SHA256" or akid != creds.access_key
+                or d.get("X-Amz-SignedHeaders") != "host" or term != "aws4_request"):
+            return None
+
+        def h(k: bytes, m: str) -> bytes:
+            return hmac.new(k, m.encode(), hashlib.sha256).digest()
+
+        key = h(h(h(h(f"AWS4{creds.secret_key}".encode(), date), region), service), term)
+        pieces = [p for p in pieces if p[0] != "X-Amz-Signature"]
+        signer = cls(method, u, pieces, amz_date, f"{date}/{region}/{service}/{term}", key)
+        return signer if hmac.compare_digest(signer._sign(pieces), sig) else None
+
+    def _sign(self, pieces: list[tuple[str, str]]) -> str:
+        import hashlib
+        import hmac
+
+        cq = "&".join(f"{k}={v}" for k, v in sorted(pieces))
+        creq = (f"{self.method}\n{self.parts.path}\n{cq}\nhost:{self.parts.netloc}\n\n"
+                "host\nUNSIGNED-PAYLOAD")
+        sts = (f"AWS4-HMAC-SHA256\n{self.amz_date}\n{self.scope}\n"
+               f"{hashlib.sha256(creq.encode()).hexdigest()}")
+        return hmac.new(self.key, sts.encode(), hashlib.sha256).hexdigest()
+
+    def url(self, **changes: str) -> str:
+        pieces = [(k, changes.get(k, v)) for k, v in self.pieces]
+        q = "&".join(f"{k}={v}" for k, v in pieces)
+        u = self.parts
+        return f"{u.scheme}://{u.netloc}{u.path}?{q}&X-Amz-Signature={self._sign(pieces)}"
 
 
 def _b64md5(body: bytes) -> str:

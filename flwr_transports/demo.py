@@ -81,8 +81,11 @@ def _start_moto():
         return None
     if importlib.util.find_spec("flwr_transports.links.s3") is None:
         return None
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log lines
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -7,7 +7,7 @@ Public names: ``offload`` (server-side strategy wrapper) and ``payload_mod``
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["offload", "payload_mod", "__version__"]
+__all__ = ["__version__", "offload", "payload_mod"]
 
 
 def __getattr__(name: str):  # lazy: importing the package stays cheap

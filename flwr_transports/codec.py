@@ -26,8 +26,8 @@ import hashlib
 import json
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from flwr.app import Array, ArrayRecord
@@ -129,7 +129,7 @@ def decode(read: Reader, size: int, digest: str | None) -> ArrayRecord:
     if size < 8:
         raise PayloadError(f"payload too small ({size} bytes)")
     if digest is not None:
-        algo, _, want = digest.partition(":")
+        algo, _, _hex = digest.partition(":")
         if algo != DIGEST_ALGO:
             raise PayloadError(f"unsupported digest algorithm {algo!r} (want {DIGEST_ALGO})")
     pieces: list[bytes] = []  # exactly the bytes decoded, hashed at the end
@@ -238,7 +238,7 @@ def hash_segments(segments: Sequence[bytes | memoryview]) -> str:
     return f"{DIGEST_ALGO}:{hashlib.sha256(b''.join(leaves)).hexdigest()}"
 
 
-def parse_size(value: str | int | float) -> int:
+def parse_size(value: str | float) -> int:
     """Parse '64MiB', '1GB', '512k', 1048576 into bytes."""
     if isinstance(value, bool):
         raise ValueError(f"invalid size {value!r}")

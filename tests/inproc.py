@@ -71,7 +71,7 @@ class InProcessGrid(Grid):
         incoming = copy.deepcopy(msg)
         try:
             reply = self.app(incoming, self.contexts[node])
-        except Exception as exc:  # as Flower: an exception becomes an error reply
+        except Exception as exc:  # noqa: BLE001 - as Flower: an exception becomes an error reply
             reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(exc)),
                             reply_to=incoming)
         reply = copy.deepcopy(reply)

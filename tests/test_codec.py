@@ -11,7 +11,12 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from flwr_transports.codec import (
-    PayloadError, decode, decode_bytes, encode, encode_to_bytes, parse_size,
+    PayloadError,
+    decode,
+    decode_bytes,
+    encode,
+    encode_to_bytes,
+    parse_size,
 )
 
 DTYPES = [np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,

@@ -14,7 +14,10 @@ import pytest
 from apps_inproc import initial_arrays, make_app
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
 )
 from inproc import InProcessGrid
 
@@ -244,7 +247,7 @@ def test_payload_changed_after_upload_is_caught(filedir):
                 f.write(bytes([b[0] ^ 0xFF]))
         return reply
 
-    s, _, _, errors = _tampered_run(tamper, f"file://{filedir}")
+    _, _, _, errors = _tampered_run(tamper, f"file://{filedir}")
     assert len(errors) == 1 and "digest mismatch" in errors[0].error.reason
 
 
@@ -256,7 +259,7 @@ def test_symlink_in_slot_refused(filedir):
             os.symlink("/etc/hostname", path)
         return reply
 
-    s, _, _, errors = _tampered_run(tamper, f"file://{filedir}")
+    _, _, _, errors = _tampered_run(tamper, f"file://{filedir}")
     assert len(errors) == 1 and "symbolic link" in errors[0].error.reason
     assert _ftx_entries(filedir) == []
 
@@ -269,7 +272,7 @@ def test_shm_name_outside_namespace_refused():
             reply.content["arrays"] = _ref_rec(doc)
         return reply
 
-    s, _, _, errors = _tampered_run(tamper, "shm://")
+    _, _, _, errors = _tampered_run(tamper, "shm://")
     assert len(errors) == 1 and "invalid shm:// segment name" in errors[0].error.reason
 
 

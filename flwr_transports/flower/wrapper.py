@@ -31,7 +31,13 @@ from flwr.serverapp.strategy.result import Result
 from ..codec import PayloadError, decode, encode, parse_size
 from ..links import LinkError, ServerLink, link_classes, server_link, split_url
 from ..refs import (
-    TICKET_KEY, Reference, RefError, Ticket, check_reply_ref, is_ref_record, parse_ref_record,
+    TICKET_KEY,
+    Reference,
+    RefError,
+    Ticket,
+    check_reply_ref,
+    is_ref_record,
+    parse_ref_record,
 )
 
 log = logging.getLogger("flwr_transports")
@@ -168,7 +174,7 @@ class OffloadStrategy(Strategy):
         if self.link is None:
             try:
                 run_id = grid.run.run_id
-            except Exception:  # grid without a run (tests, custom grids)
+            except Exception:  # noqa: BLE001 - grid without a run (tests, custom grids)
                 run_id = 0
             self.link = server_link(self.transport, run_id, self.link_options)
         return self.link
@@ -206,7 +212,7 @@ class OffloadStrategy(Strategy):
                             scheme=self.scheme, loc=loc, size=payload.size,
                             digest=payload.digest, n_arrays=payload.n_arrays,
                         ).to_record()
-                        ref_rec._ftx_size = payload.size  # noqa: SLF001 (local bookkeeping)
+                        ref_rec._ftx_size = payload.size
                         refs[id(rec)] = ref_rec
                         log.info("flwr-transports: round %d %s: published %r (%s, %d arrays) "
                                  "on %s:// in %.2fs", server_round, phase, key,

@@ -8,8 +8,15 @@ from typing import Any
 from .base import ClientLink, LinkError, PayloadSource, ServerLink, split_url
 
 __all__ = [
-    "ClientLink", "LinkError", "PayloadSource", "ServerLink", "REGISTRY",
-    "server_link", "client_link", "link_classes", "split_url",
+    "REGISTRY",
+    "ClientLink",
+    "LinkError",
+    "PayloadSource",
+    "ServerLink",
+    "client_link",
+    "link_classes",
+    "server_link",
+    "split_url",
 ]
 
 # scheme -> (module, server class, client class, extra that provides its dependencies)

@@ -31,8 +31,15 @@ from typing import Any
 from ..codec import EncodedPayload
 from ..refs import RefError
 from .base import (
-    NAME_PREFIX, ClientLink, LinkError, PayloadSource, ServerLink, owner_pid, parse_bool,
-    pid_alive, split_url,
+    NAME_PREFIX,
+    ClientLink,
+    LinkError,
+    PayloadSource,
+    ServerLink,
+    owner_pid,
+    parse_bool,
+    pid_alive,
+    split_url,
 )
 
 log = logging.getLogger(__name__)

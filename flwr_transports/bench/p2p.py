@@ -56,6 +56,18 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """Peak RSS of this process image (VmHWM).
+
+    Not ``ru_maxrss``: that survives ``execve`` and so would report the RSS of the
+    (big) driver process this worker was forked from.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
@@ -825,6 +837,9 @@ def run_p2p(
 
 
 def human_size(n: int) -> str:
+    for unit, f in (("GB", 10**9), ("MB", 10**6)):  # decimal sizes stay decimal
+        if n >= f and n % f == 0:
+            return f"{n // f} {unit}"
     for unit, f in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= f:
             v = n / f

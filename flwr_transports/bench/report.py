@@ -83,6 +83,9 @@ def _fmt(v: float | None, nd: int = 1) -> str:
 
 
 def human_size(n: int) -> str:
+    for unit, f in (("GB", 10**9), ("MB", 10**6)):  # decimal sizes stay decimal
+        if n >= f and n % f == 0:
+            return f"{n // f} {unit}"
     for unit, f in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= f:
             v = n / f
@@ -100,7 +103,7 @@ def p2p_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         (f"{meta.get('repeat')} runs after {meta.get('warmup')} warm-up(s); median and p95 "
         "latency of one transfer (sender start to last receiver done); throughput = "
-        "K x size / median; receiver peak RSS = max over receivers of ru_maxrss."),
+        "K x size / median; receiver peak RSS = max over receivers of their VmHWM."),
         "",
         ("| backend | size | K | median ms | p95 ms | MB/s | Gbit/s | rx peak RSS MiB "
         "| rx peak over base MiB |"),

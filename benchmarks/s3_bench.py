@@ -175,7 +175,13 @@ def bench_store(name: str, store, sizes: list[int], clients: int, repeat: int, p
     s3 = boto_client(store.endpoint, conc)
     bucket = f"ftx-bench-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="warm", Body=b"x")
+    import io
+
+    from boto3.s3.transfer import TransferConfig as _TC
+
+    # warm-up: the first multipart upload after start creates pools (radosgw)
+    s3.upload_fileobj(io.BytesIO(os.urandom(3 * part)), bucket, "warm",
+                      Config=_TC(multipart_chunksize=part, multipart_threshold=part))
     s3.delete_object(Bucket=bucket, Key="warm")
     rows = []
     url = (f"s3://{bucket}/bench?endpoint_url={store.endpoint}&part_size={part}"
@@ -192,8 +198,6 @@ def bench_store(name: str, store, sizes: list[int], clients: int, repeat: int, p
                 t0 = time.perf_counter()
                 loc = link.publish("model", payload)
                 t_pub.append(time.perf_counter() - t0)
-                import io
-
                 cfg = TransferConfig(multipart_chunksize=part, max_concurrency=conc,
                                      multipart_threshold=part)
                 t0 = time.perf_counter()
@@ -209,6 +213,8 @@ def bench_store(name: str, store, sizes: list[int], clients: int, repeat: int, p
                 res["link read"].append(parallel("link-read", job, clients))
                 res["link decode"].append(parallel("link-decode", job, clients))
             gb = payload.size / 1e9
+            print(f"  publish runs {[round(t, 2) for t in t_pub]}, boto3 upload runs "
+                  f"{[round(t, 2) for t in t_bup]}", flush=True)
             rows.append((name, size, "publish (link)", statistics.median(t_pub), gb))
             rows.append((name, size, "upload (boto3)", statistics.median(t_bup), gb))
             for k, v in res.items():

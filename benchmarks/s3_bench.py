@@ -162,7 +162,7 @@ def parallel(kind: str, job: dict, n: int) -> float:
 
 # -- one store --------------------------------------------------------------------------------
 def bench_store(name: str, store, sizes: list[int], clients: int, repeat: int, part: int,
-                conc: int, encrypt: bool) -> list[tuple]:
+                conc: int, encrypt: bool, checksum: str = "md5") -> list[tuple]:
     import numpy as np
     from boto3.s3.transfer import TransferConfig
     from flwr.app import ArrayRecord
@@ -185,7 +185,7 @@ def bench_store(name: str, store, sizes: list[int], clients: int, repeat: int, p
     s3.delete_object(Bucket=bucket, Key="warm")
     rows = []
     url = (f"s3://{bucket}/bench?endpoint_url={store.endpoint}&part_size={part}"
-           f"&concurrency={conc}&encrypt={'true' if encrypt else 'false'}")
+           f"&concurrency={conc}&encrypt={'true' if encrypt else 'false'}&checksum={checksum}")
     link = server_link(url, 0)
     try:
         for size in sizes:
@@ -251,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--part-size", default="16MiB")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--encrypt", action="store_true")
+    ap.add_argument("--checksum", choices=["md5", "none"], default="md5",
+                    help="per-part Content-MD5 of the link (boto3 here sends none)")
     a = ap.parse_args(argv)
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     part = parse_size(a.part_size)
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
         store = Moto() if name == "moto" else Radosgw()
         try:
             rows += bench_store(name, store, sizes, a.clients, a.repeat, part, a.concurrency,
-                                a.encrypt)
+                                a.encrypt, a.checksum)
         finally:
             store.stop()
     print("\nsummary (median of", a.repeat, "run(s); GB/s = bytes moved / seconds):")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import logging
 import math
 import os
@@ -410,7 +411,7 @@ class HttpTransport:
 
         transient = (req.exceptions.ConnectionError, req.exceptions.Timeout,
                      req.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError,
-                     ConnectionError, TimeoutError)
+                     ConnectionError, TimeoutError, http.client.HTTPException)
         attempt = 0
         while True:
             try:
@@ -458,7 +459,7 @@ class HttpTransport:
                     if m.group(3) != "*" and int(m.group(3)) != total:
                         raise RefError(f"{what}: the stored object has {m.group(3)} bytes, "
                                        f"the reference says {total}")
-                    data = r.raw.read(n + 1, decode_content=True)
+                    data = _read_body(r, n)
                 else:  # a store that ignores Range: only acceptable for the whole object
                     if start != 0 or end != total:
                         raise S3HttpError(f"{what}: the store at {_where(url)} ignores "
@@ -496,6 +497,23 @@ class HttpTransport:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _read_body(r, n: int) -> bytes | bytearray:
+    """Read an n-byte identity-encoded body straight into one buffer (no extra copies)."""
+    fp = getattr(r.raw, "_fp", None)  # the http.client response under urllib3
+    enc = (r.headers.get("Content-Encoding") or "identity").lower()
+    if enc != "identity" or fp is None or not hasattr(fp, "readinto"):
+        return r.raw.read(n + 1, decode_content=True)
+    buf = bytearray(n)
+    mv = memoryview(buf)
+    got = 0
+    while got < n:
+        k = fp.readinto(mv[got:])
+        if not k:
+            break
+        got += k
+    return buf if got == n else buf[:got]
 
 
 class _Retryable(Exception):
@@ -614,7 +632,7 @@ class RangedReader:
                 self.futs.pop(j, None)
         if len(out) == 1 and isinstance(out[0], bytes):
             return out[0]
-        return b"".join(out)
+        return b"".join(out)  # one copy into the bytes the caller keeps
 
     def close(self) -> None:
         with self.lock:

@@ -395,3 +395,19 @@ def test_composes_with_offload_file_link(split, tmp_path):
     assert fda.stats["link_bytes_received"] >= 3 * K * model
     assert fda.stats["sync_bytes_up"] < 3 * K * model  # only references in band
     assert list(link_dir.iterdir()) == []
+
+
+def test_max_period_forces_syncs(split):
+    grid = InProcessGrid(D.make_client_app(split, mods=[fda_mod]), K)
+    fda = FDA(
+        FedAvg(min_available_nodes=K, fraction_evaluate=0.0),
+        threshold=1e30,
+        variant="naive",
+        max_period=3,
+        final_sync=False,
+    )
+    fda.start(grid, _init(), num_rounds=9)
+    assert [h["sync"] for h in fda.history] == [0, 0, 1] * 3
+    assert all(h.get("forced") == 1 for h in fda.history if h["sync"])
+    with pytest.raises(ValueError):
+        FDA(FedAvg(), max_period=0)

@@ -99,6 +99,9 @@ class FDA(Strategy):
     evaluate_after_sync : bool
         Run the inner strategy's federated evaluation and ``evaluate_fn`` after each
         sync (the global model only changes at syncs).
+    max_period : int, optional
+        Force a sync after this many steps without one (a bound on staleness; also
+        lets the adaptive rule recalibrate). None (default): no bound.
     """
 
     # pylint: disable=too-many-arguments,too-many-instance-attributes
@@ -118,6 +121,7 @@ class FDA(Strategy):
         weighted: bool = False,
         final_sync: bool = True,
         evaluate_after_sync: bool = True,
+        max_period: int | None = None,
     ) -> None:
         if not isinstance(inner, Strategy):
             raise TypeError("FDA wraps a flwr.serverapp.strategy.Strategy")
@@ -141,6 +145,9 @@ class FDA(Strategy):
         self.weighted = weighted
         self.final_sync = final_sync
         self.evaluate_after_sync = evaluate_after_sync
+        if max_period is not None and (not isinstance(max_period, int) or max_period < 1):
+            raise ValueError("max_period must be a positive int or None")
+        self.max_period = max_period
         self.history: list[dict[str, Any]] = []
         self.stats: dict[str, int | float] = {}
         self._reset_stats()
@@ -362,7 +369,10 @@ class FDA(Strategy):
                 )
                 rec["threshold"] = theta
 
-            if states and (theta <= 0 or est > theta):
+            forced = bool(self.max_period and steps_since_sync >= self.max_period)
+            if states and (theta <= 0 or est > theta or forced):
+                if forced and not (theta <= 0 or est > theta):
+                    rec["forced"] = 1
                 synced = self._sync(grid, step, epoch, states, timeout, rec)
                 if synced is not None:
                     agg_arrays, agg_metrics = synced

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -76,7 +77,11 @@ def _deployment_class(supernode_prefix: Sequence[str] | None, superlink_addr: st
         def _start_supernodes(self) -> None:
             n = self.n_supernodes
             for i in range(n):
-                port = 9094 + i  # inside namespace B: nothing else listens there
+                # inside namespace B nothing else listens: any high port is free (a fresh one
+                # per deployment, so a previous node's lingering socket cannot clash)
+                port = 20000 + secrets.randbelow(20000)
+                while port in self.supernode_ports:
+                    port = 20000 + secrets.randbelow(20000)
                 self.supernode_ports.append(port)
                 cmd = [*supernode_prefix, self._exe("flower-supernode"), "--insecure",
                        "--superlink", f"{superlink_addr}:{self.superlink_port}",
@@ -166,14 +171,16 @@ def run_e2e_local(
         cls = _deployment_class(supernode_prefix, host if supernode_prefix else None)
         n_runs = sum(1 for _, u, _ in plan if u) * (len(sizes_mib) + (1 if floor_mib else 0))
         k = 0
-        with cls(n_supernodes=nodes, workdir=work / "deploy", env=env) as dep:
-            say(f"deployment up: SuperLink + {nodes} SuperNodes ({work})")
-            for t, url, skip in plan:
-                if skip:
-                    for m in sizes_mib:
-                        rows.append({"transport": t, "model_mib": m, "skipped": skip})
-                    say(f"{t}: skipped: {skip}")
-                    continue
+        for ti, (t, url, skip) in enumerate(plan):
+            if skip:
+                for m in sizes_mib:
+                    rows.append({"transport": t, "model_mib": m, "skipped": skip})
+                say(f"{t}: skipped: {skip}")
+                continue
+            # a fresh deployment per transport: the SuperLink keeps the memory an earlier
+            # in-band run grew it to, which would be charged to the next transport
+            with cls(n_supernodes=nodes, workdir=work / f"deploy-{ti}", env=env) as dep:
+                say(f"deployment up for {t}: SuperLink + {nodes} SuperNodes")
                 floor = None
                 todo = ([("floor", floor_mib)] if floor_mib else []) + [("model", m)
                                                                         for m in sizes_mib]
@@ -190,10 +197,9 @@ def run_e2e_local(
                     if kind == "floor":
                         floor = row.get("round_s")
                         row["floor_s"] = floor
-                    else:
-                        if floor is not None and "round_s" in row:
-                            row["floor_s"] = floor
-                            row["overhead_s"] = row["round_s"] - floor
+                    elif floor is not None and "round_s" in row:
+                        row["floor_s"] = floor
+                        row["overhead_s"] = row["round_s"] - floor
                     rows.append(row)
     finally:
         if s3:

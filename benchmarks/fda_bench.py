@@ -121,6 +121,7 @@ def run_method(name, split, init, args, theta=None, variant=None, rho=None) -> R
             seed=args.seed,
             adaptive=rho is not None,
             adaptive_rho=rho or 10.0,
+            max_period=args.max_period or None,
         )
         fda.start(grid, init, num_rounds=args.fda_steps or args.steps, evaluate_fn=evaluate_fn)
         run.syncs = int(fda.stats["syncs"])
@@ -157,6 +158,12 @@ def main(argv=None) -> int:
         help="Theta values to run for each FDA variant",
     )
     ap.add_argument("--variants", nargs="+", default=["naive", "linear", "sketch"])
+    ap.add_argument(
+        "--max-period",
+        type=int,
+        default=0,
+        help="FDA: force a sync after this many steps without one (0: off)",
+    )
     ap.add_argument(
         "--adaptive-rho",
         type=float,

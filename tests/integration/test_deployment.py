@@ -1,9 +1,9 @@
 """The foundation, proven on a REAL local Flower deployment.
 
 One deployment for the whole module: ``flower-superlink`` + 2 ``flower-supernode``
-processes on 127.0.0.1 (free ports), and three ``flwr run`` of
+processes on 127.0.0.1 (free ports), and five ``flwr run`` of
 examples/quickstart-offload (2 rounds, ~8 MiB model): ``shm://``, ``file://<tmp>``,
-then ``inband`` (the in-band run goes last so that its memory high-water mark cannot
+``tcp://127.0.0.1:0``, ``s3://`` against an embedded S3 server (moto), then ``inband`` (the in-band run goes last so that its memory high-water mark cannot
 inflate the offloaded runs' SuperLink RSS figures).
 
 Checked: the three final models are bit-identical and equal FedAvg computed
@@ -47,6 +47,10 @@ class Federation:
     shm_after: set[str]
     alive_after: list[str]
     stray_after: list[str]
+    s3_left: list[str] = field(default_factory=list)
+
+
+OFFLOADED = ("shm", "file", "tcp", "s3")
 
 
 class _LinkWatcher(threading.Thread):
@@ -89,40 +93,60 @@ def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
     base = tmp_path_factory.mktemp("deployment")
     file_dir = base / "file-link"
     file_dir.mkdir()
-    transports = {"shm": "shm://", "file": f"file://{file_dir}", "inband": "inband"}
+    pytest.importorskip("boto3", reason="the s3:// run needs the s3 extra")
+    moto_server = pytest.importorskip("moto.server", reason="the s3:// run needs moto[server]")
+    import boto3
+
+    s3srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3srv.start()
+    host, port = s3srv.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "itest", "AWS_SECRET_ACCESS_KEY": "itest",
+             "AWS_DEFAULT_REGION": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id="itest", aws_secret_access_key="itest")
+    s3.create_bucket(Bucket="itest")
+    transports = {"shm": "shm://", "file": f"file://{file_dir}", "tcp": "tcp://127.0.0.1:0",
+                  "s3": f"s3://itest/runs?endpoint_url={endpoint}", "inband": "inband"}
     watch_dirs = {"shm": Path("/dev/shm"), "file": file_dir}
 
     shm_before = ftx_names()
     runs: dict[str, Outcome] = {}
-    dep = LocalDeployment(n_supernodes=2, workdir=base / "deploy")
-    with dep:
-        ports = [dep.superlink_port, *dep.supernode_ports]
-        procs = {p.pid: p.create_time() for p in map(psutil.Process, dep.pids())}
-        for name, url in transports.items():
-            out = base / f"final-{name}.npz"
-            watcher = None
-            if name in watch_dirs:
-                watcher = _LinkWatcher(watch_dirs[name], ftx_names)
-                watcher.start()
-            res = dep.run(
-                quickstart_app,
-                {
-                    "transport": url,
-                    "model-mib": MODEL_MIB,
-                    "num-server-rounds": ROUNDS,
-                    "result-path": str(out),
-                },
-                timeout=480,
-            )
-            seen = watcher.stop() if watcher else set()
-            assert res.ok, f"{name} run failed ({res.status}):\n{res.output[-4000:]}"
-            assert out.is_file(), f"{name}: no result file\n{res.output[-4000:]}"
-            with np.load(out) as z:
-                names = list(z.keys())
-                arrays = {k: z[k] for k in names}
-            summary = json.loads(out.with_suffix(".json").read_text())
-            runs[name] = Outcome(res, arrays, names, summary, seen)
-            procs.update({pid: ctime for pid, (_, ctime) in res.processes.items()})
+    dep = LocalDeployment(n_supernodes=2, workdir=base / "deploy", env=creds)
+    try:
+        with dep:
+            ports = [dep.superlink_port, *dep.supernode_ports]
+            procs = {p.pid: p.create_time() for p in map(psutil.Process, dep.pids())}
+            for name, url in transports.items():
+                out = base / f"final-{name}.npz"
+                watcher = None
+                if name in watch_dirs:
+                    watcher = _LinkWatcher(watch_dirs[name], ftx_names)
+                    watcher.start()
+                res = dep.run(
+                    quickstart_app,
+                    {
+                        "transport": url,
+                        "model-mib": MODEL_MIB,
+                        "num-server-rounds": ROUNDS,
+                        "result-path": str(out),
+                    },
+                    timeout=480,
+                )
+                seen = watcher.stop() if watcher else set()
+                assert res.ok, f"{name} run failed ({res.status}):\n{res.output[-4000:]}"
+                assert out.is_file(), f"{name}: no result file\n{res.output[-4000:]}"
+                with np.load(out) as z:
+                    names = list(z.keys())
+                    arrays = {k: z[k] for k in names}
+                summary = json.loads(out.with_suffix(".json").read_text())
+                runs[name] = Outcome(res, arrays, names, summary, seen)
+                procs.update({pid: ctime for pid, (_, ctime) in res.processes.items()})
+
+        s3_left = [o["Key"] for o in s3.list_objects_v2(Bucket="itest").get("Contents", [])]
+        s3_left += [u["Key"] for u in s3.list_multipart_uploads(Bucket="itest").get("Uploads", [])]
+    finally:
+        s3srv.stop()
 
     # --- after the deployment stopped: what is still there?
     alive = []
@@ -139,14 +163,14 @@ def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
         cmd = " ".join(p.info.get("cmdline") or [])
         if any(n in cmd for n in needles) and "pytest" not in cmd:
             stray.append(f"{p.info['pid']} {cmd[:120]}")
-    return Federation(runs, file_dir, shm_before, ftx_names(), alive, stray)
+    return Federation(runs, file_dir, shm_before, ftx_names(), alive, stray, s3_left)
 
 
 @pytest.mark.integration
 def test_final_model_identical_across_transports(federation):
     ref = federation.runs["inband"]
     assert len(ref.names) == 6
-    for name in ("shm", "file"):
+    for name in OFFLOADED:
         run = federation.runs[name]
         assert run.names == ref.names, name
         for key in ref.names:
@@ -190,7 +214,7 @@ def test_final_model_equals_fedavg_computed_in_process(federation, quickstart_ap
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", ["shm", "file", "inband"])
+@pytest.mark.parametrize("name", [*OFFLOADED, "inband"])
 def test_every_round_got_every_reply(federation, name):
     summary = federation.runs[name].summary
     calls = summary["calls"]
@@ -211,7 +235,7 @@ def test_payload_went_over_the_link_not_through_flower(federation):
     assert inband["inband_bytes_sent"] >= ROUNDS * 2 * model_bytes
     assert inband["inband_bytes_received"] >= ROUNDS * 2 * model_bytes * 0.99
     assert inband["link_bytes_sent"] == inband["link_bytes_received"] == 0
-    for name in ("shm", "file"):
+    for name in OFFLOADED:
         stats = federation.runs[name].summary["stats"]
         assert stats["link_bytes_sent"] >= ROUNDS * model_bytes, (name, stats)
         assert stats["link_bytes_received"] >= ROUNDS * 2 * model_bytes * 0.99, (name, stats)
@@ -232,12 +256,12 @@ def test_superlink_memory_does_not_grow_with_offloaded_payloads(federation):
     inband = growth("inband")
     print(
         "SuperLink RSS growth during the run (MiB): "
-        + ", ".join(f"{n}={growth(n) / MIB:.1f}" for n in ("shm", "file", "inband"))
+        + ", ".join(f"{n}={growth(n) / MIB:.1f}" for n in (*OFFLOADED, "inband"))
         + f"; model {model_bytes / MIB:.1f} MiB"
     )
     # the meter sees the payload crossing the SuperLink in-band ...
     assert inband > 2 * model_bytes, f"in-band growth only {inband / MIB:.1f} MiB"
-    for name in ("shm", "file"):
+    for name in OFFLOADED:
         g = growth(name)
         peak = federation.runs[name].result.superlink_peak_rss
         # ... and it does not see it when the payload takes the link
@@ -262,6 +286,11 @@ def test_payloads_used_the_link_and_nothing_is_left_there(federation, name):
         assert not (new & run.link_names_seen), sorted(new & run.link_names_seen)
     else:
         assert sorted(p.name for p in federation.file_dir.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_nothing_left_in_the_bucket(federation):
+    assert federation.s3_left == []
 
 
 @pytest.mark.integration

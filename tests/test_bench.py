@@ -215,3 +215,23 @@ def test_cli_e2e_tiny(tmp_path):
     assert rows["inband"]["stats"]["link_bytes_sent"] == 0
     assert rows["shm://"]["stats"]["link_bytes_sent"] >= 1 << 20
     assert rows["shm://"]["superlink_peak_rss_bytes"] > 0
+
+
+@pytest.mark.skipif(_NO_WAN is not None, reason=f"WAN emulation unavailable: {_NO_WAN}")
+def test_wan_cleanup_stale_removes_dead_runs_only():
+    from flwr_transports.bench.wan import cleanup_stale
+
+    dead = 4_000_000 - 7  # above the default pid_max (4194304 max): no such process
+    ns = f"ftxb-{dead}-a"
+    mine = f"ftxb-{os.getpid()}-a"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "netns", "add", mine], check=True)
+    try:
+        assert ns in cleanup_stale(dry_run=True)
+        assert ns in list_namespaces()  # dry run removes nothing
+        removed = cleanup_stale()
+        assert ns in removed and mine not in removed  # a live owner keeps its namespace
+        assert ns not in list_namespaces() and mine in list_namespaces()
+    finally:
+        for n in (ns, mine):
+            subprocess.run(["ip", "netns", "del", n], check=False, capture_output=True)

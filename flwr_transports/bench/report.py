@@ -149,7 +149,7 @@ def p2p_plots(rows: list[dict[str, Any]], out: Path, title: str) -> list[str]:
                 series[r["backend"]].append((r["size_bytes"], r["throughput_MBps"]))
         if not series:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8.5, 4.5))
         for name, pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] / MiB for p in pts], [p[1] for p in pts], marker="o", label=name)
@@ -159,7 +159,7 @@ def p2p_plots(rows: list[dict[str, Any]], out: Path, title: str) -> list[str]:
         ax.set_ylabel("aggregate throughput (MB/s)")
         ax.set_title(f"{title}, K={k} receiver{'s' if k > 1 else ''}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         path = out / f"p2p-throughput-k{k}.png"
         fig.savefig(path, dpi=110)

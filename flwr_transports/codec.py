@@ -132,13 +132,13 @@ def decode(read: Reader, size: int, digest: str | None) -> ArrayRecord:
         algo, _, _hex = digest.partition(":")
         if algo != DIGEST_ALGO:
             raise PayloadError(f"unsupported digest algorithm {algo!r} (want {DIGEST_ALGO})")
-    pieces: list[bytes] = []  # exactly the bytes decoded, hashed at the end
+    hasher = TreeHasher()  # hashes exactly the bytes decoded, overlapping the reads
 
     def _read(off: int, n: int) -> bytes:
         b = read(off, n)
         if len(b) != n:
             raise PayloadError(f"short read at offset {off}: wanted {n}, got {len(b)}")
-        pieces.append(b)
+        hasher.update(b)
         return b
 
     (hlen,) = struct.unpack("<Q", _read(0, 8))
@@ -177,7 +177,7 @@ def decode(read: Reader, size: int, digest: str | None) -> ArrayRecord:
     if base + pos != size:
         raise PayloadError(f"payload has {size - base - pos} trailing bytes")
     if digest is not None:
-        got = hash_segments(pieces)
+        got = hasher.hexdigest()
         if got != digest:
             raise PayloadError(f"digest mismatch: payload has {got}, reference says {digest}")
     return out
@@ -200,27 +200,6 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def _chunks(segments: Sequence[bytes | memoryview], chunk: int):
-    """Split the logical concatenation of ``segments`` into ``chunk``-byte windows of
-    memoryview pieces (no copies)."""
-    cur: list[memoryview] = []
-    room = chunk
-    emitted = False
-    for seg in segments:
-        mv = memoryview(seg).cast("B")
-        while len(mv):
-            take = mv[:room]
-            cur.append(take)
-            mv = mv[len(take):]
-            room -= len(take)
-            if room == 0:
-                yield cur
-                emitted = True
-                cur, room = [], chunk
-    if cur or not emitted:
-        yield cur
-
-
 def _sha(pieces: list[memoryview]) -> bytes:
     h = hashlib.sha256()
     for p in pieces:
@@ -228,14 +207,47 @@ def _sha(pieces: list[memoryview]) -> bytes:
     return h.digest()
 
 
+class TreeHasher:
+    """Incremental ``sha256t`` digest. Full 16 MiB windows are hashed in background
+    threads as soon as they are complete, so hashing overlaps whatever the caller does
+    next (reading the next array, for instance). Pieces are referenced, not copied."""
+
+    def __init__(self) -> None:
+        self._cur: list[memoryview] = []
+        self._room = DIGEST_CHUNK
+        self._leaves: list = []  # futures or digests, in order
+        self._emitted = False
+
+    def _flush(self) -> None:
+        window, self._cur, self._room = self._cur, [], DIGEST_CHUNK
+        self._leaves.append(_pool().submit(_sha, window))
+        self._emitted = True
+
+    def update(self, data: bytes | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        while len(mv):
+            take = mv[: self._room]
+            self._cur.append(take)
+            mv = mv[len(take):]
+            self._room -= len(take)
+            if self._room == 0:
+                self._flush()
+
+    def hexdigest(self) -> str:
+        if self._cur or not self._emitted:
+            self._leaves.append(_sha(self._cur))
+            self._cur = []
+            self._emitted = True
+        leaves = [x if isinstance(x, bytes) else x.result() for x in self._leaves]
+        return f"{DIGEST_ALGO}:{hashlib.sha256(b''.join(leaves)).hexdigest()}"
+
+
 def hash_segments(segments: Sequence[bytes | memoryview]) -> str:
     """Digest of the concatenation of ``segments`` (see module docstring)."""
-    windows = list(_chunks(segments, DIGEST_CHUNK))
-    if len(windows) <= 1:
-        leaves = [_sha(w) for w in windows]
-    else:
-        leaves = list(_pool().map(_sha, windows))
-    return f"{DIGEST_ALGO}:{hashlib.sha256(b''.join(leaves)).hexdigest()}"
+    h = TreeHasher()
+    for seg in segments:
+        h.update(seg)
+    return h.hexdigest()
 
 
 def parse_size(value: str | float) -> int:

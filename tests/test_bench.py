@@ -235,3 +235,23 @@ def test_wan_cleanup_stale_removes_dead_runs_only():
     finally:
         for n in (ns, mine):
             subprocess.run(["ip", "netns", "del", n], check=False, capture_output=True)
+
+
+def test_cli_plot_from_e2e_json(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib")
+    docs = []
+    for prof, rt in ((None, 3.0), ("geo-distributed", 9.0)):
+        doc = {"kind": "e2e", "meta": {"wan": prof}, "results": [
+            {"transport": "inband", "model_mib": 8, "kind": "model", "round_s": rt * 2,
+             "floor_s": 1.0},
+            {"transport": "tcp://", "model_mib": 8, "kind": "model", "round_s": rt,
+             "floor_s": 1.0}]}
+        p = tmp_path / f"{prof}.json"
+        p.write_text(json.dumps(doc))
+        docs.append(str(p))
+    out = tmp_path / "x.png"
+    assert cli.main(["plot", *docs, "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"kind": "p2p"}))
+    assert cli.main(["plot", str(bad), "--out", str(out)]) == 2

@@ -9,6 +9,7 @@
                               [--out DIR] [--no-plots]
     flwr-transports bench wan [--profile geo-distributed]   # bring a WAN up, measure, tear down
     flwr-transports bench wan --cleanup                     # remove namespaces of dead runs
+    flwr-transports bench plot DIR/e2e.json DIR2/e2e.json --out e2e-profiles.png
 """
 
 from __future__ import annotations
@@ -109,7 +110,36 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--profile", default="geo-distributed")
     w.add_argument("--cleanup", action="store_true",
                    help="remove ftxb-* namespaces left by runs whose process is gone")
+    pl = sub.add_parser("plot", help="one E2E figure from several e2e.json (e.g. one per "
+                                     "WAN profile)")
+    pl.add_argument("inputs", nargs="+", type=Path, help="e2e.json files")
+    pl.add_argument("--out", type=Path, default=Path("e2e-profiles.png"))
     return ap
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    import json
+
+    from .report import e2e_profiles_plot
+
+    docs = []
+    for p in args.inputs:
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            _say(f"cannot read {p}: {exc}")
+            return 2
+        if not isinstance(doc, dict) or doc.get("kind") != "e2e":
+            _say(f"{p} is not an e2e.json written by 'flwr-transports bench e2e'")
+            return 2
+        docs.append(doc)
+    out = e2e_profiles_plot(docs, args.out)
+    if out is None:
+        _say("nothing to plot (no results, or matplotlib missing: "
+             "pip install 'flwr-transports[bench]')")
+        return 1
+    print(out)
+    return 0
 
 
 def _with_wan(profile: str | None):
@@ -244,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_p2p(args)
         if args.cmd == "e2e":
             return cmd_e2e(args)
+        if args.cmd == "plot":
+            return cmd_plot(args)
         return cmd_wan(args)
     except ValueError as exc:
         _say(f"flwr-transports bench: {exc}")

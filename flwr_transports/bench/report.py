@@ -265,3 +265,47 @@ def write_outputs(kind: str, rows: list[dict[str, Any]], meta: dict[str, Any],
         else:
             paths["plots"] = "skipped (pip install 'flwr-transports[bench]' for matplotlib)"
     return paths
+
+
+def e2e_profiles_plot(docs: list[dict[str, Any]], path: str | os.PathLike[str]) -> str | None:
+    """One figure from several ``e2e.json`` documents: round time per transport, grouped
+    by WAN profile (and model size), the floor drawn as a lighter bar behind."""
+    plt = _plt()
+    if plt is None:
+        return None
+    groups: list[tuple[str, list[dict[str, Any]]]] = []
+    for d in docs:
+        prof = (d.get("meta") or {}).get("wan") or "loopback"
+        by_size: dict[float, list[dict[str, Any]]] = defaultdict(list)
+        for r in d.get("results", []):
+            if r.get("kind") == "model" and "round_s" in r:
+                by_size[r["model_mib"]].append(r)
+        for size, rs in sorted(by_size.items()):
+            groups.append((f"{prof}\n{size:g} MiB", rs))
+    if not groups:
+        return None
+    transports = list(dict.fromkeys(r["transport"] for _, rs in groups for r in rs))
+    width = 0.8 / max(1, len(transports))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, t in enumerate(transports):
+        xs, ys, floors = [], [], []
+        for j, (_, rs) in enumerate(groups):
+            m = [r for r in rs if r["transport"] == t]
+            if m:
+                xs.append(j + i * width)
+                ys.append(m[0]["round_s"])
+                floors.append(m[0].get("floor_s") or 0)
+        c = colors[i % len(colors)]
+        ax.bar(xs, ys, width, label=t, color=c)
+        ax.bar(xs, floors, width, color="white", alpha=0.45, hatch="//", edgecolor=c)
+    ax.set_xticks([j + width * (len(transports) - 1) / 2 for j in range(len(groups))])
+    ax.set_xticklabels([g for g, _ in groups])
+    ax.set_ylabel("round time (s); hatched: control-plane floor")
+    ax.set_title("End-to-end round time per transport and WAN profile")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -156,14 +156,21 @@ def run_e2e_local(
                 os.makedirs(d, exist_ok=True)
                 plan.append((t, f"file://{d}", None))
             elif sch == "tcp":
-                plan.append((t, t if t not in ("tcp://", "tcp") else f"tcp://{host}:0", None))
+                # "tcp://" or "tcp://?streams=16": the payload server on this side's address
+                rest = t[len("tcp://"):] if t.startswith("tcp://") else ""
+                url = f"tcp://{host}:0{rest}" if rest.startswith("?") or not rest else t
+                plan.append((t, url, None))
             elif sch == "s3":
-                if t not in ("s3://", "s3"):
-                    plan.append((t, t, None))
+                rest = t[len("s3://"):] if t.startswith("s3://") else ""
+                if rest and not rest.startswith("?"):
+                    plan.append((t, t, None))  # a real bucket URL, used as given
                     continue
                 try:
                     s3 = s3 or _S3(host)
-                    plan.append((t, f"s3://ftxbench/e2e?endpoint_url={s3.endpoint}", None))
+                    extra = f"&{rest[1:]}" if rest.startswith("?") and len(rest) > 1 else ""
+                    plan.append(
+                        (t, f"s3://ftxbench/e2e?endpoint_url={s3.endpoint}{extra}", None)
+                    )
                 except Exception as exc:  # noqa: BLE001
                     plan.append((t, None, f"no S3 server: {exc}"))
             else:

@@ -255,3 +255,39 @@ def test_cli_plot_from_e2e_json(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"kind": "p2p"}))
     assert cli.main(["plot", str(bad), "--out", str(out)]) == 2
+
+
+@pytest.mark.skipif(_NO_WAN is not None, reason=f"WAN emulation unavailable: {_NO_WAN}")
+@pytest.mark.integration
+def test_cli_p2p_wan_sigterm_mid_run_leaves_nothing(tmp_path):
+    """SIGTERM while a transfer is in flight: workers, relay and namespaces all go."""
+    import time
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "flwr_transports.cli", "bench", "p2p", "--wan", "40ms/100mbit",
+         "--sizes", "50MB", "--backends", "raw-tcp", "--concurrency", "1", "--repeat", "20",
+         "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    tag = f"ftxb-{p.pid}-"
+    try:
+        deadline = time.monotonic() + 60
+        while not any(n.startswith(tag) for n in list_namespaces()):
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+            time.sleep(0.2)
+        time.sleep(3)  # into the transfers
+        kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.pid)], capture_output=True,
+                              text=True, check=False).stdout.split()
+        assert kids  # relay + workers
+        p.terminate()
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert "interrupted" in err
+    assert not [n for n in list_namespaces() if n.startswith(tag)]
+    time.sleep(0.5)
+    assert not [k for k in kids if os.path.exists(f"/proc/{k}")]
+    assert not (tmp_path / "out").exists()

@@ -303,13 +303,13 @@ def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 
              spec_path],
             stdout=subprocess.PIPE, text=True, start_new_session=True,
         )
-        try:
-            out, _ = proc.communicate(timeout=timeout * (len(sizes_mib) + 1)
-                                      * max(1, len(transports)) * repeat + 300)
-        except BaseException:
-            from .p2p import _stop_proc
+        from .p2p import _stop_proc, communicate
 
-            _stop_proc(proc, timeout=20)  # SIGTERM: the inner driver stops its deployment
+        try:
+            out, _ = communicate(proc, timeout * (len(sizes_mib) + 1)
+                                 * max(1, len(transports)) * repeat + 300)
+        except BaseException:
+            _stop_proc(proc, timeout=30)  # SIGTERM: the inner driver stops its deployment
             raise
         if proc.returncode != 0:
             raise RuntimeError(f"e2e driver inside the WAN namespace failed ({proc.returncode})")

@@ -442,6 +442,17 @@ def _start_moto(host: str) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("moto_server did not start in 30 s")
 
 
+def communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``proc.communicate(timeout)`` in short slices, so signal handlers run meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return proc.communicate(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
+
+
 def _stop_proc(proc: subprocess.Popen, timeout: float = 5) -> None:
     if proc.poll() is not None:
         return
@@ -570,9 +581,14 @@ class Worker:
         self.proc.stdin.flush()
 
     def get(self) -> dict[str, Any]:
-        r, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
-        if not r:
-            raise TimeoutError(f"worker {self.proc.pid} did not answer in {self.timeout} s")
+        # short waits: a signal delivered to another thread (grpc, for one, starts some)
+        # only runs its Python handler when the main thread executes bytecode again
+        deadline = time.monotonic() + self.timeout
+        while not select.select([self.proc.stdout], [], [], 0.2)[0]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {self.proc.pid} did not answer in {self.timeout} s")
+            if self.proc.poll() is not None:
+                break  # readline below reports the exit
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"worker {self.proc.pid} exited ({self.proc.poll()})")
@@ -743,7 +759,7 @@ def run_mpi(name: str, size: int, k: int, repeat: int, warmup: int,
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = communicate(proc, timeout)
     except subprocess.TimeoutExpired:
         _stop_proc(proc)
         _clean_mpich_shm(before)
@@ -751,6 +767,7 @@ def run_mpi(name: str, size: int, k: int, repeat: int, warmup: int,
     finally:
         if proc.poll() is None:
             _stop_proc(proc)
+            _clean_mpich_shm(before)
     if proc.returncode != 0:
         _clean_mpich_shm(before)
         raise RuntimeError(f"mpiexec failed ({proc.returncode}): {err.strip()[-500:]}")

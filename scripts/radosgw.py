@@ -226,7 +226,7 @@ def start(d: str | None = None, *, cache: str = DEFAULT_CACHE, mem_bytes: int = 
         while True:
             for name, pid in state["pids"].items():
                 if not _alive(pid):
-                    raise RadosgwError(f"{name} exited during start-up; see {d}/log/")
+                    raise RadosgwError(f"{name} exited during start-up")
             try:
                 urllib.request.urlopen(state["endpoint"], timeout=2).read()
                 break
@@ -240,10 +240,33 @@ def start(d: str | None = None, *, cache: str = DEFAULT_CACHE, mem_bytes: int = 
         _run([f"{bin_}/radosgw-admin", *c, "user", "create", f"--uid={USER}",
               "--display-name=flwr-transports tests", f"--access-key={ACCESS_KEY}",
               f"--secret={SECRET_KEY}"], env, d, "radosgw-admin user create", timeout=120)
+    except RadosgwError as exc:
+        tails = _log_tails(d)
+        stop(d)
+        raise RadosgwError(f"{exc}\n{tails}") from None
     except BaseException:
         stop(d)
         raise
     return state
+
+
+def _log_tails(d: str, n: int = 1500) -> str:
+    """The last bytes of each daemon log (the folder is removed on failure)."""
+    out = []
+    logdir = os.path.join(d, "log")
+    try:
+        names = sorted(os.listdir(logdir))
+    except OSError:
+        return ""
+    for name in names:
+        try:
+            with open(os.path.join(logdir, name), "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - n))
+                out.append(f"--- {name} ---\n" + f.read().decode("utf-8", "replace"))
+        except OSError:
+            pass
+    return "\n".join(out)
 
 
 def _alive(pid: int) -> bool:

@@ -64,7 +64,12 @@ def rgw():
         import boto3
         from botocore.config import Config
 
-        s3 = boto3.client("s3", endpoint_url=state["endpoint"], config=Config(
+        # a fresh session with explicit keys: boto3's default session caches the first
+        # credentials it resolved in this process (another test module's, for instance)
+        s3 = boto3.session.Session(
+            aws_access_key_id=state["access_key"], aws_secret_access_key=state["secret_key"],
+            region_name="us-east-1",
+        ).client("s3", endpoint_url=state["endpoint"], config=Config(
             s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
             response_checksum_validation="when_required"))
         bucket = f"ftx-{uuid.uuid4().hex[:10]}"

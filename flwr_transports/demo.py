@@ -103,7 +103,9 @@ def _start_moto():
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="flwr-transports demo", description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--model-mib", type=float, default=64.0)
+    p.add_argument("--model-mib", type=float, default=256.0,
+                   help="model size in MiB (default 256: large enough for the payload "
+                        "to matter next to Flower's ~10 s polling floor per round)")
     p.add_argument("--transports", default="shm,file,s3,inband",
                    help="comma list of: inband, shm, file, s3 (default: all available). "
                         "In-band runs last: one SuperLink serves all runs and its memory "
@@ -196,6 +198,9 @@ def main(argv: list[str]) -> int:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print("\nRound time includes Flower's own polling floor (~10 s a train+evaluate round "
           "here); see docs/benchmarks.md for the payload overhead above it.")
+    if any(label.startswith("s3://") for label, *_ in rows):
+        print("s3:// runs against moto, a single-process test server (~100 MB/s), not a "
+              "real object store: it shows the path works, not how fast S3 is.")
     if leftovers:
         print(f"WARNING: payload files left behind: {leftovers}")
         return 1

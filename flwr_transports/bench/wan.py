@@ -295,19 +295,9 @@ class WanEmulation:
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 3) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+    from .p2p import _stop_proc  # one implementation of SIGTERM-then-SIGKILL
+
+    _stop_proc(proc, timeout)
 
 
 def _kill_ns_pids(ns: str) -> None:

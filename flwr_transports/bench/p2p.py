@@ -470,13 +470,198 @@ def _stop_proc(proc: subprocess.Popen, timeout: float = 5) -> None:
         proc.wait()
 
 
+# ---- PyTorch RPC (TensorPipe) ---------------------------------------------------------
+
+_TORCH_HINT = ("pip install torch==2.13.0 (the CPU wheel; an unpinned torch pulls GBs of "
+               "CUDA)")
+_TORCH_STATE: dict[str, Any] = {}  # the sender's payload tensor, served to receivers
+
+
+def _torch_fetch() -> Any:
+    """Runs on the sender (called by each receiver through ``rpc_sync``)."""
+    return _TORCH_STATE["tensor"]
+
+
+def iface_for(host: str) -> str | None:
+    """Name of the local interface whose IPv4 address routes to ``host`` (``lo`` for
+    127.0.0.1; the veth of this network namespace under ``--wan``), or None."""
+    import fcntl
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.connect((host, 9))  # UDP connect sends nothing: it only picks a route
+            local = u.getsockname()[0]
+    except OSError:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                req = struct.pack("256s", name.encode()[:15])
+                addr = socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, req)[20:24])  # SIOCGIFADDR
+            except OSError:
+                continue
+            if addr == local:
+                return name
+    return None
+
+
+class TorchRpc(Backend):
+    """``torch.distributed.rpc`` over TensorPipe: world = 1 sender (rank 0) + K receivers.
+
+    The sender holds the payload as one uint8 tensor (``torch.frombuffer`` on the payload
+    bytes: no copy); each receiver ``rpc_sync``-calls the sender, which returns that
+    tensor. TensorPipe is restricted to its TCP transport (``uv``) and ``basic`` channel so
+    that the bytes cross the (emulated) network like the other backends' do; its
+    same-host shortcuts (``shm`` transport, ``cma`` channel) are ``torch-rpc-shm``.
+
+    TensorPipe and the Gloo group that ``init_rpc`` builds pick their listening address
+    from the host name unless ``TP_SOCKET_IFNAME`` / ``GLOO_SOCKET_IFNAME`` say otherwise;
+    the host name resolves to 127.0.0.1 inside every namespace, so both are set to the
+    interface that routes to ``host`` (``lo`` on loopback, the namespace's veth under
+    ``--wan``).
+    """
+
+    name = "torch-rpc"
+    mode = "pull"
+    description = ("PyTorch RPC (TensorPipe, TCP transport): receivers rpc_sync the "
+                   "sender, which returns the payload as a uint8 tensor")
+    transports: list[str] | None = ["uv"]
+    channels: list[str] | None = ["basic"]
+
+    @classmethod
+    def unavailable(cls):
+        try:
+            import torch.distributed.rpc as rpc
+        except ImportError:
+            return _TORCH_HINT
+        if not rpc.is_available():
+            return "this torch build has no torch.distributed.rpc (" + _TORCH_HINT + ")"
+        return None
+
+    @staticmethod
+    def _quiet() -> None:
+        """Before the first ``import torch`` of the worker: c10 reads its log level once.
+        The receivers leave with a non-graceful ``rpc.shutdown`` (a graceful one is a
+        barrier, and the driver closes workers one by one), which TensorPipe logs as
+        "pipe closed" warnings on the others."""
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+    def _init(self, rank: int, port: int) -> None:
+        import warnings
+
+        import torch.distributed.rpc as rpc
+
+        # init_rpc builds a Gloo group and then warns that this usage is deprecated
+        warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
+        iface = iface_for(self.host)
+        if iface:
+            os.environ["TP_SOCKET_IFNAME"] = iface
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
+        kw: dict[str, Any] = {}
+        if self.transports is not None:
+            kw["_transports"] = self.transports
+        if self.channels is not None:
+            kw["_channels"] = self.channels
+        options = rpc.TensorPipeRpcBackendOptions(
+            num_worker_threads=max(4, self.k + 2), rpc_timeout=600,
+            init_method=f"tcp://{self.host}:{port}", **kw,
+        )
+        rpc.init_rpc("s" if rank == 0 else f"r{rank - 1}", rank=rank, world_size=self.k + 1,
+                     backend=rpc.BackendType.TENSORPIPE, rpc_backend_options=options)
+
+    def s_setup(self):
+        import warnings
+
+        self._quiet()
+        import torch
+
+        data = make_payload(self.size)
+        with warnings.catch_warnings():  # "non-writable buffer": the tensor is only read
+            warnings.simplefilter("ignore", UserWarning)
+            _TORCH_STATE["tensor"] = torch.frombuffer(data, dtype=torch.uint8)
+        self._data = data  # keeps the tensor's memory alive
+        with socket.socket() as s:  # the rendezvous store's port (rank 0 listens on it)
+            s.bind((self.host, 0))
+            port = s.getsockname()[1]
+        self._err: BaseException | None = None
+
+        def init() -> None:
+            try:
+                self._init(0, port)
+            except BaseException as exc:  # noqa: BLE001 (raised in s_ready)
+                self._err = exc
+
+        # init_rpc is collective: it returns once every receiver joined (their r_setup)
+        self._thread = threading.Thread(target=init, daemon=True)
+        self._thread.start()
+        info: dict[str, Any] = {"port": port}
+        if self.opts.get("verify"):
+            import hashlib
+
+            info["digest"] = hashlib.blake2b(data, digest_size=16).hexdigest()
+        return info
+
+    def s_ready(self):
+        self._thread.join(300)
+        if self._thread.is_alive():
+            raise TimeoutError("torch init_rpc did not complete in 300 s")
+        if self._err is not None:
+            raise RuntimeError(f"torch init_rpc failed: {self._err}") from self._err
+
+    def s_send(self, it):
+        return {}  # the sender already holds the tensor: receivers stamp their own t0
+
+    def s_close(self):
+        import torch.distributed.rpc as rpc
+
+        if not self._thread.is_alive() and self._err is None:
+            rpc.shutdown(graceful=False)
+        _TORCH_STATE.clear()
+
+    def r_setup(self, info, idx):
+        self._digest = info.get("digest")
+        self._quiet()
+        self._init(idx + 1, info["port"])
+
+    def r_recv(self, it, msg):
+        import torch.distributed.rpc as rpc
+
+        t0 = time.perf_counter()
+        t = rpc.rpc_sync("s", _torch_fetch, timeout=600)
+        n = t.numel() * t.element_size()
+        if self._digest is not None:
+            import hashlib
+
+            got = hashlib.blake2b(t.numpy(), digest_size=16).hexdigest()
+            if got != self._digest:
+                raise RuntimeError("torch-rpc: received bytes differ from the payload")
+        del t
+        return n, t0
+
+    def r_close(self):
+        import torch.distributed.rpc as rpc
+
+        rpc.shutdown(graceful=False)
+
+
+class TorchRpcShm(TorchRpc):
+    name = "torch-rpc-shm"
+    local_only = True
+    description = ("PyTorch RPC with TensorPipe's own choice on one host (shm transport, "
+                   "cma channel)")
+    transports = None
+    channels = None
+
+
 BACKENDS: dict[str, type[Backend]] = {
     b.name: b
-    for b in (RawTcp, GrpcUnary, GrpcStream, ShmLink, FileLink, TcpLink, S3Link)
+    for b in (RawTcp, GrpcUnary, GrpcStream, ShmLink, FileLink, TcpLink, S3Link, TorchRpc,
+              TorchRpcShm)
 }
 MPI_BACKENDS = ("mpi-buffer", "mpi-pickle")
-TORCH_BACKENDS = ("torch-rpc",)
-ALL_BACKENDS = (*BACKENDS, *MPI_BACKENDS, *TORCH_BACKENDS)
+TORCH_BACKENDS = ("torch-rpc", "torch-rpc-shm")
+ALL_BACKENDS = tuple(dict.fromkeys((*BACKENDS, *MPI_BACKENDS, *TORCH_BACKENDS)))
 DEFAULT_BACKENDS = ("raw-tcp", "grpc-unary", "grpc-stream", "link-shm", "link-file",
                     "link-tcp", "link-s3", "mpi-buffer", "mpi-pickle", "torch-rpc")
 
@@ -498,12 +683,6 @@ def backend_unavailable(name: str, wan: bool = False) -> str | None:
         if not _mpiexec():
             return "mpiexec not found (pip install 'flwr-transports[mpi]')"
         return None
-    if name in TORCH_BACKENDS:
-        try:
-            import torch.distributed.rpc  # noqa: F401
-        except ImportError:
-            return "torch not installed (pip install torch==2.13.0)"
-        return "torch-rpc backend not implemented in this version"
     return f"unknown backend (known: {', '.join(ALL_BACKENDS)})"
 
 

@@ -8,6 +8,7 @@
                               [--nodes 2] [--rounds 2] [--floor-mib 0.01] [--wan PROFILE]
                               [--out DIR] [--no-plots]
     flwr-transports bench wan [--profile geo-distributed]   # bring a WAN up, measure, tear down
+                              [--streams 1,4] [--size 64MiB] [--relay auto|c|python]
     flwr-transports bench wan --cleanup                     # remove namespaces of dead runs
     flwr-transports bench plot DIR/e2e.json DIR2/e2e.json --out e2e-profiles.png
 """
@@ -18,6 +19,7 @@ import argparse
 import datetime as _dt
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +73,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     profiles = ", ".join(f"{p.describe()}" for p in PROFILES.values())
 
+    def relay_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--relay", choices=("auto", "c", "python"), default="auto",
+                       help="WAN delay relay: the C one (compiled at first use; auto falls "
+                            "back to Python without a compiler) or the Python one")
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--wan", metavar="PROFILE", default=None,
                        help=f"emulate a WAN between the two sides (needs root): {profiles}; "
                             f"or RTTms/RATEmbit, e.g. 50ms/500mbit")
+        relay_opt(p)
         p.add_argument("--out", type=Path, default=None,
                        help="output directory (default bench-results/<kind>-<time>)")
         p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -108,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("wan", help="bring an emulated WAN up, measure RTT and throughput, "
                                    "tear it down")
     w.add_argument("--profile", default="geo-distributed")
+    w.add_argument("--streams", type=_ints, default=[1, 4],
+                   help="raw TCP stream counts to measure (default 1,4)")
+    w.add_argument("--size", type=parse_size, default=parse_size("64MiB"),
+                   help="bytes per stream per transfer (default 64MiB)")
+    relay_opt(w)
     w.add_argument("--cleanup", action="store_true",
                    help="remove ftxb-* namespaces left by runs whose process is gone")
     pl = sub.add_parser("plot", help="one E2E figure from several e2e.json (e.g. one per "
@@ -142,7 +155,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_wan(profile: str | None):
+def _with_wan(profile: str | None, relay: str = "auto"):
     """(context manager or None, description); None + reason when not possible."""
     if not profile:
         return None, None
@@ -153,7 +166,7 @@ def _with_wan(profile: str | None):
     if why:
         _say(f"WAN emulation '{profile}' unavailable: {why}")
         return None, None
-    return WanEmulation(prof), prof.describe()
+    return WanEmulation(prof, relay=relay), prof.describe()
 
 
 def _term_to_interrupt() -> None:
@@ -179,7 +192,7 @@ def cmd_p2p(args: argparse.Namespace) -> int:
     if repeat < 1 or args.warmup < 0:
         _say("--repeat must be >= 1 and --warmup >= 0")
         return 2
-    wan, desc = _with_wan(args.wan)
+    wan, desc = _with_wan(args.wan, args.relay)
     meta: dict[str, Any] = {
         "sizes": args.sizes, "backends": args.backends, "concurrency": args.concurrency,
         "repeat": repeat, "warmup": args.warmup, "wan": args.wan if wan else None,
@@ -213,7 +226,7 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         _say("--nodes must be in 1..32 and --rounds in 1..100")
         return 2
     repeat = args.repeat or 1
-    wan, desc = _with_wan(args.wan)
+    wan, desc = _with_wan(args.wan, args.relay)
     meta: dict[str, Any] = {
         "sizes_mib": [s / 2**20 for s in args.sizes], "transports": args.transports,
         "nodes": args.nodes, "rounds": args.rounds, "repeat": repeat,
@@ -252,16 +265,32 @@ def cmd_wan(args: argparse.Namespace) -> int:
         return 1
     from .p2p import Placement, run_p2p
 
-    with WanEmulation(prof) as wan:
+    if not 0 < args.size <= 4 * 1024**3:
+        _say("--size must be in 1 B .. 4 GiB")
+        return 2
+    with WanEmulation(prof, relay=args.relay) as wan:
         rtt = wan.measure_rtt_ms()
-        print(f"{prof.describe()}: measured TCP connect RTT {rtt:.2f} ms")
+        print(f"{prof.describe()}: measured TCP connect RTT {rtt:.2f} ms; "
+              f"delay: {wan.relay_note}")
         place = Placement(host=wan.addr_a, sender_prefix=wan.prefix("a"),
                           receiver_prefix=wan.prefix("b"), wan=True)
-        rows = run_p2p([parse_size("64MiB")], ["raw-tcp"], [1, 4], 2, 1, place=place,
-                       progress=_say)
-        for r in rows:
-            if "throughput_Gbps" in r:
-                print(f"raw TCP, {r['k']} stream(s): {r['throughput_Gbps'] * 1000:.0f} Mbit/s")
+        for k in args.streams:
+            cpu0, t0 = wan.relay_cpu_seconds(), time.perf_counter()
+            rows = run_p2p([args.size], ["raw-tcp"], [k], 2, 1, place=place, progress=_say)
+            cpu1, wall = wan.relay_cpu_seconds(), time.perf_counter() - t0
+            cpu = (f", relay CPU {100 * (cpu1 - cpu0) / wall:.0f}% of a core over the "
+                   f"{wall:.1f} s run" if cpu0 is not None and cpu1 is not None else "")
+            for r in rows:
+                if "throughput_Gbps" in r:
+                    print(f"raw TCP, {r['k']} stream(s): "
+                          f"{r['throughput_Gbps'] * 1000:.0f} Mbit/s{cpu}", flush=True)
+        if wan.relay is not None:
+            for d, st in zip(("A->B", "B->A"), wan.relay_stats()):
+                print(f"relay {d}: {st.get('frames', 0):.0f} frames, "
+                      f"{st.get('bytes', 0) / 1e9:.2f} GB, drops {st.get('drops_full', 0):.0f} "
+                      f"(queue full) + {st.get('drops_send', 0):.0f} (send), late avg "
+                      f"{st.get('late_avg_us', 0):.0f} us max {st.get('late_max_us', 0):.0f} us, "
+                      f"queue max {st.get('queue_max_bytes', 0) / 2**20:.1f} MiB")
     return 0
 
 

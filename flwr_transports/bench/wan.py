@@ -14,12 +14,18 @@ Topology (every name carries this process's pid, so concurrent runs never collid
   the other port. Unlike a TCP proxy it does not terminate TCP: the endpoints see the
   real RTT, so slow start and single-stream window limits (BDP > socket buffers) show
   up as they would on a real WAN. ARP passes through it like any frame.
+  Two implementations with the same behaviour: ``delay_relay.c`` (shipped with the
+  package, compiled at first use with the machine's C compiler into
+  ``$XDG_CACHE_HOME/flwr-transports`` or ``~/.cache/flwr-transports``, keyed by a hash of
+  the source; a byte ring per direction, frames received straight into it) and a
+  Python one (the fallback when no compiler is found). The queue of each is bounded
+  (tail drop, counted).
 * A profile with RTT 0 (``lan``) joins a0 and b0 with one veth pair, no relay.
 
 Limits (documented in docs/benchmarks.md): constant delay, no jitter, no random loss
 (drops only when the relay's bounded queue or tbf overflows); the Python relay
-forwards about 1-2 Gbit/s of GSO frames on this 2-core machine, so emulated rates
-should stay at or below 1 Gbit/s; IPv6 is disabled in the namespaces.
+forwards about 1-2 Gbit/s of GSO frames on this 2-core machine, the C relay several
+Gbit/s (see docs/benchmarks.md); IPv6 is disabled in the namespaces.
 
 Needs root (CAP_NET_ADMIN) and ``ip``/``tc`` (iproute2). Everything is removed by
 :meth:`WanEmulation.down` (called from ``__exit__``, atexit and SIGTERM/SIGINT/SIGHUP);
@@ -31,6 +37,7 @@ from __future__ import annotations
 import atexit
 import collections
 import ctypes
+import hashlib
 import os
 import re
 import select
@@ -41,6 +48,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 NS_PREFIX = "ftxb-"
 ADDR_A = "10.77.0.1"
@@ -123,13 +131,84 @@ def _set_pdeathsig() -> None:
         pass
 
 
+RELAY_KINDS = ("auto", "c", "python")
+RELAY_SOURCE = Path(__file__).with_name("delay_relay.c")
+
+
+def relay_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flwr-transports"
+
+
+def build_c_relay(cache_dir: Path | None = None) -> tuple[Path | None, str]:
+    """Compile ``delay_relay.c`` once per source version; (binary or None, what happened).
+
+    The binary is cached as ``delay_relay-<sha256 of source and compiler>`` in a 0700
+    directory; an existing one is used only if it belongs to us and nobody else can
+    write it."""
+    try:
+        src = RELAY_SOURCE.read_bytes()
+    except OSError as exc:
+        return None, f"C relay source missing ({exc})"
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc or not shutil.which(cc):
+        return None, "no C compiler (gcc/cc) found"
+    key = hashlib.sha256(src + b"\0" + os.fsencode(cc)).hexdigest()[:16]
+    d = cache_dir or relay_cache_dir()
+    binary = d / f"delay_relay-{key}"
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = binary.stat()
+        if st.st_uid == os.geteuid() and not st.st_mode & 0o022 and st.st_mode & 0o100:
+            return binary, f"C relay {binary}"
+        binary.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return None, f"cannot use cache dir {d} ({exc})"
+    tmp = d / f".delay_relay-{key}.{os.getpid()}.tmp"
+    try:
+        p = subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(RELAY_SOURCE)],
+                           capture_output=True, text=True, timeout=120, check=False)
+        if p.returncode != 0:
+            return None, f"C relay did not compile: {(p.stderr or p.stdout).strip()[-400:]}"
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, binary)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"C relay did not compile ({exc})"
+    finally:
+        tmp.unlink(missing_ok=True)
+    return binary, f"C relay {binary} (compiled now)"
+
+
+def _relay_qmax(profile: Profile) -> int:
+    """Bytes each direction of the relay may hold: 2x what is in flight in it, + 16 MiB."""
+    in_flight = profile.rate_mbit * 1e6 / 8 * profile.rtt_ms / 2 / 1000
+    return int(2 * in_flight + 16 * 1024 * 1024)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class WanEmulation:
     """Two namespaces A (sender/server side) and B (receiver/client side) joined by an
     emulated WAN. Use as a context manager; ``prefix("a")`` gives the command prefix
     that runs a program inside A."""
 
-    def __init__(self, profile: Profile | str, tag: str | None = None):
+    def __init__(self, profile: Profile | str, tag: str | None = None, relay: str = "auto"):
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
+        if relay not in RELAY_KINDS:
+            raise ValueError(f"relay must be one of {', '.join(RELAY_KINDS)}, not {relay!r}")
+        self.relay_choice = relay
+        self.relay_kind: str | None = None  # "c" or "python" once up (None: no relay)
+        self.relay_note = "no relay (RTT 0)"
+        self.relay_final: list[dict[str, float]] = []  # last stats of the relay, per direction
         self.tag = tag or f"{NS_PREFIX}{os.getpid()}"
         if not re.fullmatch(r"[a-z0-9-]{1,20}", self.tag):
             raise ValueError(f"invalid namespace tag {self.tag!r}")
@@ -202,20 +281,49 @@ class WanEmulation:
         self._tbf(self.ns_a, "a0")
         self._tbf(self.ns_b, "b0")
         if p.rtt_ms > 0:
-            one_way = p.rtt_ms / 2
-            bdp = p.rate_mbit * 1e6 / 8 * one_way / 1000
-            qmax = int(4 * bdp + 8 * 1024 * 1024)
-            self.relay = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns_r, sys.executable, "-m",
-                 "flwr_transports.bench.wan", "relay", "ra", "rb", f"{one_way}", str(qmax)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
-                start_new_session=True,
-            )
-            r, _, _ = select.select([self.relay.stdout], [], [], 20)
-            line = self.relay.stdout.readline() if r else ""
-            if line.strip() != "ready":
-                raise RuntimeError(f"delay relay did not start ({self.relay.poll()})")
+            self._start_relay()
         self._wait_reachable()
+
+    def _start_relay(self) -> None:
+        one_way_ms = self.profile.rtt_ms / 2
+        qmax = _relay_qmax(self.profile)
+        binary, note = None, "Python relay (--relay python)"
+        if self.relay_choice != "python":
+            binary, note = build_c_relay()
+            if binary is None:
+                if self.relay_choice == "c":
+                    raise RuntimeError(f"C delay relay unavailable: {note}")
+                note = f"Python relay (fallback: {note})"
+        if binary is not None:
+            cmd = [str(binary), "ra", "rb", f"{one_way_ms * 1000:.3f}", str(qmax)]
+            self.relay_kind = "c"
+        else:
+            cmd = [sys.executable, "-m", "flwr_transports.bench.wan", "relay", "ra", "rb",
+                   f"{one_way_ms}", str(qmax)]
+            self.relay_kind = "python"
+        self.relay_note = note
+        self.relay = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns_r, *cmd],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )
+        r, _, _ = select.select([self.relay.stdout], [], [], 20)
+        line = self.relay.stdout.readline() if r else ""
+        if line.strip() != "ready":
+            raise RuntimeError(f"delay relay did not start ({self.relay.poll()})")
+
+    def relay_cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the relay process has used so far."""
+        return _cpu_seconds(self.relay.pid) if self.relay is not None else None
+
+    def relay_stats(self, timeout: float = 5) -> list[dict[str, float]]:
+        """Counters of the running relay, one dict per direction (0: A->B, 1: B->A):
+        frames, bytes, drops_full, drops_send, truncated, late_avg_us, late_max_us,
+        queue_max_bytes."""
+        if self.relay is None or self.relay.poll() is not None:
+            return []
+        self.relay.send_signal(signal.SIGUSR1)
+        return _read_stats(self.relay.stdout, "stats", timeout)
 
     def _wait_reachable(self, timeout: float = 15) -> None:
         """ARP + a TCP handshake across the path, from inside A."""
@@ -239,6 +347,11 @@ class WanEmulation:
         """Remove everything (idempotent): processes in our namespaces, then namespaces."""
         if self.relay is not None:
             _stop(self.relay)
+            try:
+                self.relay_final = _read_stats(self.relay.stdout, "final", 1) or self.relay_final
+                self.relay.stdout.close()
+            except (OSError, ValueError):
+                pass
             self.relay = None
         for ns in reversed(self._created):
             _kill_ns_pids(ns)
@@ -292,6 +405,39 @@ class WanEmulation:
             return float(out.stdout.strip())
         finally:
             _stop(srv)
+
+
+def _read_stats(stream, word: str, timeout: float) -> list[dict[str, float]]:
+    """Read the relay's two "WORD dir=N key=value ..." lines (other lines are skipped).
+
+    Reads the pipe's file descriptor directly (no text buffering hiding a second line
+    from select)."""
+    fd = stream.fileno()
+    out: list[dict[str, float]] = []
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while len(out) < 2:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            parts = line.decode("ascii", "replace").split()
+            if not parts or parts[0] != word:
+                continue
+            row: dict[str, float] = {}
+            for kv in parts[1:]:
+                k, _, v = kv.partition("=")
+                try:
+                    row[k] = float(v)
+                except ValueError:
+                    pass
+            out.append(row)
+    return out
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 3) -> None:
@@ -361,7 +507,8 @@ def _packet_socket(ifname: str) -> socket.socket:
 
 
 def relay_main(argv: list[str]) -> int:
-    """``relay IF1 IF2 ONE_WAY_MS MAX_QUEUE_BYTES``: bridge two interfaces with a delay."""
+    """``relay IF1 IF2 ONE_WAY_MS MAX_QUEUE_BYTES``: bridge two interfaces with a delay
+    (same behaviour and stats lines as delay_relay.c)."""
     _set_pdeathsig()
     if os.getppid() == 1:
         return 1
@@ -372,8 +519,20 @@ def relay_main(argv: list[str]) -> int:
     peer = {a: b, b: a}
     queue: dict[socket.socket, collections.deque] = {a: collections.deque(), b: collections.deque()}
     qbytes = {a: 0, b: 0}
-    drops = 0
+    # per direction (received on a: 0, on b: 1)
+    st = {s: {"frames": 0, "bytes": 0, "drops_full": 0, "drops_send": 0, "truncated": 0,
+              "late_sum": 0.0, "late_max": 0.0, "qmax": 0} for s in socks}
     stop = False
+
+    def report(word: str) -> None:
+        for d, s in enumerate(socks):
+            x = st[s]
+            n = x["frames"] or 1
+            print(f"{word} dir={d} frames={x['frames']} bytes={x['bytes']} "
+                  f"drops_full={x['drops_full']} drops_send={x['drops_send']} "
+                  f"truncated={x['truncated']} late_avg_us={x['late_sum'] / n * 1e6:.1f} "
+                  f"late_max_us={x['late_max'] * 1e6:.1f} queue_max_bytes={x['qmax']}",
+                  flush=True)
 
     def on_term(signum, frame):
         nonlocal stop
@@ -381,6 +540,7 @@ def relay_main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: report("stats"))
     print("ready", flush=True)
     while not stop:
         now = time.monotonic()
@@ -388,13 +548,20 @@ def relay_main(argv: list[str]) -> int:
         for s in socks:  # send what is due
             q = queue[s]
             out = peer[s]
+            x = st[s]
             while q and q[0][0] <= now:
-                _, frame = q.popleft()
+                due, frame = q.popleft()
                 qbytes[s] -= len(frame)
                 try:
                     out.send(frame)
                 except (BlockingIOError, OSError):
-                    drops += 1
+                    x["drops_send"] += 1
+                    continue
+                x["frames"] += 1
+                x["bytes"] += len(frame)
+                late = now - due
+                x["late_sum"] += late
+                x["late_max"] = max(x["late_max"], late)
             if q:
                 t = q[0][0] - now
                 timeout = t if timeout is None or t < timeout else timeout
@@ -406,17 +573,19 @@ def relay_main(argv: list[str]) -> int:
         due = now + delay
         for s in ready:
             q = queue[s]
+            x = st[s]
             for _ in range(256):
                 try:
                     frame = s.recv(70000)
                 except (BlockingIOError, InterruptedError):
                     break
                 if qbytes[s] + len(frame) > qmax:
-                    drops += 1  # tail drop, like a full router queue
+                    x["drops_full"] += 1  # tail drop, like a full router queue
                     continue
                 q.append((due, frame))
                 qbytes[s] += len(frame)
-    print(f"drops {drops}", file=sys.stderr, flush=True)
+                x["qmax"] = max(x["qmax"], qbytes[s])
+    report("final")
     return 0
 
 

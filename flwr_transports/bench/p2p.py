@@ -470,6 +470,160 @@ def _stop_proc(proc: subprocess.Popen, timeout: float = 5) -> None:
         proc.wait()
 
 
+# ---- s3:// link against a real Ceph radosgw ------------------------------------------
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_RGW_FETCH = "python scripts/radosgw.py fetch"
+
+
+def _radosgw_script() -> Any | None:
+    """scripts/radosgw.py of the source checkout, imported as a module (None if absent)."""
+    import importlib.util
+
+    path = os.path.join(_REPO, "scripts", "radosgw.py")
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location("ftx_radosgw_p2p", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class RadosgwS3Link(_Link):
+    """s3:// link against a one-node Ceph cluster (mon + memstore OSD + radosgw) that the
+    sender worker starts with scripts/radosgw.py and stops in ``s_close`` (or when it is
+    terminated): real SigV4 auth and a real object store instead of moto's."""
+
+    name = "link-s3-radosgw"
+    scheme = "s3"
+    description = ("s3:// link against a real Ceph radosgw (scripts/radosgw.py) started by "
+                   "the sender")
+    # radosgw listens on 127.0.0.1 of the sender's namespace only (scripts/radosgw.py)
+    wan_unavailable = "radosgw listens on 127.0.0.1 only (scripts/radosgw.py): loopback only"
+
+    @classmethod
+    def unavailable(cls):
+        why = super().unavailable()
+        if why:
+            return why
+        try:
+            import boto3  # noqa: F401
+        except ImportError:
+            return "boto3 not installed (pip install 'flwr-transports[s3]')"
+        script = _radosgw_script()
+        if script is None:
+            return f"scripts/radosgw.py not found under {_REPO} (needs a source checkout)"
+        root = os.path.join(script.DEFAULT_CACHE, "root")
+        if not os.path.exists(os.path.join(root, "usr", "bin", "radosgw")):
+            return (f"Ceph packages not unpacked in {script.DEFAULT_CACHE}: run "
+                    f"'{_RGW_FETCH}' (apt-get download + dpkg -x, ~66 MB, no install)")
+        return None
+
+    def s_setup(self):
+        script = _radosgw_script()
+        if script is None:
+            raise RuntimeError("scripts/radosgw.py not found")
+        self._rgw_mod = script
+        self._rgw: dict[str, Any] | None = None
+        old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+        def on_signal(signum, frame):  # killed by the driver: never leave Ceph running
+            self._stop_rgw(hard=True)
+            os._exit(128 + signum)
+
+        for sig in old:
+            signal.signal(sig, on_signal)
+        mem = max(2 << 30, 3 * self.size + (1 << 30))  # memstore: an upper bound, not RAM
+        # a one-node Ceph sometimes fails to come up on a loaded machine: 3 tries
+        for attempt in range(3):
+            try:
+                self._rgw = script.start(mem_bytes=mem)
+                break
+            except script.RadosgwError:
+                if attempt == 2:
+                    raise
+        st = self._rgw
+        os.environ.update(AWS_ACCESS_KEY_ID=st["access_key"],
+                          AWS_SECRET_ACCESS_KEY=st["secret_key"],
+                          AWS_DEFAULT_REGION=st.get("region", "us-east-1"),
+                          AWS_EC2_METADATA_DISABLED="true")
+        self._endpoint = st["endpoint"]
+        self._bucket = f"ftxbench-{os.getpid()}"
+        try:
+            self._make_bucket()
+            return super().s_setup()
+        except BaseException:
+            self._stop_rgw()
+            raise
+
+    def _make_bucket(self) -> None:
+        import boto3
+        from botocore.config import Config
+
+        st = self._rgw
+        s3 = boto3.session.Session(
+            aws_access_key_id=st["access_key"], aws_secret_access_key=st["secret_key"],
+            region_name=st.get("region", "us-east-1"),
+        ).client("s3", endpoint_url=st["endpoint"], config=Config(
+            s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+            response_checksum_validation="when_required"))
+        # radosgw learns about the user made by radosgw-admin a little later (seconds
+        # under load): retry InvalidAccessKeyId for a while
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                s3.create_bucket(Bucket=self._bucket)
+                break
+            except s3.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code != "InvalidAccessKeyId" or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        s3.put_object(Bucket=self._bucket, Key="warm-up", Body=b"x" * 1024)  # makes pools
+        s3.delete_object(Bucket=self._bucket, Key="warm-up")
+
+    def url(self):
+        return f"s3://{self._bucket}/bench?endpoint_url={self._endpoint}"
+
+    def r_recv(self, it, msg):
+        if not self.opts.get("verify"):
+            return super().r_recv(it, msg)
+        from ..codec import hash_segments
+
+        src = self.client.open(msg["loc"], self.size)
+        try:
+            data = src.read(0, self.size)
+        finally:
+            src.close()
+        if hash_segments([data]) != msg["digest"]:
+            raise RuntimeError("link-s3-radosgw: received bytes differ from the payload")
+        return len(data), None
+
+    def s_send(self, it):
+        msg = super().s_send(it)
+        if self.opts.get("verify"):
+            msg["digest"] = self.payload.digest
+        return msg
+
+    def _stop_rgw(self, hard: bool = False) -> None:
+        st, self._rgw = getattr(self, "_rgw", None), None
+        if not st:
+            return
+        if hard:  # fast: the driver SIGKILLs us 3 s after its SIGTERM
+            for pid in st.get("pids", {}).values():
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self._rgw_mod.stop(st["dir"])
+
+    def s_close(self):
+        try:
+            super().s_close()
+        finally:
+            self._stop_rgw()
+
+
 # ---- PyTorch RPC (TensorPipe) ---------------------------------------------------------
 
 _TORCH_HINT = ("pip install torch==2.13.0 (the CPU wheel; an unpinned torch pulls GBs of "
@@ -526,13 +680,13 @@ class TorchRpc(Backend):
     mode = "pull"
     description = ("PyTorch RPC (TensorPipe, TCP transport): receivers rpc_sync the "
                    "sender, which returns the payload as a uint8 tensor")
-    transports: list[str] | None = ["uv"]
-    channels: list[str] | None = ["basic"]
+    transports: tuple[str, ...] | None = ("uv",)
+    channels: tuple[str, ...] | None = ("basic",)
 
     @classmethod
     def unavailable(cls):
         try:
-            import torch.distributed.rpc as rpc
+            from torch.distributed import rpc
         except ImportError:
             return _TORCH_HINT
         if not rpc.is_available():
@@ -550,7 +704,7 @@ class TorchRpc(Backend):
     def _init(self, rank: int, port: int) -> None:
         import warnings
 
-        import torch.distributed.rpc as rpc
+        from torch.distributed import rpc
 
         # init_rpc builds a Gloo group and then warns that this usage is deprecated
         warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
@@ -560,9 +714,9 @@ class TorchRpc(Backend):
             os.environ["GLOO_SOCKET_IFNAME"] = iface
         kw: dict[str, Any] = {}
         if self.transports is not None:
-            kw["_transports"] = self.transports
+            kw["_transports"] = list(self.transports)
         if self.channels is not None:
-            kw["_channels"] = self.channels
+            kw["_channels"] = list(self.channels)
         options = rpc.TensorPipeRpcBackendOptions(
             num_worker_threads=max(4, self.k + 2), rpc_timeout=600,
             init_method=f"tcp://{self.host}:{port}", **kw,
@@ -613,7 +767,7 @@ class TorchRpc(Backend):
         return {}  # the sender already holds the tensor: receivers stamp their own t0
 
     def s_close(self):
-        import torch.distributed.rpc as rpc
+        from torch.distributed import rpc
 
         if not self._thread.is_alive() and self._err is None:
             rpc.shutdown(graceful=False)
@@ -625,7 +779,7 @@ class TorchRpc(Backend):
         self._init(idx + 1, info["port"])
 
     def r_recv(self, it, msg):
-        import torch.distributed.rpc as rpc
+        from torch.distributed import rpc
 
         t0 = time.perf_counter()
         t = rpc.rpc_sync("s", _torch_fetch, timeout=600)
@@ -640,7 +794,7 @@ class TorchRpc(Backend):
         return n, t0
 
     def r_close(self):
-        import torch.distributed.rpc as rpc
+        from torch.distributed import rpc
 
         rpc.shutdown(graceful=False)
 
@@ -657,7 +811,7 @@ class TorchRpcShm(TorchRpc):
 BACKENDS: dict[str, type[Backend]] = {
     b.name: b
     for b in (RawTcp, GrpcUnary, GrpcStream, ShmLink, FileLink, TcpLink, S3Link, TorchRpc,
-              TorchRpcShm)
+              TorchRpcShm, RadosgwS3Link)
 }
 MPI_BACKENDS = ("mpi-buffer", "mpi-pickle")
 TORCH_BACKENDS = ("torch-rpc", "torch-rpc-shm")
@@ -672,6 +826,8 @@ def backend_unavailable(name: str, wan: bool = False) -> str | None:
         cls = BACKENDS[name]
         if wan and cls.local_only:
             return "same-host only (no network path to emulate)"
+        if wan and getattr(cls, "wan_unavailable", None):
+            return cls.wan_unavailable
         return cls.unavailable()
     if name in MPI_BACKENDS:
         if wan:

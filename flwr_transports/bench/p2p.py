@@ -528,11 +528,17 @@ class RadosgwS3Link(_Link):
         old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
 
         def on_signal(signum, frame):  # killed by the driver: never leave Ceph running
+            if self._rgw is None:  # inside script.start(): it stops what it started
+                raise KeyboardInterrupt(f"signal {signum}")
             self._stop_rgw(hard=True)
             os._exit(128 + signum)
 
         for sig in old:
             signal.signal(sig, on_signal)
+        # the driver may also just close our stdin: the worker loop then returns
+        import atexit
+
+        atexit.register(self._stop_rgw, True)
         mem = max(2 << 30, 3 * self.size + (1 << 30))  # memstore: an upper bound, not RAM
         # a one-node Ceph sometimes fails to come up on a loaded machine: 3 tries
         for attempt in range(3):
@@ -606,16 +612,22 @@ class RadosgwS3Link(_Link):
         return msg
 
     def _stop_rgw(self, hard: bool = False) -> None:
-        st, self._rgw = getattr(self, "_rgw", None), None
-        if not st:
-            return
-        if hard:  # fast: the driver SIGKILLs us 3 s after its SIGTERM
-            for pid in st.get("pids", {}).values():
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        self._rgw_mod.stop(st["dir"])
+        sigs = {signal.SIGTERM, signal.SIGHUP}
+        # a SIGTERM arriving meanwhile waits until the cluster is gone (then exits)
+        signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            st, self._rgw = getattr(self, "_rgw", None), None
+            if not st:
+                return
+            if hard:  # fast: the driver SIGKILLs us 3 s after its SIGTERM
+                for pid in st.get("pids", {}).values():
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            self._rgw_mod.stop(st["dir"])
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
 
     def s_close(self):
         try:

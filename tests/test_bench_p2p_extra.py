@@ -113,6 +113,19 @@ def _rgw_dirs() -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "ftx-radosgw-*")))
 
 
+def _ceph_zombies() -> set[int]:
+    out = set()
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                comm, rest = f.read().split(" (", 1)[1].split(") ", 1)
+        except (OSError, IndexError, ValueError):
+            continue
+        if rest[0] == "Z" and comm in ("ceph-mon", "ceph-osd", "radosgw"):
+            out.add(int(d))
+    return out
+
+
 def _orphan_ceph() -> list[int]:
     """Ceph daemons whose run folder is gone (a cluster that was not stopped)."""
     out = []
@@ -132,24 +145,26 @@ def _orphan_ceph() -> list[int]:
     return out
 
 
-def _assert_nothing_left(before: set[str]) -> None:
+def _assert_nothing_left(before: set[str], zombies: set[int]) -> None:
     deadline = time.monotonic() + 15
     while (_rgw_dirs() - before or _orphan_ceph()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _rgw_dirs() - before == set()
     assert _orphan_ceph() == []
+    # daemons reaped by the sender, not left as zombies for pid 1 (which may never reap)
+    assert _ceph_zombies() - zombies == set()
 
 
 @pytest.mark.radosgw
 @pytest.mark.skipif(RGW_WHY is not None, reason=f"link-s3-radosgw: {RGW_WHY}")
 def test_radosgw_p2p_digest_k2():
-    before = _rgw_dirs()
+    before, zombies = _rgw_dirs(), _ceph_zombies()
     size = 64 * KiB
     rows = run_p2p([size], ["link-s3-radosgw"], [2], repeat=1, warmup=1,
                    opts={"verify": True})
     assert len(rows) == 1
     check_row(rows[0], "link-s3-radosgw", size, 2, 1)
-    _assert_nothing_left(before)
+    _assert_nothing_left(before, zombies)
 
 
 @pytest.mark.radosgw
@@ -157,7 +172,7 @@ def test_radosgw_p2p_digest_k2():
 def test_radosgw_sender_killed_leaves_no_ceph():
     """The driver tears a sender down (stdin closed, SIGTERM, SIGKILL after 3 s) right
     after its cluster came up: the daemons and the run folder go with it."""
-    before = _rgw_dirs()
+    before, zombies = _rgw_dirs(), _ceph_zombies()
     w = Worker()
     try:
         rep = w.call(op="init", role="sender", backend="link-s3-radosgw", size=4 * KiB, k=1,
@@ -166,4 +181,4 @@ def test_radosgw_sender_killed_leaves_no_ceph():
         assert len(_rgw_dirs() - before) == 1  # it is running
     finally:
         w.kill()
-    _assert_nothing_left(before)
+    _assert_nothing_left(before, zombies)

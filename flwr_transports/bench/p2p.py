@@ -626,6 +626,16 @@ class RadosgwS3Link(_Link):
                     except (ProcessLookupError, PermissionError):
                         pass
             self._rgw_mod.stop(st["dir"])
+            # the daemons are our children: reap them, or they stay zombies of pid 1
+            deadline = time.monotonic() + 5
+            for pid in st.get("pids", {}).values():
+                while True:
+                    try:
+                        if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() > deadline:
+                            break
+                    except ChildProcessError:
+                        break
+                    time.sleep(0.05)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
 

@@ -92,7 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=_sizes, default=_sizes("1MB,10MB,100MB,1GB"),
                    help="payload sizes, e.g. 1MB,10MB,100MB,1GB (default)")
     p.add_argument("--backends", type=_names, default=list(DEFAULT_BACKENDS),
-                   help=f"comma-separated subset of: {', '.join(ALL_BACKENDS)}")
+                   help=f"comma-separated subset of: {', '.join(ALL_BACKENDS)}. "
+                        "torch-rpc (PyTorch RPC over TensorPipe's TCP transport) and "
+                        "torch-rpc-shm (TensorPipe's same-host shm/cma) need "
+                        "'pip install torch==2.13.0'; link-s3-radosgw starts a one-node "
+                        "Ceph radosgw per point (scripts/radosgw.py; loopback only; "
+                        "'python scripts/radosgw.py fetch' once)")
     p.add_argument("--concurrency", type=_ints, default=[1, 4],
                    help="numbers of concurrent receivers K (default 1,4)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per point (default 1)")

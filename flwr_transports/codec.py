@@ -183,6 +183,44 @@ def decode(read: Reader, size: int, digest: str | None) -> ArrayRecord:
     return out
 
 
+def data_ranges(prefix: bytes | bytearray | memoryview, size: int,
+                max_arrays: int = 100_000) -> tuple[int, list[tuple[int, int]]] | None:
+    """Where each array's bytes lie in a ``size``-byte payload, from its first bytes.
+
+    Returns ``(header_end, [(start, end), ...])`` with absolute offsets, in payload
+    order, when ``prefix`` holds the whole header and it describes contiguous
+    arrays that end exactly at ``size``; otherwise None. Used only to place received
+    bytes (each array straight into its own ``bytes`` object); :func:`decode`
+    still validates everything, so a lying header can at worst make the transfer
+    fall back to a plain buffer or fail its checks.
+    """
+    mv = memoryview(prefix).cast("B")
+    if len(mv) < 8 or size < 8:
+        return None
+    (hlen,) = struct.unpack("<Q", mv[:8])
+    if hlen > MAX_HEADER_BYTES or 8 + hlen > min(size, len(mv)):
+        return None
+    try:
+        hdr = json.loads(bytes(mv[8:8 + hlen]))
+        n = len(hdr) - 1 if isinstance(hdr, dict) and "__metadata__" in hdr else -1
+        if not 0 <= n <= max_arrays:
+            return None
+        base = 8 + hlen
+        pos, out = 0, []
+        for i in range(n):
+            begin, end = hdr[f"a{i:08d}"]["data_offsets"]
+            if not (isinstance(begin, int) and isinstance(end, int) and begin == pos
+                    and end >= begin):
+                return None
+            out.append((base + begin, base + end))
+            pos = end
+    except (ValueError, KeyError, TypeError):
+        return None
+    if base + pos != size:
+        return None
+    return base, out
+
+
 def decode_bytes(buf: bytes | bytearray | memoryview, digest: str | None) -> ArrayRecord:
     mv = memoryview(buf)
 

@@ -11,13 +11,13 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 from test_tcp_helpers import FaultProxy, make_payload, self_signed_cert
 
-from flwr_transports import offload, payload_mod
-from flwr_transports.codec import decode
+from flwr_transports import codec, offload, payload_mod
+from flwr_transports.codec import decode, encode
 from flwr_transports.links import LinkError, server_link
 from flwr_transports.links import chunks as ch
 from flwr_transports.links.tcp import TcpClientLink, TcpServerLink
@@ -246,6 +246,34 @@ def test_corrupted_chunk_is_refetched_alone(server):
     assert stats["crc_errors"] == 1
     n = -(-p.size // (64 * KiB))
     assert link.server.stats["chunks_sent"] == n + 1  # only chunk 3 was sent twice
+
+
+def test_corrupted_first_chunk_falls_back_to_a_plain_buffer(server):
+    """Chunk 0 (fetched with the table, and whose header places the arrays) arrives
+    damaged: nothing is placed by an unverified header; it is fetched again by the
+    workers into a plain buffer and the payload still decodes."""
+    link = server(streams=2)
+    rec, p = make_payload(300 * KiB)
+    loc = link.publish("r1", p)
+    hits = []
+
+    def corrupt(op, oid, i, views):
+        if i == 0 and not hits:
+            hits.append(i)
+            data = bytearray(b"".join(views))
+            data[20] ^= 0x01  # inside the JSON header
+            return [memoryview(data)]
+        return views
+
+    link.server.fault = corrupt
+    ep = ch.Endpoint("127.0.0.1", loc["port"], timeout=10)
+    stats: dict = {}
+    with ch.download(lambda: ch.ClientConn(ep), loc["id"], bytes.fromhex(loc["token"]),
+                     p.size, stats=stats) as src:
+        assert not src.zero_copy
+        assert same(decode(src.read, p.size, p.digest), rec)
+    assert hits == [0] and stats["zero_copy"] == 0
+    assert stats["chunks"] == -(-p.size // (64 * KiB))
 
 
 def test_corruption_in_flight_through_proxy_upload(server):
@@ -486,6 +514,47 @@ def test_ipv6_host():
         link.close()
 
 
+class _NoScatterConn(ch.ClientConn):
+    scatter = False  # as rdma's: a chunk must land in one buffer
+
+
+def test_download_receives_into_the_arrays_own_bytes(server):
+    """Chunks land straight in one fresh bytes object per array; the decoded Array
+    holds that very object (no copy after the socket), also when chunk boundaries cut
+    through arrays and arrays are smaller than a chunk."""
+    link = server(chunk_size=str(ch.MIN_CHUNK))
+    rng = np.random.default_rng(5)
+    rec = ArrayRecord({
+        "big": Array(rng.random(3 * MiB // 8 + 1001)),  # crosses many chunk boundaries
+        "tiny": Array(np.arange(3, dtype=np.int8)),
+        "empty": Array(np.zeros((0, 4), dtype=np.float32)),
+        "mid": Array(rng.integers(0, 9, 100 * KiB, dtype=np.int16)),
+        "scalar": Array(np.array(2.5)),
+        "tail": Array(rng.random(70 * KiB // 8).astype(np.float32)),
+    })
+    p = encode(rec)
+    loc = link.publish("zc", p)
+    ep = ch.Endpoint("127.0.0.1", loc["port"], timeout=10)
+    pool = ch.BufferPool(64 * MiB)
+    stats: dict = {}
+    src = ch.download(lambda: ch.ClientConn(ep), loc["id"], bytes.fromhex(loc["token"]),
+                      p.size, pool=pool, stats=stats)
+    got = decode(src.read, p.size, p.digest)
+    assert src.zero_copy
+    assert same(got, rec)
+    big = [name for name, a in rec.items() if len(a.data) >= 64 * KiB]
+    assert big, "the payload must have arrays above the zero-copy threshold"
+    ranges = codec.data_ranges(p.to_bytes()[:ch.MIN_CHUNK], p.size)
+    assert ranges is not None
+    names = list(rec.keys())
+    for k, (a, b) in enumerate(ranges[1]):
+        if b - a >= 64 * KiB:  # read() hands out the received object itself, every time
+            assert src.read(a, b - a) is src.read(a, b - a) is got[names[k]].data
+    src.close()
+    assert stats["zero_copy"] == 1 and stats["chunks"] == src.scheduler.n
+    assert pool.hits == 0 and not pool.free  # no scratch buffer was used
+
+
 def test_buffers_are_reused_without_leaking_old_data(server):
     link = server()
     pool = ch.BufferPool(64 * MiB)
@@ -495,8 +564,9 @@ def test_buffers_are_reused_without_leaking_old_data(server):
     for rec, p, name in ((rec1, p1, "a"), (rec2, p2, "b")):
         loc = link.publish(name, p)
         ep = ch.Endpoint("127.0.0.1", loc["port"], timeout=10)
-        with ch.download(lambda ep=ep: ch.ClientConn(ep), loc["id"], bytes.fromhex(loc["token"]),
+        with ch.download(lambda ep=ep: _NoScatterConn(ep), loc["id"], bytes.fromhex(loc["token"]),
                          p.size, pool=pool) as src:
+            assert not src.zero_copy
             assert same(decode(src.read, p.size, p.digest), rec)
     assert pool.hits == 1 and len(pool.free) == 1
     # server side: round 2's upload slot reuses round 1's buffer

@@ -51,7 +51,9 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .. import _membuf
 from ..codec import EncodedPayload
+from ..codec import data_ranges as codec_data_ranges
 from .base import LinkError, PayloadSource
 
 log = logging.getLogger("flwr_transports.links")
@@ -478,10 +480,22 @@ class ClientConn:
     def put_chunk(self, oid: str, token: bytes, i: int, crc: int, views: list[memoryview]) -> None:
         self.request(OP_PUT, oid, token, a=i, b=sum(len(v) for v in views), crc=crc, body=views)
 
+    #: chunk data arrives inline, so one chunk can be received into several buffers
+    scatter = True
+
     def recv_chunk_into(self, dest: memoryview, flags: int) -> None:
         if flags & F_OUT_OF_BAND:
             raise ProtocolError("server sent out-of-band chunk data on a tcp connection")
         recv_exact_into(self.sock, dest)
+
+    def recv_chunk_views(self, views: list[memoryview], flags: int) -> None:
+        if len(views) == 1:
+            return self.recv_chunk_into(views[0], flags)
+        if flags & F_OUT_OF_BAND or not self.scatter:
+            raise ProtocolError("this wire cannot receive one chunk into several buffers")
+        for v in views:
+            recv_exact_into(self.sock, v)
+        return None
 
     def close(self) -> None:
         try:
@@ -605,26 +619,132 @@ class _Workers:
             t.join(join)
 
 
+class _FlatDest:
+    """Received bytes land in one buffer; reads copy out of it."""
+
+    scatter = False
+
+    def __init__(self, size: int, pool: BufferPool | None):
+        self.pool = pool
+        self.buf = pool.get(size) if pool is not None else alloc_buffer(size)
+        self.mv = memoryview(self.buf)
+
+    def views(self, off: int, n: int) -> list[memoryview]:
+        return [self.mv[off:off + n]]
+
+    def read(self, off: int, n: int) -> bytes:
+        return self.buf[off:off + n]
+
+    def release(self, writers_gone: bool) -> None:
+        self.mv.release()
+        if self.pool is not None and writers_gone:
+            self.pool.put(self.buf)  # no thread can still write into it
+        else:
+            _close_map(self.buf)
+
+
+_KEEP_ALIVE: list = []  # scatter targets a stuck worker thread may still write into
+
+
+class _ScatterDest:
+    """Received bytes land directly in the final objects: the payload header in a
+    bytearray, each array's bytes in its own fresh ``bytes`` object
+    (:func:`flwr_transports._membuf.alloc_bytes`) that ``read`` hands to the decoder
+    as is, so the array data is never copied after the socket."""
+
+    scatter = True
+
+    def __init__(self, size: int, header_end: int, ranges: list[tuple[int, int]]):
+        self.pieces: list[tuple[int, int, Any, memoryview | None]] = []
+        hdr = bytearray(header_end)
+        self.pieces.append((0, header_end, hdr, memoryview(hdr)))
+        for a, b in ranges:
+            if b > a:
+                obj, view = _membuf.alloc_bytes(b - a)
+                self.pieces.append((a, b, obj, view))
+        self.starts = [p[0] for p in self.pieces]
+        self.exact = {(p[0], p[1] - p[0]): p[2] for p in self.pieces}
+
+    def views(self, off: int, n: int) -> list[memoryview]:
+        out, end = [], off + n
+        k = max(0, bisect.bisect_right(self.starts, off) - 1)
+        while off < end and k < len(self.pieces):
+            a, b, _, v = self.pieces[k]
+            lo, hi = off - a, min(b, end) - a
+            if hi > lo:
+                out.append(v[lo:hi])
+                off = a + hi
+            k += 1
+        return out
+
+    def read(self, off: int, n: int) -> bytes:
+        obj = self.exact.get((off, n))
+        if isinstance(obj, bytes):
+            return obj  # the array's own bytes: no copy
+        return b"".join(bytes(v) for v in self.views(off, n))
+
+    def release(self, writers_gone: bool) -> None:
+        if not writers_gone:  # a stuck thread may still write: never free its target
+            _KEEP_ALIVE.append(self.pieces)
+        self.pieces, self.exact = [], {}
+
+
 def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams: int = 4,
              window: int = 4, retries: int = 5, timeout: float = 60.0,
              stats: dict | None = None, pool: BufferPool | None = CLIENT_POOL) -> PayloadSource:
     """Fetch a published payload in parallel chunks; return a streaming PayloadSource.
 
-    Chunks land in one buffer allocated up front (an anonymous mapping: pages are
-    touched only by the data written into them); ``read(off, n)`` waits only for the
-    chunks covering its range, so decoding overlaps the transfer.
+    The first connection asks for the chunk table and chunk 0 in one round trip.
+    Chunk 0 starts with the payload header, which says where each array's bytes lie:
+    the other chunks are then received straight into one fresh ``bytes`` object per
+    array, and ``read(off, n)`` of an array's exact range returns that object (no
+    copy; the decoder hands it to Flower's ``Array``). When the header does not fit
+    in chunk 0 (or the wire cannot scatter), chunks land in one buffer allocated up
+    front and reads copy out of it. Either way ``read`` waits only for the chunks
+    covering its range, so decoding overlaps the transfer.
     """
+    first: list[bytearray | None] = [None]
+
     def info(c: ClientConn) -> tuple[int, list[int]]:
+        prefetch = size > 0 and getattr(c, "scatter", False)
         c.request(OP_INFO, oid, token)
+        if prefetch:  # pipelined: no extra round trip before the first data
+            c.request(OP_GET, oid, token, a=0)
         st, _, _, n, _ = c.response()
         if st != OK:
             _raise_status(c, st, n, f"object {oid!r}")
-        return unpack_table(c.body(n, table_limit(size)), size)
+        cs, table = unpack_table(c.body(n, table_limit(size)), size)
+        if prefetch and table:
+            st, fl, a, n, _ = c.response()
+            if st != OK:
+                _raise_status(c, st, n, f"chunk 0 of {oid!r}")
+            want = chunk_len(0, size, cs)
+            if a != 0 or n != want:
+                raise ProtocolError(f"asked for chunk 0 ({want} bytes), got chunk {a} "
+                                    f"({n} bytes)")
+            buf = bytearray(n)
+            c.recv_chunk_into(memoryview(buf), fl)
+            first[0] = buf if zlib.crc32(buf) == table[0] else None
+        return cs, table
 
     conn, (cs, table) = _first_request(factory, info, retries)
-    buf = pool.get(size) if pool is not None else alloc_buffer(size)
-    mv = memoryview(buf)
-    sched = ChunkScheduler(len(table), workers=max(1, min(streams, len(table))))
+    chunk0 = first[0]
+    layout = None
+    if chunk0 is not None and _membuf.zero_copy_available():
+        layout = codec_data_ranges(chunk0, size)
+    dest: _FlatDest | _ScatterDest = (
+        _ScatterDest(size, *layout) if layout is not None else _FlatDest(size, pool))
+    todo = range(len(table))
+    if chunk0 is not None:
+        off = 0
+        for v in dest.views(0, len(chunk0)):
+            v[:] = chunk0[off:off + len(v)]
+            off += len(v)
+        todo = range(1, len(table))
+    del chunk0, first[0]
+    sched = ChunkScheduler(len(table), todo, workers=max(1, min(streams, len(todo) or 1)))
+    if len(todo) < len(table):
+        sched.stats["chunks"] += 1  # chunk 0 came with the table
 
     def loop(c: ClientConn) -> None:
         inflight: collections.deque[int] = collections.deque()
@@ -646,10 +766,13 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
                 if a != i or n != want:
                     raise ProtocolError(f"asked for chunk {i} ({want} bytes), got chunk {a} "
                                         f"({n} bytes)")
-                dest = mv[i * cs: i * cs + n]
-                c.recv_chunk_into(dest, fl)
+                views = dest.views(i * cs, n)
+                if dest.scatter:
+                    for v in views:
+                        _membuf.populate(v)  # one call instead of a fault per page
+                c.recv_chunk_views(views, fl)
                 inflight.popleft()
-                if zlib.crc32(dest) != table[i]:
+                if crc_views(views) != table[i]:
                     sched.corrupted(i, "CRC mismatch")
                 else:
                     sched.done(i)
@@ -658,7 +781,7 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
                 sched.requeue(i)
 
     workers = (_Workers(sched, factory, conn, sched.alive, retries, loop, "ftx-get")
-               if table else None)
+               if todo else None)
     if workers is None:
         conn.close()
 
@@ -668,21 +791,19 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
         if n == 0:
             return b""
         sched.wait_chunks(off // cs, (off + n - 1) // cs, timeout * (retries + 2))
-        return buf[off:off + n]
+        return dest.read(off, n)
 
     def close() -> None:
         if workers is not None:
             workers.stop()
         if stats is not None:
             stats.update(sched.stats)
-        mv.release()
-        if pool is not None and (workers is None or not any(t.is_alive() for t in workers.threads)):
-            pool.put(buf)  # no thread can still write into it
-        else:
-            _close_map(buf)
+            stats["zero_copy"] = int(dest.scatter)
+        dest.release(workers is None or not any(t.is_alive() for t in workers.threads))
 
     src = PayloadSource(read, size, close)
     src.scheduler = sched  # for tests and benchmarks
+    src.zero_copy = dest.scatter
     return src
 
 

@@ -304,6 +304,8 @@ class _RdmaServerLink(TcpServerLink):
 
 
 class RdmaClientConn(chunks.ClientConn):
+    scatter = False  # a chunk arrives as one RDMA message: one target buffer
+
     def __init__(self, ep: chunks.Endpoint, rdma_port: int, chunk_size: int, window: int):
         super().__init__(ep)
         ce, CMID, AddrInfo, _, _ = _pyverbs()

@@ -13,13 +13,12 @@ flight the loops call into MPI without sleeping, which is what drives MPI's prog
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import _membuf
 from . import wire
 
 TAG_HDR = 7001
@@ -44,80 +43,12 @@ def import_mpi():
 # ---------------------------------------------------------------------------------------
 # receive buffers: a fresh ``bytes`` object that MPI writes into (no extra copy)
 
-_ZERO_COPY = os.environ.get("FLWR_TRANSPORTS_MPI_ZERO_COPY", "1") != "0"
-_ZC_MIN = 1 << 16
-
-
-def _setup_zero_copy():
-    if not _ZERO_COPY or sys.implementation.name != "cpython":
-        return None
-    try:
-        api = ctypes.pythonapi
-        new = api.PyBytes_FromStringAndSize
-        new.restype = ctypes.py_object
-        new.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
-        ptr = api.PyBytes_AsString
-        ptr.restype = ctypes.c_void_p
-        ptr.argtypes = [ctypes.py_object]
-        return new, ptr
-    except (AttributeError, OSError):  # pragma: no cover
-        return None
-
-
-_ZC = _setup_zero_copy()
-
-_HUGE_MIN = 4 << 20
-_MADV_HUGEPAGE = 14
-
-
-def _setup_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        return fn, os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):  # pragma: no cover
-        return None
-
-
-_MADVISE = _setup_madvise()
-
-
-def _advise_huge(addr: int, n: int) -> None:
-    """Ask for transparent huge pages on a large receive buffer, as NumPy does for its
-    arrays: far fewer page faults while MPI writes the data (Linux, THP=madvise)."""
-    if _MADVISE is None or n < _HUGE_MIN:
-        return
-    fn, page = _MADVISE
-    start = (addr + page - 1) & ~(page - 1)
-    end = (addr + n) & ~(page - 1)
-    if end > start:
-        fn(start, end - start, _MADV_HUGEPAGE)  # advice only: failure is harmless
-
 
 def alloc_bytes(n: int) -> tuple[Any, memoryview]:
-    """Return ``(obj, writable view of obj)`` for an ``n``-byte receive.
-
-    On CPython, ``obj`` is a brand-new, not yet shared ``bytes`` object (the same thing
-    C extensions do with ``PyBytes_FromStringAndSize(NULL, n)``): MPI fills it in place
-    and Flower's ``Array`` gets it without a copy. Elsewhere ``obj`` is a bytearray
-    (turned into ``bytes`` later, one copy). Set FLWR_TRANSPORTS_MPI_ZERO_COPY=0 to
-    always take the bytearray path.
-    """
-    if _ZC is not None and n >= _ZC_MIN:
-        new, ptr = _ZC
-        obj = new(None, n)
-        addr = ptr(obj)
-        _advise_huge(addr, n)
-        view = memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
-        return obj, view
-    buf = bytearray(n)
-    view = memoryview(buf)
-    if n >= _HUGE_MIN:
-        _advise_huge(ctypes.addressof(ctypes.c_char.from_buffer(buf)), n)
-    return buf, view
+    """``(obj, writable view)`` for an ``n``-byte receive: a fresh ``bytes`` object MPI
+    fills in place (see :mod:`flwr_transports._membuf`), with transparent huge pages
+    requested as NumPy does for its arrays (fewer page faults while MPI writes)."""
+    return _membuf.alloc_bytes(n, huge=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ same payload:
 * tcp GET:   ``TcpServerLink.publish`` (chunk table computed before the clock starts)
              then ``TcpClientLink.open`` and wait for every chunk (CRC-checked) in
              the client's buffer; ``+read`` adds ``read()`` of the whole payload into
-             ``bytes`` (what the decoder does, one extra copy);
+             ``bytes`` (one extra copy: the fallback path); ``->Array`` fetches the same
+             bytes as one Flower Array in a real payload and decodes it: chunks land
+             in the Array's own fresh ``bytes`` (what a ClientApp gets; no copy);
 * tcp PUT:   ``TcpClientLink.upload`` into a slot (client computes CRCs while sending,
              server checks them) until the commit returns.
 
@@ -31,10 +33,13 @@ import sys
 import threading
 import time
 
-from flwr_transports.codec import EncodedPayload, parse_size
+from flwr.app import Array, ArrayRecord
+
+from flwr_transports.codec import EncodedPayload, decode, parse_size
+from flwr_transports.codec import encode as encode_record
 from flwr_transports.links.tcp import TcpClientLink, TcpServerLink
 
-KINDS = ("raw", "raw fresh", "tcp GET", "tcp GET+read", "tcp PUT")
+KINDS = ("raw", "raw fresh", "tcp GET", "tcp GET+read", "tcp GET->Array", "tcp PUT")
 CPU: dict[str, list[float]] = {k: [] for k in KINDS}
 
 
@@ -80,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     data += os.urandom(size - len(data))
     payload = EncodedPayload(segments=[data], size=size, digest="sha256:" + "0" * 64)
     dest = bytearray(size)  # raw: preallocated and warmed
-    res: dict[str, list[float]] = {"raw": [], "raw fresh": [], "tcp GET": [], "tcp GET+read": [], "tcp PUT": []}
+    res: dict[str, list[float]] = {"raw": [], "raw fresh": [], "tcp GET": [], "tcp GET+read": [],
+                                   "tcp GET->Array": [], "tcp PUT": []}
+    # the same bytes as one Flower Array in a real payload: what a ClientApp receives
+    arr = Array(dtype="uint8", shape=(size,), stype="raw", data=data)
+    rec_payload = encode_record(ArrayRecord({"w": arr}))
 
     srv = TcpServerLink("tcp://127.0.0.1:0", "bench", {
         "chunk_size": a.chunk_size, "streams": a.streams, "window": a.window})
@@ -89,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         loc = srv.publish("bench", payload)
         t_pub = time.perf_counter() - t0
+        rec_loc = srv.publish("bench-rec", rec_payload)
         for _ in range(a.repeat):
             res["raw"].append(raw_transfer(memoryview(data), memoryview(dest)))
             res["raw fresh"].append(raw_transfer(memoryview(data), None, "raw fresh"))
@@ -108,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
             src.close()
             res["tcp GET"].append(t1 - t0)
             res["tcp GET+read"].append(t2 - t0)
+            # received straight into the Array's own bytes (no digest: transfer only)
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            with cli.open(rec_loc, rec_payload.size) as src:
+                rec = decode(src.read, rec_payload.size, None)
+            res["tcp GET->Array"].append(time.perf_counter() - t0)
+            CPU["tcp GET->Array"].append(time.process_time() - c0)
+            assert len(rec["w"].data) == size and src.zero_copy
+            del rec
             if not a.no_put:
                 slot = srv.issue_slot(f"put{_}", size)
                 c0 = time.process_time()

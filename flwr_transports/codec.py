@@ -119,6 +119,12 @@ def _validate_meta(entry: object) -> tuple[str, str, tuple[int, ...], str]:
     return name, dtype, tuple(shape), stype
 
 
+def _check_algo(digest: str) -> None:
+    algo, _, _hex = digest.partition(":")
+    if algo != DIGEST_ALGO:
+        raise PayloadError(f"unsupported digest algorithm {algo!r} (want {DIGEST_ALGO})")
+
+
 def decode(read: Reader, size: int, digest: str | None) -> ArrayRecord:
     """Decode a payload of ``size`` bytes given a ranged reader.
 
@@ -126,12 +132,28 @@ def decode(read: Reader, size: int, digest: str | None) -> ArrayRecord:
     is verified over exactly the bytes decoded; pass None only for trusted data.
     Raises PayloadError on anything malformed.
     """
+    if digest is not None:
+        _check_algo(digest)
+    out, got = decode_hashed(read, size)
+    check_digest(got, digest)
+    return out
+
+
+def check_digest(got: str, digest: str | None) -> None:
+    """Compare the digest of the bytes decoded with the one a reference claims."""
+    if digest is None:
+        return
+    _check_algo(digest)
+    if got != digest:
+        raise PayloadError(f"digest mismatch: payload has {got}, reference says {digest}")
+
+
+def decode_hashed(read: Reader, size: int) -> tuple[ArrayRecord, str]:
+    """Decode a payload and return it with the ``sha256t`` digest of exactly the bytes
+    decoded (for links that decode before the expected digest is known; the caller
+    must then :func:`check_digest` before trusting the record)."""
     if size < 8:
         raise PayloadError(f"payload too small ({size} bytes)")
-    if digest is not None:
-        algo, _, _hex = digest.partition(":")
-        if algo != DIGEST_ALGO:
-            raise PayloadError(f"unsupported digest algorithm {algo!r} (want {DIGEST_ALGO})")
     hasher = TreeHasher()  # hashes exactly the bytes decoded, overlapping the reads
 
     def _read(off: int, n: int) -> bytes:
@@ -176,11 +198,7 @@ def decode(read: Reader, size: int, digest: str | None) -> ArrayRecord:
         pos = end
     if base + pos != size:
         raise PayloadError(f"payload has {size - base - pos} trailing bytes")
-    if digest is not None:
-        got = hasher.hexdigest()
-        if got != digest:
-            raise PayloadError(f"digest mismatch: payload has {got}, reference says {digest}")
-    return out
+    return out, hasher.hexdigest()
 
 
 def data_ranges(prefix: bytes | bytearray | memoryview, size: int,

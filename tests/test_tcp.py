@@ -206,6 +206,40 @@ def test_released_payload_and_discarded_slot(server):
         TcpClientLink().upload(slot, p)
 
 
+def test_upload_is_decoded_on_arrival_and_checked_against_the_claimed_digest(server):
+    """A complete upload is decoded in the background right away (before the reply
+    even reaches the server); opening it hands over that record, whose digest is
+    then checked against what the reference claims."""
+    link = server()
+    rec, p = make_payload(900 * KiB, seed=3)
+    slot = link.issue_slot("s-eager", 4 * MiB)
+    loc = TcpClientLink().upload(slot, p)
+    pre = link.server.slots[slot["id"]].pre
+    assert pre is not None
+    arrays, got = pre.result(10)  # done without anyone asking for it
+    assert got == p.digest and same(arrays, rec)
+    with link.open_upload(slot, loc, p.size) as src:
+        arrays2, got2 = src.predecoded()
+        assert arrays2 is arrays and got2 == p.digest
+        codec.check_digest(got2, p.digest)
+        with pytest.raises(codec.PayloadError, match="digest mismatch"):
+            codec.check_digest(got2, "sha256t:" + "0" * 64)
+    link.discard_slot(slot)
+    assert slot["id"] not in link.server.slots
+
+
+def test_malformed_upload_fails_its_eager_decode_with_a_payload_error(server):
+    link = server()
+    slot = link.issue_slot("s-bad", 4 * MiB)
+    junk = b"\xff" * (200 * KiB)  # not a payload: absurd header length
+    bad = codec.EncodedPayload(segments=[junk], size=len(junk), digest="sha256t:" + "0" * 64)
+    loc = TcpClientLink().upload(slot, bad)
+    with link.open_upload(slot, loc, len(junk)) as src:
+        with pytest.raises(codec.PayloadError, match="header length"):
+            src.predecoded()
+    link.discard_slot(slot)
+
+
 def test_upload_cap_and_reference_checks(server):
     link = server()
     _, p = make_payload(300 * KiB)

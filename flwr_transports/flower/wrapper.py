@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
-from ..codec import PayloadError, decode, encode, parse_size
+from ..codec import PayloadError, check_digest, decode, encode, parse_size
 from ..links import LinkError, ServerLink, link_classes, server_link, split_url
 from ..refs import (
     TICKET_KEY,
@@ -295,7 +295,12 @@ class OffloadStrategy(Strategy):
             t0 = time.perf_counter()
             try:
                 with self.link.open_upload(slot, ref.loc, ref.size) as src:
-                    arrays = decode(src.read, ref.size, ref.digest)
+                    pre = getattr(src, "predecoded", None)
+                    if pre is not None:  # the link decoded it on arrival (tcp://)
+                        arrays, got = pre()
+                        check_digest(got, ref.digest)
+                    else:
+                        arrays = decode(src.read, ref.size, ref.digest)
             finally:
                 self.link.discard_slot(slot)
             self.stats["link_seconds_get"] += time.perf_counter() - t0

@@ -49,11 +49,13 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import _membuf
 from ..codec import EncodedPayload
 from ..codec import data_ranges as codec_data_ranges
+from ..codec import decode_hashed
 from .base import LinkError, PayloadSource
 
 log = logging.getLogger("flwr_transports.links")
@@ -916,6 +918,7 @@ class UploadSlot:
         self.claimed: set[int] = set()
         self.complete = False
         self.readers = 0
+        self.pre = None  # Future of (ArrayRecord, digest): decoded as soon as complete
         self.lock = threading.Lock()
 
     def free(self, pool: BufferPool | None = None) -> None:
@@ -981,6 +984,9 @@ class ChunkServer:
         self.active: dict[socket.socket, threading.Thread] = {}
         self.stopping = threading.Event()
         self.stats = collections.Counter()
+        #: decode each upload in the background as soon as it is complete
+        self.eager = True
+        self._eager: ThreadPoolExecutor | None = None
         #: test hook: fault(op, oid, index, views) -> views (may raise to drop the connection)
         self.fault: Callable[[int, str, int, list[memoryview]], list[memoryview]] | None = None
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -1174,8 +1180,13 @@ class ChunkServer:
         if op == OP_PUT_DONE:
             with slot.lock:
                 missing = slot.have.count(0)
+                start = missing == 0 and not slot.complete and self.eager
                 if missing == 0:
                     slot.complete = True
+                if start:
+                    slot.readers += 1  # the decoder reads the buffer: keep it
+            if start:
+                slot.pre = self._eager_pool().submit(self._predecode, oid, slot)
             if missing:
                 conn.error(INCOMPLETE, f"{missing} chunks missing")
             else:
@@ -1213,6 +1224,29 @@ class ChunkServer:
         return True
 
     # upload results -----------------------------------------------------------------
+    def _eager_pool(self) -> ThreadPoolExecutor:
+        with self.lock:
+            if self._eager is None:
+                self._eager = ThreadPoolExecutor(1, thread_name_prefix="ftx-eager")
+            return self._eager
+
+    def _predecode(self, oid: str, slot: UploadSlot):
+        """Decode a completed upload right away, in the background, while the round
+        still waits for other nodes and for Flower to deliver the replies: the
+        wrapper then only compares digests (``open_slot`` hands the result over). The
+        bytes decoded are exactly the bytes hashed, and a complete slot takes no more
+        writes, so the digest the reply later claims is checked against what was
+        decoded. Errors are kept and raised to the wrapper as a normal decode would."""
+        try:
+            mv = slot.mv
+            return decode_hashed(lambda off, n: bytes(mv[off:off + n]), slot.size)
+        finally:
+            with slot.lock:
+                slot.readers -= 1
+                gone = slot.readers == 0 and oid not in self.slots
+            if gone:
+                slot.free(self.pool)
+
     def open_slot(self, oid: str, size: int) -> PayloadSource:
         from ..refs import RefError
 
@@ -1221,12 +1255,13 @@ class ChunkServer:
         if slot is None:
             raise LinkError(f"upload slot {oid!r} was discarded")
         with slot.lock:
-            if not slot.complete or slot.mv is None:
+            if not slot.complete or (slot.mv is None and slot.pre is None):
                 raise LinkError(f"the client did not finish its upload into {oid!r}")
             if slot.size != size:
                 raise RefError(f"uploaded {slot.size} bytes, the reference says {size}")
             slot.readers += 1
             mv = slot.mv
+            pre = slot.pre
 
         def read(off: int, n: int) -> bytes:
             if off < 0 or n < 0 or off + n > size:
@@ -1240,7 +1275,10 @@ class ChunkServer:
             if gone:
                 slot.free(self.pool)
 
-        return PayloadSource(read, size, close)
+        src = PayloadSource(read, size, close)
+        if pre is not None:
+            src.predecoded = lambda timeout=None: pre.result(timeout)
+        return src
 
     def close(self) -> None:
         self.stopping.set()
@@ -1258,10 +1296,14 @@ class ChunkServer:
                 pass
         for _, t in active:
             t.join(2.0)
+        if self._eager is not None:
+            self._eager.shutdown(wait=True, cancel_futures=True)
         with self.lock:
             self.objects.clear()
             slots, self.slots = list(self.slots.values()), {}
         for s in slots:
+            if s.pre is not None and s.pre.cancelled():
+                s.readers -= 1  # its decoder never ran
             if s.readers == 0:
                 s.free()
         self.pool.clear()

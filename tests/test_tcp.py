@@ -612,3 +612,43 @@ def test_buffers_are_reused_without_leaking_old_data(server):
         link.discard_slot(slot)
     assert link.server.pool.hits == 1
     pool.clear()
+
+
+# -- stream count ------------------------------------------------------------------------
+class _FakeSock:
+    """Answers TCP_INFO with a chosen smoothed RTT (tcpi_rtt, microseconds)."""
+
+    def __init__(self, rtt_us: int):
+        self.rtt_us = rtt_us
+
+    def getsockopt(self, level, opt, n):
+        info = bytearray(n)
+        info[68:72] = self.rtt_us.to_bytes(4, "little")
+        return bytes(info)
+
+
+def test_auto_streams_follow_the_measured_rtt():
+    window = min(ch._sysctl_max("tcp_wmem", 4 << 20), ch._sysctl_max("tcp_rmem", 6 << 20))
+    assert ch.auto_streams(_FakeSock(100), 1000) == ch.AUTO_MIN_STREAMS  # LAN / loopback
+    far = ch.auto_streams(_FakeSock(100_000), 1000)  # 100 ms
+    want = -(-int(ch.AUTO_TARGET_RATE * 0.1) // window)
+    assert far == max(ch.AUTO_MIN_STREAMS, min(want, ch.AUTO_MAX_STREAMS))
+    assert far > ch.AUTO_MIN_STREAMS  # a long RTT gets more streams than a LAN
+    assert ch.auto_streams(_FakeSock(2_000_000), 1000) == ch.AUTO_MAX_STREAMS  # capped
+    assert ch.auto_streams(_FakeSock(100_000), 3) == 3  # never more than chunks left
+    assert ch.auto_streams(_FakeSock(0), 1000) == ch.AUTO_MIN_STREAMS  # no RTT sample
+
+
+def test_streams_default_to_auto_and_clients_size_them(server):
+    link = server()  # no streams option
+    rec, p = make_payload(1 * MiB)
+    loc = link.publish("auto", p)
+    assert loc["streams"] == 0  # auto travels in the descriptor
+    client = TcpClientLink()
+    with client.open(loc, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+    assert client.last_stats["streams"] == ch.AUTO_MIN_STREAMS  # loopback RTT
+    slot = link.issue_slot("s-auto", 4 * MiB)
+    client.upload(slot, p)
+    assert client.last_stats["streams"] == ch.AUTO_MIN_STREAMS
+    assert server(streams=3).publish("fixed", p)["streams"] == 3

@@ -527,10 +527,12 @@ class RadosgwS3Link(_Link):
         self._rgw: dict[str, Any] | None = None
         old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
 
+        self._starting = True
+
         def on_signal(signum, frame):  # killed by the driver: never leave Ceph running
-            if self._rgw is None:  # inside script.start(): it stops what it started
+            if self._starting and self._rgw is None:  # inside script.start(): it cleans up
                 raise KeyboardInterrupt(f"signal {signum}")
-            self._stop_rgw(hard=True)
+            self._stop_rgw(hard=True)  # a no-op once s_close stopped it
             os._exit(128 + signum)
 
         for sig in old:
@@ -547,7 +549,9 @@ class RadosgwS3Link(_Link):
                 break
             except script.RadosgwError:
                 if attempt == 2:
+                    self._starting = False
                     raise
+        self._starting = False
         st = self._rgw
         os.environ.update(AWS_ACCESS_KEY_ID=st["access_key"],
                           AWS_SECRET_ACCESS_KEY=st["secret_key"],

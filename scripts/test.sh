@@ -7,7 +7,22 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-# torch is never pulled in here (the torch extra is not requested).
+# torch is never pulled in by the extras (the torch extra is not requested).
 "$VENV/bin/python" -m pip install -q -e ".[dev,s3,mpi,bench]"
+# torch is optional: it enables the PyTorch RPC benchmark tests. Installed only from a
+# local CPU wheel (an unpinned or PyPI torch pulls GBs of CUDA packages); FTX_TORCH=0
+# skips it, FTX_TORCH=1 installs torch==2.13.0 from wherever pip finds it.
+TORCH_WHEELS=${FTX_TORCH_WHEELS:-/opt/wheels}
+case "${FTX_TORCH:-auto}" in
+  0) echo "torch: not installed (FTX_TORCH=0); the torch-rpc tests will skip" ;;
+  *)
+    if [ "${FTX_TORCH:-auto}" = 1 ] || ls "$TORCH_WHEELS"/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
+      "$VENV/bin/python" -m pip install -q torch==2.13.0 \
+        || echo "torch: install failed; the torch-rpc tests will skip"
+    else
+      echo "torch: no local CPU wheel in $TORCH_WHEELS; the torch-rpc tests will skip" \
+           "(FTX_TORCH=1 installs torch==2.13.0 anyway)"
+    fi ;;
+esac
 export PATH="$PWD/$VENV/bin:$PATH"
 exec "$VENV/bin/python" -m pytest -ra "$@"

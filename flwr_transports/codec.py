@@ -134,7 +134,7 @@ def decode(read: Reader, size: int, digest: str | None) -> ArrayRecord:
     """
     if digest is not None:
         _check_algo(digest)
-    out, got = decode_hashed(read, size)
+    out, got = decode_hashed(read, size, hashed=digest is not None)
     check_digest(got, digest)
     return out
 
@@ -148,13 +148,22 @@ def check_digest(got: str, digest: str | None) -> None:
         raise PayloadError(f"digest mismatch: payload has {got}, reference says {digest}")
 
 
-def decode_hashed(read: Reader, size: int) -> tuple[ArrayRecord, str]:
+class _NoHash:
+    def update(self, data) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+def decode_hashed(read: Reader, size: int, *, hashed: bool = True) -> tuple[ArrayRecord, str]:
     """Decode a payload and return it with the ``sha256t`` digest of exactly the bytes
     decoded (for links that decode before the expected digest is known; the caller
-    must then :func:`check_digest` before trusting the record)."""
+    must then :func:`check_digest` before trusting the record). ``hashed=False``
+    (trusted data only) skips hashing and returns an empty digest."""
     if size < 8:
         raise PayloadError(f"payload too small ({size} bytes)")
-    hasher = TreeHasher()  # hashes exactly the bytes decoded, overlapping the reads
+    hasher = TreeHasher() if hashed else _NoHash()  # hashes exactly the bytes decoded, overlapping the reads
 
     def _read(off: int, n: int) -> bytes:
         b = read(off, n)

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec = decode(src.read, rec_payload.size, None)
             res["tcp GET->Array"].append(time.perf_counter() - t0)
             CPU["tcp GET->Array"].append(time.process_time() - c0)
-            assert len(rec["w"].data) == size and src.zero_copy
+            assert len(rec["w"].data) == size and src.placement().scatter
             del rec
             if not a.no_put:
                 slot = srv.issue_slot(f"put{_}", size)

@@ -304,7 +304,7 @@ def test_corrupted_first_chunk_falls_back_to_a_plain_buffer(server):
     stats: dict = {}
     with ch.download(lambda: ch.ClientConn(ep), loc["id"], bytes.fromhex(loc["token"]),
                      p.size, stats=stats) as src:
-        assert not src.zero_copy
+        assert not src.placement().scatter
         assert same(decode(src.read, p.size, p.digest), rec)
     assert hits == [0] and stats["zero_copy"] == 0
     assert stats["chunks"] == -(-p.size // (64 * KiB))
@@ -574,7 +574,7 @@ def test_download_receives_into_the_arrays_own_bytes(server):
     src = ch.download(lambda: ch.ClientConn(ep), loc["id"], bytes.fromhex(loc["token"]),
                       p.size, pool=pool, stats=stats)
     got = decode(src.read, p.size, p.digest)
-    assert src.zero_copy
+    assert src.placement().scatter
     assert same(got, rec)
     big = [name for name, a in rec.items() if len(a.data) >= 64 * KiB]
     assert big, "the payload must have arrays above the zero-copy threshold"
@@ -600,7 +600,7 @@ def test_buffers_are_reused_without_leaking_old_data(server):
         ep = ch.Endpoint("127.0.0.1", loc["port"], timeout=10)
         with ch.download(lambda ep=ep: _NoScatterConn(ep), loc["id"], bytes.fromhex(loc["token"]),
                          p.size, pool=pool) as src:
-            assert not src.zero_copy
+            assert not src.placement().scatter
             assert same(decode(src.read, p.size, p.digest), rec)
     assert pool.hits == 1 and len(pool.free) == 1
     # server side: round 2's upload slot reuses round 1's buffer

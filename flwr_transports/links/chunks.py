@@ -685,7 +685,8 @@ class _FlatDest:
             _close_map(self.buf)
 
 
-_KEEP_ALIVE: list = []  # scatter targets a stuck worker thread may still write into
+_KEEP_ALIVE: list = []
+MAX_SNIFF_HEADER = 16 << 20  # a payload header above this is placed without zero copy  # scatter targets a stuck worker thread may still write into
 
 
 class _ScatterDest:
@@ -736,62 +737,91 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
              stats: dict | None = None, pool: BufferPool | None = CLIENT_POOL) -> PayloadSource:
     """Fetch a published payload in parallel chunks; return a streaming PayloadSource.
 
-    The first connection asks for the chunk table and chunk 0 in one round trip.
-    Chunk 0 starts with the payload header, which says where each array's bytes lie:
-    the other chunks are then received straight into one fresh ``bytes`` object per
-    array, and ``read(off, n)`` of an array's exact range returns that object (no
-    copy; the decoder hands it to Flower's ``Array``). When the header does not fit
-    in chunk 0 (or the wire cannot scatter), chunks land in one buffer allocated up
-    front and reads copy out of it. Either way ``read`` waits only for the chunks
-    covering its range, so decoding overlaps the transfer.
+    The first connection asks for the chunk table and chunk 0 in one round trip, and
+    the other connections start as soon as the table is in. Chunk 0 begins with the
+    payload header, which says where each array lies: as soon as its first bytes are
+    in, every chunk is received straight into one fresh ``bytes`` object per array,
+    and ``read(off, n)`` of an array's exact range returns that object (no copy; the
+    decoder hands it to Flower's ``Array``). Any placement is safe: the pieces always
+    tile the payload exactly and reads of other ranges join them, so a damaged
+    header (caught by chunk 0's CRC, which is then fetched again) can cost the
+    zero-copy path, never correctness. When the header does not fit in chunk 0, or
+    the wire cannot scatter a chunk (rdma://), chunks land in one pooled buffer and
+    reads copy out of it. Either way ``read`` waits only for the chunks it covers,
+    so decoding overlaps the transfer.
     """
-    first: list[bytearray | None] = [None]
+    scatter = [False]
 
     def info(c: ClientConn) -> tuple[int, list[int]]:
-        prefetch = size > 0 and getattr(c, "scatter", False)
+        scatter[0] = size > 0 and getattr(c, "scatter", False) and _membuf.zero_copy_available()
         c.request(OP_INFO, oid, token)
-        if prefetch:  # pipelined: no extra round trip before the first data
+        if scatter[0]:  # pipelined: chunk 0 follows the table without a round trip
             c.request(OP_GET, oid, token, a=0)
         st, _, _, n, _ = c.response()
         if st != OK:
             _raise_status(c, st, n, f"object {oid!r}")
-        cs, table = unpack_table(c.body(n, table_limit(size)), size)
-        if prefetch and table:
-            st, fl, a, n, _ = c.response()
-            if st != OK:
-                _raise_status(c, st, n, f"chunk 0 of {oid!r}")
-            want = chunk_len(0, size, cs)
-            if a != 0 or n != want:
-                raise ProtocolError(f"asked for chunk 0 ({want} bytes), got chunk {a} "
-                                    f"({n} bytes)")
-            buf = bytearray(n)
-            c.recv_chunk_into(memoryview(buf), fl)
-            first[0] = buf if zlib.crc32(buf) == table[0] else None
-        return cs, table
+        return unpack_table(c.body(n, table_limit(size)), size)
 
     conn, (cs, table) = _first_request(factory, info, retries)
-    chunk0 = first[0]
-    layout = None
-    if chunk0 is not None and _membuf.zero_copy_available():
-        layout = codec_data_ranges(chunk0, size)
-    dest: _FlatDest | _ScatterDest = (
-        _ScatterDest(size, *layout) if layout is not None else _FlatDest(size, pool))
-    todo = range(len(table))
-    if chunk0 is not None:
-        off = 0
-        for v in dest.views(0, len(chunk0)):
-            v[:] = chunk0[off:off + len(v)]
-            off += len(v)
-        todo = range(1, len(table))
-    del chunk0, first[0]
+    n_total = len(table)
+    sniff = scatter[0] and n_total > 0
+    holder: list[_FlatDest | _ScatterDest | None] = [None]
+    dest_lock = threading.Lock()
+    ready = threading.Event()
+
+    def set_dest(layout) -> _FlatDest | _ScatterDest:
+        with dest_lock:  # the first placement decided wins; any placement is correct
+            if holder[0] is None:
+                holder[0] = (_ScatterDest(size, *layout) if layout is not None
+                             else _FlatDest(size, pool))
+                ready.set()
+            return holder[0]
+
+    if not sniff:
+        set_dest(None)
+    todo = range(1, n_total) if sniff else range(n_total)
     if streams <= 0:
-        streams = auto_streams(conn.sock, len(todo))
-    sched = ChunkScheduler(len(table), todo, workers=max(1, min(streams, len(todo) or 1)))
-    if len(todo) < len(table):
-        sched.stats["chunks"] += 1  # chunk 0 came with the table
+        streams = auto_streams(conn.sock, n_total)
+    sched = ChunkScheduler(n_total, todo, workers=max(1, min(streams, n_total or 1)))
+    if sniff:  # chunk 0 is already requested on the first connection
+        sched.state[0] = INFLIGHT
+        sched.remaining += 1
+    first_conn = [conn if sniff else None]
+
+    def dest_for(c: ClientConn, i: int, n: int, fl: int) -> tuple[object, int]:
+        """The placement to receive chunk ``i`` into, and how many of its bytes are
+        already in it. Chunk 0 on a connection that can scatter sniffs the header."""
+        if ready.is_set():
+            return holder[0], 0
+        if i == 0 and not fl & F_OUT_OF_BAND:
+            head = bytearray(min(8, n))
+            c.recv_chunk_into(memoryview(head), fl)
+            layout = None
+            if len(head) == 8:
+                hlen = int.from_bytes(head, "little")
+                if 8 + hlen <= n and hlen <= MAX_SNIFF_HEADER:
+                    rest = bytearray(hlen)
+                    c.recv_chunk_into(memoryview(rest), fl)
+                    head += rest
+                    layout = codec_data_ranges(head, size)
+            d = set_dest(layout)
+            off = 0
+            for v in d.views(0, len(head)):
+                v[:] = head[off:off + len(v)]
+                off += len(v)
+            return d, len(head)
+        # another chunk arrived first: wait while chunk 0 is on its way, else decide
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.05):
+            if sched.state[0] != INFLIGHT or time.monotonic() > deadline or sched.error:
+                return set_dest(None), 0
+        return holder[0], 0
 
     def loop(c: ClientConn) -> None:
         inflight: collections.deque[int] = collections.deque()
+        if first_conn[0] is c:
+            first_conn[0] = None
+            inflight.append(0)
         try:
             while True:
                 while len(inflight) < window:
@@ -810,11 +840,12 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
                 if a != i or n != want:
                     raise ProtocolError(f"asked for chunk {i} ({want} bytes), got chunk {a} "
                                         f"({n} bytes)")
+                dest, have = dest_for(c, i, n, fl)
                 views = dest.views(i * cs, n)
                 if dest.scatter:
                     for v in views:
                         _membuf.populate(v)  # one call instead of a fault per page
-                c.recv_chunk_views(views, fl)
+                c.recv_chunk_views(_skip(views, have), fl)
                 inflight.popleft()
                 if crc_views(views) != table[i]:
                     sched.corrupted(i, "CRC mismatch")
@@ -825,7 +856,7 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
                 sched.requeue(i)
 
     workers = (_Workers(sched, factory, conn, sched.alive, retries, loop, "ftx-get")
-               if todo else None)
+               if n_total else None)
     if workers is None:
         conn.close()
 
@@ -835,21 +866,34 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
         if n == 0:
             return b""
         sched.wait_chunks(off // cs, (off + n - 1) // cs, timeout * (retries + 2))
-        return dest.read(off, n)
+        return holder[0].read(off, n)  # chunks are done: the placement exists
 
     def close() -> None:
         if workers is not None:
             workers.stop()
+        d = holder[0] or set_dest(None)
         if stats is not None:
             stats.update(sched.stats)
-            stats["zero_copy"] = int(dest.scatter)
+            stats["zero_copy"] = int(d.scatter)
             stats["streams"] = streams
-        dest.release(workers is None or not any(t.is_alive() for t in workers.threads))
+        d.release(workers is None or not any(t.is_alive() for t in workers.threads))
 
     src = PayloadSource(read, size, close)
     src.scheduler = sched  # for tests and benchmarks
-    src.zero_copy = dest.scatter
+    src.placement = lambda: holder[0]
     return src
+
+
+def _skip(views: list[memoryview], n: int) -> list[memoryview]:
+    """``views`` without their first ``n`` bytes."""
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:])
+        n = 0
+    return out
 
 
 def upload(factory: ConnFactory, oid: str, token: bytes, payload: EncodedPayload, *,

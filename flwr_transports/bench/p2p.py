@@ -191,6 +191,17 @@ class RawTcp(Backend):
         self.sock.close()
 
 
+class RawTcpFresh(RawTcp):
+    name = "raw-tcp-fresh"
+    description = ("raw-tcp, but each payload lands in newly allocated memory (as any "
+                   "receiver that keeps the payload must: page faults included)")
+
+    def r_recv(self, it, msg):
+        self.buf = bytearray(self.size)  # fresh pages, touched by recv_into
+        self.view = memoryview(self.buf)
+        return super().r_recv(it, msg)
+
+
 class _Grpc(Backend):
     mode = "pull"
     _OPTS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
@@ -827,13 +838,13 @@ class TorchRpcShm(TorchRpc):
 
 BACKENDS: dict[str, type[Backend]] = {
     b.name: b
-    for b in (RawTcp, GrpcUnary, GrpcStream, ShmLink, FileLink, TcpLink, S3Link, TorchRpc,
+    for b in (RawTcp, RawTcpFresh, GrpcUnary, GrpcStream, ShmLink, FileLink, TcpLink, S3Link, TorchRpc,
               TorchRpcShm, RadosgwS3Link)
 }
 MPI_BACKENDS = ("mpi-buffer", "mpi-pickle")
 TORCH_BACKENDS = ("torch-rpc", "torch-rpc-shm")
 ALL_BACKENDS = tuple(dict.fromkeys((*BACKENDS, *MPI_BACKENDS, *TORCH_BACKENDS)))
-DEFAULT_BACKENDS = ("raw-tcp", "grpc-unary", "grpc-stream", "link-shm", "link-file",
+DEFAULT_BACKENDS = ("raw-tcp", "raw-tcp-fresh", "grpc-unary", "grpc-stream", "link-shm", "link-file",
                     "link-tcp", "link-s3", "mpi-buffer", "mpi-pickle", "torch-rpc")
 
 

@@ -844,8 +844,8 @@ BACKENDS: dict[str, type[Backend]] = {
 MPI_BACKENDS = ("mpi-buffer", "mpi-pickle")
 TORCH_BACKENDS = ("torch-rpc", "torch-rpc-shm")
 ALL_BACKENDS = tuple(dict.fromkeys((*BACKENDS, *MPI_BACKENDS, *TORCH_BACKENDS)))
-DEFAULT_BACKENDS = ("raw-tcp", "raw-tcp-fresh", "grpc-unary", "grpc-stream", "link-shm", "link-file",
-                    "link-tcp", "link-s3", "mpi-buffer", "mpi-pickle", "torch-rpc")
+DEFAULT_BACKENDS = ("raw-tcp", "raw-tcp-fresh", "grpc-unary", "grpc-stream", "link-shm",
+                    "link-file", "link-tcp", "link-s3", "mpi-buffer", "mpi-pickle", "torch-rpc")
 
 
 def backend_unavailable(name: str, wan: bool = False) -> str | None:

@@ -652,3 +652,23 @@ def test_streams_default_to_auto_and_clients_size_them(server):
     client.upload(slot, p)
     assert client.last_stats["streams"] == ch.AUTO_MIN_STREAMS
     assert server(streams=3).publish("fixed", p)["streams"] == 3
+
+
+def test_auto_chunk_size_spreads_small_payloads_over_more_chunks(server):
+    assert ch.auto_chunk_size(10 * 10**6) == 256 * KiB * 4  # 10 MB -> 1 MiB chunks
+    assert ch.auto_chunk_size(100 * MiB) == 2 * MiB
+    assert ch.auto_chunk_size(500 * MiB) == ch.DEFAULT_CHUNK
+    assert ch.auto_chunk_size(1) == ch.AUTO_CHUNK_MIN
+    link = TcpServerLink("tcp://127.0.0.1:0", 7, {"timeout": 10})  # chunk_size: auto
+    try:
+        rec, p = make_payload(3 * MiB)
+        loc = link.publish("auto-cs", p)
+        assert link.server.objects[loc["id"]].cs == ch.AUTO_CHUNK_MIN
+        slot = link.issue_slot("s-auto-cs", 8 * MiB)
+        assert slot["chunk_size"] == ch.AUTO_CHUNK_MIN  # replies follow the model's size
+        out, _ = fetch(loc, p)
+        assert same(out, rec)
+    finally:
+        link.close()
+    fixed = server(chunk_size="256KiB")
+    assert fixed.issue_slot("s-fixed", 8 * MiB)["chunk_size"] == 256 * KiB

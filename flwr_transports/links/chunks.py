@@ -82,6 +82,16 @@ F_OUT_OF_BAND = 1  # chunk data moved by the wire's side channel (RDMA), not inl
 MIN_CHUNK = 64 * 1024
 MAX_CHUNK = 256 * 1024 * 1024
 DEFAULT_CHUNK = 8 * 1024 * 1024
+AUTO_CHUNK_MIN = 1 << 20
+
+
+def auto_chunk_size(size: int) -> int:
+    """Chunk size for a payload of ``size`` bytes when none is configured: about 32
+    chunks (a power of two between 1 MiB and 8 MiB), so that small payloads still
+    spread over several streams; big ones use 8 MiB chunks (fewer requests)."""
+    target = max(size // 32, 1)
+    cs = 1 << (target.bit_length() - 1)
+    return max(AUTO_CHUNK_MIN, min(DEFAULT_CHUNK, cs))
 MAX_ID = 200
 MAX_ERR_BODY = 1024
 ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
@@ -622,7 +632,7 @@ class _Workers:
 
 
 #: what ``streams=0`` (auto) sizes the parallel connections for, in bytes per second
-AUTO_TARGET_RATE = 1.25e9  # 10 Gbit/s
+AUTO_TARGET_RATE = 0.625e9  # 5 Gbit/s per transfer
 AUTO_MIN_STREAMS, AUTO_MAX_STREAMS = 4, 32
 
 
@@ -651,7 +661,7 @@ def auto_streams(sock, n_chunks_left: int) -> int:
     default limits (``tcp_wmem``/``tcp_rmem`` max 4-6 MiB) ~40 MB/s at 100 ms RTT,
     whatever the line. Size the stream count so that the streams together could carry
     :data:`AUTO_TARGET_RATE` at the RTT measured on the first connection: 4 on a LAN or
-    loopback, ~30 at 100 ms; never more chunks than are left.
+    loopback, ~15 at 100 ms; never more chunks than are left.
     """
     rtt = conn_rtt(sock)
     k = AUTO_MIN_STREAMS

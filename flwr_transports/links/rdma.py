@@ -275,6 +275,9 @@ class _RdmaServerLink(TcpServerLink):
         port = int(self._rdma_opt) if self._rdma_opt else self.server.port + 1
         if not 0 < port < 65536:
             raise ValueError(f"rdma_port {port} is out of range")
+        # registered memory regions are sized once: one fixed chunk size (no auto)
+        if self.chunk_size is None:
+            self.chunk_size = chunks.DEFAULT_CHUNK
         # one work request per chunk: cap chunks at the port's max message size
         dev = d.get_device_list()[0]
         with d.Context(name=dev.name.decode() if isinstance(dev.name, bytes) else dev.name) as c:

@@ -12,11 +12,14 @@ URL options (query string or ``offload(...)`` keywords):
 ``bind``        address to listen on, ``ADDR`` or ``ADDR:PORT`` (default: HOST, PORT);
                 e.g. ``bind=0.0.0.0`` behind NAT, ``bind=0.0.0.0:9000`` behind a port
                 forward that clients reach as HOST:PORT
-``chunk_size``  bytes per chunk (default 8MiB; 64KiB..256MiB)
+``chunk_size``  bytes per chunk, 64KiB..256MiB, or ``auto`` (default): 1/32 of the
+                payload rounded down to a power of two, between 1 MiB and 8 MiB (small
+                payloads spread over more parallel streams, which matters when each
+                new stream starts in TCP slow start on a long RTT)
 ``streams``     parallel connections per transfer, or ``auto`` (default): each client
                 measures the RTT on its first connection and opens enough streams
-                to carry 10 Gbit/s through per-stream TCP window limits (4 on a LAN
-                or loopback, ~30 at 100 ms; at most 32)
+                to carry 5 Gbit/s through per-stream TCP window limits (4 on a LAN
+                or loopback, ~15 at 100 ms; at most 32)
 ``window``      chunk requests in flight per connection (default 4)
 ``timeout``     seconds any single socket operation may wait (default 60)
 ``retries``     reconnect attempts per connection without progress (default 5)
@@ -118,8 +121,11 @@ class TcpServerLink(ServerLink):
             bind_host, bp = _split_hostport(str(options["bind"]), "bind")
             if bp is not None:
                 bind_port = bp
-        self.chunk_size = chunks.check_chunk_size(
-            parse_size(options.get("chunk_size", chunks.DEFAULT_CHUNK)))
+        cs_opt = str(options.get("chunk_size", "auto")).strip().lower()
+        # None = auto: sized per payload (see chunks.auto_chunk_size)
+        self.chunk_size: int | None = (
+            None if cs_opt == "auto" else chunks.check_chunk_size(parse_size(cs_opt)))
+        self._last_cs = chunks.DEFAULT_CHUNK  # upload slots follow the last model's size
         auto = str(options.get("streams", "auto")).strip().lower() == "auto"
         # 0 in descriptors = auto: each client sizes it from the RTT it measures
         self.streams = 0 if auto else _int_opt(options, "streams", 4, 1, 64)
@@ -165,7 +171,9 @@ class TcpServerLink(ServerLink):
 
     def publish(self, name: str, payload: EncodedPayload) -> dict[str, Any]:
         oid = self._oid("g", name)
-        self.server.add_object(oid, payload, self.chunk_size)
+        cs = self.chunk_size or chunks.auto_chunk_size(payload.size)
+        self._last_cs = cs
+        self.server.add_object(oid, payload, cs)
         self._published[name] = oid
         return self._desc("get", oid)
 
@@ -177,7 +185,8 @@ class TcpServerLink(ServerLink):
     def issue_slot(self, name: str, max_size: int) -> dict[str, Any]:
         oid = self._oid("p", name)
         self.server.add_slot(oid, max_size)
-        return {**self._desc("put", oid), "chunk_size": self.chunk_size, "max_size": max_size}
+        cs = self.chunk_size or self._last_cs
+        return {**self._desc("put", oid), "chunk_size": cs, "max_size": max_size}
 
     def _slot_id(self, slot: dict[str, Any], loc: dict[str, Any]) -> str:
         oid = slot.get("id")

@@ -132,8 +132,17 @@ def test_e2e_report_and_ratios(tmp_path):
         {"transport": "tcp://", "model_mib": 8, "kind": "model", "round_s": 1.9,
          "floor_s": 2.0, "overhead_s": -0.1, "superlink_peak_rss_bytes": 100 << 20},
         {"transport": "s3://", "model_mib": 8, "skipped": "no S3"},
+        {"transport": "inband", "model_mib": 0.01, "kind": "floor", "round_s": 2.0,
+         "superlink_peak_rss_bytes": 100 << 20},
+        {"transport": "shm://", "model_mib": 0.01, "kind": "floor", "round_s": 1.0,
+         "superlink_peak_rss_bytes": 100 << 20},
+        {"transport": "tcp://", "model_mib": 0.01, "kind": "floor", "round_s": 1.5,
+         "superlink_peak_rss_bytes": 100 << 20},
     ]
     r = ratios(rows)
+    # median of the three floor runs: 1.5 s -> in-band 8.5 s, shm 1.5 s above it
+    assert r["8 MiB inband/shm:// overhead above the pooled floor (1.50 s)"] == pytest.approx(
+        8.5 / 1.5)
     assert r["8 MiB inband/shm:// overhead"] == pytest.approx(8.0)
     assert r["8 MiB inband/shm:// round"] == pytest.approx(10 / 3)
     assert "8 MiB inband/tcp:// overhead" not in r  # below the noise: not a ratio

@@ -257,9 +257,23 @@ def _one(dep, app: Path, url: str, model_mib: float, rounds: int, repeat: int,
     return row
 
 
+def pooled_floor(rows: list[dict[str, Any]]) -> float | None:
+    """Median of every floor run of the invocation. A floor run's tiny model stays
+    in-band below the offload threshold whatever the transport, so all floor runs
+    measure the same thing; their spread (Flower's 1-3 s polling) is noise that a
+    per-transport floor puts straight into that transport's overhead."""
+    fl = sorted(r["round_s"] for r in rows if r.get("kind") == "floor" and "round_s" in r)
+    if not fl:
+        return None
+    mid = len(fl) // 2
+    return fl[mid] if len(fl) % 2 else (fl[mid - 1] + fl[mid]) / 2
+
+
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """in-band / transport, per model size: on the overhead (round - floor) and raw."""
+    """in-band / transport, per model size: on the overhead (round - floor), on the
+    overhead above the pooled floor (see :func:`pooled_floor`) and raw."""
     out: dict[str, float] = {}
+    pooled = pooled_floor(rows)
     models = [r for r in rows if r.get("kind") == "model" and "round_s" in r]
     for r in models:
         if r["transport"] == "inband":
@@ -276,6 +290,10 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         ro, bo = r.get("overhead_s"), b.get("overhead_s")
         if ro is not None and bo is not None and ro > 0.05 and bo > 0.05:
             out[f"{tag} overhead"] = bo / ro
+        if pooled is not None:
+            ro, bo = r["round_s"] - pooled, b["round_s"] - pooled
+            if ro > 0.05 and bo > 0.05:
+                out[f"{tag} overhead above the pooled floor ({pooled:.2f} s)"] = bo / ro
     return out
 
 

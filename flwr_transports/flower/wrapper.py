@@ -46,7 +46,7 @@ log = logging.getLogger("flwr_transports")
 REJECTED_REPLY_CODE = 0x4654
 DEFAULT_THRESHOLD = 1024 * 1024
 MIN_REPLY_CAP = 64 * 1024 * 1024
-WRAPPER_OPTIONS = ("threshold", "max_reply_size", "reply_slots")
+WRAPPER_OPTIONS = ("threshold", "max_reply_size", "reply_slots", "fetch_workers")
 
 
 def _mib(n: int) -> str:
@@ -90,6 +90,9 @@ class OffloadStrategy(Strategy):
         self.reply_slots = int(opts.pop("reply_slots", 2))
         if not 0 <= self.reply_slots <= 64:
             raise ValueError("reply_slots must be between 0 and 64")
+        self.fetch_workers = int(opts.pop("fetch_workers", 4))
+        if not 1 <= self.fetch_workers <= 64:
+            raise ValueError("fetch_workers must be between 1 and 64")
         self.link_options = opts
         if self.scheme is not None:
             srv_cls, _ = link_classes(self.scheme)  # fail fast: unknown scheme / missing dep
@@ -252,22 +255,65 @@ class OffloadStrategy(Strategy):
 
     # -- incoming ------------------------------------------------------------------
     def _resolve(self, replies: Iterable[Message], server_round: int, phase: str) -> list[Message]:
-        out: list[Message] = []
-        for msg in replies:
+        """Turn the replies' payload references back into ArrayRecords.
+
+        References are checked against the tickets one reply after another (so a slot
+        claimed twice is caught), then the payloads are fetched and decoded
+        concurrently (up to ``fetch_workers`` at a time; hashing and file/socket reads
+        release the GIL), which takes the decode of N replies off the round's critical
+        path. A reply whose payload fails any check becomes an error reply.
+        """
+        replies = list(replies)
+        claims: dict[int, list[tuple[str, Any, dict]]] = {}
+        failed: dict[int, Exception] = {}
+        for k, msg in enumerate(replies):
             if not msg.has_content():
-                out.append(msg)
                 continue
             self.stats["inband_bytes_received"] += record_bytes(msg.content)
             try:
-                self._resolve_one(msg, server_round, phase)
-                out.append(msg)
+                claims[k] = self._claim(msg, server_round, phase)
             except (RefError, PayloadError, LinkError, OSError) as exc:
-                self.stats["replies_rejected"] += 1
-                reason = (f"flwr-transports rejected the reply payload of node "
-                          f"{msg.metadata.src_node_id}: {exc}")
-                log.warning(reason)
-                out.append(Message(metadata=msg.metadata,
-                                   error=Error(code=REJECTED_REPLY_CODE, reason=reason)))
+                failed[k] = exc
+        jobs = [(k, key, ref, slot) for k, cl in claims.items() for key, ref, slot in cl]
+        results: dict[tuple[int, str], Any] = {}
+        if len(jobs) > 1 and self.fetch_workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(self.fetch_workers, len(jobs)),
+                                    thread_name_prefix="ftx-fetch") as ex:
+                futs = {(k, key): ex.submit(self._fetch, ref, slot) for k, key, ref, slot in jobs}
+                for kk, fut in futs.items():
+                    try:
+                        results[kk] = fut.result()
+                    except (RefError, PayloadError, LinkError, OSError) as exc:
+                        results[kk] = exc
+        else:
+            for k, key, ref, slot in jobs:
+                try:
+                    results[(k, key)] = self._fetch(ref, slot)
+                except (RefError, PayloadError, LinkError, OSError) as exc:
+                    results[(k, key)] = exc
+        out: list[Message] = []
+        for k, msg in enumerate(replies):
+            exc = failed.get(k)
+            for key, ref, _slot in claims.get(k, ()):
+                got = results[(k, key)]
+                if isinstance(got, Exception):
+                    exc = exc or got
+                    continue
+                arrays, seconds = got
+                self.stats["link_seconds_get"] += seconds
+                self.stats["link_bytes_received"] += ref.size
+                msg.content[key] = arrays
+            if exc is None:
+                out.append(msg)
+                continue
+            self.stats["replies_rejected"] += 1
+            reason = (f"flwr-transports rejected the reply payload of node "
+                      f"{msg.metadata.src_node_id}: {exc}")
+            log.warning(reason)
+            out.append(Message(metadata=msg.metadata,
+                               error=Error(code=REJECTED_REPLY_CODE, reason=reason)))
         # this phase's tickets are spent: remove unused slots, forget the tickets
         if self.link is not None:
             for tid, t in list(self._tickets.items()):
@@ -278,9 +324,10 @@ class OffloadStrategy(Strategy):
             self._release(server_round, phase)
         return out
 
-    def _resolve_one(self, msg: Message, server_round: int, phase: str) -> None:
-        content = msg.content
-        for key, rec in list(content.items()):
+    def _claim(self, msg: Message, server_round: int, phase: str) -> list[tuple[str, Any, dict]]:
+        """Check every payload reference of a reply against its ticket (serially)."""
+        claims = []
+        for key, rec in list(msg.content.items()):
             if not is_ref_record(rec):
                 continue
             if self.link is None:
@@ -291,21 +338,23 @@ class OffloadStrategy(Strategy):
                 server_round=server_round, msg_type=phase, record_key=key, scheme=self.scheme,
             )
             ticket.used.add(ref.slot)
-            slot = ticket.slots[ref.slot]
-            t0 = time.perf_counter()
-            try:
-                with self.link.open_upload(slot, ref.loc, ref.size) as src:
-                    pre = getattr(src, "predecoded", None)
-                    if pre is not None:  # the link decoded it on arrival (tcp://)
-                        arrays, got = pre()
-                        check_digest(got, ref.digest)
-                    else:
-                        arrays = decode(src.read, ref.size, ref.digest)
-            finally:
-                self.link.discard_slot(slot)
-            self.stats["link_seconds_get"] += time.perf_counter() - t0
-            self.stats["link_bytes_received"] += ref.size
-            content[key] = arrays
+            claims.append((key, ref, ticket.slots[ref.slot]))
+        return claims
+
+    def _fetch(self, ref, slot: dict) -> tuple[ArrayRecord, float]:
+        """Open, verify and decode one uploaded payload (thread-safe per slot)."""
+        t0 = time.perf_counter()
+        try:
+            with self.link.open_upload(slot, ref.loc, ref.size) as src:
+                pre = getattr(src, "predecoded", None)
+                if pre is not None:  # the link decoded it on arrival (tcp://)
+                    arrays, got = pre()
+                    check_digest(got, ref.digest)
+                else:
+                    arrays = decode(src.read, ref.size, ref.digest)
+        finally:
+            self.link.discard_slot(slot)
+        return arrays, time.perf_counter() - t0
 
     # -- Strategy API --------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -336,7 +385,8 @@ def offload(strategy: Strategy, transport: str = "inband", **options: Any) -> Of
     Options ride in the URL query string or as keywords: wrapper options
     ``threshold`` (default 1 MiB; records below it stay in-band), ``max_reply_size``
     (cap on a client's reply payload; default max(4x the largest outgoing payload,
-    64 MiB)), ``reply_slots`` (large reply records per message, default 2), plus the
+    64 MiB)), ``reply_slots`` (large reply records per message, default 2),
+    ``fetch_workers`` (replies fetched and decoded at once, default 4), plus the
     link's own options (see the docs of each link).
 
     Must be the OUTERMOST wrapper (around DP wrappers, FedProx, FedAdam, ...).

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import (
 from inproc import InProcessGrid
 
 from flwr_transports import offload
+from flwr_transports.codec import encode
 from flwr_transports.flower.wrapper import REJECTED_REPLY_CODE
 from flwr_transports.refs import REF_ARRAY, REF_STYPE, is_ref_record
 
@@ -247,8 +248,48 @@ def test_payload_changed_after_upload_is_caught(filedir):
                 f.write(bytes([b[0] ^ 0xFF]))
         return reply
 
-    _, _, _, errors = _tampered_run(tamper, f"file://{filedir}")
+    # eager=false: the server reads the file only when the reply is processed, after
+    # the change (with eager decoding it may have decoded the original already: see
+    # test_eager_decode_keeps_the_bytes_that_match_the_claimed_digest)
+    _, _, _, errors = _tampered_run(tamper, f"file://{filedir}?eager=false")
     assert len(errors) == 1 and "digest mismatch" in errors[0].error.reason
+
+
+def test_eager_decode_keeps_the_bytes_that_match_the_claimed_digest(filedir):
+    """A reply file is decoded as soon as it appears; a later change to the file
+    cannot reach the record the server uses, and the record is used only if the
+    bytes decoded match the digest the reply claims."""
+    import time
+
+    from flwr_transports.codec import check_digest
+    from flwr_transports.links import client_link, server_link
+
+    link = server_link(f"file://{filedir}", 5, {})
+    try:
+        rec = ArrayRecord([np.arange(50_000, dtype=np.float32)])
+        payload = encode(rec)
+        slot = link.issue_slot("r1-n1-s0", 1 << 20)
+        loc = client_link("file").upload(slot, payload)
+        deadline = time.monotonic() + 10
+        while slot["path"] not in link._eager.results and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(slot["path"], "r+b") as f:  # changed after the server decoded it
+            f.seek(-1, 2)
+            f.write(b"\x00")
+        with link.open_upload(slot, loc, payload.size) as src:
+            arrays, got = src.predecoded()
+        check_digest(got, payload.digest)
+        np.testing.assert_array_equal(arrays.to_numpy_ndarrays()[0], np.arange(50_000))
+        # an oversized file is not decoded eagerly (the slot's cap bounds the work)
+        small = link.issue_slot("r1-n2-s0", 1024)
+        client_link("file").upload(small, payload)
+        time.sleep(0.2)
+        assert small["path"] not in link._eager.results
+        link.discard_slot(slot)
+        link.discard_slot(small)
+    finally:
+        link.close()
+    assert _ftx_entries(filedir) == []
 
 
 def test_symlink_in_slot_refused(filedir):

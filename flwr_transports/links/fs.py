@@ -13,7 +13,10 @@ pid is gone are what ``flwr-transports cleanup`` removes.
 
 URL options: ``mode`` (octal permission bits of created files, default ``600``;
 use e.g. ``640`` when SuperNodes run as other users of a shared group), ``fsync``
-(``file://`` only, default false: flush to stable storage before the rename).
+(``file://`` only, default false: flush to stable storage before the rename),
+``eager`` (default true: a watcher thread decodes each reply as soon as its file
+appears, while the round still waits for other nodes and Flower's polling; the
+wrapper then only compares digests, so the decode is off the round's critical path).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import re
 import secrets
 import shutil
 import stat
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ..codec import EncodedPayload
+from ..codec import EncodedPayload, decode_hashed
 from ..refs import RefError
 from .base import (
     NAME_PREFIX,
@@ -138,8 +143,78 @@ def open_payload(path: str, size: int) -> PayloadSource:
     return PayloadSource(read, size, close)
 
 
+class _EagerDecoder:
+    """Watches issued upload slots; decodes a reply as soon as its file appears.
+
+    Writers rename a complete file into place, so the first time a slot's path
+    exists it holds a whole payload. The file is checked as ``open_payload`` does
+    (regular file, no symlink) and must not exceed the slot's ``max_size``; it is
+    decoded with the digest of exactly the bytes decoded (:func:`decode_hashed`),
+    which the wrapper compares with what the reply claims before using the record.
+    """
+
+    POLL = 0.02
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.watch: dict[str, int] = {}  # path -> max size
+        self.results: dict[str, tuple[int, Future]] = {}  # path -> (size, decode)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ftx-fs-eager")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ftx-fs-watch", daemon=True)
+        self.thread.start()
+
+    def add(self, path: str, max_size: int) -> None:
+        with self.lock:
+            self.watch[path] = max_size
+
+    def take(self, path: str, size: int) -> Future | None:
+        with self.lock:
+            self.watch.pop(path, None)
+            got = self.results.pop(path, None)
+        if got is None or got[0] != size:
+            return None
+        return got[1]
+
+    def drop(self, path: str) -> None:
+        with self.lock:
+            self.watch.pop(path, None)
+            got = self.results.pop(path, None)
+        if got is not None:
+            got[1].cancel()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.POLL):
+            with self.lock:
+                items = list(self.watch.items())
+            for path, cap in items:
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                with self.lock:
+                    if self.watch.pop(path, None) is None:
+                        continue  # taken or dropped meanwhile
+                    if stat.S_ISREG(st.st_mode) and 8 <= st.st_size <= cap:
+                        fut = self.pool.submit(_decode_file, path, st.st_size)
+                        self.results[path] = (st.st_size, fut)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2.0)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        with self.lock:
+            self.watch.clear()
+            self.results.clear()
+
+
+def _decode_file(path: str, size: int):
+    with open_payload(path, size) as src:
+        return decode_hashed(src.read, size)
+
+
 class _FsServerLink(ServerLink):
-    options = ("mode", "fsync")
+    options = ("mode", "fsync", "eager")
     loc_key = "path"
 
     def __init__(self, url: str, run_id, options: dict[str, Any], root: str):
@@ -152,6 +227,7 @@ class _FsServerLink(ServerLink):
         self.mode = int(str(options.get("mode", "600")), 8)
         self.fsync = parse_bool(options.get("fsync", False))
         self._published: dict[str, str] = {}
+        self._eager = _EagerDecoder() if parse_bool(options.get("eager", True)) else None
 
     # names -> paths -> descriptors
     def _path(self, name: str) -> str:
@@ -179,7 +255,10 @@ class _FsServerLink(ServerLink):
             _unlink(path)
 
     def issue_slot(self, name: str, max_size: int) -> dict[str, Any]:
-        return {**self._desc(self._path(name)), "mode": f"{self.mode:o}"}
+        path = self._path(name)
+        if self._eager is not None:
+            self._eager.add(path, max_size)
+        return {**self._desc(path), "mode": f"{self.mode:o}"}
 
     def open_upload(self, slot: dict[str, Any], loc: dict[str, Any], size: int) -> PayloadSource:
         claimed = self._claimed_path(loc)
@@ -189,12 +268,21 @@ class _FsServerLink(ServerLink):
         expected = self._claimed_path(slot)
         if claimed != expected:
             raise RefError(f"reply location {claimed!r} is not the location issued for this slot")
-        return open_payload(claimed, size)
+        src = open_payload(claimed, size)  # the usual checks, whether decoded or not
+        pre = self._eager.take(claimed, size) if self._eager is not None else None
+        if pre is not None:
+            src.predecoded = lambda timeout=None: pre.result(timeout)
+        return src
 
     def discard_slot(self, slot: dict[str, Any]) -> None:
-        _unlink(self._claimed_path(slot))
+        path = self._claimed_path(slot)
+        if self._eager is not None:
+            self._eager.drop(path)
+        _unlink(path)
 
     def close(self) -> None:
+        if self._eager is not None:
+            self._eager.close()
         for name in list(self._published):
             self.release(name)
         try:

@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,9 @@ def _abort(MPI, code: int) -> None:
     _unlink_own_mpi_shm()
     sys.stdout.flush()
     sys.stderr.flush()
+    # mpiexec's proxy forwards our output from a pipe; give it a moment to pass on the
+    # error that says why, before Abort tears every rank (and that pipe) down
+    time.sleep(0.5)
     MPI.COMM_WORLD.Abort(code)
 
 

@@ -190,12 +190,22 @@ def test_radosgw_sender_killed_leaves_no_ceph(rgw_packages):
     """The driver tears a sender down (stdin closed, SIGTERM, SIGKILL after 3 s) right
     after its cluster came up: the daemons and the run folder go with it."""
     before, zombies = _rgw_dirs(), _ceph_zombies()
-    w = Worker()
-    try:
-        rep = w.call(op="init", role="sender", backend="link-s3-radosgw", size=4 * KiB, k=1,
-                     host="127.0.0.1", opts={})
-        assert rep["ok"]
-        assert len(_rgw_dirs() - before) == 1  # it is running
-    finally:
-        w.kill()
-    _assert_nothing_left(before, zombies)
+    for attempt in range(2):
+        w = Worker()
+        try:
+            try:
+                rep = w.call(op="init", role="sender", backend="link-s3-radosgw", size=4 * KiB,
+                             k=1, host="127.0.0.1", opts={})
+            except RuntimeError as exc:
+                # a one-node Ceph now and then fails to come up on this 2-core machine
+                # (its OSD exits during start-up, 3 tries in the worker); what is under
+                # test is the teardown, so try once more with a fresh worker
+                if attempt == 0 and "exited during start-up" in str(exc):
+                    continue
+                raise
+            assert rep["ok"]
+            assert len(_rgw_dirs() - before) == 1  # it is running
+            break
+        finally:
+            w.kill()
+            _assert_nothing_left(before, zombies)

@@ -573,6 +573,7 @@ class RadosgwS3Link(_Link):
                 if attempt == 2:
                     self._starting = False
                     raise
+                time.sleep(2 * (attempt + 1))  # let the failed cluster's ports settle
         self._starting = False
         st = self._rgw
         os.environ.update(AWS_ACCESS_KEY_ID=st["access_key"],

@@ -35,3 +35,21 @@ def _ftx_names(root: Path, prefix: str = "ftx-") -> set[str]:
 def ftx_names():
     """``ftx_names(dir=/dev/shm)``: names a link created there (hidden temp names too)."""
     return lambda root=Path("/dev/shm"): _ftx_names(Path(root))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_hydra_leftovers():
+    """MPICH's mpiexec (Hydra) writes /tmp/hydra_hwloc_xmlfile_* and leaves it behind
+    when a job ends through MPI_Abort, which the failure tests do on purpose (a stalled
+    or dead rank). Remove the ones this test session created (mpiexec ignores TMPDIR)."""
+    import glob
+    import os
+
+    pattern = "/tmp/hydra_hwloc_xmlfile_*"
+    before = set(glob.glob(pattern))
+    yield
+    for path in set(glob.glob(pattern)) - before:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

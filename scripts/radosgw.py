@@ -250,6 +250,28 @@ def start(d: str | None = None, *, cache: str = DEFAULT_CACHE, mem_bytes: int = 
     return state
 
 
+def create_bucket(s3, bucket: str, *, timeout: float = 90) -> None:
+    """Create ``bucket`` with a boto3 ``s3`` client of a freshly started cluster.
+
+    radosgw learns about the user made by radosgw-admin a little later (its user cache
+    is refreshed by notification; seconds under load): ``InvalidAccessKeyId`` is
+    retried until ``timeout``. A put/delete afterwards makes radosgw create its pools,
+    so the first measured or tested request does not pay for that.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s3.create_bucket(Bucket=bucket)
+            break
+        except s3.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code != "InvalidAccessKeyId" or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    s3.put_object(Bucket=bucket, Key="warm-up", Body=b"x" * 1024)
+    s3.delete_object(Bucket=bucket, Key="warm-up")
+
+
 def _log_tails(d: str, n: int = 1500) -> str:
     """The last bytes of each daemon log (the folder is removed on failure)."""
     out = []

@@ -73,20 +73,7 @@ def rgw():
             s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
             response_checksum_validation="when_required"))
         bucket = f"ftx-{uuid.uuid4().hex[:10]}"
-        # radosgw may not know the user created by radosgw-admin for a moment (its
-        # user cache is refreshed by notification); under load that took seconds.
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                s3.create_bucket(Bucket=bucket)
-                break
-            except s3.exceptions.ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code")
-                if code != "InvalidAccessKeyId" or time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-        s3.put_object(Bucket=bucket, Key="warm-up", Body=b"x" * 1024)  # pools get created
-        s3.delete_object(Bucket=bucket, Key="warm-up")
+        script.create_bucket(s3, bucket)
         yield {**state, "s3": s3, "bucket": bucket}
     finally:
         script.stop(state["dir"])

@@ -260,21 +260,24 @@ def test_upload_cap_and_reference_checks(server):
 
 
 # -- faults ------------------------------------------------------------------------------
+def _damage_once(chunk: int, offset: int, mask: int, hits: list):
+    """Server fault hook: flip bits at ``offset`` of ``chunk`` the first time it is sent."""
+    def fault(op, oid, i, views):
+        if i == chunk and not hits:
+            hits.append(i)
+            data = bytearray(b"".join(views))
+            data[offset] ^= mask
+            return [memoryview(data)]
+        return views
+    return fault
+
+
 def test_corrupted_chunk_is_refetched_alone(server):
     link = server(streams=2)
     rec, p = make_payload(600 * KiB)
     loc = link.publish("r1", p)
     hits = []
-
-    def corrupt(op, oid, i, views):
-        if i == 3 and not hits:
-            hits.append(i)
-            data = bytearray(b"".join(views))
-            data[100] ^= 0x55
-            return [memoryview(data)]
-        return views
-
-    link.server.fault = corrupt
+    link.server.fault = _damage_once(3, 100, 0x55, hits)
     out, stats = fetch(loc, p)
     assert hits == [3] and same(out, rec)
     assert stats["crc_errors"] == 1
@@ -284,22 +287,13 @@ def test_corrupted_chunk_is_refetched_alone(server):
 
 def test_corrupted_first_chunk_falls_back_to_a_plain_buffer(server):
     """Chunk 0 (fetched with the table, and whose header places the arrays) arrives
-    damaged: nothing is placed by an unverified header; it is fetched again by the
-    workers into a plain buffer and the payload still decodes."""
+    with its JSON header damaged: the header does not parse, so chunks land in a plain
+    buffer; chunk 0 fails its CRC, is fetched again, and the payload still decodes."""
     link = server(streams=2)
     rec, p = make_payload(300 * KiB)
     loc = link.publish("r1", p)
     hits = []
-
-    def corrupt(op, oid, i, views):
-        if i == 0 and not hits:
-            hits.append(i)
-            data = bytearray(b"".join(views))
-            data[20] ^= 0x01  # inside the JSON header
-            return [memoryview(data)]
-        return views
-
-    link.server.fault = corrupt
+    link.server.fault = _damage_once(0, 20, 0x01, hits)  # byte 20: inside the JSON header
     ep = ch.Endpoint("127.0.0.1", loc["port"], timeout=10)
     stats: dict = {}
     with ch.download(lambda: ch.ClientConn(ep), loc["id"], bytes.fromhex(loc["token"]),

@@ -600,20 +600,7 @@ class RadosgwS3Link(_Link):
         ).client("s3", endpoint_url=st["endpoint"], config=Config(
             s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
             response_checksum_validation="when_required"))
-        # radosgw learns about the user made by radosgw-admin a little later (seconds
-        # under load): retry InvalidAccessKeyId for a while
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                s3.create_bucket(Bucket=self._bucket)
-                break
-            except s3.exceptions.ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code")
-                if code != "InvalidAccessKeyId" or time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-        s3.put_object(Bucket=self._bucket, Key="warm-up", Body=b"x" * 1024)  # makes pools
-        s3.delete_object(Bucket=self._bucket, Key="warm-up")
+        self._rgw_mod.create_bucket(s3, self._bucket)
 
     def url(self):
         return f"s3://{self._bucket}/bench?endpoint_url={self._endpoint}"

@@ -734,7 +734,7 @@ class _ScatterDest:
         obj = self.exact.get((off, n))
         if isinstance(obj, bytes):
             return obj  # the array's own bytes: no copy
-        return b"".join(bytes(v) for v in self.views(off, n))
+        return b"".join(self.views(off, n))  # one copy (join takes buffers)
 
     def release(self, writers_gone: bool) -> None:
         if not writers_gone:  # a stuck thread may still write: never free its target

@@ -28,9 +28,12 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord
+
+from .errors import RejectedInput
+from .options import parse_size  # noqa: F401 - re-exported (one definition, in options)
 
 FORMAT = "flwr-transports/1"
 CODEC_VERSION = 1
@@ -41,7 +44,7 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024  # a header above this is hostile
 _META_KEY = "flwr_transports"
 
 
-class PayloadError(ValueError):
+class PayloadError(RejectedInput):
     """A payload that is malformed, truncated, or fails its digest check."""
 
 
@@ -52,12 +55,7 @@ class EncodedPayload:
     segments: list[bytes | memoryview]
     size: int
     digest: str  # "sha256t:<hex>"
-    header_size: int = 0
     n_arrays: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def iter_segments(self):
-        yield from self.segments
 
     def to_bytes(self) -> bytes:
         """Join the segments (one copy; for small payloads and tests)."""
@@ -93,7 +91,6 @@ def encode(record: ArrayRecord) -> EncodedPayload:
         segments=segments,
         size=sum(len(d) for d in segments),
         digest=hash_segments(segments),
-        header_size=len(head),
         n_arrays=len(datas),
     )
 
@@ -313,30 +310,3 @@ def hash_segments(segments: Sequence[bytes | memoryview]) -> str:
     for seg in segments:
         h.update(seg)
     return h.hexdigest()
-
-
-def parse_size(value: str | float) -> int:
-    """Parse '64MiB', '1GB', '512k', 1048576 into bytes."""
-    if isinstance(value, bool):
-        raise ValueError(f"invalid size {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"invalid size {value!r}")
-        return int(value)
-    s = str(value).strip().replace("_", "")
-    units = {
-        "": 1, "b": 1,
-        "k": 1024, "kb": 1000, "kib": 1024,
-        "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-        "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
-        "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
-    }
-    num = s.rstrip("bBkKmMgGtTiI")
-    unit = s[len(num):].lower()
-    try:
-        n = float(num)
-    except ValueError:
-        raise ValueError(f"invalid size {value!r}") from None
-    if unit not in units or n < 0:
-        raise ValueError(f"invalid size {value!r} (use e.g. 64MiB, 1GB, 1048576)")
-    return int(n * units[unit])

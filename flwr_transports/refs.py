@@ -26,6 +26,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from .codec import CODEC_VERSION
+from .errors import RejectedInput
 
 REF_ARRAY = "__flwr_transports_ref__"
 REF_STYPE = (
@@ -39,7 +40,7 @@ _DIGEST_RE = re.compile(r"^sha256t:[0-9a-f]{64}$")
 _SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]{0,15}$")
 
 
-class RefError(ValueError):
+class RefError(RejectedInput):
     """A reference or ticket that is malformed or not acceptable."""
 
 

@@ -339,7 +339,7 @@ def test_everything_removed_when_run_raises(filedir):
 @pytest.mark.parametrize("transport, kwargs, msg", [
     ("ftp://x", {}, "unknown transport scheme"),
     ("shm://?colour=blue", {}, "unknown option"),
-    ("inband", {"mode": "600"}, "takes no link options"),
+    ("inband", {"mode": "600"}, r"transport 'inband': mode \(link options: none"),
     ("shm://", {"reply_slots": 99}, "reply_slots"),
 ])
 def test_bad_configuration_fails_fast(transport, kwargs, msg):
@@ -354,5 +354,6 @@ def test_wrapper_requires_message_api_strategy():
 
 def test_url_options_and_kwargs(filedir):
     s = offload(FedAvg(), transport=f"file://{filedir}?threshold=2MiB&mode=640", reply_slots=1)
-    assert s.threshold == 2 * 2**20 and s.reply_slots == 1 and s.link_options == {"mode": "640"}
+    assert s.threshold == 2 * 2**20 and s.reply_slots == 1
+    assert s.link_options == {"mode": 0o640, "fsync": False, "eager": True}
     assert s.fraction_train == 1.0  # inner strategy attributes are visible

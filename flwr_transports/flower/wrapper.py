@@ -28,8 +28,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
-from ..codec import PayloadError, check_digest, decode, encode, parse_size
+from ..codec import PayloadError, check_digest, decode, encode
 from ..links import LinkError, ServerLink, link_classes, server_link, split_url
+from ..options import Option, integer, optional, size, split_options
 from ..refs import (
     TICKET_KEY,
     Reference,
@@ -46,7 +47,16 @@ log = logging.getLogger("flwr_transports")
 REJECTED_REPLY_CODE = 0x4654
 DEFAULT_THRESHOLD = 1024 * 1024
 MIN_REPLY_CAP = 64 * 1024 * 1024
-WRAPPER_OPTIONS = ("threshold", "max_reply_size", "reply_slots", "fetch_workers")
+#: the wrapper's own options (URL query or offload keywords); the link declares the rest
+WRAPPER_OPTIONS = (
+    Option("threshold", size(0), DEFAULT_THRESHOLD, "ArrayRecords of at least this many bytes "
+           "go over the link; smaller ones stay in-band", shown="1MiB"),
+    Option("max_reply_size", optional(size(1)), None, "cap on one reply payload (default: "
+           "max(4x the largest outgoing payload, 64 MiB))", shown="auto"),
+    Option("reply_slots", integer(0, 64), 2, "large reply records a client may offload per "
+           "message (0: replies stay in-band)"),
+    Option("fetch_workers", integer(1, 64), 4, "reply payloads fetched and decoded at once"),
+)
 
 
 def _mib(n: int) -> str:
@@ -80,31 +90,17 @@ class OffloadStrategy(Strategy):
         self.scheme = None if self.transport.lower() in {"inband", "in-band", "none", ""} else (
             split_url(self.transport)[0]
         )
-        opts: dict[str, Any] = {}
-        if self.scheme is not None:
-            opts.update(split_url(self.transport)[3])
-        opts.update(options)
-        self.threshold = parse_size(opts.pop("threshold", DEFAULT_THRESHOLD))
-        cap = opts.pop("max_reply_size", None)
-        self.max_reply_size = parse_size(cap) if cap is not None else None
-        self.reply_slots = int(opts.pop("reply_slots", 2))
-        if not 0 <= self.reply_slots <= 64:
-            raise ValueError("reply_slots must be between 0 and 64")
-        self.fetch_workers = int(opts.pop("fetch_workers", 4))
-        if not 1 <= self.fetch_workers <= 64:
-            raise ValueError("fetch_workers must be between 1 and 64")
-        self.link_options = opts
-        if self.scheme is not None:
-            srv_cls, _ = link_classes(self.scheme)  # fail fast: unknown scheme / missing dep
-            unknown = set(opts) - set(srv_cls.options)
-            if unknown:
-                raise ValueError(
-                    f"unknown option(s) for {self.scheme}:// : {', '.join(sorted(unknown))} "
-                    f"(link options: {', '.join(srv_cls.options) or 'none'}; "
-                    f"wrapper options: {', '.join(WRAPPER_OPTIONS)})"
-                )
-        elif opts:
-            raise ValueError(f"transport 'inband' takes no link options, got {sorted(opts)}")
+        raw: dict[str, Any] = dict(split_url(self.transport)[3]) if self.scheme else {}
+        raw.update(options)
+        link_spec = link_classes(self.scheme)[0].OPTIONS if self.scheme else ()
+        # parsed ONCE: the wrapper keeps its keys, the link gets the rest (typed)
+        opts, self.link_options = split_options(raw, WRAPPER_OPTIONS, link_spec,
+                                                scheme=self.scheme)
+        self.options = opts
+        self.threshold = opts.threshold
+        self.max_reply_size = opts.max_reply_size
+        self.reply_slots = opts.reply_slots
+        self.fetch_workers = opts.fetch_workers
         self.link: ServerLink | None = None
         self._tickets: dict[str, Ticket] = {}
         self._published: dict[tuple[int, str], list[str]] = {}

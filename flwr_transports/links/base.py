@@ -23,11 +23,13 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
 from ..codec import EncodedPayload
+from ..errors import FlwrTransportsError
+from ..options import Option, Options, parse_bool, parse_options  # noqa: F401 - re-exported
 
 NAME_PREFIX = "ftx-"  # every object a link creates starts with this (cleanup looks for it)
 
 
-class LinkError(RuntimeError):
+class LinkError(FlwrTransportsError, RuntimeError):
     """A link could not do its job (with a message that says what to do)."""
 
 
@@ -64,34 +66,27 @@ def new_run_prefix(run_id: int | str) -> str:
     return f"{NAME_PREFIX}{os.getpid()}-{run}-{secrets.token_hex(4)}"
 
 
-def parse_bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in {"1", "true", "yes", "on"}:
-        return True
-    if s in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError(f"not a boolean: {v!r}")
-
-
 class ServerLink(ABC):
     """Server (ServerApp) side of a link, for one run."""
 
     scheme: ClassVar[str]
-    #: option names this link accepts (from the URL query string or offload kwargs)
-    options: ClassVar[tuple[str, ...]] = ()
+    #: the options this link accepts (URL query or offload keywords), declared once
+    OPTIONS: ClassVar[tuple[Option, ...]] = ()
 
-    def __init__(self, url: str, run_id: int | str, options: dict[str, Any]):
-        unknown = set(options) - set(self.options)
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) for {self.scheme}:// link: {', '.join(sorted(unknown))} "
-                f"(known: {', '.join(self.options) or 'none'})"
-            )
+    def __init__(self, url: str, run_id: int | str, options: Options | dict[str, Any]):
+        """``options``: parsed :class:`Options` (used as given), or raw keyword values,
+        merged over the URL's query and parsed here, once."""
+        if not isinstance(options, Options):
+            options = parse_options(self.OPTIONS, {**split_url(url)[3], **options},
+                                    what=f"the {self.scheme}:// link")
+        self.options = options
         self.url = url
         self.run_id = run_id
         self.prefix = new_run_prefix(run_id)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(o.name for o in cls.OPTIONS)
 
     @abstractmethod
     def publish(self, name: str, payload: EncodedPayload) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..codec import EncodedPayload, decode_hashed
+from ..options import Option, octal_mode, parse_bool
 from ..refs import RefError
 from .base import (
     NAME_PREFIX,
@@ -42,7 +43,6 @@ from .base import (
     PayloadSource,
     ServerLink,
     owner_pid,
-    parse_bool,
     pid_alive,
     split_url,
 )
@@ -214,20 +214,26 @@ def _decode_file(path: str, size: int):
 
 
 class _FsServerLink(ServerLink):
-    options = ("mode", "fsync", "eager")
-    loc_key = "path"
+    OPTIONS = (
+        Option("mode", octal_mode, 0o600, "file mode of published payloads and upload slots "
+               "(octal; 640 lets a group of client users read)", shown="600"),
+        Option("fsync", parse_bool, False, "fsync every payload before it is announced"),
+        Option("eager", parse_bool, True, "decode each reply as soon as its file is complete, "
+               "before Flower hands over the reply"),
+    )
 
-    def __init__(self, url: str, run_id, options: dict[str, Any], root: str):
+    def __init__(self, url: str, run_id, options, root: str):
         super().__init__(url, run_id, options)
+        options = self.options
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):
             raise LinkError(f"{self.scheme}:// root {self.root!r} is not a directory")
         if not os.access(self.root, os.W_OK):
             raise LinkError(f"{self.scheme}:// root {self.root!r} is not writable")
-        self.mode = int(str(options.get("mode", "600")), 8)
-        self.fsync = parse_bool(options.get("fsync", False))
+        self.mode = options.mode
+        self.fsync = options.fsync
         self._published: dict[str, str] = {}
-        self._eager = _EagerDecoder() if parse_bool(options.get("eager", True)) else None
+        self._eager = _EagerDecoder() if options.eager else None
 
     # names -> paths -> descriptors
     def _path(self, name: str) -> str:

@@ -41,6 +41,7 @@ import threading
 import time
 from typing import Any
 
+from ..options import Option, integer, optional
 from ..refs import RefError
 from . import chunks
 from .base import LinkError
@@ -261,18 +262,19 @@ class _RdmaServerLink(TcpServerLink):
     """Server side of ``rdma://`` (the TCP payload server + an rdma_cm listener)."""
 
     scheme = "rdma"
-    options = (*TcpServerLink.options, "rdma_port")
+    OPTIONS = (*TcpServerLink.OPTIONS,
+               Option("rdma_port", optional(integer(1, 65535)), None,
+                      "rdma_cm listener port (default: the tcp port + 1)"))
     conn_cls = RdmaServerConn
 
     def __init__(self, url: str, run_id, options: dict[str, Any]):
         require_rdma()
-        self._rdma_opt = options.get("rdma_port")
         super().__init__(url, run_id, options)
 
     def setup(self) -> None:
         import pyverbs.device as d
 
-        port = int(self._rdma_opt) if self._rdma_opt else self.server.port + 1
+        port = self.options.rdma_port or self.server.port + 1
         if not 0 < port < 65536:
             raise ValueError(f"rdma_port {port} is out of range")
         # registered memory regions are sized once: one fixed chunk size (no auto)

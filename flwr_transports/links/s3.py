@@ -32,7 +32,21 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ..codec import EncodedPayload, parse_size
+from ..codec import EncodedPayload
+from ..errors import ConfigError
+from ..options import (
+    Option,
+    Options,
+    choice,
+    duration,
+    integer,
+    optional,
+    parse_bool,
+    parse_duration,
+    parse_options,
+    size,
+    text,
+)
 from ..refs import RefError
 from .base import (
     NAME_PREFIX,
@@ -40,7 +54,6 @@ from .base import (
     LinkError,
     PayloadSource,
     ServerLink,
-    parse_bool,
     split_url,
 )
 from .s3_http import (
@@ -78,68 +91,77 @@ _KEY_TIME = re.compile(r"-t(\d{9,11})-")
 _INSTALL = "pip install 'flwr-transports[s3]'"
 
 
-def parse_duration(v: Any) -> int:
-    """'3600', '90s', '30m', '2h', '1d' -> seconds."""
-    if isinstance(v, bool):
-        raise ValueError(f"invalid duration {v!r}")  # noqa: TRY004 - a bad value, not type
-    if isinstance(v, int | float):
-        return int(v)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(v).lower())
-    if not m:
-        raise ValueError(f"invalid duration {v!r} (use e.g. 3600, 90s, 30m, 2h, 1d)")
-    return int(float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
+def _verify_opt(v: Any) -> bool | str:
+    try:
+        return parse_bool(v)
+    except ValueError:
+        return str(v)  # a CA bundle path
+
+
+def _seconds(lo: int, hi: int):
+    def parse(v: Any) -> int:
+        return int(duration(lo, hi)(v))
+    return parse
+
+
+OPTIONS = (
+    Option("endpoint_url", optional(text), None, "S3 endpoint (MinIO, Ceph radosgw, ...); "
+           "unset: AWS"),
+    Option("region", optional(text), None, "bucket region (default: the profile's, else "
+           "us-east-1)"),
+    Option("profile", optional(text), None, "AWS profile of the ServerApp's credentials"),
+    Option("addressing_style", choice("auto", "path", "virtual"), None, "path or virtual-host "
+           "addressing (default: path with endpoint_url, else auto)", shown="auto"),
+    Option("verify", _verify_opt, True, "TLS verification: true, false, or a CA bundle path"),
+    Option("part_size", size(MIN_PART, MAX_PART), DEFAULT_PART, "multipart part / ranged-GET "
+           "size (5MiB-5GiB)", shown="16MiB"),
+    Option("concurrency", integer(1, 64), 8, "parts / ranges in flight per transfer"),
+    Option("max_parts", integer(1, MAX_PARTS), 64, "presigned part URLs per upload slot (the "
+           "part size grows to fit max_reply_size)"),
+    Option("checksum", choice("md5", "none"), "md5", "Content-MD5 on every part (md5) or none"),
+    Option("expires", _seconds(1, MAX_EXPIRES), DEFAULT_EXPIRES, "lifetime of presigned URLs "
+           "(1 s to 7 days; e.g. 3600, 30m, 2h)"),
+    Option("encrypt", parse_bool, False, "AES-256-GCM client-side encryption, a fresh key per "
+           "object, sent in-band only"),
+    Option("progress", parse_bool, False, "log progress of long transfers"),
+    Option("retries", integer(0, 20), 5, "retries per request (5xx, 429, timeouts, resets)"),
+    Option("timeout", duration(1, 86400), 120.0, "read timeout per request (seconds)",
+           shown="120"),
+    Option("create_bucket", parse_bool, False, "create the bucket if it does not exist"),
+)
 
 
 class S3Config:
     """Parsed ``s3://`` URL + options (server side)."""
 
-    def __init__(self, url: str, options: dict[str, Any]):
-        scheme, bucket, path, query = split_url(url)
-        options = {**query, **options}
+    def __init__(self, url: str, options: Options):
+        scheme, bucket, path, _ = split_url(url)
         if scheme != "s3":
-            raise ValueError(f"not an s3:// URL: {url!r}")
+            raise ConfigError(f"not an s3:// URL: {url!r}")
         if not bucket or not _BUCKET_RE.match(bucket):
-            raise ValueError(f"s3:// URL needs a bucket name, e.g. s3://my-bucket/runs (got {url!r})")
+            raise ConfigError(
+                f"s3:// URL needs a bucket name, e.g. s3://my-bucket/runs (got {url!r})")
         prefix = path.strip("/")
         if any(p in ("..", ".") for p in prefix.split("/")) or "//" in prefix:
-            raise ValueError(f"invalid s3:// prefix {prefix!r}")
+            raise ConfigError(f"invalid s3:// prefix {prefix!r}")
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         o = options
-        self.endpoint_url = o.get("endpoint_url") or None
-        self.region = o.get("region") or None
-        self.profile = o.get("profile") or None
-        style = str(o.get("addressing_style", "path" if self.endpoint_url else "auto"))
-        if style not in ("auto", "path", "virtual"):
-            raise ValueError("addressing_style must be auto, path or virtual")
-        self.addressing_style = style
-        v = o.get("verify", True)
-        try:
-            self.verify: bool | str = parse_bool(v)
-        except ValueError:
-            self.verify = str(v)  # a CA bundle path
-        self.part_size = parse_size(o.get("part_size", DEFAULT_PART))
-        if not MIN_PART <= self.part_size <= MAX_PART:
-            raise ValueError("part_size must be between 5MiB and 5GiB (S3 multipart limits)")
-        self.concurrency = int(o.get("concurrency", 8))
-        if not 1 <= self.concurrency <= 64:
-            raise ValueError("concurrency must be between 1 and 64")
-        self.max_parts = int(o.get("max_parts", 64))
-        if not 1 <= self.max_parts <= MAX_PARTS:
-            raise ValueError(f"max_parts must be between 1 and {MAX_PARTS}")
-        self.checksum = str(o.get("checksum", "md5")).lower()
-        if self.checksum not in ("md5", "none"):
-            raise ValueError("checksum must be 'md5' (Content-MD5 on every part) or 'none'")
-        self.expires = parse_duration(o.get("expires", DEFAULT_EXPIRES))
-        if not 1 <= self.expires <= MAX_EXPIRES:
-            raise ValueError("expires must be between 1 second and 7 days")
-        self.encrypt = parse_bool(o.get("encrypt", False))
-        self.progress = parse_bool(o.get("progress", False))
-        self.retries = int(o.get("retries", 5))
-        if not 0 <= self.retries <= 20:
-            raise ValueError("retries must be between 0 and 20")
-        self.timeout = float(parse_duration(o.get("timeout", 120)))
-        self.create_bucket = parse_bool(o.get("create_bucket", False))
+        self.endpoint_url = o.endpoint_url
+        self.region = o.region
+        self.profile = o.profile
+        self.addressing_style = o.addressing_style or ("path" if self.endpoint_url else "auto")
+        self.verify: bool | str = o.verify
+        self.part_size = o.part_size
+        self.concurrency = o.concurrency
+        self.max_parts = o.max_parts
+        self.checksum = o.checksum
+        self.expires = o.expires
+        self.encrypt = o.encrypt
+        self.progress = o.progress
+        self.retries = o.retries
+        self.timeout = o.timeout
+        self.create_bucket = o.create_bucket
 
     def where(self) -> str:
         at = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -228,15 +250,11 @@ class S3ServerLink(ServerLink):
     """Server side: holds the credentials, uploads the global model, issues slots."""
 
     scheme = "s3"
-    options = (
-        "endpoint_url", "region", "profile", "addressing_style", "verify",
-        "part_size", "concurrency", "max_parts", "checksum", "expires",
-        "encrypt", "progress", "retries", "timeout", "create_bucket",
-    )
+    OPTIONS = OPTIONS
 
-    def __init__(self, url: str, run_id: int | str, options: dict[str, Any]):
+    def __init__(self, url: str, run_id: int | str, options):
         super().__init__(url, run_id, options)
-        self.cfg = S3Config(url, options)
+        self.cfg = S3Config(url, self.options)
         self.s3 = self.cfg.client()
         self._check_bucket()
         self.http = HttpTransport(retries=self.cfg.retries, read_timeout=self.cfg.timeout)
@@ -513,11 +531,8 @@ class S3ServerLink(ServerLink):
         the default presigned-URL lifetime, after which nobody can use them) go.
         """
         _, _, _, q = split_url(url)
-        older = parse_duration(q.pop("older_than", 3600))
-        unknown = set(q) - set(cls.options)
-        if unknown:
-            raise ValueError(f"unknown option(s) for s3:// cleanup: {', '.join(sorted(unknown))}")
-        cfg = S3Config(url, q)
+        older = int(parse_duration(q.pop("older_than", 3600)))
+        cfg = S3Config(url, parse_options(cls.OPTIONS, q, what="s3:// cleanup"))
         s3 = cfg.client()
         return _sweep(s3, cfg, cfg.prefix + NAME_PREFIX, older_than=None if all_ else older,
                       dry_run=dry_run)

@@ -7,43 +7,8 @@ port, which then goes into every descriptor. Clients GET the published global pa
 and PUT their replies into upload slots, in parallel chunks, pipelined, each chunk
 checked by CRC-32 (see :mod:`flwr_transports.links.chunks` for the protocol).
 
-URL options (query string or ``offload(...)`` keywords):
-
-``bind``        address to listen on, ``ADDR`` or ``ADDR:PORT`` (default: HOST, PORT);
-                e.g. ``bind=0.0.0.0`` behind NAT, ``bind=0.0.0.0:9000`` behind a port
-                forward that clients reach as HOST:PORT
-``chunk_size``  bytes per chunk, 64KiB..256MiB, or ``auto`` (default): 1/32 of the
-                payload rounded down to a power of two, between 1 MiB and 8 MiB (small
-                payloads spread over more parallel streams, which matters when each
-                new stream starts in TCP slow start on a long RTT)
-``streams``     parallel connections per transfer, or ``auto`` (default): each client
-                measures the RTT on its first connection and opens enough streams
-                to carry 5 Gbit/s through per-stream TCP window limits (4 on a LAN
-                or loopback, ~15 at 100 ms; at most 32)
-``window``      chunk requests in flight per connection (default 4)
-``timeout``     seconds any single socket operation may wait (default 60)
-``retries``     reconnect attempts per connection without progress (default 5)
-``max_conns``   concurrent connections the server accepts; beyond it clients are told
-                to back off and retry (default 256)
-``buffer_pool`` bytes of upload buffers kept for reuse by the next round's replies
-                (default 1GiB; 0 disables; clients: env FLWR_TRANSPORTS_BUFFER_POOL)
-``tls_cert``, ``tls_key``
-                PEM files: serve over TLS. The certificate is pinned in every
-                descriptor (clients verify the chain against it AND its SHA-256
-                fingerprint, so a self-signed certificate works and no other does).
-
-Access control: every descriptor carries an HMAC-SHA256 token (secret random per
-run) for exactly one object: the published payload of one (run, round, record), or
-the upload slot of one (run, round, node, slot). It is checked on every request;
-anything else is refused, logged and disconnected.
-
-Copies: the server sends straight from the arrays' memory (``sendmsg`` gather I/O,
-zero copy in user space) and receives uploads straight into one buffer per slot.
-The client gets the chunk table and chunk 0 in one round trip; chunk 0's payload
-header says where each array lies, so every other chunk is received straight into
-one fresh ``bytes`` object per array, which the decoder hands to Flower's ``Array``
-(no copy after the socket; ``read`` waits only for the chunks it covers). Uploads
-are decoded in the background as soon as they complete.
+URL options (query string or ``offload(...)`` keywords) are declared once, with their
+defaults and meaning, in :attr:`TcpServerLink.OPTIONS` (rendered in docs/links/tcp.md).
 """
 
 from __future__ import annotations
@@ -56,7 +21,8 @@ import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..codec import EncodedPayload, parse_size
+from ..codec import EncodedPayload
+from ..options import Option, duration, integer, optional, parse_size, size, text
 from ..refs import RefError
 from . import chunks
 from .base import ClientLink, LinkError, PayloadSource, ServerLink
@@ -67,15 +33,15 @@ _FP_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_PEM = 16 * 1024
 
 
-def _int_opt(options: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    v = options.get(key, default)
-    try:
-        n = int(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"option {key}={v!r} is not an integer") from None
-    if not lo <= n <= hi:
-        raise ValueError(f"option {key}={n} must be between {lo} and {hi}")
-    return n
+def _chunk_size_opt(v: Any) -> int | None:
+    if str(v).strip().lower() == "auto":
+        return None
+    return chunks.check_chunk_size(parse_size(v))
+
+
+def _streams_opt(v: Any) -> int:
+    """auto -> 0 (each client decides), else 1-64."""
+    return 0 if str(v).strip().lower() == "auto" else integer(1, 64)(v)
 
 
 def _split_hostport(s: str, what: str) -> tuple[str, int | None]:
@@ -94,12 +60,31 @@ class TcpServerLink(ServerLink):
     """Server side of ``tcp://``: owns the payload server for the run."""
 
     scheme = "tcp"
-    options = ("bind", "chunk_size", "streams", "window", "timeout", "retries", "max_conns",
-               "tls_cert", "tls_key", "buffer_pool")
+    OPTIONS = (
+        Option("bind", optional(text), None, "ADDR or ADDR:PORT to listen on (default: the "
+               "URL's HOST:PORT); e.g. 0.0.0.0 behind NAT"),
+        Option("chunk_size", _chunk_size_opt, None, "bytes per chunk (64KiB-256MiB), or auto: "
+               "1/32 of the payload, rounded down to a power of two, 1-8 MiB", shown="auto"),
+        Option("streams", _streams_opt, 0, "parallel connections per transfer (1-64), or "
+               "auto: each client opens enough to carry 5 Gbit/s at the RTT it measures (4 on "
+               "a LAN, ~15 at 100 ms, at most 32)", shown="auto"),
+        Option("window", integer(1, 64), 4, "chunks in flight per connection"),
+        Option("timeout", duration(0.05, 86400), 60.0, "seconds any single socket operation may wait"),
+        Option("retries", integer(0, 100), 5, "reconnect attempts per connection without "
+               "progress"),
+        Option("max_conns", integer(1, 65536), 256, "concurrent connections the server accepts; "
+               "beyond it clients are told to back off and retry"),
+        Option("tls_cert", optional(text), None, "PEM certificate: serve TLS (clients pin its "
+               "fingerprint from the reference)"),
+        Option("tls_key", optional(text), None, "PEM private key for tls_cert"),
+        Option("buffer_pool", size(0), 2**30, "bytes of upload buffers kept for reuse by the "
+               "next round's replies (0 disables; clients: env FLWR_TRANSPORTS_BUFFER_POOL)", shown="1GiB"),
+    )
     conn_cls: type[chunks.ServerConn] = chunks.ServerConn
 
-    def __init__(self, url: str, run_id, options: dict[str, Any]):
+    def __init__(self, url: str, run_id, options):
         super().__init__(url, run_id, options)
+        options = self.options
         u = urlsplit(url)
         if u.path.strip("/") or u.fragment:
             raise ValueError(f"{self.scheme}:// takes HOST:PORT only, got {url!r}")
@@ -117,29 +102,24 @@ class TcpServerLink(ServerLink):
                              "on every interface")
         self.host = host
         bind_host, bind_port = host, port
-        if options.get("bind"):
-            bind_host, bp = _split_hostport(str(options["bind"]), "bind")
+        if options.bind:
+            bind_host, bp = _split_hostport(options.bind, "bind")
             if bp is not None:
                 bind_port = bp
-        cs_opt = str(options.get("chunk_size", "auto")).strip().lower()
         # None = auto: sized per payload (see chunks.auto_chunk_size)
-        self.chunk_size: int | None = (
-            None if cs_opt == "auto" else chunks.check_chunk_size(parse_size(cs_opt)))
+        self.chunk_size: int | None = options.chunk_size
         self._last_cs = chunks.DEFAULT_CHUNK  # upload slots follow the last model's size
-        auto = str(options.get("streams", "auto")).strip().lower() == "auto"
         # 0 in descriptors = auto: each client sizes it from the RTT it measures
-        self.streams = 0 if auto else _int_opt(options, "streams", 4, 1, 64)
-        self.window = _int_opt(options, "window", 4, 1, 64)
-        self.timeout = float(options.get("timeout", 60))
-        if not 0.05 <= self.timeout <= 86400:
-            raise ValueError("timeout must be between 0.05 and 86400 seconds")
-        self.retries = _int_opt(options, "retries", 5, 0, 100)
-        max_conns = _int_opt(options, "max_conns", 256, 1, 65536)
+        self.streams = options.streams
+        self.window = options.window
+        self.timeout = options.timeout
+        self.retries = options.retries
+        max_conns = options.max_conns
         self.tls: dict[str, str] | None = None
         ssl_ctx = None
-        if options.get("tls_cert") or options.get("tls_key"):
-            ssl_ctx, self.tls = _server_tls(options.get("tls_cert"), options.get("tls_key"))
-        pool_cap = parse_size(options.get("buffer_pool", "1GiB"))
+        if options.tls_cert or options.tls_key:
+            ssl_ctx, self.tls = _server_tls(options.tls_cert, options.tls_key)
+        pool_cap = options.buffer_pool
         self.secret = secrets.token_bytes(32)
         self.server = chunks.ChunkServer(
             bind_host, bind_port, secret=self.secret, timeout=self.timeout,

@@ -1,7 +1,7 @@
 """s3:// link throughput: upload once + N parallel client downloads, vs plain boto3.
 
 For each store (moto server in its own process, and/or Ceph radosgw started by
-scripts/radosgw.py) and each size:
+flwr_transports.bench.radosgw) and each size:
 
 * **publish**: ``S3ServerLink.publish`` (multipart, parallel parts, Content-MD5) vs
   boto3 ``upload_fileobj`` of the same bytes (TransferConfig with the same part size
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import multiprocessing as mp
 import os
 import socket
@@ -73,10 +72,9 @@ class Moto:
 
 class Radosgw:
     def __init__(self):
-        spec = importlib.util.spec_from_file_location(
-            "ftx_radosgw", os.path.join(REPO, "scripts", "radosgw.py"))
-        self.mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(self.mod)
+        from flwr_transports.bench import radosgw
+
+        self.mod = radosgw
         self.state = self.mod.start(mem_bytes=int(os.environ.get("FTX_RGW_MEM", str(5 << 30))))
         self.endpoint = self.state["endpoint"]
         self.keys = {"AWS_ACCESS_KEY_ID": self.state["access_key"],

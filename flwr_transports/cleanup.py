@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .links import link_classes, split_url
+from .links import LinkError, link_classes, schemes, split_url
 
 
 def cleanup(url: str, *, dry_run: bool = False, all_: bool = False) -> list[str]:
@@ -19,20 +19,34 @@ def cleanup(url: str, *, dry_run: bool = False, all_: bool = False) -> list[str]
     return srv.cleanup(url, dry_run=dry_run, all_=all_)
 
 
+def default_urls() -> list[str]:
+    """The URLs of registered links that can be scanned without a location."""
+    urls = []
+    for scheme in schemes():
+        try:
+            url = link_classes(scheme)[0].default_cleanup_url
+        except LinkError:
+            continue  # not installed here: nothing of it can be here either
+        if url:
+            urls.append(url)
+    return urls
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="flwr-transports cleanup",
         description="Remove payloads/objects left behind by crashed flwr-transports runs.",
     )
-    p.add_argument("urls", nargs="*", default=["shm://"],
-                   help="link URLs to scan (default: shm://), e.g. file:///shared/dir "
-                        "s3://bucket/prefix?endpoint_url=...")
+    p.add_argument("urls", nargs="*",
+                   help="link URLs to scan, e.g. shm:// file:///shared/dir "
+                        "s3://bucket/prefix?endpoint_url=... (default: every registered link "
+                        "that needs no location, i.e. shm://)")
     p.add_argument("--dry-run", "-n", action="store_true", help="only list what would be removed")
     p.add_argument("--all", dest="all_", action="store_true",
                    help="also remove objects of runs that still seem alive")
     a = p.parse_args(argv)
     total = 0
-    for url in a.urls:
+    for url in a.urls or default_urls():
         try:
             found = cleanup(url, dry_run=a.dry_run, all_=a.all_)
         except (ValueError, RuntimeError) as exc:

@@ -107,7 +107,8 @@ def main(argv: list[str]) -> int:
                    help="model size in MiB (default 256: large enough for the payload "
                         "to matter next to Flower's ~10 s polling floor per round)")
     p.add_argument("--transports", default="shm,file,s3,inband",
-                   help="comma list of: inband, shm, file, s3 (default: all available). "
+                   help="comma list of: inband and registered link schemes, e.g. shm, file, s3 "
+                        "(moto), tcp (default: shm,file,s3,inband). "
                         "In-band runs last: one SuperLink serves all runs and its memory "
                         "does not shrink after an in-band run")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
@@ -137,9 +138,21 @@ def main(argv: list[str]) -> int:
                 continue
             env.update(moto[2])
             transports.append(("s3:// (moto)", moto[1]))
-        else:
-            print(f"unknown transport {t!r}", file=sys.stderr)
-            return 2
+        else:  # any other registered link that runs on this machine alone
+            from .links import LinkError, link_classes, schemes
+
+            local = None
+            if t in schemes():
+                try:
+                    local = link_classes(t)[0].local_url(str(payload_dir))
+                except LinkError as exc:
+                    print(f"  ({t}:// skipped: {exc})")
+                    continue
+            if local is None:
+                print(f"unknown transport {t!r} (known: inband, "
+                      f"{', '.join(schemes())})", file=sys.stderr)
+                return 2
+            transports.append((f"{t}://", local))
     print(f"flwr-transports demo: {a.rounds} rounds, {a.model_mib:g} MiB model, "
           f"2 SuperNodes on 127.0.0.1; work dir {work}")
     rows = []

@@ -119,15 +119,31 @@ def check_mpi() -> tuple[bool, str]:
     return True, f"mpi4py {v}, mpiexec at {exe}"
 
 
+#: the built-in links' checks (with install hints); other registered links use their
+#: class's ``check_here()``
 CHECKS = {
     "shm": check_shm, "file": check_file, "s3": check_s3, "tcp": check_tcp,
-    "rdma": check_rdma, "mpi": check_mpi,
+    "rdma": check_rdma,
 }
+
+
+def _checks():
+    """One check per registered link (the registry is the one list of schemes), then MPI."""
+    from .links import link_classes, schemes
+
+    def generic(scheme: str):
+        def check() -> tuple[bool, str]:
+            return link_classes(scheme)[0].check_here()
+        return check
+
+    for scheme in schemes():
+        yield scheme, CHECKS.get(scheme) or generic(scheme)
+    yield "mpi", check_mpi
 
 
 def report() -> dict[str, dict[str, object]]:
     out = {}
-    for name, fn in CHECKS.items():
+    for name, fn in _checks():
         try:
             ok, why = fn()
         except Exception as exc:  # noqa: BLE001 - the doctor must not crash on a check

@@ -158,13 +158,8 @@ def _assert_nothing_left(before: set[str], zombies: set[int]) -> None:
 def rgw_packages():
     """Unpack the Ceph packages first (as tests/test_s3_radosgw.py does), so that a
     fresh clone runs these tests instead of skipping them; skip only if that fails."""
-    import importlib.util
+    from flwr_transports.bench import radosgw as script
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(
-        "ftx_radosgw_p2p", os.path.join(repo, "scripts", "radosgw.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     try:
         script.fetch(quiet=True)
     except Exception as exc:  # noqa: BLE001 - any failure: skip with the reason

@@ -1,13 +1,12 @@
 """s3:// link against Ceph radosgw: a real S3 server that checks signatures and expiry.
 
-Started by scripts/radosgw.py (Debian packages fetched with apt-get download and
+Started by flwr_transports.bench.radosgw (Debian packages fetched with apt-get download and
 unpacked with dpkg -x into .cache/radosgw; no apt install). Select with
 ``pytest -m radosgw``; skipped with the reason when the packages cannot be fetched.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
@@ -31,11 +30,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "ftx_radosgw", os.path.join(REPO, "scripts", "radosgw.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from flwr_transports.bench import radosgw
+
+    return radosgw
 
 
 @pytest.fixture(scope="module")

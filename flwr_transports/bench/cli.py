@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                         "torch-rpc (PyTorch RPC over TensorPipe's TCP transport) and "
                         "torch-rpc-shm (TensorPipe's same-host shm/cma) need "
                         "'pip install torch==2.13.0'; link-s3-radosgw starts a one-node "
-                        "Ceph radosgw per point (scripts/radosgw.py; loopback only; "
-                        "'python scripts/radosgw.py fetch' once)")
+                        "Ceph radosgw per point (flwr_transports.bench.radosgw; loopback only; "
+                        "'python -m flwr_transports.bench.radosgw fetch' once)")
     p.add_argument("--concurrency", type=_ints, default=[1, 4],
                    help="numbers of concurrent receivers K (default 1,4)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per point (default 1)")

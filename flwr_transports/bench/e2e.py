@@ -33,7 +33,10 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1024 * 1024
-LOCAL_ONLY = ("shm", "file")
+def _local_only(scheme: str) -> bool:
+    from ..links import link_spec
+
+    return link_spec(scheme).local_only
 
 
 def default_app() -> Path | None:
@@ -121,9 +124,9 @@ class _S3:
                      ).create_bucket(Bucket="ftxbench")
 
     def close(self) -> None:
-        from .p2p import _stop_proc
+        from .procs import stop_proc
 
-        _stop_proc(self.proc)
+        stop_proc(self.proc)
 
 
 def run_e2e_local(
@@ -145,7 +148,7 @@ def run_e2e_local(
     try:
         for t in transports:
             sch = _scheme(t)
-            if wan and sch in LOCAL_ONLY:
+            if wan and _local_only(sch):
                 plan.append((t, None, "same-host only (no network path to emulate)"))
             elif sch == "inband":
                 plan.append((t, "inband", None))
@@ -174,7 +177,26 @@ def run_e2e_local(
                 except Exception as exc:  # noqa: BLE001
                     plan.append((t, None, f"no S3 server: {exc}"))
             else:
-                plan.append((t, t, None))
+                # any other registered link: "scheme://" or "scheme://?opts" runs on the
+                # URL the link itself says works on this machine
+                rest = t.split("://", 1)[1] if "://" in t else ""
+                if rest and not rest.startswith("?"):
+                    plan.append((t, t, None))
+                    continue
+                from ..links import LinkError, link_classes
+
+                try:
+                    local = link_classes(sch)[0].local_url(str(work / f"{sch}-link"), host)
+                except LinkError as exc:
+                    plan.append((t, None, str(exc)))
+                    continue
+                if local is None:
+                    plan.append((t, None, f"{sch}:// needs a location (give a full URL)"))
+                else:
+                    os.makedirs(work / f"{sch}-link", exist_ok=True)
+                    if rest:
+                        local += ("&" + rest[1:]) if "?" in local else rest
+                    plan.append((t, local, None))
         cls = _deployment_class(supernode_prefix, host if supernode_prefix else None)
         n_runs = sum(1 for _, u, _ in plan if u) * (len(sizes_mib) + (1 if floor_mib else 0))
         k = 0
@@ -321,13 +343,14 @@ def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 
              spec_path],
             stdout=subprocess.PIPE, text=True, start_new_session=True,
         )
-        from .p2p import _stop_proc, communicate
+        from .p2p import communicate
+        from .procs import stop_proc
 
         try:
             out, _ = communicate(proc, timeout * (len(sizes_mib) + 1)
                                  * max(1, len(transports)) * repeat + 300)
         except BaseException:
-            _stop_proc(proc, timeout=30)  # SIGTERM: the inner driver stops its deployment
+            stop_proc(proc, timeout=30)  # SIGTERM: the inner driver stops its deployment
             raise
         if proc.returncode != 0:
             raise RuntimeError(f"e2e driver inside the WAN namespace failed ({proc.returncode})")
@@ -344,9 +367,9 @@ def _inner(spec_path: str) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
-    from .wan import _set_pdeathsig
+    from .procs import set_pdeathsig
 
-    _set_pdeathsig()
+    set_pdeathsig()
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
     rows, rat = run_e2e_local(

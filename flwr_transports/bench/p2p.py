@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .procs import set_pdeathsig, stop_proc
+
 MiB = 1024 * 1024
 _CHUNK = 2 * MiB  # gRPC streaming chunk (as APPFL)
 _RECV_CHUNK = 4 * MiB
@@ -420,7 +422,7 @@ class S3Link(_Link):
             s3.create_bucket(Bucket="ftxbench")
             return super().s_setup()
         except BaseException:
-            _stop_proc(self._moto[0])
+            stop_proc(self._moto[0])
             raise
 
     def url(self):
@@ -430,7 +432,7 @@ class S3Link(_Link):
         try:
             super().s_close()
         finally:
-            _stop_proc(self._moto[0])
+            stop_proc(self._moto[0])
 
 
 def _moto_server_cmd() -> list[str] | None:
@@ -460,7 +462,7 @@ def _start_moto(host: str) -> tuple[subprocess.Popen, int]:
             return proc, port
         except OSError:
             time.sleep(0.1)
-    _stop_proc(proc)
+    stop_proc(proc)
     raise RuntimeError("moto_server did not start in 30 s")
 
 
@@ -475,53 +477,29 @@ def communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
                 raise
 
 
-def _stop_proc(proc: subprocess.Popen, timeout: float = 5) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
 # ---- s3:// link against a real Ceph radosgw ------------------------------------------
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_RGW_FETCH = "python scripts/radosgw.py fetch"
+_RGW_FETCH = "python -m flwr_transports.bench.radosgw fetch"
 
 
 def _radosgw_script() -> Any | None:
-    """scripts/radosgw.py of the source checkout, imported as a module (None if absent)."""
-    import importlib.util
+    """The radosgw helper module (part of the package: works from an installed wheel)."""
+    from . import radosgw
 
-    path = os.path.join(_REPO, "scripts", "radosgw.py")
-    if not os.path.isfile(path):
-        return None
-    spec = importlib.util.spec_from_file_location("ftx_radosgw_p2p", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return radosgw
 
 
 class RadosgwS3Link(_Link):
     """s3:// link against a one-node Ceph cluster (mon + memstore OSD + radosgw) that the
-    sender worker starts with scripts/radosgw.py and stops in ``s_close`` (or when it is
+    sender worker starts with flwr_transports.bench.radosgw and stops in ``s_close`` (or when it is
     terminated): real SigV4 auth and a real object store instead of moto's."""
 
     name = "link-s3-radosgw"
     scheme = "s3"
-    description = ("s3:// link against a real Ceph radosgw (scripts/radosgw.py) started by "
+    description = ("s3:// link against a real Ceph radosgw (flwr_transports.bench.radosgw) started by "
                    "the sender")
-    # radosgw listens on 127.0.0.1 of the sender's namespace only (scripts/radosgw.py)
-    wan_unavailable = "radosgw listens on 127.0.0.1 only (scripts/radosgw.py): loopback only"
+    # radosgw listens on 127.0.0.1 of the sender's namespace only (flwr_transports.bench.radosgw)
+    wan_unavailable = "radosgw listens on 127.0.0.1 only (flwr_transports.bench.radosgw): loopback only"
 
     @classmethod
     def unavailable(cls):
@@ -533,8 +511,6 @@ class RadosgwS3Link(_Link):
         except ImportError:
             return "boto3 not installed (pip install 'flwr-transports[s3]')"
         script = _radosgw_script()
-        if script is None:
-            return f"scripts/radosgw.py not found under {_REPO} (needs a source checkout)"
         root = os.path.join(script.DEFAULT_CACHE, "root")
         if not os.path.exists(os.path.join(root, "usr", "bin", "radosgw")):
             return (f"Ceph packages not unpacked in {script.DEFAULT_CACHE}: run "
@@ -543,8 +519,6 @@ class RadosgwS3Link(_Link):
 
     def s_setup(self):
         script = _radosgw_script()
-        if script is None:
-            raise RuntimeError("scripts/radosgw.py not found")
         self._rgw_mod = script
         self._rgw: dict[str, Any] | None = None
         old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -829,6 +803,42 @@ BACKENDS: dict[str, type[Backend]] = {
     for b in (RawTcp, RawTcpFresh, GrpcUnary, GrpcStream, ShmLink, FileLink, TcpLink, S3Link, TorchRpc,
               TorchRpcShm, RadosgwS3Link)
 }
+
+
+def _registered_link_backends() -> None:
+    """A ``link-<scheme>`` backend for every registered link without a dedicated one
+    (third-party links from entry points included) that runs on this machine alone."""
+    from ..links import LinkError, link_classes, link_spec, schemes
+
+    for scheme in schemes():
+        name = f"link-{scheme}"
+        if name in BACKENDS:
+            continue
+        try:
+            srv = link_classes(scheme)[0]
+        except LinkError:
+            continue
+
+        def url(self, _srv=srv) -> str:
+            d = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ftxbench-{os.getpid()}")
+            os.makedirs(d, exist_ok=True)
+            self._dir = d
+            return _srv.local_url(d, self.host)
+
+        def s_close(self) -> None:
+            _Link.s_close(self)
+            shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
+
+        if srv.local_url("/tmp") is None:
+            continue
+        BACKENDS[name] = type(f"Link_{scheme}", (_Link,), {
+            "name": name, "scheme": scheme, "url": url, "s_close": s_close,
+            "local_only": link_spec(scheme).local_only,
+            "description": f"{scheme}:// link ({link_spec(scheme).origin})",
+        })
+
+
+_registered_link_backends()
 MPI_BACKENDS = ("mpi-buffer", "mpi-pickle")
 TORCH_BACKENDS = ("torch-rpc", "torch-rpc-shm")
 ALL_BACKENDS = tuple(dict.fromkeys((*BACKENDS, *MPI_BACKENDS, *TORCH_BACKENDS)))
@@ -864,9 +874,7 @@ def backend_unavailable(name: str, wan: bool = False) -> str | None:
 
 def worker_main() -> int:
     """JSON-lines loop: one command per stdin line, one reply per stdout line."""
-    from .wan import _set_pdeathsig
-
-    _set_pdeathsig()  # never outlive the driver
+    set_pdeathsig()  # never outlive the driver
     out = sys.stdout
     sys.stdout = sys.stderr  # keep stray prints off the protocol channel
     b: Backend | None = None
@@ -957,7 +965,7 @@ class Worker:
             self.proc.stdin.close()
         except OSError:
             pass
-        _stop_proc(self.proc, timeout=3)
+        stop_proc(self.proc, timeout=3)
 
 
 # --------------------------------------------------------------------------------------
@@ -1112,12 +1120,12 @@ def run_mpi(name: str, size: int, k: int, repeat: int, warmup: int,
     try:
         out, err = communicate(proc, timeout)
     except subprocess.TimeoutExpired:
-        _stop_proc(proc)
+        stop_proc(proc)
         _clean_mpich_shm(before)
         raise TimeoutError(f"mpiexec did not finish in {timeout} s") from None
     finally:
         if proc.poll() is None:
-            _stop_proc(proc)
+            stop_proc(proc)
             _clean_mpich_shm(before)
     if proc.returncode != 0:
         _clean_mpich_shm(before)

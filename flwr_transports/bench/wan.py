@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import ctypes
 import hashlib
 import os
 import re
@@ -50,6 +49,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .procs import set_pdeathsig, stop_proc
+
 NS_PREFIX = "ftxb-"
 ADDR_A = "10.77.0.1"
 ADDR_B = "10.77.0.2"
@@ -60,7 +61,6 @@ PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -124,15 +124,6 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.strip() or p.stdout.strip()}")
     return p
-
-
-def _set_pdeathsig() -> None:
-    """Die with the parent (so an emulator killed with SIGKILL leaves no relay behind)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 RELAY_KINDS = ("auto", "c", "python")
@@ -468,9 +459,7 @@ def _read_stats(stream, word: str, timeout: float) -> list[dict[str, float]]:
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 3) -> None:
-    from .p2p import _stop_proc  # one implementation of SIGTERM-then-SIGKILL
-
-    _stop_proc(proc, timeout)
+    stop_proc(proc, timeout)
 
 
 def _kill_ns_pids(ns: str) -> None:
@@ -536,7 +525,7 @@ def _packet_socket(ifname: str) -> socket.socket:
 def relay_main(argv: list[str]) -> int:
     """``relay IF1 IF2 ONE_WAY_MS MAX_QUEUE_BYTES``: bridge two interfaces with a delay
     (same behaviour and stats lines as delay_relay.c)."""
-    _set_pdeathsig()
+    set_pdeathsig()
     if os.getppid() == 1:
         return 1
     if1, if2, delay_ms, qmax = argv[0], argv[1], float(argv[2]), int(argv[3])

@@ -121,6 +121,20 @@ class ServerLink(ABC):
         """Find (and unless dry_run remove) leftovers of crashed runs under ``url``."""
         return []
 
+    #: URL ``flwr-transports cleanup`` scans when called without URLs (None: needs one)
+    default_cleanup_url: ClassVar[str | None] = None
+
+    @classmethod
+    def local_url(cls, workdir: str, host: str = "127.0.0.1") -> str | None:
+        """A URL on which this link runs on this machine with nothing else started
+        (demo, bench, contract tests); None when it needs an external service."""
+        return None
+
+    @classmethod
+    def check_here(cls) -> tuple[bool, str]:
+        """``flwr-transports doctor``'s check: can this link run on this machine?"""
+        return True, f"{cls.__module__}.{cls.__name__} importable"
+
 
 class ClientLink(ABC):
     """Client (ClientApp) side of a link. Stateless; built from the scheme alone."""

@@ -325,6 +325,11 @@ class ShmServerLink(_FsServerLink):
     """``shm://``: payloads in POSIX shared memory (``/dev/shm``)."""
 
     scheme = "shm"
+    default_cleanup_url = "shm://"
+
+    @classmethod
+    def local_url(cls, workdir: str, host: str = "127.0.0.1") -> str | None:
+        return "shm://"
 
     def __init__(self, url: str, run_id, options: dict[str, Any]):
         _, netloc, path, _ = split_url(url)
@@ -366,6 +371,10 @@ class FileServerLink(_FsServerLink):
     """``file:///dir``: payloads as files in a directory every party can see."""
 
     scheme = "file"
+
+    @classmethod
+    def local_url(cls, workdir: str, host: str = "127.0.0.1") -> str | None:
+        return f"file://{os.path.abspath(workdir)}"
 
     def __init__(self, url: str, run_id, options: dict[str, Any]):
         super().__init__(url, run_id, options, _file_root(url))

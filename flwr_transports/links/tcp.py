@@ -82,6 +82,10 @@ class TcpServerLink(ServerLink):
     )
     conn_cls: type[chunks.ServerConn] = chunks.ServerConn
 
+    @classmethod
+    def local_url(cls, workdir: str, host: str = "127.0.0.1") -> str | None:
+        return f"{cls.scheme}://{host}:0"
+
     def __init__(self, url: str, run_id, options):
         super().__init__(url, run_id, options)
         options = self.options

@@ -1,6 +1,6 @@
 """FDA vs FedAvg: bytes communicated vs test accuracy (in process, synthetic data).
 
-Task: flwr_transports.strategies.fda_demo (teacher-labelled synthetic data, Dirichlet
+Task: benchmarks/fda_demo.py (teacher-labelled synthetic data, Dirichlet
 label-skew split over the clients, one-hidden-layer MLP trained with minibatch SGD).
 Every method runs the same number of steps; in a step every client calls the same
 user train function once (``--local-steps`` SGD steps), so local work is equal:
@@ -35,10 +35,12 @@ from dataclasses import dataclass, field
 from flwr.app import MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from flwr_transports.codec import record_bytes
 from flwr_transports.strategies import FDA, fda_mod
-from flwr_transports.strategies import fda_demo as D
-from flwr_transports.strategies.fda import record_bytes
-from flwr_transports.strategies.fda_inprocess import InProcessGrid
+from flwr_transports.testing import InProcessGrid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fda_demo as D
 
 
 class CountingGrid(InProcessGrid):

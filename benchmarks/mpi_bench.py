@@ -72,48 +72,15 @@ def app_rounds_mpi(mib: float, rounds: int, work: str, timeout: float) -> tuple[
 
 def app_rounds_in_process(mib: float, rounds: int, work: str) -> list[float]:
     """The same ServerApp/ClientApp, called directly in this process (no transport)."""
-    import uuid
 
-    from flwr.app import Context, Message, RecordDict
+    from flwr.app import Context, RecordDict
     from flwr.clientapp.client_app import LoadClientAppError
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
     from flwr.server.run_serverapp import run as run_server_app
-    from flwr.serverapp.grid import Grid
     from flwr.supercore.object_ref import load_app
-    from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
-    class DirectGrid(Grid):
-        def __init__(self, app, contexts):
-            self.app, self.contexts, self.replies = app, contexts, {}
-
-        def set_run(self, run):
-            pass
-
-        @property
-        def run(self):
-            return Run.create_empty(1)
-
-        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-            return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-        def get_node_ids(self):
-            return list(self.contexts)
-
-        def push_messages(self, messages):
-            ids = []
-            for m in messages:
-                mid = uuid.uuid4().hex
-                m.metadata.__dict__["_message_id"] = mid
-                self.replies[mid] = self.app(m, self.contexts[m.metadata.dst_node_id])
-                ids.append(mid)
-            return ids
-
-        def pull_messages(self, message_ids):
-            return [self.replies.pop(m) for m in message_ids if m in self.replies]
-
-        def send_and_receive(self, messages, *, timeout=None):
-            return self.pull_messages(self.push_messages(messages))
+    from flwr_transports.testing import InProcessGrid
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     with tempfile.TemporaryDirectory(prefix="mpi-bench-") as d:
@@ -132,7 +99,7 @@ def app_rounds_in_process(mib: float, rounds: int, work: str) -> list[float]:
             for r in (1, 2)
         }
         run_server_app(
-            DirectGrid(app, contexts),
+            InProcessGrid(app, contexts=contexts, serialize=False, sort_replies=False),
             Context(1, 1, {}, RecordDict(), dict(cfg)),
             str(APP),
             "mpi_app.server_app:app",

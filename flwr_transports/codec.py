@@ -310,3 +310,15 @@ def hash_segments(segments: Sequence[bytes | memoryview]) -> str:
     for seg in segments:
         h.update(seg)
     return h.hexdigest()
+
+
+def record_bytes(content) -> int:
+    """In-band size of a RecordDict: array bytes + the serialized size of other records
+    (the one definition; the offload wrapper's and FDA's statistics use it)."""
+    n = 0
+    for rec in content.values():
+        if isinstance(rec, ArrayRecord):
+            n += rec.count_bytes()
+        else:
+            n += len(rec.deflate())
+    return n

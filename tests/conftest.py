@@ -53,3 +53,45 @@ def _no_hydra_leftovers():
             os.unlink(path)
         except OSError:
             pass
+
+
+@pytest.fixture(scope="session")
+def rgw_server():
+    """One Ceph radosgw (real SigV4 auth) for the whole session: state dict with
+    endpoint, access_key, secret_key, a boto3 client ``s3`` and a ``bucket``.
+    Skipped with the reason when the Ceph packages cannot be fetched here."""
+    import uuid
+
+    from flwr_transports.bench import radosgw as script
+
+    try:
+        script.fetch(quiet=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to fetch: skip with the reason
+        pytest.skip(f"Ceph radosgw packages unavailable here: {exc}")
+    # A one-node Ceph occasionally fails to come up on a loaded 2-core machine (seen:
+    # the OSD exiting during start-up); try a fresh cluster up to 3 times.
+    for attempt in range(3):
+        try:
+            state = script.start(mem_bytes=2 << 30)
+            break
+        except script.RadosgwError as exc:
+            if attempt == 2:
+                raise
+            print(f"radosgw start attempt {attempt + 1} failed, retrying: {exc}")
+    try:
+        import boto3
+        from botocore.config import Config
+
+        # a fresh session with explicit keys: boto3's default session caches the first
+        # credentials it resolved in this process (another test module's, for instance)
+        s3 = boto3.session.Session(
+            aws_access_key_id=state["access_key"], aws_secret_access_key=state["secret_key"],
+            region_name="us-east-1",
+        ).client("s3", endpoint_url=state["endpoint"], config=Config(
+            s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+            response_checksum_validation="when_required"))
+        bucket = f"ftx-{uuid.uuid4().hex[:10]}"
+        script.create_bucket(s3, bucket)
+        yield {**state, "s3": s3, "bucket": bucket}
+    finally:
+        script.stop(state["dir"])

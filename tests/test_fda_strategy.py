@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,9 +28,12 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from flwr_transports.strategies import FDA, fda_mod
-from flwr_transports.strategies import fda_demo as D
 from flwr_transports.strategies import fda_protocol as P
-from flwr_transports.strategies.fda_inprocess import InProcessGrid, ensure_task_identity
+from flwr_transports.testing import InProcessGrid
+from flwr_transports.testing import set_task_identity as ensure_task_identity
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import fda_demo as D  # noqa: E402 - the demo task lives with the FDA benchmark
 
 logging.getLogger("flwr").setLevel(logging.WARNING)
 

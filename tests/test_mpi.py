@@ -14,18 +14,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
-from flwr.app.error import Error
+from flwr.app import Context, RecordDict
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.serverapp.grid import Grid
-from flwr.supercore.run import Run
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
+
+from flwr_transports.testing import InProcessGrid
 
 APP = Path(__file__).parent / "apps" / "mpi_app"
 
@@ -114,49 +112,6 @@ def run_mpi(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
-class LocalGrid(Grid):
-    """The reference: the same ClientApp called in this process, one Context per node."""
-
-    def __init__(self, client_app, contexts: dict[int, Context], run: Run) -> None:
-        self.app, self.contexts, self._run = client_app, contexts, run
-        self.replies: dict[str, Message] = {}
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            try:
-                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as ex:  # noqa: BLE001 - as the runtime does
-                reason = str(type(ex)) + ":<'" + str(ex) + "'>"
-                reply = Message(
-                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
-                )
-            self.replies[mid] = reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(m) for m in message_ids if m in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
-
 def run_reference(n_nodes: int, run_config: list[str]) -> None:
     """Run the app's ServerApp + ClientApp in this process, as the MPI launcher would."""
     from flwr.clientapp.client_app import LoadClientAppError
@@ -178,7 +133,9 @@ def run_reference(n_nodes: int, run_config: list[str]) -> None:
             )
             for r in range(1, n_nodes + 1)
         }
-        grid = LocalGrid(client_app, contexts, Run.create_empty(5))
+        # the reference: the same ClientApp called in this process, one Context per node
+        grid = InProcessGrid(client_app, contexts=contexts, run_id=5, serialize=False,
+                             sort_replies=False)
         ctx = Context(5, SUPERLINK_NODE_ID, {}, RecordDict(), dict(cfg))
         run_server_app(grid, ctx, str(APP), "mpi_app.server_app:app")
     finally:

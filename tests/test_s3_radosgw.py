@@ -29,51 +29,17 @@ MiB = 2**20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _script():
-    from flwr_transports.bench import radosgw
-
-    return radosgw
-
-
 @pytest.fixture(scope="module")
-def rgw():
-    script = _script()
-    try:
-        script.fetch(quiet=True)
-    except (script.RadosgwError, OSError, Exception) as exc:  # noqa: BLE001
-        pytest.skip(f"Ceph radosgw packages unavailable here: {exc}")
-    # A one-node Ceph occasionally fails to come up on a loaded 2-core machine (seen:
-    # the OSD exiting during start-up); try a fresh cluster up to 3 times.
-    for attempt in range(3):
-        try:
-            state = script.start(mem_bytes=2 << 30)
-            break
-        except script.RadosgwError as exc:
-            if attempt == 2:
-                raise
-            print(f"radosgw start attempt {attempt + 1} failed, retrying: {exc}")
-    keys = {"AWS_ACCESS_KEY_ID": state["access_key"],
-            "AWS_SECRET_ACCESS_KEY": state["secret_key"],
+def rgw(rgw_server):
+    """The session's radosgw (tests/conftest.py), with its keys in the environment."""
+    keys = {"AWS_ACCESS_KEY_ID": rgw_server["access_key"],
+            "AWS_SECRET_ACCESS_KEY": rgw_server["secret_key"],
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     old = {k: os.environ.get(k) for k in keys}
     os.environ.update(keys)
     try:
-        import boto3
-        from botocore.config import Config
-
-        # a fresh session with explicit keys: boto3's default session caches the first
-        # credentials it resolved in this process (another test module's, for instance)
-        s3 = boto3.session.Session(
-            aws_access_key_id=state["access_key"], aws_secret_access_key=state["secret_key"],
-            region_name="us-east-1",
-        ).client("s3", endpoint_url=state["endpoint"], config=Config(
-            s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
-            response_checksum_validation="when_required"))
-        bucket = f"ftx-{uuid.uuid4().hex[:10]}"
-        script.create_bucket(s3, bucket)
-        yield {**state, "s3": s3, "bucket": bucket}
+        yield rgw_server
     finally:
-        script.stop(state["dir"])
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

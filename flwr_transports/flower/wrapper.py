@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
-from ..codec import PayloadError, check_digest, decode, encode
+from ..codec import PayloadError, check_digest, decode, encode, record_bytes
 from ..links import LinkError, ServerLink, link_classes, server_link, split_url
 from ..options import Option, integer, optional, size, split_options
 from ..refs import (
@@ -61,17 +61,6 @@ WRAPPER_OPTIONS = (
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def record_bytes(content: RecordDict) -> int:
-    """Approximate in-band size of a RecordDict: array bytes + serialized small records."""
-    n = 0
-    for rec in content.values():
-        if isinstance(rec, ArrayRecord):
-            n += rec.count_bytes()
-        else:
-            n += len(rec.deflate())
-    return n
 
 
 class OffloadStrategy(Strategy):

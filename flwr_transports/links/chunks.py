@@ -56,6 +56,7 @@ from .. import _membuf
 from ..codec import EncodedPayload
 from ..codec import data_ranges as codec_data_ranges
 from ..codec import decode_hashed
+from ..refs import RefError
 from .base import LinkError, PayloadSource
 
 log = logging.getLogger("flwr_transports.links")
@@ -220,7 +221,7 @@ def unpack_table(body: bytes, size: int) -> tuple[int, list[int]]:
         raise ProtocolError("chunk table too short")
     tsize, cs, n = TABLE_HEAD.unpack_from(body)
     if tsize != size:
-        raise LinkError(f"payload server has {tsize} bytes for this object, the reference "
+        raise RefError(f"payload server has {tsize} bytes for this object, the reference "
                         f"says {size}")
     check_chunk_size(cs)
     if n != n_chunks(size, cs) or len(body) != TABLE_HEAD.size + 4 * n:

@@ -43,6 +43,7 @@ from flwr.serverapp.strategy.strategy_utils import (
 )
 from flwr.supercore import log
 
+from ..codec import record_bytes
 from . import fda_protocol as P
 from .fda_estimators import (
     MAX_SKETCH_DEPTH,
@@ -54,11 +55,6 @@ from .fda_estimators import (
 )
 
 FDA_CONFIG_KEY = "fda.config"
-
-
-def record_bytes(content: RecordDict) -> int:
-    """In-band size of a message's records (ArrayRecord / MetricRecord / ConfigRecord)."""
-    return int(sum(rec.count_bytes() for rec in content.values()))
 
 
 def message_bytes(msg: Message) -> int:

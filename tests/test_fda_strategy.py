@@ -275,9 +275,12 @@ def test_mod_rejects_bad_protocol_input():
     ).has_error()
     assert ctx.state[P.NODE_BASE]["w"].numpy().shape == (5,)
     # ... but a PREV that does not match the new global is rejected
-    prev_bad = _msg({P.PHASE: "reset", P.VARIANT: "linear"}, model)
+    prev_bad = _msg({P.PHASE: "monitor", P.VARIANT: "linear"}, model)
     prev_bad.content[P.PREV] = other
-    assert fda_mod(prev_bad, ctx, _echo_train).has_error()
+    bad = fda_mod(prev_bad, ctx, _echo_train)
+    assert bad.has_error() and "prev" in bad.error.reason.lower()
+    # the reset phase is gone: the server never sent it
+    assert fda_mod(_msg({P.PHASE: "reset"}, model), ctx, _echo_train).has_error()
 
 
 def test_mod_passes_through_non_fda_messages():
@@ -378,10 +381,8 @@ def test_late_joiner_gets_global_and_previous_model(split):
 def test_composes_with_offload_file_link(split, tmp_path):
     """FDA(offload(FedAvg), ...) with mods=[payload_mod, fda_mod]: Theta = 0 is still
     exactly FedAvg, model payloads travel over the file:// link, nothing is left on it."""
-    try:
-        from flwr_transports import offload, payload_mod
-    except ImportError as exc:  # the offload layer is another part of the project
-        pytest.skip(f"offload layer not importable: {exc}")
+    from flwr_transports import offload, payload_mod
+
     link_dir = tmp_path / "link"
     link_dir.mkdir()
     ref = FedAvg(min_available_nodes=K, fraction_evaluate=0.0).start(

@@ -50,12 +50,14 @@ MIN_REPLY_CAP = 64 * 1024 * 1024
 #: the wrapper's own options (URL query or offload keywords); the link declares the rest
 WRAPPER_OPTIONS = (
     Option("threshold", size(0), DEFAULT_THRESHOLD, "ArrayRecords of at least this many bytes "
-           "go over the link; smaller ones stay in-band", shown="1MiB"),
-    Option("max_reply_size", optional(size(1)), None, "cap on one reply payload (default: "
-           "max(4x the largest outgoing payload, 64 MiB))", shown="auto"),
+           "go over the link; smaller ones stay in-band (small models never get slower)", shown="1MiB"),
+    Option("max_reply_size", optional(size(1)), None, "cap on one reply payload, checked before "
+           "fetching (default: max(4x the largest outgoing payload, 64 MiB))", shown="auto"),
     Option("reply_slots", integer(0, 64), 2, "large reply records a client may offload per "
            "message (0: replies stay in-band)"),
-    Option("fetch_workers", integer(1, 64), 4, "reply payloads fetched and decoded at once"),
+    Option("fetch_workers", integer(1, 64), 4, "replies whose payloads are fetched, verified "
+           "and decoded at the same time in aggregate_* (references are still checked "
+           "against their tickets one by one)"),
 )
 
 

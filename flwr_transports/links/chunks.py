@@ -53,9 +53,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import _membuf
-from ..codec import EncodedPayload
+from ..codec import EncodedPayload, decode_hashed
 from ..codec import data_ranges as codec_data_ranges
-from ..codec import decode_hashed
 from ..refs import RefError
 from .base import LinkError, PayloadSource
 
@@ -688,7 +687,7 @@ class _FlatDest:
     def read(self, off: int, n: int) -> bytes:
         return self.buf[off:off + n]
 
-    def release(self, writers_gone: bool) -> None:
+    def release(self, writers_gone: bool, writers: list[threading.Thread] = ()) -> None:
         self.mv.release()
         if self.pool is not None and writers_gone:
             self.pool.put(self.buf)  # no thread can still write into it
@@ -696,8 +695,22 @@ class _FlatDest:
             _close_map(self.buf)
 
 
-_KEEP_ALIVE: list = []
-MAX_SNIFF_HEADER = 16 << 20  # a payload header above this is placed without zero copy  # scatter targets a stuck worker thread may still write into
+MAX_SNIFF_HEADER = 16 << 20  # a payload header above this is placed without zero copy
+
+# Scatter targets that a stuck worker thread may still write into (the writable view
+# does not keep its bytes object alive), held until those threads have ended: entries
+# whose threads are all gone are dropped at the next insert, so this stays bounded by
+# the number of transfers with live stuck threads.
+_KEEP_ALIVE: list[tuple[list[threading.Thread], Any]] = []
+_KEEP_LOCK = threading.Lock()
+
+
+def _keep_alive(threads: list[threading.Thread], obj: Any) -> None:
+    with _KEEP_LOCK:
+        _KEEP_ALIVE[:] = [(ts, o) for ts, o in _KEEP_ALIVE if any(t.is_alive() for t in ts)]
+        live = [t for t in threads if t.is_alive()]
+        if live:
+            _KEEP_ALIVE.append((live, obj))
 
 
 class _ScatterDest:
@@ -737,9 +750,9 @@ class _ScatterDest:
             return obj  # the array's own bytes: no copy
         return b"".join(self.views(off, n))  # one copy (join takes buffers)
 
-    def release(self, writers_gone: bool) -> None:
-        if not writers_gone:  # a stuck thread may still write: never free its target
-            _KEEP_ALIVE.append(self.pieces)
+    def release(self, writers_gone: bool, writers: list[threading.Thread] = ()) -> None:
+        if not writers_gone:  # a stuck thread may still write: keep its target alive
+            _keep_alive(list(writers), self.pieces)
         self.pieces, self.exact = [], {}
 
 
@@ -887,7 +900,8 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
             stats.update(sched.stats)
             stats["zero_copy"] = int(d.scatter)
             stats["streams"] = streams
-        d.release(workers is None or not any(t.is_alive() for t in workers.threads))
+        threads = workers.threads if workers is not None else []
+        d.release(not any(t.is_alive() for t in threads), threads)
 
     src = PayloadSource(read, size, close)
     src.scheduler = sched  # for tests and benchmarks
@@ -1408,7 +1422,3 @@ class ChunkServer:
             if s.readers == 0:
                 s.free()
         self.pool.clear()
-
-
-def describe_stats(stats: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(stats.items()))

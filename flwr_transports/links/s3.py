@@ -105,25 +105,30 @@ def _seconds(lo: int, hi: int):
 
 
 OPTIONS = (
-    Option("endpoint_url", optional(text), None, "S3 endpoint (MinIO, Ceph radosgw, ...); "
-           "unset: AWS"),
-    Option("region", optional(text), None, "bucket region (default: the profile's, else "
-           "us-east-1)"),
-    Option("profile", optional(text), None, "AWS profile of the ServerApp's credentials"),
+    Option("endpoint_url", optional(text), None, "S3 endpoint of a self-hosted or other store, e.g. "
+           "http://minio:9000; unset: AWS"),
+    Option("region", optional(text), None, "region the URLs are signed for (default: the "
+           "profile's, else us-east-1)"),
+    Option("profile", optional(text), None, "a named profile from ~/.aws/config (the "
+           "ServerApp's credentials)"),
     Option("addressing_style", choice("auto", "path", "virtual"), None, "path or virtual-host "
            "addressing (default: path with endpoint_url, else auto)", shown="auto"),
-    Option("verify", _verify_opt, True, "TLS verification: true, false, or a CA bundle path"),
+    Option("verify", _verify_opt, True, "TLS verification for the ServerApp: true, false "
+           "or a CA bundle path (clients: REQUESTS_CA_BUNDLE)"),
     Option("part_size", size(MIN_PART, MAX_PART), DEFAULT_PART, "multipart part / ranged-GET "
            "size (5MiB-5GiB)", shown="16MiB"),
-    Option("concurrency", integer(1, 64), 8, "parts / ranges in flight per transfer"),
+    Option("concurrency", integer(1, 64), 8, "parts / ranges in flight per transfer (clients "
+           "may override with FLWR_TRANSPORTS_S3_CONCURRENCY)"),
     Option("max_parts", integer(1, MAX_PARTS), 64, "presigned part URLs per upload slot (the "
            "part size grows to fit max_reply_size)"),
-    Option("checksum", choice("md5", "none"), "md5", "Content-MD5 on every part (md5) or none"),
+    Option("checksum", choice("md5", "none"), "md5", "md5: Content-MD5 on every part; none: skip it "
+           "(the payload's SHA-256 is still checked)"),
     Option("expires", _seconds(1, MAX_EXPIRES), DEFAULT_EXPIRES, "lifetime of presigned URLs "
            "(1 s to 7 days; e.g. 3600, 30m, 2h)"),
     Option("encrypt", parse_bool, False, "AES-256-GCM client-side encryption, a fresh key per "
            "object, sent in-band only"),
-    Option("progress", parse_bool, False, "log progress of long transfers"),
+    Option("progress", parse_bool, False, "progress lines on stderr for every transfer, on "
+           "the server and clients (FLWR_TRANSPORTS_PROGRESS=1/0 overrides on any machine)"),
     Option("retries", integer(0, 20), 5, "retries per request (5xx, 429, timeouts, resets)"),
     Option("timeout", duration(1, 86400), 120.0, "read timeout per request (seconds)",
            shown="120"),

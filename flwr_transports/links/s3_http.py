@@ -87,10 +87,6 @@ class Layout:
         return -(-self.stored // stored_unit) if self.stored else 0
 
 
-def stored_size(size: int, enc: dict[str, Any] | None) -> int:
-    return Layout(size, enc["chunk"] if enc else 0).stored
-
-
 # -- encryption --------------------------------------------------------------------------
 def new_encryption(chunk: int) -> dict[str, Any]:
     """A fresh key + nonce prefix for ONE object (never reused)."""

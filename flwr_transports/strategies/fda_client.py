@@ -109,8 +109,6 @@ def fda_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message
         prev = msg.content.array_records.get(P.PREV)
         if len(incoming) > 0:
             _reset(state, incoming, prev, variant)
-        if phase == P.RESET:
-            return Message(RecordDict({P.STATE: MetricRecord()}), reply_to=msg)
         return _monitor(msg, ctx, call_next, cfg_key, cfg, arrays_key, variant)
     except _FdaInputError as exc:
         return _error(msg, str(exc))

@@ -12,15 +12,15 @@ Every FDA message is a Flower ``train`` message whose ConfigRecord carries
 ``sync``     no payload down; the mod replies with the full local model (under the
              ArrayRecord key the user's train function used) and the train metrics of
              its last step, i.e. exactly what the user's train function returned.
-``reset``    the ArrayRecord is the new global model; the mod resets base and local
-             model and replies with an empty ``fda.state``. Used for nodes that join
-             between syncs.
+
+A node that joins between syncs (or missed a broadcast) gets the global model with its
+next ``monitor`` message; there is no separate reset phase.
 
 Config keys sent down: ``fda.phase``, ``fda.variant``, ``fda.seed``, ``fda.epoch`` (sync
-counter) and for the sketch ``fda.sketch-depth`` / ``fda.sketch-width``. A reset that
-cannot rely on the node's previous base also carries ``fda.prev`` (ArrayRecord, the
-previous global model) so that the linear variant's direction xi is the same on all
-nodes.
+counter) and for the sketch ``fda.sketch-depth`` / ``fda.sketch-width``. A monitor
+message that carries a new model to a node that cannot rely on its previous base also
+carries ``fda.prev`` (ArrayRecord, the previous global model) so that the linear
+variant's direction xi is the same on all nodes.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ EPOCH = "fda.epoch"
 SKETCH_DEPTH = "fda.sketch-depth"
 SKETCH_WIDTH = "fda.sketch-width"
 
-MONITOR, SYNC, RESET = "monitor", "sync", "reset"
-PHASES = (MONITOR, SYNC, RESET)
+MONITOR, SYNC = "monitor", "sync"
+PHASES = (MONITOR, SYNC)
 
 # Records in replies / node state
 STATE = "fda.state"  # MetricRecord in monitor replies
 SKETCH = "fda.sketch"  # ArrayRecord in monitor replies (sketch variant)
-PREV = "fda.prev"  # ArrayRecord in reset messages (previous global model)
+PREV = "fda.prev"  # ArrayRecord in monitor messages to late nodes (previous global model)
 SQNORM = "fda.sqnorm"
 XI_DOT = "fda.xi-dot"
 

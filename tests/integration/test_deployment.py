@@ -3,8 +3,10 @@
 One deployment for the whole module: ``flower-superlink`` + 2 ``flower-supernode``
 processes on 127.0.0.1 (free ports), and five ``flwr run`` of
 examples/quickstart-offload (2 rounds, ~8 MiB model): ``shm://``, ``file://<tmp>``,
-``tcp://127.0.0.1:0``, ``s3://`` against an embedded S3 server (moto), then ``inband`` (the in-band run goes last so that its memory high-water mark cannot
-inflate the offloaded runs' SuperLink RSS figures).
+``tcp://127.0.0.1:0``, ``s3://`` against an embedded S3 server (moto), ``shm://`` with
+every wrapper and link option in its URL, then ``inband`` (the in-band run goes last so
+that its memory high-water mark cannot inflate the offloaded runs' SuperLink RSS
+figures).
 
 Checked: the three final models are bit-identical and equal FedAvg computed
 in-process; every round got every reply; the payload bytes went over the link, not
@@ -50,7 +52,11 @@ class Federation:
     s3_left: list[str] = field(default_factory=list)
 
 
-OFFLOADED = ("shm", "file", "tcp", "s3")
+OFFLOADED = ("shm", "file", "tcp", "s3", "shm-opts")
+#: every wrapper option and every shm:// option in the URL: parsed once at offload(),
+#: the wrapper's keys kept, the link built with the rest
+SHM_ALL_OPTIONS = ("shm://?threshold=4MiB&max_reply_size=64MiB&reply_slots=1&fetch_workers=2"
+                   "&mode=640&fsync=false&eager=true")
 
 
 class _LinkWatcher(threading.Thread):
@@ -84,10 +90,6 @@ def _load_task(app: Path):
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
     psutil = pytest.importorskip("psutil", reason="the deployment harness needs psutil")
-    try:
-        from flwr_transports import offload, payload_mod  # noqa: F401
-    except ImportError as err:  # the lead's wrapper not there yet
-        pytest.skip(f"flwr_transports.offload/payload_mod not importable: {err}")
     from flwr_transports.bench.deploy import LocalDeployment
 
     base = tmp_path_factory.mktemp("deployment")
@@ -107,8 +109,9 @@ def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
                       aws_access_key_id="itest", aws_secret_access_key="itest")
     s3.create_bucket(Bucket="itest")
     transports = {"shm": "shm://", "file": f"file://{file_dir}", "tcp": "tcp://127.0.0.1:0",
-                  "s3": f"s3://itest/runs?endpoint_url={endpoint}", "inband": "inband"}
-    watch_dirs = {"shm": Path("/dev/shm"), "file": file_dir}
+                  "s3": f"s3://itest/runs?endpoint_url={endpoint}",
+                  "shm-opts": SHM_ALL_OPTIONS, "inband": "inband"}
+    watch_dirs = {"shm": Path("/dev/shm"), "file": file_dir, "shm-opts": Path("/dev/shm")}
 
     shm_before = ftx_names()
     runs: dict[str, Outcome] = {}
@@ -271,7 +274,7 @@ def test_superlink_memory_does_not_grow_with_offloaded_payloads(federation):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", ["shm", "file"])
+@pytest.mark.parametrize("name", ["shm", "file", "shm-opts"])
 def test_payloads_used_the_link_and_nothing_is_left_there(federation, name):
     run = federation.runs[name]
     servers = run.result.pids_of("flwr-serverapp")
@@ -279,7 +282,7 @@ def test_payloads_used_the_link_and_nothing_is_left_there(federation, name):
     prefixes = tuple(f"ftx-{pid}-" for pid in servers)
     ours = {n for n in run.link_names_seen if n.lstrip(".").startswith(prefixes)}
     assert ours, f"no ftx-<serverapp pid>-* object seen on the {name} link during the run"
-    if name == "shm":
+    if name.startswith("shm"):
         left = {n for n in federation.shm_after if n.lstrip(".").startswith(prefixes)}
         assert not left, f"left in /dev/shm: {sorted(left)}"
         new = federation.shm_after - federation.shm_before

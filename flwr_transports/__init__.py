@@ -1,13 +1,14 @@
 """flwr-transports: out-of-band payload transports for Flower.
 
-Public names: ``offload`` (server-side strategy wrapper) and ``payload_mod``
-(client-side ClientApp mod). Everything else lives in submodules.
+Public names: ``offload`` (server-side strategy wrapper), ``offload_grid`` (server-side
+Grid wrapper, for any ServerApp) and ``payload_mod`` (client-side ClientApp mod).
+Everything else lives in submodules.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "offload", "payload_mod"]
+__all__ = ["__version__", "offload", "offload_grid", "payload_mod"]
 
 
 def __getattr__(name: str):  # lazy: importing the package stays cheap
@@ -15,6 +16,10 @@ def __getattr__(name: str):  # lazy: importing the package stays cheap
         from .flower.wrapper import offload
 
         return offload
+    if name == "offload_grid":
+        from .flower.wrapper import offload_grid
+
+        return offload_grid
     if name == "payload_mod":
         from .flower.mod import payload_mod
 

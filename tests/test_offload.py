@@ -38,7 +38,9 @@ def _strategies():
 
 
 def _ftx_entries(root: str) -> list[str]:
-    return [e for e in os.listdir(root) if e.lstrip(".").startswith("ftx-")]
+    """The link objects of THIS process (other test runs may share /dev/shm)."""
+    mine = f"ftx-{os.getpid()}-"
+    return [e for e in os.listdir(root) if e.lstrip(".").startswith(mine)]
 
 
 @pytest.fixture

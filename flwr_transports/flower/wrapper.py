@@ -65,24 +65,22 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-class OffloadStrategy(Strategy):
-    """Wraps a Message-API strategy; see :func:`offload`."""
+class Offloader:
+    """The offloading machinery, shared by :func:`offload` (a strategy wrapper) and
+    :func:`offload_grid` (a Grid wrapper): ONE implementation of publishing, tickets,
+    reference checks, fetching, cleanup and statistics."""
 
-    def __init__(self, strategy: Strategy, transport: str = "inband", **options: Any):
-        if not isinstance(strategy, Strategy):
-            raise TypeError(
-                "offload() wraps a Message-API strategy (flwr.serverapp.strategy.Strategy), "
-                f"got {type(strategy).__name__}"
-            )
-        if isinstance(strategy, OffloadStrategy):
-            raise TypeError("strategy is already wrapped by offload()")
-        self.inner = strategy
+    #: rounds follow each other (Strategy.start): a new round retires older ones
+    _sequential_rounds = True
+
+    def __init__(self, transport: str = "inband", **options: Any):
         self.transport = (transport or "inband").strip()
         self.scheme = None if self.transport.lower() in {"inband", "in-band", "none", ""} else (
             split_url(self.transport)[0]
         )
         raw: dict[str, Any] = dict(split_url(self.transport)[3]) if self.scheme else {}
         raw.update(options)
+        self._raw_options = dict(options)
         link_spec = link_classes(self.scheme)[0].OPTIONS if self.scheme else ()
         # parsed ONCE: the wrapper keeps its keys, the link gets the rest (typed)
         opts, self.link_options = split_options(raw, WRAPPER_OPTIONS, link_spec,
@@ -102,44 +100,6 @@ class OffloadStrategy(Strategy):
             "link_seconds_put": 0.0, "link_seconds_get": 0.0,
             "replies_rejected": 0,
         }
-
-    # -- delegation ----------------------------------------------------------------
-    def __getattr__(self, name: str) -> Any:
-        # Only called for attributes not found normally: expose the inner strategy's
-        # (fraction_train, weighted_by_key, ...) so code that inspects it still works.
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def summary(self) -> None:
-        self.inner.summary()
-        log.info("flwr-transports: payloads >= %s go over %s", _mib(self.threshold),
-                 self.transport if self.scheme else "Flower (inband)")
-
-    # -- run lifecycle -------------------------------------------------------------
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        if type(self.inner).start is not Strategy.start:
-            raise TypeError(
-                f"{type(self.inner).__name__} overrides start(); offload() drives the "
-                "standard round loop and cannot wrap a custom one"
-            )
-        try:
-            return Strategy.start(
-                self, grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
-                train_config=train_config, evaluate_config=evaluate_config,
-                evaluate_fn=evaluate_fn,
-            )
-        finally:
-            self.close()
 
     def close(self) -> None:
         """Remove everything this run created on the link (idempotent)."""
@@ -236,12 +196,14 @@ class OffloadStrategy(Strategy):
         """Remove payloads published for (round, phase) and everything older."""
         if self.link is None:
             return
-        for key in [k for k in self._published if k[0] < server_round or k == (server_round, phase)]:
+        for key in [k for k in self._published if k == (server_round, phase)
+                    or (self._sequential_rounds and k[0] < server_round)]:
             for name in self._published.pop(key):
                 self.link.release(name)
 
     # -- incoming ------------------------------------------------------------------
-    def _resolve(self, replies: Iterable[Message], server_round: int, phase: str) -> list[Message]:
+    def _resolve(self, replies: Iterable[Message], server_round: int, phase: str,
+                 finish: bool = True) -> list[Message]:
         """Turn the replies' payload references back into ArrayRecords.
 
         References are checked against the tickets one reply after another (so a slot
@@ -301,15 +263,21 @@ class OffloadStrategy(Strategy):
             log.warning(reason)
             out.append(Message(metadata=msg.metadata,
                                error=Error(code=REJECTED_REPLY_CODE, reason=reason)))
-        # this phase's tickets are spent: remove unused slots, forget the tickets
+        if finish:
+            self._finish_phase(server_round, phase)
+        return out
+
+    def _finish_phase(self, server_round: int, phase: str) -> None:
+        """This phase's tickets are spent: remove unused slots, forget the tickets (and
+        those of older rounds), release what was published for it."""
         if self.link is not None:
             for tid, t in list(self._tickets.items()):
-                if (t.round, t.msg_type) == (server_round, phase) or t.round < server_round:
+                if (t.round, t.msg_type) == (server_round, phase) or (
+                        self._sequential_rounds and t.round < server_round):
                     for slot in t.slots:
                         self.link.discard_slot(slot)
                     del self._tickets[tid]
             self._release(server_round, phase)
-        return out
 
     def _claim(self, msg: Message, server_round: int, phase: str) -> list[tuple[str, Any, dict]]:
         """Check every payload reference of a reply against its ticket (serially)."""
@@ -342,6 +310,63 @@ class OffloadStrategy(Strategy):
         finally:
             self.link.discard_slot(slot)
         return arrays, time.perf_counter() - t0
+
+
+class OffloadStrategy(Offloader, Strategy):
+    """Wraps a Message-API strategy; see :func:`offload`."""
+
+    def __init__(self, strategy: Strategy, transport: str = "inband", **options: Any):
+        if not isinstance(strategy, Strategy):
+            raise TypeError(
+                "offload() wraps a Message-API strategy (flwr.serverapp.strategy.Strategy), "
+                f"got {type(strategy).__name__}"
+            )
+        if isinstance(strategy, OffloadStrategy):
+            raise TypeError("strategy is already wrapped by offload()")
+        self.inner = strategy
+        super().__init__(transport, **options)
+
+    # -- delegation ----------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not found normally: expose the inner strategy's
+        # (fraction_train, weighted_by_key, ...) so code that inspects it still works.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def summary(self) -> None:
+        self.inner.summary()
+        log.info("flwr-transports: payloads >= %s go over %s", _mib(self.threshold),
+                 self.transport if self.scheme else "Flower (inband)")
+
+    # -- run lifecycle -------------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        if type(self.inner).start is not Strategy.start:
+            # a strategy with its own round loop: offload at the grid, same machinery
+            with OffloadGrid(grid, self.transport, **self._raw_options) as ogrid:
+                self.stats = ogrid.stats
+                return self.inner.start(
+                    ogrid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                    train_config=train_config, evaluate_config=evaluate_config,
+                    evaluate_fn=evaluate_fn,
+                )
+        try:
+            return Strategy.start(
+                self, grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                train_config=train_config, evaluate_config=evaluate_config,
+                evaluate_fn=evaluate_fn,
+            )
+        finally:
+            self.close()
 
     # -- Strategy API --------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -379,3 +404,174 @@ def offload(strategy: Strategy, transport: str = "inband", **options: Any) -> Of
     Must be the OUTERMOST wrapper (around DP wrappers, FedProx, FedAdam, ...).
     """
     return OffloadStrategy(strategy, transport, **options)
+
+
+def _is_mpi_grid(grid: Grid) -> bool:
+    """True for the MPI runtime's Grid (only if that module was loaded at all)."""
+    import sys
+
+    mod = sys.modules.get("flwr_transports.mpi.grid")
+    return mod is not None and isinstance(grid, mod.MpiGrid)
+
+
+class OffloadGrid(Offloader, Grid):
+    """Wraps a ServerApp's Grid so large ArrayRecords travel over a link; see
+    :func:`offload_grid`."""
+
+    #: pushes may overlap (async / cyclic apps): a batch retires only when its own
+    #: replies are all in, or at a timeout, or at close()
+    _sequential_rounds = False
+
+    def __init__(self, grid: Grid, transport: str = "inband", **options: Any):
+        if isinstance(grid, OffloadGrid):
+            raise TypeError("grid is already wrapped by offload_grid()")
+        if not isinstance(grid, Grid):
+            raise TypeError(f"offload_grid() wraps a flwr.serverapp.Grid, got "
+                            f"{type(grid).__name__}")
+        self.grid = grid
+        super().__init__(transport, **options)
+        if self.scheme and _is_mpi_grid(grid):
+            log.info("flwr-transports: under the MPI runtime payloads already move as MPI "
+                     "buffers; offload_grid(%s) is a pass-through", self.transport)
+            self.scheme = None
+        self._batch = 0
+        self._pending: dict[str, tuple[int, str]] = {}  # message id -> (batch, phase)
+        self._open: dict[tuple[int, str], set[str]] = {}  # batch -> ids still awaited
+
+    def __enter__(self) -> OffloadGrid:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "grid":
+            raise AttributeError(name)
+        return getattr(self.grid, name)  # the wrapped grid's own extras
+
+    # -- Grid API: delegated ---------------------------------------------------------
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):
+        return self.grid.get_nodes()
+
+    # -- Grid API: offloaded ---------------------------------------------------------
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Publish each distinct large ArrayRecord once, replace it by a reference,
+        give each message its ticket, then push through the wrapped grid."""
+        messages = list(messages)
+        if self.scheme is None:
+            for m in messages:
+                self.stats["inband_bytes_sent"] += record_bytes(m.content)
+            return self.grid.push_messages(messages)
+        self._batch += 1
+        batch = self._batch
+        by_phase: dict[str, list[Message]] = {}
+        for m in messages:
+            by_phase.setdefault(m.metadata.message_type, []).append(m)
+        prepared = {phase: self._prepare(msgs, batch, phase, self.grid)
+                    for phase, msgs in by_phase.items()}
+        out = [m for msgs in prepared.values() for m in msgs]
+        try:
+            ids = list(self.grid.push_messages(out))
+        except BaseException:
+            for phase in prepared:
+                self._finish_phase(batch, phase)
+            raise
+        for mid, m in zip(ids, out, strict=True):
+            key = (batch, m.metadata.message_type)
+            self._pending[mid] = key
+            self._open.setdefault(key, set()).add(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull replies; every payload reference is checked against its ticket,
+        fetched and digest-verified, or the reply becomes an error reply (0x4654)."""
+        replies = list(self.grid.pull_messages(message_ids))
+        if self.scheme is None:
+            for r in replies:
+                if r.has_content():
+                    self.stats["inband_bytes_received"] += record_bytes(r.content)
+            return replies
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, r in enumerate(replies):
+            key = self._pending.pop(r.metadata.reply_to_message_id, None)
+            if key is None:  # not pushed through this adapter: no ticket can match
+                key = (0, r.metadata.message_type)
+            else:
+                self._open.get(key, set()).discard(r.metadata.reply_to_message_id)
+            groups.setdefault(key, []).append(i)
+        out: list[Message] = list(replies)
+        for (batch, phase), idx in groups.items():
+            resolved = self._resolve([replies[i] for i in idx], batch, phase, finish=False)
+            for i, msg in zip(idx, resolved, strict=True):
+                out[i] = msg
+            if batch and not self._open.get((batch, phase)):
+                self._retire(batch, phase)
+        return out
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Push, then pull until every reply is in or ``timeout`` passes (Flower's own
+        loop, 3 s between pulls); the batch's unanswered tickets are then retired, so a
+        reply arriving later is rejected."""
+        ids = set(self.push_messages(messages))
+        keys = {self._pending[i] for i in ids if i in self._pending}
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        out: list[Message] = []
+        try:
+            while ids and (timeout is None or time.time() < end):
+                got = list(self.pull_messages(ids))
+                out.extend(got)
+                ids.difference_update(m.metadata.reply_to_message_id for m in got)
+                if ids:
+                    time.sleep(3)
+        finally:
+            for key in keys:
+                if key in self._open:
+                    self._retire(*key)
+        return out
+
+    def _retire(self, batch: int, phase: str) -> None:
+        for mid in self._open.pop((batch, phase), set()):
+            self._pending.pop(mid, None)
+        self._finish_phase(batch, phase)
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._open.clear()
+        super().close()
+
+
+def offload_grid(grid: Grid, transport: str = "inband", **options: Any) -> OffloadGrid:
+    """Wrap a ServerApp's ``grid`` so large ArrayRecords travel over ``transport``.
+
+    For ANY ServerApp: custom ``@app.main()`` loops that call ``send_and_receive``,
+    ``push_messages`` / ``pull_messages`` (pulls may be spread over several calls),
+    strategies with their own ``start()``, evaluation-only or analytics apps. Every
+    pushed message has its large ArrayRecords published once (a record shared by
+    several messages is encoded once) and replaced by references plus a ticket; every
+    pulled reply is checked against its ticket, fetched and digest-verified, and handed
+    back as a normal ArrayRecord, or becomes an error reply (code 0x4654). Same options
+    as :func:`offload`. Use it as a context manager (or call ``close()``) so the run's
+    objects on the link are removed::
+
+        with offload_grid(grid, context.run_config["transport"]) as grid:
+            replies = grid.send_and_receive(messages, timeout=600)
+
+    Under the MPI runtime it is a pass-through (payloads already move as MPI buffers).
+    The client side is the same ``payload_mod``.
+    """
+    return OffloadGrid(grid, transport, **options)

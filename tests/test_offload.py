@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import (
 )
 from inproc import InProcessGrid
 
-from flwr_transports import offload
+from flwr_transports import offload, offload_grid
 from flwr_transports.codec import encode
 from flwr_transports.flower.wrapper import REJECTED_REPLY_CODE
 from flwr_transports.refs import REF_ARRAY, REF_STYPE, is_ref_record
@@ -127,20 +127,27 @@ def _ref_rec(doc: dict) -> ArrayRecord:
                                          data=data)})
 
 
-def _tampered_run(tamper, transport, **opts):
-    """Run 1 round where node 0's reply is tampered; return strategy, result, errors."""
+def _tampered_run(tamper, transport, path="strategy", **opts):
+    """Run 1 round where node 0's reply is tampered; return the offloader (its
+    ``stats``), result, grid, errors. ``path``: through the strategy wrapper
+    (``offload``) or the grid adapter (``offload_grid``): one machinery, same checks."""
     grid = InProcessGrid(make_app(), tamper=tamper)
-    s = offload(FedAvg(), transport=transport, **opts)
+    inner = FedAvg()
     errors = []
-    orig = s.inner.aggregate_train
+    orig = inner.aggregate_train
 
     def spy(rnd, reps):
         reps = list(reps)
         errors.extend(r for r in reps if r.has_error())
         return orig(rnd, reps)
 
-    s.inner.aggregate_train = spy
-    res = s.start(grid, initial_arrays(), num_rounds=1)
+    inner.aggregate_train = spy
+    if path == "strategy":
+        s = offload(inner, transport=transport, **opts)
+        res = s.start(grid, initial_arrays(), num_rounds=1)
+    else:
+        with offload_grid(grid, transport, **opts) as s:
+            res = inner.start(s, initial_arrays(), num_rounds=1)
     return s, res, grid, errors
 
 
@@ -190,10 +197,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("path", ["strategy", "grid"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_rejected_reference_is_a_failed_reply(case, filedir):
+def test_rejected_reference_is_a_failed_reply(case, path, filedir):
     fn, msg = CASES[case]
-    s, res, _, errors = _tampered_run(_edit(fn), f"file://{filedir}")
+    s, res, _, errors = _tampered_run(_edit(fn), f"file://{filedir}", path)
     assert len(errors) == 1 and errors[0].error.code == REJECTED_REPLY_CODE
     assert msg in errors[0].error.reason, errors[0].error.reason
     assert s.stats["replies_rejected"] == 1

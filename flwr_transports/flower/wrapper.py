@@ -468,26 +468,50 @@ class OffloadGrid(Offloader, Grid):
         return self.grid.get_nodes()
 
     # -- Grid API: offloaded ---------------------------------------------------------
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Publish each distinct large ArrayRecord once, replace it by a reference,
-        give each message its ticket, then push through the wrapped grid."""
-        messages = list(messages)
-        if self.scheme is None:
-            for m in messages:
-                self.stats["inband_bytes_sent"] += record_bytes(m.content)
-            return self.grid.push_messages(messages)
+    def _prepare_batch(self, messages: list[Message]) -> tuple[int, list[Message]]:
+        """One push = one batch: each distinct large ArrayRecord published once,
+        replaced by a reference; each message gets its ticket."""
         self._batch += 1
         batch = self._batch
         by_phase: dict[str, list[Message]] = {}
         for m in messages:
             by_phase.setdefault(m.metadata.message_type, []).append(m)
-        prepared = {phase: self._prepare(msgs, batch, phase, self.grid)
-                    for phase, msgs in by_phase.items()}
-        out = [m for msgs in prepared.values() for m in msgs]
+        out: list[Message] = []
+        try:
+            for phase, msgs in by_phase.items():
+                out += self._prepare(msgs, batch, phase, self.grid)
+        except BaseException:
+            for phase in by_phase:
+                self._finish_phase(batch, phase)
+            raise
+        return batch, out
+
+    def _resolve_batch(self, replies: list[Message], keys: list[tuple[int, str]]
+                       ) -> list[Message]:
+        """Check, fetch and verify each reply's payloads (replies keep their order)."""
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        out: list[Message] = list(replies)
+        for (batch, phase), idx in groups.items():
+            resolved = self._resolve([replies[i] for i in idx], batch, phase, finish=False)
+            for i, msg in zip(idx, resolved, strict=True):
+                out[i] = msg
+        return out
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Offload the messages' large records (see :meth:`_prepare_batch`), push them
+        through the wrapped grid; their replies are resolved by :meth:`pull_messages`."""
+        messages = list(messages)
+        if self.scheme is None:
+            for m in messages:
+                self.stats["inband_bytes_sent"] += record_bytes(m.content)
+            return self.grid.push_messages(messages)
+        batch, out = self._prepare_batch(messages)
         try:
             ids = list(self.grid.push_messages(out))
         except BaseException:
-            for phase in prepared:
+            for phase in {m.metadata.message_type for m in out}:
                 self._finish_phase(batch, phase)
             raise
         for mid, m in zip(ids, out, strict=True):
@@ -498,51 +522,53 @@ class OffloadGrid(Offloader, Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Pull replies; every payload reference is checked against its ticket,
-        fetched and digest-verified, or the reply becomes an error reply (0x4654)."""
+        fetched and digest-verified, or the reply becomes an error reply (0x4654). A
+        batch retires (unused slots removed, its payloads released) when its last reply
+        is in."""
         replies = list(self.grid.pull_messages(message_ids))
         if self.scheme is None:
             for r in replies:
                 if r.has_content():
                     self.stats["inband_bytes_received"] += record_bytes(r.content)
             return replies
-        groups: dict[tuple[int, str], list[int]] = {}
-        for i, r in enumerate(replies):
+        keys = []
+        for r in replies:
             key = self._pending.pop(r.metadata.reply_to_message_id, None)
-            if key is None:  # not pushed through this adapter: no ticket can match
+            if key is None:  # not pushed through this adapter, or retired: no ticket
                 key = (0, r.metadata.message_type)
             else:
                 self._open.get(key, set()).discard(r.metadata.reply_to_message_id)
-            groups.setdefault(key, []).append(i)
-        out: list[Message] = list(replies)
-        for (batch, phase), idx in groups.items():
-            resolved = self._resolve([replies[i] for i in idx], batch, phase, finish=False)
-            for i, msg in zip(idx, resolved, strict=True):
-                out[i] = msg
-            if batch and not self._open.get((batch, phase)):
-                self._retire(batch, phase)
+            keys.append(key)
+        out = self._resolve_batch(replies, keys)
+        for key in set(keys):
+            if key[0] and key in self._open and not self._open[key]:
+                self._retire(*key)
         return out
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        """Push, then pull until every reply is in or ``timeout`` passes (Flower's own
-        loop, 3 s between pulls); the batch's unanswered tickets are then retired, so a
-        reply arriving later is rejected."""
-        ids = set(self.push_messages(messages))
-        keys = {self._pending[i] for i in ids if i in self._pending}
-        end = time.time() + (timeout if timeout is not None else 0.0)
-        out: list[Message] = []
+        """Offload, then let the wrapped grid do its own push / wait / pull (its
+        timing and reply order are kept), then resolve the replies. The batch retires
+        when it returns: a reply arriving after ``timeout`` is rejected."""
+        messages = list(messages)
+        if self.scheme is None:
+            for m in messages:
+                self.stats["inband_bytes_sent"] += record_bytes(m.content)
+            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+            for r in replies:
+                if r.has_content():
+                    self.stats["inband_bytes_received"] += record_bytes(r.content)
+            return replies
+        batch, out = self._prepare_batch(messages)
+        phases = {m.metadata.message_type for m in out}
         try:
-            while ids and (timeout is None or time.time() < end):
-                got = list(self.pull_messages(ids))
-                out.extend(got)
-                ids.difference_update(m.metadata.reply_to_message_id for m in got)
-                if ids:
-                    time.sleep(3)
+            replies = list(self.grid.send_and_receive(out, timeout=timeout))
+            return self._resolve_batch(
+                replies, [(batch if r.metadata.message_type in phases else 0,
+                           r.metadata.message_type) for r in replies])
         finally:
-            for key in keys:
-                if key in self._open:
-                    self._retire(*key)
-        return out
+            for phase in phases:
+                self._retire(batch, phase)
 
     def _retire(self, batch: int, phase: str) -> None:
         for mid in self._open.pop((batch, phase), set()):

@@ -1,0 +1,37 @@
+"""ClientApp: deterministic updates; the node with partition-id 1 is slow on queries."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flwr_transports import payload_mod
+
+app = ClientApp(mods=[payload_mod])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    arrays = msg.content["arrays"]
+    new = ArrayRecord({k: Array(np.asarray(a.numpy() + np.float32(0.25 * (pid + 1)),
+                                        dtype=a.dtype)) for k, a in arrays.items()})
+    metrics = MetricRecord({"num-examples": 10 * (pid + 1)})
+    return Message(RecordDict({"arrays": new, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    total = float(sum(float(np.abs(a.numpy()).sum()) for a in msg.content["arrays"].values()))
+    return Message(RecordDict({"metrics": MetricRecord({"l1": total})}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    if pid == 1:
+        time.sleep(float(context.run_config["slow-seconds"]))
+    return Message(RecordDict({"metrics": MetricRecord({"pid": pid})}), reply_to=msg)

@@ -56,3 +56,48 @@ def test_applier_rejects_a_diff_that_does_not_match(tmp_path):
     assert miscounted != text
     with pytest.raises(DiffError, match="header says"):
         migrate(tmp_path / "app2", miscounted)
+
+
+def _error(call) -> str:
+    try:
+        call()
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    raise AssertionError("no error raised")
+
+
+def test_error_messages_quoted_on_the_page_are_the_codes():
+    """The 'Common errors' table quotes what the code says (fragments: the table
+    elides the variable parts with '...')."""
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+    from flwr.serverapp.strategy import FedAvg
+
+    from flwr_transports import offload
+    from flwr_transports.links import server_link
+
+    page = DOC.read_text(encoding="utf-8")
+    cases = [
+        (lambda: offload(FedAvg(), "shmm://"),
+         ["unknown transport scheme 'shmm'; known: inband, shm://, file://, s3://, tcp://"]),
+        (lambda: offload(FedAvg(), "shm://?foo=1"),
+         ["unknown option(s) for shm:// : foo (link options: ",
+          "; wrapper options: threshold, max_reply_size, reply_slots, fetch_workers)"]),
+        (lambda: offload(FedAvg(), "inband", foo=1),
+         ["transport 'inband' takes no link options, got ["]),
+        (lambda: offload(LegacyFedAvg(), "shm://"),
+         ["offload() wraps a Message-API strategy (flwr.serverapp.strategy.Strategy), got "]),
+        (lambda: offload(offload(FedAvg()), "shm://"),
+         ["strategy is already wrapped by offload()"]),
+        (lambda: server_link("shm:///x", 1, {}),
+         ["shm:// takes no host or path (got 'shm:///x'); use 'shm://'"]),
+        (lambda: server_link("file:relative/dir", 1, {}),
+         ["file:// needs an absolute directory, e.g. file:///shared/dir (got "]),
+        (lambda: server_link("tcp://0.0.0.0:0", 1, {}),
+         [("tcp:// HOST is the address clients dial, not '0.0.0.0'; put a reachable name in "
+          "the URL and use bind=0.0.0.0 to listen on every interface")]),
+    ]
+    for call, fragments in cases:
+        message = _error(call)
+        for fragment in fragments:
+            assert fragment in message, (fragment, message)
+            assert fragment in page, f"migrate.md does not quote {fragment!r}"

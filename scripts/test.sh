@@ -8,7 +8,7 @@ VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch is never pulled in by the extras (the torch extra is not requested).
-"$VENV/bin/python" -m pip install -q -e ".[dev,s3,mpi,bench]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,s3,mpi,bench,docs,simulation]"
 # torch is optional: it enables the PyTorch RPC benchmark tests. Installed only from a
 # local CPU wheel (an unpinned or PyPI torch pulls GBs of CUDA packages); FTX_TORCH=0
 # skips it, FTX_TORCH=1 installs torch==2.13.0 from wherever pip finds it.
@@ -24,5 +24,14 @@ case "${FTX_TORCH:-auto}" in
            "(FTX_TORCH=1 installs torch==2.13.0 anyway)"
     fi ;;
 esac
+# A full run (no pytest arguments) also tests the oldest supported Flower release in a
+# venv of its own: unit tests + one real deployment (scripts/test-oldest-flwr.sh,
+# docs/flower-versions.md). FTX_OLDEST_FLWR=0 skips it.
+BASE_PATH=$PATH
 export PATH="$PWD/$VENV/bin:$PATH"
-exec "$VENV/bin/python" -m pytest -ra "$@"
+rc=0
+"$VENV/bin/python" -m pytest -ra "$@" || rc=$?
+if [ $# -eq 0 ]; then
+  PATH=$BASE_PATH bash scripts/test-oldest-flwr.sh || rc=$?
+fi
+exit "$rc"

@@ -1,0 +1,1 @@
+"""plain-app: a plain Flower app, the starting point of docs/migrate.md."""

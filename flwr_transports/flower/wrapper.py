@@ -22,6 +22,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -51,6 +52,15 @@ WRAPPER_OPTIONS = ("threshold", "max_reply_size", "reply_slots", "fetch_workers"
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def _without_wrapper_options(url: str) -> str:
+    """``url`` minus the wrapper's own query options (threshold, ...), which the link
+    would otherwise reject as unknown."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k not in WRAPPER_OPTIONS]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -179,7 +189,8 @@ class OffloadStrategy(Strategy):
                 run_id = grid.run.run_id
             except Exception:  # noqa: BLE001 - grid without a run (tests, custom grids)
                 run_id = 0
-            self.link = server_link(self.transport, run_id, self.link_options)
+            self.link = server_link(_without_wrapper_options(self.transport), run_id,
+                                    self.link_options)
         return self.link
 
     # -- outgoing ------------------------------------------------------------------

@@ -367,3 +367,12 @@ def test_url_options_and_kwargs(filedir):
     assert s.threshold == 2 * 2**20 and s.reply_slots == 1
     assert s.link_options == {"mode": 0o640, "fsync": False, "eager": True}
     assert s.fraction_train == 1.0  # inner strategy attributes are visible
+
+
+def test_wrapper_options_in_the_url_do_not_reach_the_link(filedir):
+    """``shm://?threshold=...`` (as README documents) must run, not fail in the link."""
+    s, _ = _run(f"file://{filedir}?threshold=1KiB&mode=600&reply_slots=1")
+    assert s.threshold == 1024 and s.reply_slots == 1
+    assert s.stats["link_bytes_sent"] > 1_000_000 and s.stats["replies_rejected"] == 0
+    s, _res = _run("shm://?threshold=1KiB")
+    assert s.stats["link_bytes_sent"] > 1_000_000

@@ -25,7 +25,7 @@ REGISTRY: dict[str, tuple[str, str, str, str | None]] = {
     "file": ("flwr_transports.links.fs", "FileServerLink", "FileClientLink", None),
     "s3": ("flwr_transports.links.s3", "S3ServerLink", "S3ClientLink", "s3"),
     "tcp": ("flwr_transports.links.tcp", "TcpServerLink", "TcpClientLink", None),
-    "rdma": ("flwr_transports.links.rdma", "RdmaServerLink", "RdmaClientLink", None),
+    "rdma": ("flwr_transports.links.rdma", "RdmaServerLink", "RdmaClientLink", "rdma"),
 }
 
 

@@ -118,6 +118,19 @@ def test_missing_nixl_gives_the_install_line(monkeypatch):
     assert not ok and "pip install --no-deps" in why
 
 
+@needs_nixl
+def test_doctor_reports_the_ucx_transports_usable_here():
+    """A real one-sided READ per transport: cma and tcp work on any Linux test machine;
+    without an RDMA device rc/ud/dc are reported as such, with what to install."""
+    tr = rdma.ucx_transports()
+    assert tr["cma"][0] and tr["tcp"][0], tr
+    ok, why = rdma.rdma_status()
+    assert ok and "usable: cma, tcp" in why
+    if not rdma.ib_devices():
+        assert all(tr[t] == (False, "no RDMA device") for t in ("rc", "ud", "dc"))
+        assert "rdma-core" in why and "ibv_devices" in why
+
+
 # -- options --------------------------------------------------------------------------
 @needs_nixl
 def test_options_are_parsed_in_one_place():

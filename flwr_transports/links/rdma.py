@@ -920,25 +920,55 @@ def ib_devices() -> list[str]:
         return []
 
 
+RMA_TRANSPORTS = {"cma": ("cma",), "tcp": ("tcp",), "rc": ("rc_mlx5", "rc_verbs"),
+                  "ud": ("ud_mlx5", "ud_verbs"), "dc": ("dc_mlx5",)}
+
+
+def ucx_transports() -> dict[str, tuple[bool, str]]:
+    """For each UCX transport rdma:// can use (cma, tcp; rc/ud/dc with an RDMA device):
+    (usable, detail), by a real one-sided READ between two NIXL agents per transport,
+    probes run in parallel. UCX_TLS=<t>,tcp lets UCX wire up over tcp; the transport
+    counts as usable only if UCX reports it for the READ itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    devs = ib_devices()
+    names = ["cma", "tcp"] + (["rc", "ud", "dc"] if devs else [])
+    with ThreadPoolExecutor(len(names)) as ex:
+        probes = dict(zip(names, ex.map(lambda t: probe_ucx(t if t == "tcp" else f"{t},tcp"),
+                                        names), strict=True))
+    out: dict[str, tuple[bool, str]] = {}
+    for t in names:
+        ok, why = probes[t]
+        used = set(re.findall(r"UCX used ([\w, ]+)", why)[0].split(", ")) if "UCX used" in why \
+            else set()
+        if ok and used & set(RMA_TRANSPORTS[t]):
+            out[t] = (True, "one-sided READ works")
+        elif ok:
+            out[t] = (False, f"UCX fell back to {', '.join(sorted(used)) or 'another transport'}")
+        else:
+            out[t] = (False, why)
+    if not devs:
+        for t in ("rc", "ud", "dc"):
+            out[t] = (False, "no RDMA device")
+    return out
+
+
 def rdma_status() -> tuple[bool, str]:
-    """(usable, details): can rdma:// run here, and over which UCX transports?"""
+    """(usable, details): can rdma:// run here, over which UCX transports, what to install."""
     try:
         load_nixl()
     except LinkError as exc:
         return False, str(exc)
-    lines, ok_any = [], False
-    for tls, label in ((None, "default"), ("tcp", "tcp")):
-        ok, why = probe_ucx(tls)
-        ok_any |= ok
-        lines.append(f"UCX_TLS={label}: {why}")
-    devs = ib_devices()
-    if devs:
-        for tls in ("rc", "ud", "dc"):
-            ok, why = probe_ucx(f"{tls},tcp" if tls != "ud" else "ud,tcp")
-            lines.append(f"UCX_TLS={tls}: {why}")
-    else:
-        lines.append("rc/ud/dc: no RDMA device (/sys/class/infiniband is empty or missing); "
-                     "on a fabric host install the NIC driver + rdma-core (libibverbs, "
-                     "rdma-core's kernel modules); NIXL bundles UCX's ib/mlx5/efa modules")
-    return ok_any, "; ".join(lines)
-
+    tr = ucx_transports()
+    usable = [t for t, (ok, _) in tr.items() if ok]
+    parts = [f"UCX transports usable: {', '.join(usable) or 'none'}"]
+    parts += [f"{t}: {why}" for t, (ok, why) in tr.items() if not ok and why != "no RDMA device"]
+    if not ib_devices():
+        parts.append("rc/ud/dc: no RDMA device (/sys/class/infiniband is empty or missing); for "
+                     "InfiniBand/RoCE install the NIC driver and rdma-core (kernel modules, "
+                     "libibverbs; NIXL bundles UCX's ib/mlx5/efa modules), then check with "
+                     "ibv_devices")
+    if "cma" not in usable:
+        parts.append("cma (same-host reads) needs ptrace permission between the processes "
+                     "(kernel.yama.ptrace_scope=0, or the same user without Yama)")
+    return bool(usable), "; ".join(parts)

@@ -490,3 +490,22 @@ def test_rdma_roundtrip_on_hardware():
             assert same(decode(src.read, p.size, p.digest), rec)
     finally:
         link.close()
+
+
+# -- the benchmark rows ------------------------------------------------------------------------
+@needs_nixl
+def test_bench_p2p_rdma_rows_verify_their_digest():
+    """``bench p2p`` link-rdma (UCX's choice: cma) and link-rdma-tcp, real worker
+    processes, two receivers each checking the digest of what it received."""
+    from flwr_transports.bench.p2p import backend_unavailable, run_p2p
+
+    assert backend_unavailable("link-rdma") is None
+    assert backend_unavailable("link-rdma", wan=True)  # cma would bypass an emulated WAN
+    assert backend_unavailable("link-rdma-tcp", wan=True) is None
+    size = 3 * MiB
+    rows = run_p2p([size], ["link-rdma", "link-rdma-tcp"], [2], repeat=1, warmup=1,
+                   opts={"verify": True})
+    assert [(r["backend"], r.get("error")) for r in rows] == [("link-rdma", None),
+                                                               ("link-rdma-tcp", None)]
+    for r in rows:
+        assert r["k"] == 2 and r["throughput_MBps"] > 0 and len(r["latency_s"]) == 1

@@ -77,7 +77,7 @@ INSTALL_HINT = (f"install NVIDIA NIXL with `{INSTALL_LINE}` (its package metadat
 _NIXL_MODULES = ("nixl_cu12", "nixl_cu13", "nixl")
 
 MAX_MD = 1 << 20  # bytes of NIXL agent metadata accepted from a peer
-MAX_SEGS = 1 << 20  # memory segments per payload (arrays + header)
+MAX_SEGS = 1 << 17  # memory segments per payload (arrays + header; the codec allows 100k arrays)
 PUT_HEAD = struct.Struct("!QII")  # size, metadata length, segment count
 GET_HEAD = struct.Struct("!II")  # metadata length, segment count
 SEG = struct.Struct("!QQ")  # address, length

@@ -6,7 +6,9 @@ Checks are local and quick (nothing is installed, nothing is left behind):
 * ``file`` the temporary directory is writable (a shared directory is up to you);
 * ``s3``   boto3 is importable;
 * ``tcp``  a payload server can listen on 127.0.0.1 and be reached; TLS available;
-* ``rdma`` pyverbs is importable and lists at least one RDMA device;
+* ``rdma`` NVIDIA NIXL is importable, and which UCX transports (cma, tcp; rc/ud/dc
+  where an RDMA device exists) really do a one-sided READ here (a probe per
+  transport in a child process, about a second);
 * ``mpi``  mpi4py is importable and an ``mpiexec`` is on PATH.
 
 Exit status 0; ``--json`` prints a machine-readable report.
@@ -95,7 +97,7 @@ def check_rdma() -> tuple[bool, str]:
 
     ok, why = rdma_status()
     if ok:
-        return True, f"{why} (the rdma:// data path is not yet verified on hardware)"
+        return True, why
     return False, f"{why}; use tcp://"
 
 

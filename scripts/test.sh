@@ -24,6 +24,13 @@ case "${FTX_TORCH:-auto}" in
            "(FTX_TORCH=1 installs torch==2.13.0 anyway)"
     fi ;;
 esac
+# rdma:// engine (NVIDIA NIXL + its UCX), the light way: --no-deps, because its package
+# metadata requires torch (an unpinned torch = a CUDA build of several GB); it imports
+# only numpy. FTX_RDMA=0 skips it (the rdma:// tests then skip with the install line).
+if [ "${FTX_RDMA:-1}" != 0 ]; then
+  "$VENV/bin/python" -m pip install -q --no-deps "nixl-cu12==1.5.1" \
+    || echo "nixl: install failed; the rdma:// tests will skip"
+fi
 # A full run (no pytest arguments) also tests the oldest supported Flower release in a
 # venv of its own: unit tests + one real deployment (scripts/test-oldest-flwr.sh,
 # docs/flower-versions.md). FTX_OLDEST_FLWR=0 skips it.

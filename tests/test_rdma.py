@@ -1,160 +1,511 @@
-"""rdma:// link: fail-fast behaviour here; the RDMA data path only on RDMA hardware.
+"""rdma:// on NVIDIA NIXL (UCX underneath): the real engine, no mocks.
 
-This machine has no RDMA devices, so what can run here is: the fail-fast paths
-(pyverbs missing, pyverbs without devices), the rdma:// control connection's code
-over plain TCP (pairing refusals, inline fallback), and the shared chunk engine,
-which tests/test_tcp.py covers. The hardware round trip below runs only where
-pyverbs lists a device and FLWR_TRANSPORTS_RDMA_HOST names an RDMA-capable address.
+Here UCX runs over ``cma`` (same host, its default choice) and over ``tcp``
+(``ucx_tls=tcp``: UCX emulates one-sided READ in software); both are exercised
+across processes (tests/rdma_peer.py is the client process). The only thing that
+cannot exist here is an RDMA NIC: the hardware test at the end is skipped with its
+reason unless FLWR_TRANSPORTS_RDMA_HOST names an RDMA-capable address.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import secrets
+import signal
 import socket
+import subprocess
 import sys
-import types
+import threading
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import Array, ArrayRecord
 from test_tcp_helpers import make_payload
 
-from flwr_transports import offload
-from flwr_transports.codec import decode
-from flwr_transports.links import LinkError, client_link, link_classes, rdma
+from flwr_transports import _membuf
+from flwr_transports.codec import decode, encode
+from flwr_transports.links import LinkError, client_link, server_link
 from flwr_transports.links import chunks as ch
+from flwr_transports.refs import RefError
 
-HAVE_RDMA, WHY = rdma.rdma_status()
+nixl_missing = None
+try:
+    from flwr_transports.links import rdma
+
+    rdma.load_nixl()
+except LinkError as exc:
+    nixl_missing = str(exc)
+
+KiB, MiB = 1024, 1024 * 1024
+PEER = Path(__file__).with_name("rdma_peer.py")
+TLS = [pytest.param(None, id="cma"), pytest.param("tcp", id="ucx-tcp")]
+needs_nixl = pytest.mark.skipif(nixl_missing is not None,
+                                reason=f"NIXL is not installed: {nixl_missing}")
 
 
 @pytest.fixture
-def fake_pyverbs(monkeypatch):
-    """Install a stand-in ``pyverbs`` package whose device list we control."""
+def server():
+    links = []
 
-    def install(devices):
-        pkg = types.ModuleType("pyverbs")
-        dev = types.ModuleType("pyverbs.device")
+    def make(**opts):
+        opts.setdefault("chunk_size", "64KiB")
+        opts.setdefault("timeout", 10)
+        link = rdma.RdmaServerLink("rdma://127.0.0.1:0", 7, opts)
+        links.append(link)
+        return link
 
-        def get_device_list():
-            if isinstance(devices, Exception):
-                raise devices
-            return devices
-
-        dev.get_device_list = get_device_list
-        pkg.device = dev
-        monkeypatch.setitem(sys.modules, "pyverbs", pkg)
-        monkeypatch.setitem(sys.modules, "pyverbs.device", dev)
-
-    return install
+    yield make
+    for link in links:
+        link.close()
 
 
-@pytest.mark.skipif(HAVE_RDMA, reason="this machine has RDMA: the fail-fast path does not apply")
-def test_rdma_fails_fast_naming_tcp():
-    assert not HAVE_RDMA and WHY
-    with pytest.raises(LinkError, match=r"rdma:// cannot run.*tcp://"):
-        offload(FedAvg(), transport="rdma://127.0.0.1:0")
-    with pytest.raises(LinkError, match="tcp://"):
-        link_classes("rdma")
-    with pytest.raises(LinkError, match="tcp://"):
-        client_link("rdma")
+def same(a: ArrayRecord, b: ArrayRecord) -> bool:
+    return list(a) == list(b) and all(
+        (a[k].dtype, list(a[k].shape), a[k].data) == (b[k].dtype, list(b[k].shape), b[k].data)
+        for k in a)
 
 
-def test_missing_pyverbs_message(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pyverbs", None)  # import fails
-    monkeypatch.delitem(sys.modules, "pyverbs.device", raising=False)
+def every_dtype() -> ArrayRecord:
+    rng = np.random.default_rng(3)
+    rec = ArrayRecord()
+    for dt in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
+               np.uint8, np.uint16, np.uint32, np.uint64, np.bool_, np.complex64,
+               np.complex128):
+        rec[f"x_{np.dtype(dt).name}"] = Array((rng.random((37, 41)) * 100).astype(dt))
+    rec["big"] = Array(rng.random(300 * KiB // 8 + 13))  # crosses chunk boundaries
+    rec["big2"] = Array(rng.integers(0, 9, 100 * KiB, dtype=np.int16))
+    rec["zero_d"] = Array(np.array(3.5, dtype=np.float32))
+    rec["empty"] = Array(np.zeros((0, 7), dtype=np.float32))
+    rec["empty1d"] = Array(np.zeros((0,), dtype=np.int64))
+    rec["fortran"] = Array(np.asfortranarray(rng.random((4, 6))))
+    rec["bigendian"] = Array(np.arange(5, dtype=">i4"))
+    rec["custom"] = Array(dtype="bfloat16", shape=(2,), stype="custom.raw", data=b"\x01\x02\x03\x04")
+    return rec
+
+
+def run_peer(job: dict, env: dict | None = None, timeout: float = 60):
+    penv = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    penv.update(env or {})
+    return subprocess.run([sys.executable, str(PEER), json.dumps(job)], env=penv,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def peer_result(p) -> dict:
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, f"peer failed ({p.returncode}):\n{p.stdout[-3000:]}\n" \
+        f"{p.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def ucx_read_transports(out: str) -> set[str]:
+    """Transports UCX_PROTO_INFO reports for one-sided reads (ucp_get)."""
+    return set(rdma._read_tables(out).replace("/", " ").split()) & {
+        "cma", "tcp", "self", "posix", "sysv", "knem", "xpmem"}
+
+
+# -- without the engine ---------------------------------------------------------------
+def test_missing_nixl_gives_the_install_line(monkeypatch):
+    for name in ("nixl_cu12", "nixl_cu13", "nixl"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    with pytest.raises(LinkError, match=r"needs NVIDIA NIXL.*pip install --no-deps 'nixl-cu12"):
+        server_link("rdma://127.0.0.1:0", 1)
+    with pytest.raises(LinkError, match="--no-deps"):
+        rdma.load_nixl()
     ok, why = rdma.rdma_status()
-    assert not ok and "pyverbs is not importable" in why and "python3-pyverbs" in why
+    assert not ok and "pip install --no-deps" in why
 
 
-def test_pyverbs_without_devices(fake_pyverbs):
-    fake_pyverbs(RuntimeError("Failed to get devices list"))
+@needs_nixl
+def test_doctor_reports_the_ucx_transports_usable_here():
+    """A real one-sided READ per transport: cma and tcp work on any Linux test machine;
+    without an RDMA device rc/ud/dc are reported as such, with what to install."""
+    tr = rdma.ucx_transports()
+    assert tr["cma"][0] and tr["tcp"][0], tr
     ok, why = rdma.rdma_status()
-    assert not ok and "no RDMA devices" in why and "Failed to get devices list" in why
-    with pytest.raises(LinkError, match=r"no RDMA devices.*tcp://"):
-        rdma._RdmaServerLink("rdma://127.0.0.1:0", 1, {})
-    fake_pyverbs([])
-    assert rdma.rdma_status() == (False, "pyverbs found no RDMA devices")
+    assert ok and "usable: cma, tcp" in why
+    if not rdma.ib_devices():
+        assert all(tr[t] == (False, "no RDMA device") for t in ("rc", "ud", "dc"))
+        assert "rdma-core" in why and "ibv_devices" in why
 
 
-def test_pyverbs_with_a_device_is_reported(fake_pyverbs):
-    fake_pyverbs([types.SimpleNamespace(name=b"mlx5_0")])
-    assert rdma.rdma_status() == (True, "RDMA devices: mlx5_0")
+# -- options --------------------------------------------------------------------------
+@needs_nixl
+def test_options_are_parsed_in_one_place():
+    assert rdma.parse_rdma_options({}) == {"ucx_tls": None, "ucx_net_devices": None}
+    assert rdma.parse_rdma_options({"ucx_tls": "rc,tcp", "ucx_net_devices": "mlx5_0:1"}) == {
+        "ucx_tls": "rc,tcp", "ucx_net_devices": "mlx5_0:1"}
+    assert rdma.parse_rdma_options({"ucx_tls": "^cma"})["ucx_tls"] == "^cma"
+    for bad in ("tcp;rm -rf", "a b", "tcp,", ",tcp"):
+        with pytest.raises(ValueError, match="ucx_tls"):
+            rdma.parse_rdma_options({"ucx_tls": bad})
+    with pytest.raises(ValueError, match="unknown option"):
+        server_link("rdma://127.0.0.1:0", 1, {"streams": 4})
+    with pytest.raises(ValueError, match="ucx_net_devices"):
+        server_link("rdma://127.0.0.1:0", 1, {"ucx_net_devices": "mlx5 0"})
 
 
-# -- the rdma:// control connection over plain TCP --------------------------------------
-@pytest.fixture
-def rdma_ctrl_server():
-    srv = ch.ChunkServer("127.0.0.1", 0, secret=secrets.token_bytes(32), timeout=5,
-                         conn_cls=rdma.RdmaServerConn, name="rdma")
-    yield srv
-    srv.close()
+@needs_nixl
+def test_a_transport_that_is_not_here_fails_at_offload_with_a_clear_error():
+    with pytest.raises(LinkError, match=r"cannot start a NIXL/UCX agent with UCX_TLS=rc.*doctor"):
+        server_link("rdma://127.0.0.1:0?ucx_tls=rc", 1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ftx-rdma")]
 
 
-def _hello(port: int, nonce_hex: str) -> tuple[int, bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        oid = nonce_hex.encode()
-        s.sendall(ch.REQ.pack(ch.MAGIC_REQ, ch.OP_HELLO, 0, len(oid), b"\0" * 32, 0, 0, 0) + oid)
-        head = ch.recv_exact(s, ch.RSP.size)
-        st, n = head[4], ch.RSP.unpack(head)[5]
-        return st, ch.recv_exact(s, n)
+@needs_nixl
+def test_ucx_tls_travels_in_descriptors(server):
+    link = server(ucx_tls="tcp")
+    _, p = make_payload(100 * KiB)
+    loc = link.publish("r1", p)
+    slot = link.issue_slot("s", MiB)
+    assert loc["ucx_tls"] == slot["ucx_tls"] == "tcp" and "streams" not in loc
+    bad = {**loc, "ucx_tls": "tcp;x"}
+    with pytest.raises(RefError, match="ucx_tls"):
+        rdma.RdmaClientLink().open(bad, p.size)
 
 
-def test_rdma_pairing_with_unknown_nonce_is_refused(rdma_ctrl_server):
-    st, body = _hello(rdma_ctrl_server.port, secrets.token_hex(32))
-    assert st == ch.BAD_REQUEST and b"no RDMA queue pair" in body
-    assert rdma_ctrl_server.stats["refused"] == 1
+# -- round trips across processes, over UCX cma and UCX tcp ----------------------------
+@needs_nixl
+@pytest.mark.parametrize("tls", TLS)
+def test_every_dtype_round_trips_across_processes(server, tls):
+    opts = {"chunk_size": "64KiB", "window": 3}
+    if tls:
+        opts["ucx_tls"] = tls
+    link = server(**opts)
+    rec = every_dtype()
+    p = encode(rec)
+    assert p.size > 6 * 64 * KiB  # many chunks
+    loc = link.publish("r1-train", p)
+    slot = link.issue_slot("r1-train-n1", 8 * MiB)
+    proc = run_peer({"mode": "roundtrip", "loc": loc, "size": p.size, "digest": p.digest,
+                     "slot": slot}, env={"UCX_PROTO_INFO": "y"})
+    res = peer_result(proc)
+    # the client READ over the transport asked for: cma by default, tcp when told
+    used = ucx_read_transports(proc.stdout)
+    assert used == ({"tcp"} if tls == "tcp" else {"cma"}), (used, proc.stdout[-2000:])
+    # every array >= 64 KiB landed in its own bytes object (no copy after the READ;
+    # smaller ones go through one small bytearray, as over tcp://)
+    assert res["own_bytes"] == res["big"] >= 2
+    assert res["download"]["chunks"] == -(-p.size // (64 * KiB))
+    assert res["download"]["crc_errors"] == 0
+    with link.open_upload(slot, res["back"], p.size) as src:
+        back = decode(src.read, p.size, p.digest)
+    assert same(back, rec)
+    assert link.server.stats["chunks_received"] == -(-p.size // (64 * KiB))
 
 
-def test_rdma_control_conn_serves_inline_without_queue_pair(rdma_ctrl_server):
-    """Without a paired queue pair the rdma:// server conn falls back to inline data."""
-    rec, p = make_payload(300 * 1024)
-    rdma_ctrl_server.add_object("g.x", p, 64 * 1024)
-    ep = ch.Endpoint("127.0.0.1", rdma_ctrl_server.port, timeout=5)
-    src = ch.download(lambda: ch.ClientConn(ep), "g.x",
-                      rdma_ctrl_server.token("get", "g.x"), p.size, streams=2)
-    with src:
+@needs_nixl
+def test_download_lands_in_the_arrays_own_bytes(server):
+    link = server()
+    rec = every_dtype()
+    p = encode(rec)
+    loc = link.publish("r1", p)
+    c = rdma.RdmaClientLink()
+    with c.open(loc, p.size) as src:
         out = decode(src.read, p.size, p.digest)
-    assert list(out) == list(rec)
+        own = {id(o) for o in src.placement().exact.values()}
+    assert same(out, rec)
+    big = [k for k in out if len(out[k].data) >= _membuf.ZC_MIN]
+    assert len(big) >= 2 and all(id(out[k].data) in own for k in big)
+    assert c.last_stats["zero_copy"] == 1
 
 
-def test_tcp_server_rejects_out_of_band_and_hello():
-    srv = ch.ChunkServer("127.0.0.1", 0, secret=b"k" * 32, timeout=5)
+@needs_nixl
+def test_small_payload_and_read_bounds(server):
+    link = server()
+    rec = ArrayRecord([np.array(1, dtype=np.int8)])
+    p = encode(rec)
+    loc = link.publish("r1", p)
+    c = rdma.RdmaClientLink()
+    with c.open(loc, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+        with pytest.raises(ValueError, match="outside"):
+            src.read(p.size - 1, 2)
+    slot = link.issue_slot("s", MiB)
+    back = c.upload(slot, p)
+    with link.open_upload(slot, back, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+
+
+# -- what the server accepts -------------------------------------------------------------
+@needs_nixl
+def test_claims_and_sizes_that_do_not_match_are_rejected(server):
+    link = server()
+    rec, p = make_payload(300 * KiB)
+    loc = link.publish("r1", p)
+    c = rdma.RdmaClientLink()
+    with pytest.raises(RefError, match="reference says"):  # the table says another size
+        c.open(loc, p.size + 1)
+    slot = link.issue_slot("s", 200 * KiB)
+    with pytest.raises(ch.Refused, match="exceeds the cap"):
+        c.upload(slot, p)
+    assert link.server.slots[slot["id"]].size is None  # nothing allocated
+    slot = link.issue_slot("s2", MiB)
+    back = c.upload(slot, p)
+    with pytest.raises(RefError, match="not the upload slot"):
+        link.open_upload(slot, {**back, "id": loc["id"]}, p.size)
+    with pytest.raises(RefError, match="the reference says"):
+        link.open_upload(slot, back, p.size - 8)
+    with link.open_upload(slot, back, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+
+
+@needs_nixl
+def test_bad_token_and_foreign_ops_are_refused(server, caplog):
+    link = server()
+    _, p = make_payload(100 * KiB)
+    loc = link.publish("r1", p)
+    slot = link.issue_slot("s", MiB)
+    c = rdma.RdmaClientLink()
+    with pytest.raises(ch.Refused, match="DENIED"):
+        c.open({**loc, "token": "0" * 64}, p.size)
+    with pytest.raises(ch.Refused, match="DENIED"):  # a download token cannot upload
+        c.upload({**slot, "token": loc["token"]}, p)
+    assert link.server.stats["refused"] == 2
+    # a tcp:// payload server refuses the RDMA ops
+    tcp = server_link("tcp://127.0.0.1:0", 1)
     try:
-        st, body = _hello(srv.port, secrets.token_hex(32))
-        assert st == ch.BAD_REQUEST and b"no extensions" in body
-        # a PUT claiming out-of-band data on a tcp:// connection is dropped
-        srv.add_slot("p.s", 1 << 20)
-        tok = srv.token("put", "p.s")
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
-            oid = b"p.s"
-            s.sendall(ch.REQ.pack(ch.MAGIC_REQ, ch.OP_PUT_OPEN, 0, 3, tok, 65536, 1000, 0) + oid)
-            head = ch.recv_exact(s, ch.RSP.size)
-            ch.recv_exact(s, ch.RSP.unpack(head)[5])
-            s.sendall(ch.REQ.pack(ch.MAGIC_REQ, ch.OP_PUT, ch.F_OUT_OF_BAND, 3, tok, 0, 1000, 0)
-                      + oid)
-            assert s.recv(100) == b""  # connection closed
-        assert srv.slots["p.s"].have.count(1) == 0
+        tloc = tcp.publish("r1", p)
+        with pytest.raises(ch.Refused, match="no extensions"):
+            c.open({**tloc}, p.size)
     finally:
-        srv.close()
+        tcp.close()
 
 
-# -- real hardware only ------------------------------------------------------------------
-@pytest.mark.skipif(
-    not HAVE_RDMA or not os.environ.get("FLWR_TRANSPORTS_RDMA_HOST"),
-    reason=f"no RDMA here: {WHY}" if not HAVE_RDMA else
-    "set FLWR_TRANSPORTS_RDMA_HOST to the address of an RDMA-capable interface")
-def test_rdma_roundtrip_on_hardware():
-    host = os.environ["FLWR_TRANSPORTS_RDMA_HOST"]
-    link = rdma.RdmaServerLink(f"rdma://{host}:0", 1, {"chunk_size": "1MiB"})
-    try:
-        rec, p = make_payload(8 << 20)
-        loc = link.publish("r1", p)
-        c = rdma.RdmaClientLink()
-        with c.open(loc, p.size) as src:
-            assert list(decode(src.read, p.size, p.digest)) == list(rec)
-        slot = link.issue_slot("s0", 64 << 20)
+@needs_nixl
+def test_malformed_upload_request_is_refused(server):
+    link = server()
+    slot = link.issue_slot("s", MiB)
+    tok = bytes.fromhex(slot["token"])
+    oid = slot["id"].encode()
+    for body in (b"\x00" * 3,  # too short
+                 rdma.PUT_HEAD.pack(1000, 10, 1) + b"x" * 10,  # segments/table missing
+                 rdma.PUT_HEAD.pack(1000, 0, 1) + rdma.SEG.pack(1, 999) + b"\0" * 4):  # 999!=1000
+        with socket.create_connection(("127.0.0.1", slot["port"]), timeout=5) as s:
+            s.sendall(ch.REQ.pack(ch.MAGIC_REQ, ch.OP_RDMA_PUT, 0, len(oid), tok, 64 * KiB,
+                                  len(body), 0) + oid + body)
+            st = ch.RSP.unpack(ch.recv_exact(s, ch.RSP.size))[1]
+            assert st == ch.BAD_REQUEST
+    assert link.server.slots[slot["id"]].size is None
+
+
+@needs_nixl
+def test_release_and_discard_are_idempotent(server):
+    link = server()
+    _, p = make_payload(100 * KiB)
+    loc = link.publish("r1", p)
+    link.release("r1")
+    link.release("r1")
+    link.release("never-published")
+    with pytest.raises(ch.Refused, match="NOT_FOUND"):
+        rdma.RdmaClientLink().open(loc, p.size)
+    slot = link.issue_slot("s", MiB)
+    back = rdma.RdmaClientLink().upload(slot, p)
+    link.discard_slot(slot)
+    link.discard_slot(slot)
+    with pytest.raises(LinkError, match="discarded"):
+        link.open_upload(slot, back, p.size)
+    assert not link._regs
+
+
+@needs_nixl
+def test_upload_buffers_are_registered_once_and_reused(server):
+    link = server()
+    rec, p = make_payload(400 * KiB)
+    c = rdma.RdmaClientLink()
+    for r in range(3):
+        slot = link.issue_slot(f"r{r}-s", MiB)
         back = c.upload(slot, p)
         with link.open_upload(slot, back, p.size) as src:
-            assert list(decode(src.read, p.size, p.digest)) == list(rec)
+            assert same(decode(src.read, p.size, p.digest), rec)
+        link.discard_slot(slot)
+    assert link.server.rdma.pool.registrations == 1  # one registration, three rounds
+    assert link.server.rdma.pool.hits == 2
+
+
+@needs_nixl
+def test_close_leaves_nothing(ftx_names):
+    shm_before = set(os.listdir("/dev/shm"))
+    link = rdma.RdmaServerLink("rdma://127.0.0.1:0", 1, {"chunk_size": "64KiB"})
+    port = link.server.port
+    rec, p = make_payload(300 * KiB)
+    loc = link.publish("r1", p)
+    c = rdma.RdmaClientLink()
+    with c.open(loc, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+    slot = link.issue_slot("s", MiB)
+    c.upload(slot, p)
+    link.close()
+    link.close()  # idempotent
+    time.sleep(0.1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ftx-rdma")]
+    assert link.server.rdma is None and not link._regs
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
+# -- faults ----------------------------------------------------------------------------------
+@needs_nixl
+def test_corrupted_and_dropped_chunks_are_read_again(server):
+    """A chunk whose bytes were damaged on arrival, and one whose READ delivered nothing
+    (its buffer zeroed), fail their CRC and are read again; only those two."""
+    link = server()
+    rec, p = make_payload(700 * KiB)
+    loc = link.publish("r1", p)
+    hits: list[int] = []
+
+    def fault(i, views):
+        if i in (2, 5) and i not in hits:
+            hits.append(i)
+            if i == 2:
+                views[0][100:101] = bytes([views[0][100] ^ 0x55])  # corrupted
+            else:
+                for v in views:
+                    v[:] = bytes(len(v))  # dropped: nothing landed
+    c = rdma.RdmaClientLink()
+    c.fault = fault
+    with c.open(loc, p.size) as src:
+        out = decode(src.read, p.size, p.digest)
+    assert same(out, rec) and sorted(hits) == [2, 5]
+    assert c.last_stats["crc_errors"] == 2
+    assert c.last_stats["chunks"] == -(-p.size // (64 * KiB))
+
+
+@needs_nixl
+def test_corrupted_upload_chunk_is_read_again_by_the_server(server):
+    link = server()
+    rec, p = make_payload(500 * KiB)
+    hits: list[int] = []
+
+    def fault(op, oid, i, views):
+        assert op == ch.OP_RDMA_PUT
+        if i == 3 and not hits:
+            hits.append(i)
+            views[0][7:8] = bytes([views[0][7] ^ 0x01])
+        return views
+    link.server.fault = fault
+    slot = link.issue_slot("s", MiB)
+    back = rdma.RdmaClientLink().upload(slot, p)
+    with link.open_upload(slot, back, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+    assert hits == [3] and link.server.stats["crc_errors"] == 1
+
+
+@needs_nixl
+@pytest.mark.parametrize("tls", TLS)
+def test_client_killed_mid_transfer_leaves_the_server_going(server, tls):
+    opts = {"timeout": 5, "window": 1}
+    if tls:
+        opts["ucx_tls"] = tls
+    link = server(**opts)
+    rec, p = make_payload(600 * KiB)
+    loc = link.publish("r1", p)
+    # 1. a client dies while it downloads (the server only serves its memory)
+    proc = run_peer({"mode": "die_in_download", "loc": loc, "size": p.size, "die_at": 2})
+    assert proc.returncode == -signal.SIGKILL
+    # 2. a client dies while the server reads its reply
+    slot = link.issue_slot("dead", 8 * MiB)
+    killed = []
+
+    def kill_on_first_chunk(op, oid, i, views):
+        if oid == slot["id"] and not killed:
+            killed.append(i)
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+        return views
+    link.server.fault = kill_on_first_chunk
+    penv = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    child = subprocess.Popen([sys.executable, str(PEER), json.dumps(
+        {"mode": "slow_upload", "slot": slot, "nbytes": 4 * MiB})], env=penv,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while link.server.slots[slot["id"]].claimed == set() and not killed:
+        assert time.monotonic() < deadline, "the server never started reading the reply"
+        time.sleep(0.01)
+    while link.server.slots[slot["id"]].claimed:  # the server gives up on the dead client
+        assert time.monotonic() < deadline, "the server is stuck on a dead client"
+        time.sleep(0.05)
+    assert killed and child.returncode == -signal.SIGKILL
+    with pytest.raises(LinkError, match="did not finish"):
+        link.open_upload(slot, {"host": slot["host"], "port": slot["port"], "id": slot["id"]},
+                         4 * MiB)
+    link.discard_slot(slot)
+    link.server.fault = None
+    # 3. the round goes on: an honest client downloads and uploads as before
+    slot_ok = link.issue_slot("ok", MiB)
+    res = peer_result(run_peer({"mode": "roundtrip", "loc": loc, "size": p.size,
+                                "digest": p.digest, "slot": slot_ok}))
+    with link.open_upload(slot_ok, res["back"], p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+
+
+# -- with Flower: the offload wrapper over rdma:// equals in-band --------------------------
+@needs_nixl
+@pytest.mark.parametrize("tls", TLS)
+def test_offload_fedavg_rdma_equals_inband(tls):
+    from flwr.serverapp.strategy import FedAvg
+    from inproc import InProcessGrid
+    from test_tcp import _app
+
+    from flwr_transports import offload
+
+    init = ArrayRecord([np.arange(300_000, dtype=np.float32).reshape(300, 1000), np.ones(3)])
+    url = "rdma://127.0.0.1:0?chunk_size=256KiB" + (f"&ucx_tls={tls}" if tls else "")
+    results = {}
+    for t in ("inband", url):
+        s = offload(FedAvg(), transport=t)
+        r = s.start(InProcessGrid(_app(), n_nodes=2), init, num_rounds=2)
+        results[t] = (r.arrays, s.stats)
+    (a, _), (b, stats) = results.values()
+    assert same(a, b)
+    assert stats["link_bytes_sent"] > 0 and stats["link_bytes_received"] > 0
+    assert stats["replies_rejected"] == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("ftx-rdma")]
+
+
+# -- real hardware only ------------------------------------------------------------------------
+HW_HOST = os.environ.get("FLWR_TRANSPORTS_RDMA_HOST")
+
+
+@pytest.mark.skipif(
+    not HW_HOST or not rdma.ib_devices() if nixl_missing is None else True,
+    reason="needs an RDMA NIC (none here: /sys/class/infiniband is empty; this kernel has "
+           "no InfiniBand support) and FLWR_TRANSPORTS_RDMA_HOST set to its address")
+def test_rdma_roundtrip_on_hardware():
+    """On a fabric host: UCX over rc (InfiniBand/RoCE), 64 MiB both ways."""
+    link = rdma.RdmaServerLink(f"rdma://{HW_HOST}:0", 1, {"chunk_size": "4MiB",
+                                                          "ucx_tls": "rc,tcp"})
+    try:
+        rec, p = make_payload(64 << 20)
+        loc = link.publish("r1", p)
+        c = client_link("rdma")
+        with c.open(loc, p.size) as src:
+            assert same(decode(src.read, p.size, p.digest), rec)
+        slot = link.issue_slot("s0", 128 << 20)
+        back = c.upload(slot, p)
+        with link.open_upload(slot, back, p.size) as src:
+            assert same(decode(src.read, p.size, p.digest), rec)
     finally:
         link.close()
+
+
+# -- the benchmark rows ------------------------------------------------------------------------
+@needs_nixl
+def test_bench_p2p_rdma_rows_verify_their_digest():
+    """``bench p2p`` link-rdma (UCX's choice: cma) and link-rdma-tcp, real worker
+    processes, two receivers each checking the digest of what it received."""
+    from flwr_transports.bench.p2p import backend_unavailable, run_p2p
+
+    assert backend_unavailable("link-rdma") is None
+    assert backend_unavailable("link-rdma", wan=True)  # cma would bypass an emulated WAN
+    assert backend_unavailable("link-rdma-tcp", wan=True) is None
+    size = 3 * MiB
+    rows = run_p2p([size], ["link-rdma", "link-rdma-tcp"], [2], repeat=1, warmup=1,
+                   opts={"verify": True})
+    assert [(r["backend"], r.get("error")) for r in rows] == [("link-rdma", None),
+                                                               ("link-rdma-tcp", None)]
+    for r in rows:
+        assert r["k"] == 2 and r["throughput_MBps"] > 0 and len(r["latency_s"]) == 1

@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--sizes", type=_sizes, default=_sizes("10MiB,100MiB"),
                    help="model sizes (default 10MiB,100MiB)")
     e.add_argument("--transports", type=_names, default=["inband", "shm://", "tcp://"],
-                   help="inband, shm://, file://, tcp://, s3:// (s3 uses an embedded moto "
+                   help="inband, shm://, file://, tcp://, rdma:// (e.g. rdma://?ucx_tls=tcp), "
+                        "s3:// (s3 uses an embedded moto "
                         "server); default inband,shm://,tcp://")
     e.add_argument("--nodes", type=int, default=2, help="SuperNodes (default 2)")
     e.add_argument("--rounds", type=int, default=2, help="server rounds per run (default 2)")

@@ -158,10 +158,10 @@ def run_e2e_local(
                 d = t[len("file://"):] or str(work / "file-link")
                 os.makedirs(d, exist_ok=True)
                 plan.append((t, f"file://{d}", None))
-            elif sch == "tcp":
-                # "tcp://" or "tcp://?streams=16": the payload server on this side's address
-                rest = t[len("tcp://"):] if t.startswith("tcp://") else ""
-                url = f"tcp://{host}:0{rest}" if rest.startswith("?") or not rest else t
+            elif sch in ("tcp", "rdma"):
+                # "tcp://", "rdma://?ucx_tls=tcp": the payload server on this side's address
+                rest = t[len(sch) + 3:] if t.startswith(f"{sch}://") else ""
+                url = f"{sch}://{host}:0{rest}" if rest.startswith("?") or not rest else t
                 plan.append((t, url, None))
             elif sch == "s3":
                 rest = t[len("s3://"):] if t.startswith("s3://") else ""

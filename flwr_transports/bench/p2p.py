@@ -390,6 +390,37 @@ class TcpLink(_Link):
         return f"tcp://{self.host}:0"
 
 
+class RdmaLink(_Link):
+    name = "link-rdma"
+    scheme = "rdma"
+    local_only = True  # UCX picks cma between processes of one host: no network crossed
+    description = ("rdma:// link on NIXL/UCX, UCX's own transport choice (cma on one host: "
+                   "one-sided reads of the sender's memory)")
+
+    @classmethod
+    def unavailable(cls):
+        from ..links import LinkError
+        from ..links.rdma import load_nixl
+
+        try:
+            load_nixl()
+        except LinkError as exc:
+            return str(exc)
+        return super().unavailable()
+
+    def url(self):
+        return f"rdma://{self.host}:0"
+
+
+class RdmaTcpLink(RdmaLink):
+    name = "link-rdma-tcp"
+    local_only = False
+    description = "rdma:// link on NIXL/UCX with UCX_TLS=tcp (software-emulated RDMA reads)"
+
+    def url(self):
+        return f"rdma://{self.host}:0?ucx_tls=tcp"
+
+
 class S3Link(_Link):
     """s3:// link against a moto server started (and stopped) by the sender worker."""
 
@@ -801,7 +832,7 @@ class TorchRpcShm(TorchRpc):
 BACKENDS: dict[str, type[Backend]] = {
     b.name: b
     for b in (RawTcp, RawTcpFresh, GrpcUnary, GrpcStream, ShmLink, FileLink, TcpLink, S3Link, TorchRpc,
-              TorchRpcShm, RadosgwS3Link)
+              TorchRpcShm, RadosgwS3Link, RdmaLink, RdmaTcpLink)
 }
 
 

@@ -27,10 +27,11 @@ closed. Nothing in a request is trusted: ids are matched against a strict patter
 indices and lengths against the object's table, declared upload sizes against the
 slot's cap before anything is allocated.
 
-The data of a chunk normally travels inline after its header (``tcp://``); a wire
-may move it another way (``rdma://``: by RDMA SEND into registered memory, with the
-header as the control message) by overriding the ``*_chunk`` hooks of
-:class:`ClientConn` and :class:`ServerConn`.
+The data of a chunk normally travels inline after its header (``tcp://``). ``rdma://``
+moves it by one-sided RDMA reads instead and uses this server only for its control
+exchange: the extension ops ``RDMA_GET`` / ``RDMA_PUT`` (token-checked like every
+other op) are served by :meth:`ServerConn.extension`, and the transfers reuse
+:class:`ChunkScheduler`, the chunk table and the receive placements defined here.
 """
 
 from __future__ import annotations
@@ -68,10 +69,14 @@ TABLE_HEAD = struct.Struct("!QQI")  # size, chunk_size, n
 
 # ops
 OP_INFO, OP_GET, OP_PUT_OPEN, OP_PUT, OP_PUT_DONE, OP_HELLO = 1, 2, 3, 4, 5, 6
+# extension ops (rdma://): token-checked like the others, served by ServerConn.extension
+OP_RDMA_GET, OP_RDMA_PUT = 7, 8
+EXT_OPS = frozenset({OP_RDMA_GET, OP_RDMA_PUT})
 OP_NAMES = {OP_INFO: "INFO", OP_GET: "GET", OP_PUT_OPEN: "PUT_OPEN", OP_PUT: "PUT",
-            OP_PUT_DONE: "PUT_DONE", OP_HELLO: "HELLO"}
+            OP_PUT_DONE: "PUT_DONE", OP_HELLO: "HELLO", OP_RDMA_GET: "RDMA_GET",
+            OP_RDMA_PUT: "RDMA_PUT"}
 OP_KIND = {OP_INFO: "get", OP_GET: "get", OP_PUT_OPEN: "put", OP_PUT: "put",
-           OP_PUT_DONE: "put", OP_HELLO: "hello"}
+           OP_PUT_DONE: "put", OP_HELLO: "hello", OP_RDMA_GET: "get", OP_RDMA_PUT: "put"}
 # statuses
 OK, DENIED, NOT_FOUND, BAD_REQUEST, BAD_CRC, BUSY, INCOMPLETE, TOO_BIG = range(8)
 STATUS_NAMES = ["OK", "DENIED", "NOT_FOUND", "BAD_REQUEST", "BAD_CRC", "BUSY", "INCOMPLETE",
@@ -770,7 +775,7 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
     tile the payload exactly and reads of other ranges join them, so a damaged
     header (caught by chunk 0's CRC, which is then fetched again) can cost the
     zero-copy path, never correctness. When the header does not fit in chunk 0, or
-    the wire cannot scatter a chunk (rdma://), chunks land in one pooled buffer and
+    the wire cannot scatter a chunk, chunks land in one pooled buffer and
     reads copy out of it. Either way ``read`` waits only for the chunks it covers,
     so decoding overlaps the transfer.
     """
@@ -1079,6 +1084,12 @@ class ServerConn:
         self.error(BAD_REQUEST, "this server has no extensions")
         raise ProtocolError("unsupported HELLO")
 
+    def extension(self, op: int, oid: str, flags: int, a: int, b: int, crc: int) -> bool:
+        """Serve a token-checked extension op (rdma://); False closes the connection."""
+        self.server.refuse(self, op, oid, "extension op on a server without extensions")
+        self.error(BAD_REQUEST, "this server has no extensions")
+        return False
+
     def close(self) -> None:
         pass
 
@@ -1237,6 +1248,8 @@ class ChunkServer:
             self.refuse(conn, op, oid, "invalid token")
             conn.error(DENIED, "invalid token for this object")
             return False
+        if op in EXT_OPS:
+            return conn.extension(op, oid, flags, a, b, crc)
         if kind == "get":
             return self._handle_get(conn, op, oid, a)
         return self._handle_put(conn, op, oid, flags, a, b, crc)

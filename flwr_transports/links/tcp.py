@@ -114,7 +114,7 @@ class TcpServerLink(ServerLink):
         self.chunk_size: int | None = options.chunk_size
         self._last_cs = chunks.DEFAULT_CHUNK  # upload slots follow the last model's size
         # 0 in descriptors = auto: each client sizes it from the RTT it measures
-        self.streams = options.streams
+        self.streams = options.get("streams", 0)  # rdma:// has no streams option
         self.window = options.window
         self.timeout = options.timeout
         self.retries = options.retries

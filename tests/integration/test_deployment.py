@@ -1,14 +1,14 @@
 """The foundation, proven on a REAL local Flower deployment.
 
 One deployment for the whole module: ``flower-superlink`` + 2 ``flower-supernode``
-processes on 127.0.0.1 (free ports), and five ``flwr run`` of
+processes on 127.0.0.1 (free ports), and one ``flwr run`` per transport of
 examples/quickstart-offload (2 rounds, ~8 MiB model): ``shm://``, ``file://<tmp>``,
 ``tcp://127.0.0.1:0``, ``s3://`` against an embedded S3 server (moto), ``shm://`` with
-every wrapper and link option in its URL, then ``inband`` (the in-band run goes last so
-that its memory high-water mark cannot inflate the offloaded runs' SuperLink RSS
-figures).
+every wrapper and link option in its URL, ``rdma://`` over UCX cma and over UCX tcp
+(where NVIDIA NIXL is installed), then ``inband`` (the in-band run goes last so that its
+memory high-water mark cannot inflate the offloaded runs' SuperLink RSS figures).
 
-Checked: the three final models are bit-identical and equal FedAvg computed
+Checked: the final models are bit-identical and equal FedAvg computed
 in-process; every round got every reply; the payload bytes went over the link, not
 through Flower (wrapper stats) and the SuperLink's memory did not grow with them;
 payloads really appeared on the link during the run and nothing is left there
@@ -52,7 +52,15 @@ class Federation:
     s3_left: list[str] = field(default_factory=list)
 
 
-OFFLOADED = ("shm", "file", "tcp", "s3", "shm-opts")
+def _have_nixl() -> bool:
+    return any(importlib.util.find_spec(m) for m in ("nixl_cu12", "nixl_cu13", "nixl"))
+
+
+# rdma:// runs where NVIDIA NIXL is installed (scripts/test.sh installs it): once with
+# UCX's default choice (cma between the ServerApp and ClientApp processes), once over
+# UCX's tcp transport
+RDMA = ("rdma", "rdma-tcp") if _have_nixl() else ()
+OFFLOADED = ("shm", "file", "tcp", "s3", "shm-opts", *RDMA)
 #: every wrapper option and every shm:// option in the URL: parsed once at offload(),
 #: the wrapper's keys kept, the link built with the rest
 SHM_ALL_OPTIONS = ("shm://?threshold=4MiB&max_reply_size=64MiB&reply_slots=1&fetch_workers=2"
@@ -110,7 +118,10 @@ def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
     s3.create_bucket(Bucket="itest")
     transports = {"shm": "shm://", "file": f"file://{file_dir}", "tcp": "tcp://127.0.0.1:0",
                   "s3": f"s3://itest/runs?endpoint_url={endpoint}",
-                  "shm-opts": SHM_ALL_OPTIONS, "inband": "inband"}
+                  "shm-opts": SHM_ALL_OPTIONS,
+                  **({"rdma": "rdma://127.0.0.1:0",
+                      "rdma-tcp": "rdma://127.0.0.1:0?ucx_tls=tcp"} if RDMA else {}),
+                  "inband": "inband"}
     watch_dirs = {"shm": Path("/dev/shm"), "file": file_dir, "shm-opts": Path("/dev/shm")}
 
     shm_before = ftx_names()

@@ -273,3 +273,130 @@ def test_s3_sweep_warning_separates_endpoint_and_prefix(caplog):
     msg = caplog.records[-1].getMessage()
     assert "s3://b/runs/ftx-16779-1-abcd* at http://127.0.0.1:42193" in msg, msg
     assert "42193ftx" not in msg
+
+
+# ------------------------------------- finding 5: tcp:// connection floods
+def _idle_socks(port: int, n: int, payload: bytes = b"") -> list:
+    import socket
+
+    out = []
+    for _ in range(n):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+            if payload:
+                s.sendall(payload)
+            out.append(s)
+        except OSError:
+            break
+    return out
+
+
+def _closed_by_server(s, wait: float) -> bool:
+    s.settimeout(wait)
+    try:
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return True
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def _tcp_roundtrip(link, client, name: str, rec: ArrayRecord) -> None:
+    from flwr_transports.codec import decode
+
+    p = encode(rec)
+    loc = link.publish(name, p)
+    with client.open(loc, p.size) as src:
+        decode(src.read, p.size, p.digest)
+    slot = link.issue_slot(name + "-up", 2 * p.size)
+    up = client.upload(slot, p)
+    with link.open_upload(slot, up, p.size) as src:
+        decode(src.read, p.size, p.digest)
+    link.discard_slot(slot)
+    link.release(name)
+
+
+def test_tcp_preauth_deadline_closes_idle_and_trickling_connections():
+    from flwr_transports.links import server_link
+
+    link = server_link("tcp://127.0.0.1:0", 1, {})
+    try:
+        link.server.preauth_timeout = 0.6
+        idle = _idle_socks(link.port, 2)
+        trickle = _idle_socks(link.port, 1, b"FTXQ")  # a header that never completes
+        t0 = time.monotonic()
+        for _ in range(3):
+            trickle[0].sendall(b"\x01")
+            time.sleep(0.3)
+        assert all(_closed_by_server(s, 3.0) for s in idle + trickle)
+        assert time.monotonic() - t0 < 3.0
+        assert link.server.stats["preauth_timeouts"] >= 3
+        deadline = time.monotonic() + 5
+        while link.server.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not link.server.active and not link.server.adm
+        for s in idle + trickle:
+            s.close()
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize("mode", ["idle", "auth"])
+def test_tcp_flood_does_not_starve_an_honest_node(mode):
+    """One node holds every connection the server allows (unauthenticated, or with
+    its own valid download token); an honest node still downloads and uploads."""
+    import struct
+
+    from flwr_transports.links import client_link, server_link
+    from flwr_transports.links.chunks import OP_INFO, REQ
+
+    link = server_link("tcp://127.0.0.1:0?max_conns=16", 1, {})
+    rec = ArrayRecord([np.arange(400_000, dtype=np.float32)])
+    try:
+        hostile = link.publish("hostile-view", encode(rec))
+        req = b""
+        if mode == "auth":
+            oid = hostile["id"].encode()
+            req = REQ.pack(b"FTXQ", OP_INFO, 0, len(oid), bytes.fromhex(hostile["token"]),
+                           0, 0, 0) + oid
+        flood = _idle_socks(link.port, 40, req)
+        time.sleep(0.8)  # authenticated ones become evictable (idle)
+        assert len(link.server.active) >= (16 if mode == "idle" else 4)
+        t0 = time.monotonic()
+        _tcp_roundtrip(link, client_link("tcp"), "honest", rec)
+        assert time.monotonic() - t0 < 15
+        assert link.server.stats["evicted"] + link.server.stats["busy_group"] > 0
+        if mode == "auth":  # one node's download group is capped
+            assert max(link.server.groups.values(), default=0) <= link.server.max_per_group
+        for s in flood:
+            s.close()
+    finally:
+        link.close()
+
+
+def test_tcp_client_retries_busy_beyond_its_retry_count(monkeypatch):
+    from flwr_transports.links import chunks
+    from flwr_transports.links.chunks import Busy, _first_request
+
+    monkeypatch.setattr(chunks, "busy_pause", lambda n: 0.01)
+
+    calls = []
+
+    class Conn:
+        def close(self):
+            pass
+
+    def fn(c):
+        calls.append(1)
+        if len(calls) < 12:  # more BUSY answers than retries=2 would allow
+            raise Busy("payload server busy")
+        return "ok"
+
+    conn, got = _first_request(lambda: Conn(), fn, retries=2, busy_for=30)
+    assert got == "ok" and len(calls) == 12
+    with pytest.raises(Exception, match="stayed busy"):
+        _first_request(lambda: Conn(), lambda c: (_ for _ in ()).throw(Busy("x")), retries=2,
+                       busy_for=0.3)

@@ -229,7 +229,8 @@ def unpack_table(body: bytes, size: int) -> tuple[int, list[int]]:
     if tsize != size:
         raise LinkError(f"payload server has {tsize} bytes for this object, the reference "
                         f"says {size}")
-    check_chunk_size(cs)
+    if not MIN_CHUNK <= cs <= MAX_CHUNK:
+        raise ProtocolError(f"chunk table has a chunk size of {cs} bytes")
     if n != n_chunks(size, cs) or len(body) != TABLE_HEAD.size + 4 * n:
         raise ProtocolError("chunk table does not match the payload size")
     return cs, list(struct.unpack_from(f"!{n}I", body, TABLE_HEAD.size))

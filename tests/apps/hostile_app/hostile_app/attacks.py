@@ -95,27 +95,15 @@ def _replace(path: str, make) -> None:
     make(path)
 
 
-FLOOD_CODE = r"""
-import socket, sys, time
-host, port, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-socks = []
-end = time.monotonic() + hold
-while time.monotonic() < end and len(socks) < 4096:
-    try:
-        socks.append(socket.create_connection((host, port), timeout=1))
-    except OSError:
-        time.sleep(0.01)
-    # hold what we have; reopen what the server closed
-    socks = [s for s in socks if s.fileno() >= 0]
-while time.monotonic() < end:
-    time.sleep(0.1)
-"""
-
-
 def start_flood(host: str, port: int, hold: float) -> subprocess.Popen:
-    """A process holding as many idle connections to host:port as it can for ``hold`` s."""
-    return subprocess.Popen([sys.executable, "-c", FLOOD_CODE, host, str(port), str(hold)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """A process holding as many idle connections to host:port as it can for ``hold``
+    seconds, re-opening every one the server closes (flwr-transports bench flood)."""
+    from flwr_transports.bench.flood import FLOOD_SCRIPT
+
+    return subprocess.Popen([sys.executable, "-c", FLOOD_SCRIPT, host, str(port), "idle",
+                             str(hold), "1024", "x", "00"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def attack(name: str, ticket: Ticket, reply: Message) -> None:

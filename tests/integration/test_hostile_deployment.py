@@ -24,8 +24,8 @@ import pytest
 
 APP = Path(__file__).resolve().parent.parent / "apps" / "hostile_app"
 sys.path.insert(0, str(APP))
-from hostile_app import attacks  # noqa: E402
-from hostile_app.server_app import build_model  # noqa: E402
+from hostile_app import attacks
+from hostile_app.server_app import build_model
 
 MODEL_MIB = 2.0
 RUNS = {  # 3 rounds per link (a round costs seconds in a deployment); tcp: the flood
@@ -122,7 +122,7 @@ def hostile_runs(tmp_path_factory, ftx_names):
 @pytest.mark.integration
 @pytest.mark.parametrize("link", list(RUNS))
 def test_hostile_node_is_rejected_every_round_and_honest_fedavg_results(hostile_runs, link):
-    arrays, summary, wall, res = hostile_runs["runs"][link]
+    arrays, summary, wall, _res = hostile_runs["runs"][link]
     names = RUNS[link]
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == list(range(1, len(names) + 1))

@@ -1,14 +1,15 @@
 """flwr-transports: out-of-band payload transports for Flower.
 
 Public names: ``offload`` (server-side strategy wrapper), ``offload_grid`` (server-side
-Grid wrapper, for any ServerApp) and ``payload_mod`` (client-side ClientApp mod).
-Everything else lives in submodules.
+Grid wrapper, for any ServerApp), ``payload_mod`` (client-side ClientApp mod, the
+default instance) and ``PayloadMod`` (a mod instance with a client policy: allowed
+schemes, hosts, ports, file roots, size). Everything else lives in submodules.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "offload", "offload_grid", "payload_mod"]
+__all__ = ["PayloadMod", "__version__", "offload", "offload_grid", "payload_mod"]
 
 
 def __getattr__(name: str):  # lazy: importing the package stays cheap
@@ -24,4 +25,8 @@ def __getattr__(name: str):  # lazy: importing the package stays cheap
         from .flower.mod import payload_mod
 
         return payload_mod
+    if name == "PayloadMod":
+        from .flower.mod import PayloadMod
+
+        return PayloadMod
     raise AttributeError(f"module 'flwr_transports' has no attribute {name!r}")

@@ -34,6 +34,7 @@ from flwr.app import Array, ArrayRecord
 
 from .errors import RejectedInput
 from .options import parse_size  # noqa: F401 - re-exported (one definition, in options)
+from .limits import loads_bounded
 
 FORMAT = "flwr-transports/1"
 CODEC_VERSION = 1
@@ -42,6 +43,9 @@ DIGEST_CHUNK = 16 * 1024 * 1024
 _POOL: ThreadPoolExecutor | None = None
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # a header above this is hostile
 _META_KEY = "flwr_transports"
+#: arrays one payload may hold, and nesting depth of its header
+MAX_ARRAYS = 1_000_000
+MAX_HEADER_DEPTH = 8
 
 
 class PayloadError(RejectedInput):
@@ -173,13 +177,17 @@ def decode_hashed(read: Reader, size: int, *, hashed: bool = True) -> tuple[Arra
     if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
         raise PayloadError(f"payload header length {hlen} is invalid for a {size}-byte payload")
     try:
-        hdr = json.loads(_read(8, hlen))
+        hdr = loads_bounded(_read(8, hlen), what="payload header", max_bytes=MAX_HEADER_BYTES,
+                            max_depth=MAX_HEADER_DEPTH, max_items=8 * MAX_ARRAYS + 16,
+                            error=PayloadError)
         meta = hdr.pop("__metadata__")
         if meta.get("format") != FORMAT:
-            raise PayloadError(f"unknown payload format {meta.get('format')!r}")
-        entries = json.loads(meta[_META_KEY])
-    except PayloadError:
-        raise
+            raise PayloadError(f"unknown payload format {str(meta.get('format'))[:64]!r}")
+        entries = loads_bounded(meta[_META_KEY], what="payload array list",
+                                max_bytes=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH,
+                                max_items=8 * MAX_ARRAYS + 16, error=PayloadError)
+    except PayloadError as exc:
+        raise PayloadError(f"malformed payload header: {exc}") from None
     except (ValueError, KeyError, AttributeError, TypeError) as exc:
         raise PayloadError(f"malformed payload header: {exc}") from None
     if not isinstance(entries, list) or len(entries) != len(hdr):
@@ -225,7 +233,9 @@ def data_ranges(prefix: bytes | bytearray | memoryview, size: int,
     if hlen > MAX_HEADER_BYTES or 8 + hlen > min(size, len(mv)):
         return None
     try:
-        hdr = json.loads(bytes(mv[8:8 + hlen]))
+        hdr = loads_bounded(mv[8:8 + hlen], what="payload header", max_bytes=MAX_HEADER_BYTES,
+                            max_depth=MAX_HEADER_DEPTH, max_items=8 * max_arrays + 16,
+                            error=PayloadError)
         n = len(hdr) - 1 if isinstance(hdr, dict) and "__metadata__" in hdr else -1
         if not 0 <= n <= max_arrays:
             return None

@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from .codec import CODEC_VERSION
 from .errors import RejectedInput
+from .limits import loads_bounded
 
 REF_ARRAY = "__flwr_transports_ref__"
 REF_STYPE = (
@@ -36,6 +37,13 @@ REF_STYPE = (
 )
 TICKET_KEY = "flwr_transports.ticket"
 MAX_REF_BYTES = 64 * 1024
+MAX_TICKET_BYTES = 4 * MAX_REF_BYTES
+#: nesting depth of references, tickets and slot descriptors (ours use <= 5)
+MAX_REF_DEPTH = 8
+#: upload slots one ticket may carry (the server issues at most 64)
+MAX_TICKET_SLOTS = 64
+#: largest payload any reference or ticket may declare (1 TiB)
+MAX_PAYLOAD_SIZE = 1 << 40
 _DIGEST_RE = re.compile(r"^sha256t:[0-9a-f]{64}$")
 _SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]{0,15}$")
 
@@ -73,12 +81,8 @@ class Reference:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Reference:
-        if len(raw) > MAX_REF_BYTES:
-            raise RefError(f"reference is {len(raw)} bytes (limit {MAX_REF_BYTES})")
-        try:
-            d = json.loads(raw)
-        except ValueError as exc:
-            raise RefError(f"reference is not valid JSON: {exc}") from None
+        d = loads_bounded(raw, what="reference", max_bytes=MAX_REF_BYTES,
+                          max_depth=MAX_REF_DEPTH, max_items=4096, error=RefError)
         if not isinstance(d, dict):
             raise RefError("reference is not a JSON object")
         v = d.get("v")
@@ -96,9 +100,11 @@ class Reference:
             raise RefError(f"reference has an invalid size {size!r}")
         if not (isinstance(digest, str) and _DIGEST_RE.match(digest)):
             raise RefError("reference has an invalid digest (want sha256t:<64 hex>)")
+        if size > MAX_PAYLOAD_SIZE:
+            raise RefError(f"reference declares {size} bytes (limit {MAX_PAYLOAD_SIZE})")
         n = d.get("n_arrays", 0)
         ref = cls(scheme=scheme, loc=loc, size=size, digest=digest,
-                  n_arrays=n if isinstance(n, int) else 0)
+                  n_arrays=n if isinstance(n, int) and 0 <= n <= 2**31 else 0)
         if "ticket" in d:
             t, s, k = d.get("ticket"), d.get("slot"), d.get("key")
             if not (isinstance(t, str) and len(t) <= 128):
@@ -149,24 +155,46 @@ class Ticket:
 
     @classmethod
     def from_record(cls, rec: ConfigRecord) -> Ticket:
+        if not isinstance(rec, ConfigRecord):
+            raise RefError("ticket is not a ConfigRecord")
         raw = rec.get("ticket")
-        if not isinstance(raw, str) or len(raw) > 4 * MAX_REF_BYTES:
-            raise RefError("ticket record is missing or oversized")
-        try:
-            d = json.loads(raw)
-            t = cls(
-                id=str(d["id"]), scheme=str(d["scheme"]), run=int(d["run"]),
-                round=int(d["round"]), node=int(d["node"]), msg_type=str(d["msg_type"]),
-                max_size=int(d["max_size"]), threshold=int(d["threshold"]),
-                slots=list(d["slots"]),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RefError(f"malformed ticket: {exc}") from None
+        if not isinstance(raw, str):
+            raise RefError("ticket record is missing")
+        d = loads_bounded(raw, what="ticket", max_bytes=MAX_TICKET_BYTES,
+                          max_depth=MAX_REF_DEPTH, max_items=16384, error=RefError)
+        if not isinstance(d, dict):
+            raise RefError("ticket is not a JSON object")
         if d.get("v") != CODEC_VERSION:
             raise RefError(f"ticket has codec version {d.get('v')!r}, expected {CODEC_VERSION}")
-        if not all(isinstance(s, dict) for s in t.slots):
-            raise RefError("malformed ticket slots")
+        try:
+            t = cls(
+                id=_str(d["id"], 128), scheme=_str(d["scheme"], 16), run=_int(d["run"]),
+                round=_int(d["round"]), node=_int(d["node"]), msg_type=_str(d["msg_type"], 64),
+                max_size=_int(d["max_size"], MAX_PAYLOAD_SIZE),
+                threshold=_int(d["threshold"], MAX_PAYLOAD_SIZE),
+                slots=d["slots"],
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RefError(f"malformed ticket: {str(exc)[:200]}") from None
+        if not (isinstance(t.slots, list) and len(t.slots) <= MAX_TICKET_SLOTS
+                and all(isinstance(s, dict) for s in t.slots)):
+            raise RefError(f"malformed ticket slots (a list of at most {MAX_TICKET_SLOTS} "
+                           "objects)")
+        if not _SCHEME_RE.match(t.scheme):
+            raise RefError(f"ticket has an invalid scheme {t.scheme[:20]!r}")
         return t
+
+
+def _int(v: Any, hi: int = 2**64 - 1) -> int:
+    if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= hi):
+        raise ValueError(f"expected an integer between 0 and {hi}, got {str(v)[:40]!r}")
+    return v
+
+
+def _str(v: Any, max_len: int) -> str:
+    if not (isinstance(v, str) and len(v) <= max_len):
+        raise ValueError(f"expected a string of at most {max_len} characters")
+    return v
 
 
 def check_reply_ref(

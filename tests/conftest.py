@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# A bug must fail the tests: with this set, the offload wrapper re-raises an unexpected
+# exception type met while handling one reply instead of only rejecting that reply
+# (production behaviour). Deployment subprocesses inherit it.
+os.environ.setdefault("FLWR_TRANSPORTS_STRICT", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples"

@@ -283,6 +283,7 @@ def test_eager_decode_keeps_the_bytes_that_match_the_claimed_digest(filedir):
         deadline = time.monotonic() + 10
         while slot["path"] not in link._eager.results and time.monotonic() < deadline:
             time.sleep(0.01)
+        link._eager.results[slot["path"]][1].result(10)  # decoded (not only queued)
         with open(slot["path"], "r+b") as f:  # changed after the server decoded it
             f.seek(-1, 2)
             f.write(b"\x00")

@@ -129,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     relay_opt(w)
     w.add_argument("--cleanup", action="store_true",
                    help="remove ftxb-* namespaces left by runs whose process is gone")
+    sub.add_parser("flood", add_help=False,
+                   help="an honest tcp:// transfer while one node floods the payload server "
+                        "with idle connections (see: bench flood --help)")
     pl = sub.add_parser("plot", help="one E2E figure from several e2e.json (e.g. one per "
                                      "WAN profile)")
     pl.add_argument("inputs", nargs="+", type=Path, help="e2e.json files")
@@ -302,6 +305,10 @@ def cmd_wan(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["flood"]:  # its own options (flwr_transports.bench.flood)
+        from .flood import main as flood_main
+
+        return flood_main(argv[1:])
     args = _parser().parse_args(argv)
     _term_to_interrupt()
     try:

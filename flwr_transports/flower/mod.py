@@ -5,62 +5,74 @@ user's function runs it replaces every payload reference in the message by the
 ArrayRecord it points to (digest verified); after, it uploads every large
 ArrayRecord of the reply with the server's ticket and puts a reference in its place.
 Clients need no configuration: the scheme and location come with the message.
+
+What a server's message may make the client touch is checked first against a
+client policy (:mod:`flwr_transports.policy`): allowed schemes, hosts, ports, file
+roots, maximum payload; link-local and cloud metadata addresses refused. Configure
+it with an instance, ``ClientApp(mods=[PayloadMod(hosts=["store.example.org"],
+file_roots=["/shared/ftx"])])``, or with environment variables; ``payload_mod`` is
+the default instance (environment settings, else safe defaults).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
-from ..codec import decode, encode, parse_size
+from ..codec import decode, encode
 from ..links import client_link
+from ..policy import DEFAULT_MAX_PAYLOAD, ClientPolicy
 from ..refs import TICKET_KEY, Reference, RefError, Ticket, is_ref_record, parse_ref_record
 
 log = logging.getLogger("flwr_transports")
 
 #: Largest payload a client agrees to fetch (override with FLWR_TRANSPORTS_MAX_PAYLOAD).
-DEFAULT_CLIENT_MAX = 64 * 2**30
+DEFAULT_CLIENT_MAX = DEFAULT_MAX_PAYLOAD
 
 
 def _client_max() -> int:
-    return parse_size(os.environ.get("FLWR_TRANSPORTS_MAX_PAYLOAD", DEFAULT_CLIENT_MAX))
+    return ClientPolicy.build().max_payload
 
 
-def resolve_message(msg: Message) -> Ticket | None:
-    """Fetch every referenced payload of ``msg`` in place; return the ticket, if any."""
+def resolve_message(msg: Message, policy: ClientPolicy | None = None) -> Ticket | None:
+    """Fetch every referenced payload of ``msg`` in place; return the ticket, if any.
+
+    Every reference is checked against ``policy`` (default: from the environment)
+    before its link opens anything."""
     content = msg.content
     if TICKET_KEY not in content and not any(is_ref_record(r) for r in content.values()):
         return None
+    policy = policy or ClientPolicy.build()
     ticket = None
     new = RecordDict()
-    limit = _client_max()
     for key, rec in content.items():
         if key == TICKET_KEY:
             ticket = Ticket.from_record(rec)
+            policy.check_scheme(ticket.scheme)
+            for slot in ticket.slots:
+                policy.check_location(ticket.scheme, slot, upload=True)
             continue
         if is_ref_record(rec):
             ref = parse_ref_record(rec)
             if ref.ticket is not None:
                 raise RefError("a server message carries a reply reference; refused")
-            if ref.size > limit:
-                raise RefError(
-                    f"payload of {ref.size} bytes exceeds this client's limit of {limit} "
-                    "(set FLWR_TRANSPORTS_MAX_PAYLOAD to raise it)"
-                )
+            policy.check_size(ref.size)
+            loc = policy.check_location(ref.scheme, ref.loc, upload=False)
             link = client_link(ref.scheme)
-            with link.open(ref.loc, ref.size) as src:
+            with link.open(loc, ref.size) as src:
                 rec = decode(src.read, ref.size, ref.digest)
         new[key] = rec
     msg.content = new
     return ticket
 
 
-def offload_reply(reply: Message, ticket: Ticket) -> None:
+def offload_reply(reply: Message, ticket: Ticket, policy: ClientPolicy | None = None) -> None:
     """Upload the reply's large ArrayRecords with ``ticket``; references replace them."""
     if not reply.has_content():
         return
+    policy = policy or ClientPolicy.build()
     content = reply.content
     slot = 0
     new = RecordDict()
@@ -77,7 +89,11 @@ def offload_reply(reply: Message, ticket: Ticket) -> None:
                         f"reply record {key!r} is {payload.size} bytes, above the server's cap "
                         f"of {ticket.max_size} (server: offload(..., max_reply_size=...))"
                     )
-                loc = client_link(ticket.scheme).upload(ticket.slots[slot], payload)
+                issued = ticket.slots[slot]
+                checked = policy.check_location(ticket.scheme, issued, upload=True)
+                loc = client_link(ticket.scheme).upload(checked, payload)
+                if checked is not issued and isinstance(loc, dict) and "host" in loc:
+                    loc = {**loc, "host": issued.get("host")}  # the name the server issued
                 rec = Reference(
                     scheme=ticket.scheme, loc=loc, size=payload.size, digest=payload.digest,
                     n_arrays=payload.n_arrays, ticket=ticket.id, slot=slot, key=key,
@@ -87,10 +103,42 @@ def offload_reply(reply: Message, ticket: Ticket) -> None:
     reply.content = new
 
 
-def payload_mod(msg: Message, ctx: Context, call_next) -> Message:
-    """ClientApp mod resolving offloaded payloads (see module docstring)."""
-    ticket = resolve_message(msg) if msg.has_content() else None
-    reply = call_next(msg, ctx)
-    if ticket is not None:
-        offload_reply(reply, ticket)
-    return reply
+class PayloadMod:
+    """ClientApp mod resolving offloaded payloads, with a client policy.
+
+    Settings (each ``None`` = the environment variable, else the default; see
+    :mod:`flwr_transports.policy`): ``schemes`` (allowed link schemes), ``hosts``
+    (names, ``*.suffix`` patterns, addresses, networks), ``ports`` (ints or
+    ``"9000-9100"``), ``file_roots`` (directories file:// payloads may live in),
+    ``max_payload`` (bytes or ``"8GiB"``), ``allow_link_local`` (169.254.0.0/16,
+    fe80::/10, fd00:ec2::254). A refused reference fails the message with an error
+    naming the setting to change.
+    """
+
+    def __init__(self, *, schemes: Any = None, hosts: Any = None, ports: Any = None,
+                 file_roots: Any = None, max_payload: Any = None,
+                 allow_link_local: bool | None = None) -> None:
+        self.settings = {"schemes": schemes, "hosts": hosts, "ports": ports,
+                         "file_roots": file_roots, "max_payload": max_payload,
+                         "allow_link_local": allow_link_local}
+        self.policy()  # fail fast on invalid settings
+
+    def policy(self) -> ClientPolicy:
+        """The effective policy (environment read now: it may change between runs)."""
+        return ClientPolicy.build(**self.settings)
+
+    def __call__(self, msg: Message, ctx: Context, call_next) -> Message:
+        policy = self.policy()
+        ticket = resolve_message(msg, policy) if msg.has_content() else None
+        reply = call_next(msg, ctx)
+        if ticket is not None:
+            offload_reply(reply, ticket, policy)
+        return reply
+
+    def __repr__(self) -> str:
+        set_ = ", ".join(f"{k}={v!r}" for k, v in self.settings.items() if v is not None)
+        return f"PayloadMod({set_})"
+
+
+#: the default instance: environment settings, else safe defaults
+payload_mod = PayloadMod()

@@ -18,6 +18,7 @@ Everything the run created on the link is removed when ``start()`` returns or ra
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -28,7 +29,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
-from ..codec import PayloadError, check_digest, decode, encode, record_bytes
+from ..codec import check_digest, decode, encode, record_bytes
+from ..errors import RejectedInput
 from ..links import LinkError, ServerLink, link_classes, server_link, split_url
 from ..options import Option, integer, optional, size, split_options
 from ..refs import (
@@ -59,6 +61,35 @@ WRAPPER_OPTIONS = (
            "and decoded at the same time in aggregate_* (references are still checked "
            "against their tickets one by one)"),
 )
+
+
+#: what one reply can legitimately cause while it is checked, fetched and decoded
+EXPECTED_REPLY_ERRORS: tuple[type[BaseException], ...] = (
+    RejectedInput, LinkError, OSError, MemoryError)
+#: env var: when set (the test suite's conftest sets it), an exception of any OTHER type
+#: while handling one reply is re-raised (a bug must fail the test) instead of rejecting
+#: only that reply, which is what production does so one node can never end the run
+STRICT_ENV = "FLWR_TRANSPORTS_STRICT"
+
+
+def guard_reply(fn: Callable[..., Any], *args: Any) -> Any:
+    """THE rule for one reply, in one place: run ``fn(*args)`` (a check, fetch or decode
+    of ONE reply's payload) and return its result, or the exception it raised, which
+    the caller turns into a rejected reply (code ``REJECTED_REPLY_CODE``, logged with
+    the node id and reason) while the round goes on. Expected failures (rejected
+    input, link errors, I/O errors, memory) are returned as is; any other exception
+    is a bug: re-raised under ``FLWR_TRANSPORTS_STRICT=1`` (tests), logged with its
+    traceback and returned otherwise."""
+    try:
+        return fn(*args)
+    except EXPECTED_REPLY_ERRORS as exc:
+        return exc
+    except Exception as exc:
+        if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+            raise
+        log.exception("flwr-transports: unexpected %s while handling a reply (a bug, "
+                      "please report it); the reply is rejected", type(exc).__name__)
+        return exc
 
 
 def _mib(n: int) -> str:
@@ -219,10 +250,11 @@ class Offloader:
             if not msg.has_content():
                 continue
             self.stats["inband_bytes_received"] += record_bytes(msg.content)
-            try:
-                claims[k] = self._claim(msg, server_round, phase)
-            except (RefError, PayloadError, LinkError, OSError) as exc:
-                failed[k] = exc
+            got = guard_reply(self._claim, msg, server_round, phase)
+            if isinstance(got, BaseException):
+                failed[k] = got
+            else:
+                claims[k] = got
         jobs = [(k, key, ref, slot) for k, cl in claims.items() for key, ref, slot in cl]
         results: dict[tuple[int, str], Any] = {}
         if len(jobs) > 1 and self.fetch_workers > 1:
@@ -230,18 +262,13 @@ class Offloader:
 
             with ThreadPoolExecutor(min(self.fetch_workers, len(jobs)),
                                     thread_name_prefix="ftx-fetch") as ex:
-                futs = {(k, key): ex.submit(self._fetch, ref, slot) for k, key, ref, slot in jobs}
+                futs = {(k, key): ex.submit(guard_reply, self._fetch, ref, slot)
+                        for k, key, ref, slot in jobs}
                 for kk, fut in futs.items():
-                    try:
-                        results[kk] = fut.result()
-                    except (RefError, PayloadError, LinkError, OSError) as exc:
-                        results[kk] = exc
+                    results[kk] = fut.result()
         else:
             for k, key, ref, slot in jobs:
-                try:
-                    results[(k, key)] = self._fetch(ref, slot)
-                except (RefError, PayloadError, LinkError, OSError) as exc:
-                    results[(k, key)] = exc
+                results[(k, key)] = guard_reply(self._fetch, ref, slot)
         out: list[Message] = []
         for k, msg in enumerate(replies):
             exc = failed.get(k)
@@ -274,9 +301,9 @@ class Offloader:
             for tid, t in list(self._tickets.items()):
                 if (t.round, t.msg_type) == (server_round, phase) or (
                         self._sequential_rounds and t.round < server_round):
+                    del self._tickets[tid]  # forgotten even if a discard fails
                     for slot in t.slots:
-                        self.link.discard_slot(slot)
-                    del self._tickets[tid]
+                        guard_reply(self.link.discard_slot, slot)
             self._release(server_round, phase)
 
     def _claim(self, msg: Message, server_round: int, phase: str) -> list[tuple[str, Any, dict]]:

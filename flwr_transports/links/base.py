@@ -151,13 +151,30 @@ class ClientLink(ABC):
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host. A zombie (exited, not yet reaped:
+    Flower's SuperExec never waits on the ServerApp it started) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not pid_zombie(pid)
+
+
+def pid_zombie(pid: int) -> bool:
+    """True if ``/proc/<pid>/stat`` says the process is a zombie (state ``Z``) or dead
+    (``X``); False where /proc is unavailable."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        return False
+    # "pid (comm) S ...": comm may hold spaces and parentheses; the state follows the
+    # LAST closing parenthesis
+    _, _, rest = raw.rpartition(b")")
+    fields = rest.split()
+    return bool(fields) and fields[0] in (b"Z", b"X")
 
 
 def owner_pid(name: str) -> int | None:

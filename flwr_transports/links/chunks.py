@@ -42,6 +42,7 @@ import hashlib
 import hmac
 import logging
 import mmap
+import random
 import re
 import socket
 import ssl
@@ -99,6 +100,12 @@ def auto_chunk_size(size: int) -> int:
     return max(AUTO_CHUNK_MIN, min(DEFAULT_CHUNK, cs))
 MAX_ID = 200
 MAX_ERR_BODY = 1024
+#: seconds a new connection may take to present a valid token (TLS handshake included)
+PREAUTH_TIMEOUT = 5.0
+#: a connection idle at least this long may be closed to admit a new one when full
+EVICT_IDLE = 0.5
+#: how long a client keeps retrying while the payload server answers BUSY (seconds)
+BUSY_RETRY_FOR = 60.0
 ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 _IOV_MAX = 512
 _DRAIN = 1024 * 1024
@@ -227,7 +234,8 @@ def unpack_table(body: bytes, size: int) -> tuple[int, list[int]]:
     if tsize != size:
         raise RefError(f"payload server has {tsize} bytes for this object, the reference "
                         f"says {size}")
-    check_chunk_size(cs)
+    if not MIN_CHUNK <= cs <= MAX_CHUNK:
+        raise ProtocolError(f"chunk table has a chunk size of {cs} bytes")
     if n != n_chunks(size, cs) or len(body) != TABLE_HEAD.size + 4 * n:
         raise ProtocolError("chunk table does not match the payload size")
     return cs, list(struct.unpack_from(f"!{n}I", body, TABLE_HEAD.size))
@@ -531,15 +539,31 @@ _FATAL = {DENIED, NOT_FOUND, BAD_REQUEST, TOO_BIG}
 def _raise_status(conn: ClientConn, status: int, n: int, what: str) -> None:
     text = conn.error_text(status, n)
     if status == BUSY:
-        raise ConnectionRefusedError(f"payload server busy: {text}")
+        raise Busy(f"payload server busy: {text}")
     if status in _FATAL:
         raise Refused(f"payload server refused {what}: {text}")
     raise ProtocolError(f"unexpected reply to {what}: {text}")
 
 
-def _first_request(factory: ConnFactory, fn, retries: int):
-    """Open a connection and run ``fn`` on it, retrying transient failures."""
-    for attempt in range(retries + 1):
+class Busy(ConnectionRefusedError):
+    """The payload server is at its connection cap (retry after a pause)."""
+
+
+def busy_pause(n_busy: int) -> float:
+    """Jittered exponential back-off after the ``n_busy``-th BUSY answer in a row."""
+    return random.uniform(0.5, 1.0) * min(0.05 * 2 ** min(n_busy, 8), 2.0)
+
+
+def _first_request(factory: ConnFactory, fn, retries: int, busy_for: float = BUSY_RETRY_FOR):
+    """Open a connection and run ``fn`` on it, retrying transient failures.
+
+    BUSY answers (the server is full, e.g. during a connection flood) do not use up
+    ``retries``: the client backs off (jittered, up to 2 s) and keeps trying for
+    ``busy_for`` seconds, which outlasts the server's pre-authentication deadline.
+    """
+    attempt, n_busy = 0, 0
+    busy_until = time.monotonic() + busy_for
+    while True:
         conn = None
         try:
             conn = factory()
@@ -548,13 +572,21 @@ def _first_request(factory: ConnFactory, fn, retries: int):
             if conn is not None:
                 conn.close()
             raise
+        except Busy as exc:
+            if conn is not None:
+                conn.close()
+            n_busy += 1
+            if time.monotonic() > busy_until:
+                raise LinkError(f"payload server stayed busy for {busy_for:.0f}s: {exc}"
+                                ) from exc
+            time.sleep(busy_pause(n_busy))
         except (OSError, ProtocolError) as exc:
             if conn is not None:
                 conn.close()
-            if attempt == retries:
+            if attempt >= retries:
                 raise LinkError(f"cannot reach the payload server: {exc}") from exc
             time.sleep(min(0.05 * 2 ** attempt, 2.0))
-    raise AssertionError("unreachable")
+            attempt += 1
 
 
 class _Workers:
@@ -575,6 +607,7 @@ class _Workers:
 
     def _run(self, conn: ClientConn | None) -> None:
         sched, failures, last = self.sched, 0, None
+        n_busy, busy_until = 0, time.monotonic() + BUSY_RETRY_FOR
         try:
             while not (sched.finished or sched.error or sched.stopped):
                 if conn is None:
@@ -598,6 +631,11 @@ class _Workers:
                 except Refused as exc:
                     sched.fail(exc)
                     return
+                except Busy as exc:
+                    n_busy, last = n_busy + 1, exc
+                    if sched.stopped or time.monotonic() > busy_until:
+                        return
+                    time.sleep(busy_pause(n_busy))
                 except (OSError, ProtocolError, ValueError, struct.error) as exc:
                     if sched.stopped:
                         return
@@ -999,22 +1037,14 @@ def upload(factory: ConnFactory, oid: str, token: bytes, payload: EncodedPayload
         stats.update(sched.stats)
         stats["streams"] = streams
     # commit (on a fresh connection: the transfer ones are closed)
-    for attempt in range(retries + 1):
-        try:
-            c = factory()
-        except OSError:
-            if attempt == retries:
-                raise
-            time.sleep(0.1 * (attempt + 1))
-            continue
-        try:
-            c.request(OP_PUT_DONE, oid, token)
-            st, _, _, blen, _ = c.response()
-            if st == OK:
-                return
+    def commit(c: ClientConn) -> None:
+        c.request(OP_PUT_DONE, oid, token)
+        st, _, _, blen, _ = c.response()
+        if st != OK:
             _raise_status(c, st, blen, "upload commit")
-        finally:
-            c.close()
+
+    c, _ = _first_request(factory, commit, retries)
+    c.close()
 
 
 # -- server side -----------------------------------------------------------------------
@@ -1054,11 +1084,29 @@ class UploadSlot:
                 self.buf = None
 
 
+class _Admission:
+    """What the server knows about one accepted connection, for its accounting.
+
+    A connection starts unauthenticated; its first request with a valid token charges
+    it to a *group*: the upload slot (one node's) or, for downloads, the published
+    object and the peer's address. ``idle_since`` is None while a request is served.
+    """
+
+    __slots__ = ("evicted", "group", "idle_since", "raw")
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.group: tuple | None = None
+        self.idle_since: float | None = time.monotonic()
+        self.evicted = False
+
+
 class ServerConn:
     """Server side of one connection; the chunk-data hooks are what a wire overrides."""
 
     def __init__(self, server: ChunkServer, sock, peer: str):
         self.server, self.sock, self.peer = server, sock, peer
+        self.adm: _Admission | None = None
 
     def reply(self, status: int, a: int = 0, body: Sequence[bytes | memoryview] = (),
               crc: int = 0, flags: int = 0, length: int | None = None) -> None:
@@ -1095,13 +1143,27 @@ class ServerConn:
 
 
 class ChunkServer:
-    """A threaded payload server: one acceptor, one thread per connection (capped)."""
+    """A threaded payload server: one acceptor, one thread per connection (capped).
+
+    Connection accounting (so that no client can starve the others): a connection
+    must present a valid token within ``PREAUTH_TIMEOUT`` seconds, else it is closed.
+    When ``max_conns`` connections are open, a new one is admitted by closing the
+    connection idle the longest (unauthenticated ones first; an authenticated one
+    only after ``EVICT_IDLE`` s without a request), and only answered BUSY when every
+    connection is busy. Authenticated connections are charged to their upload slot
+    (one node's), or to the downloaded object and peer address; a group may hold at
+    most ``max_per_group`` connections (default ``max_conns // 4``, at least 8).
+    """
 
     def __init__(self, bind: str, port: int, *, secret: bytes, timeout: float = 60.0,
                  max_conns: int = 256, ssl_ctx: ssl.SSLContext | None = None,
                  conn_cls: type[ServerConn] = ServerConn, name: str = "tcp",
                  pool_cap: int = 1 << 30):
         self.secret, self.timeout, self.max_conns = secret, timeout, max_conns
+        self.max_per_group = max(8, max_conns // 4)
+        self.preauth_timeout = min(PREAUTH_TIMEOUT, timeout)
+        self.adm: dict[Any, _Admission] = {}  # raw socket -> accounting
+        self.groups: collections.Counter = collections.Counter()
         self.pool = BufferPool(pool_cap)
         self.ssl_ctx, self.conn_cls, self.name = ssl_ctx, conn_cls, name
         self.objects: dict[str, PublishedObject] = {}
@@ -1156,6 +1218,7 @@ class ChunkServer:
     # serving ------------------------------------------------------------------------
     def _accept(self) -> None:
         while not self.stopping.is_set():
+            self._close_late_preauth()
             try:
                 sock, addr = self.sock.accept()
             except TimeoutError:
@@ -1167,16 +1230,74 @@ class ChunkServer:
                 continue
             peer = f"{addr[0]}:{addr[1]}"
             with self.lock:
-                busy = len(self.active) >= self.max_conns
+                busy = len(self.active) >= self.max_conns and not self._evict_locked()
                 if not busy:
                     t = threading.Thread(target=self._serve, args=(sock, peer),
                                          name=f"ftx-{self.name}-conn", daemon=True)
                     self.active[sock] = t
+                    self.adm[sock] = _Admission(sock)
             if busy:
                 self.stats["busy"] += 1
                 self._busy(sock)
                 continue
             t.start()
+
+    def _close_late_preauth(self) -> None:
+        """Close connections that did not present a valid token within the pre-auth
+        deadline (an absolute one: trickling a request header byte by byte does not
+        extend it)."""
+        limit = time.monotonic() - self.preauth_timeout
+        with self.lock:
+            late = [a for a in self.adm.values()
+                    if a.group is None and not a.evicted and a.idle_since is not None
+                    and a.idle_since < limit]
+            for a in late:
+                a.evicted = True
+                self.stats["preauth_timeouts"] += 1
+        for a in late:
+            try:
+                a.raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _evict_locked(self, group: tuple | None = None) -> bool:
+        """Close the connection idle the longest to make room (caller holds the lock):
+        an unauthenticated one if any, else an authenticated one idle for at least
+        ``EVICT_IDLE`` s (only members of ``group`` if given). False when none is."""
+        now = time.monotonic()
+        victim, best = None, None
+        for a in self.adm.values():
+            if a.evicted or a.idle_since is None or (group is not None and a.group != group):
+                continue
+            idle = now - a.idle_since
+            if a.group is not None and idle < EVICT_IDLE:
+                continue
+            key = (a.group is None, idle)
+            if best is None or key > best:
+                victim, best = a, key
+        if victim is None:
+            return False
+        victim.evicted = True
+        self.stats["evicted"] += 1
+        try:
+            victim.raw.shutdown(socket.SHUT_RDWR)  # wakes its thread, which exits
+        except OSError:
+            pass
+        return True
+
+    def _charge(self, conn: ServerConn, kind: str, oid: str) -> bool:
+        """Charge an authenticated connection to its group; False if the group is full."""
+        adm = conn.adm
+        if adm is None or adm.group is not None:
+            return True
+        group = (kind, oid) if kind == "put" else (kind, oid, conn.peer.rsplit(":", 1)[0])
+        with self.lock:
+            if self.groups[group] >= self.max_per_group and not self._evict_locked(group):
+                return False
+            self.groups[group] += 1
+            adm.group, adm.idle_since = group, None
+        conn.sock.settimeout(self.timeout)
+        return True
 
     def _busy(self, sock) -> None:
         try:
@@ -1197,23 +1318,33 @@ class ChunkServer:
     def _serve(self, raw, peer: str) -> None:
         conn = None
         sock = raw
+        with self.lock:
+            adm = self.adm.get(raw)
         try:
-            raw.settimeout(self.timeout)
+            # until a valid token: a short deadline for everything (TLS handshake too)
+            raw.settimeout(self.preauth_timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_ctx is not None:
                 sock = self.ssl_ctx.wrap_socket(raw, server_side=True)
             conn = self.conn_cls(self, sock, peer)
+            conn.adm = adm
             while not self.stopping.is_set():
                 try:
                     head = sock.recv(REQ.size)
-                except TimeoutError:
-                    return  # idle connection
+                except TimeoutError:  # idle connection, or no valid token in time
+                    if adm is not None and adm.group is None and not adm.evicted:
+                        self.stats["preauth_timeouts"] += 1
+                    return
                 if not head:
                     return
+                if adm is not None and adm.group is not None:
+                    adm.idle_since = None  # serving (an unauthenticated one stays evictable)
                 if len(head) < REQ.size:
                     head += recv_exact(sock, REQ.size - len(head))
                 if not self._handle(conn, head):
                     return
+                if adm is not None and adm.group is not None:
+                    adm.idle_since = time.monotonic()
         except (OSError, ProtocolError, ssl.SSLError, ValueError) as exc:
             self.stats["dropped"] += 1
             log.debug("%s:// connection from %s closed: %s", self.name, peer, exc)
@@ -1222,6 +1353,11 @@ class ChunkServer:
                 conn.close()
             with self.lock:
                 self.active.pop(raw, None)
+                gone = self.adm.pop(raw, None)
+                if gone is not None and gone.group is not None:
+                    self.groups[gone.group] -= 1
+                    if self.groups[gone.group] <= 0:
+                        del self.groups[gone.group]
             try:
                 sock.close()
             except OSError:
@@ -1247,6 +1383,11 @@ class ChunkServer:
         if not hmac.compare_digest(token, self.token(kind, oid)):
             self.refuse(conn, op, oid, "invalid token")
             conn.error(DENIED, "invalid token for this object")
+            return False
+        if not self._charge(conn, kind, oid):
+            self.stats["busy_group"] += 1
+            conn.error(BUSY, f"too many connections for this {'upload' if kind == 'put' else 'download'}; "
+                       "retry later")
             return False
         if op in EXT_OPS:
             return conn.extension(op, oid, flags, a, b, crc)

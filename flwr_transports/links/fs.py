@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import re
 import secrets
@@ -33,6 +32,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .. import _membuf
 from ..codec import EncodedPayload, decode_hashed
 from ..options import Option, octal_mode, parse_bool
 from ..refs import RefError
@@ -98,17 +98,48 @@ def atomic_write(path: str, payload: EncodedPayload, *, mode: int = 0o600,
 
 
 def _unlink(path: str) -> bool:
+    """Remove whatever is at ``path`` (file, FIFO, socket, symlink, or a directory a
+    client put there); True if something was removed. Never raises: a failure is
+    logged and cleanup of the other names goes on."""
     try:
         os.unlink(path)
         return True
     except FileNotFoundError:
         return False
+    except IsADirectoryError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.EPERM):
+            log.warning("flwr-transports: cannot remove %r: %s", path, exc.strerror or exc)
+            return False
+    try:  # a directory: rmtree removes it without following symlinks inside
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EPERM, "not removable")
+        shutil.rmtree(path)
+        log.warning("flwr-transports: removed a directory found at payload path %r", path)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("flwr-transports: cannot remove %r: %s", path, exc.strerror or exc)
+        return False
 
 
-def open_payload(path: str, size: int) -> PayloadSource:
-    """Open a payload file for ranged reads; refuse links, non-files, wrong sizes."""
+def open_payload(path: str, size: int, *, owner: int | None = None) -> PayloadSource:
+    """Open a payload file for ranged reads from the descriptor that was checked.
+
+    The open never blocks and never follows a symlink (``O_NONBLOCK | O_NOFOLLOW``: a
+    FIFO at the path cannot stall the reader). ``fstat`` of that descriptor must show a
+    regular file of exactly ``size`` bytes with one hard link (and, if ``owner`` is
+    given, owned by that uid). Reads use ``pread`` on the same descriptor (never a
+    memory map, which would turn a file truncated under the reader into SIGBUS): a
+    file that shrinks while it is read is a :class:`RefError`; one whose content
+    changes fails the digest of exactly the bytes decoded.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+                     | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
         raise LinkError(f"payload {path!r} does not exist (expired, cleaned up, or never written)") from None
     except OSError as exc:
@@ -119,28 +150,36 @@ def open_payload(path: str, size: int) -> PayloadSource:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise RefError(f"payload {path!r} is not a regular file; refused")
+        if st.st_nlink != 1:
+            raise RefError(f"payload {path!r} has {st.st_nlink} hard links (want 1); refused")
+        if owner is not None and st.st_uid != owner:
+            raise RefError(f"payload {path!r} is owned by uid {st.st_uid}, not {owner}; refused")
         if st.st_size != size:
             raise RefError(f"payload {path!r} has {st.st_size} bytes, the reference says {size}")
+        os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
-    mm: list[mmap.mmap] = []
 
     def read(off: int, n: int) -> bytes:
+        if off < 0 or n < 0 or off + n > size:
+            raise RefError(f"read({off}, {n}) outside a {size}-byte payload")
         if n <= _MAX_PREAD:
             b = os.pread(fd, n, off)
-            if len(b) == n:
-                return b
-        if not mm:  # huge single array (> 2 GiB) or short read: slice a mapping
-            mm.append(mmap.mmap(fd, 0, prot=mmap.PROT_READ))
-        return mm[0][off : off + n]
+            if len(b) != n:
+                raise RefError(f"payload {path!r} shrank while it was read; refused")
+            return b
+        obj, view = _membuf.alloc_bytes(n)  # > 2 GiB: several preads, one buffer
+        pos = 0
+        while pos < n:
+            got = os.preadv(fd, [view[pos:pos + _MAX_PREAD]], off + pos)
+            if got <= 0:
+                raise RefError(f"payload {path!r} shrank while it was read; refused")
+            pos += got
+        view.release()
+        return obj if isinstance(obj, bytes) else bytes(obj)
 
-    def close() -> None:
-        if mm:
-            mm[0].close()
-        os.close(fd)
-
-    return PayloadSource(read, size, close)
+    return PayloadSource(read, size, lambda: os.close(fd))
 
 
 class _EagerDecoder:
@@ -231,6 +270,8 @@ class _FsServerLink(ServerLink):
         if not os.access(self.root, os.W_OK):
             raise LinkError(f"{self.scheme}:// root {self.root!r} is not writable")
         self.mode = options.mode
+        # uploads must be owned by this user unless the mode shares files with a group
+        self._owner = os.geteuid() if not self.mode & 0o077 else None
         self.fsync = options.fsync
         self._published: dict[str, str] = {}
         self._eager = _EagerDecoder() if options.eager else None
@@ -274,7 +315,7 @@ class _FsServerLink(ServerLink):
         expected = self._claimed_path(slot)
         if claimed != expected:
             raise RefError(f"reply location {claimed!r} is not the location issued for this slot")
-        src = open_payload(claimed, size)  # the usual checks, whether decoded or not
+        src = open_payload(claimed, size, owner=self._owner)  # checked, decoded or not
         pre = self._eager.take(claimed, size) if self._eager is not None else None
         if pre is not None:
             src.predecoded = lambda timeout=None: pre.result(timeout)
@@ -313,11 +354,12 @@ class _FsServerLink(ServerLink):
             if not all_ and pid is not None and pid_alive(pid):
                 continue  # a live run owns it
             path = os.path.join(root, e)
-            if os.path.islink(path) or not os.path.isfile(path):
+            if not os.path.lexists(path):
                 continue
-            found.append(path)
-            if not dry_run:
-                _unlink(path)
+            # whatever it is (a file, or a directory/FIFO/link a client put at its
+            # slot path): ftx- names are ours; removal never follows a link
+            if dry_run or _unlink(path):
+                found.append(path)
         return found
 
 

@@ -525,7 +525,9 @@ class S3ServerLink(ServerLink):
         try:  # anything else of this run (e.g. after a crash of a previous call)
             _sweep(self.s3, self.cfg, self.key_prefix, older_than=None, dry_run=False)
         except Exception as exc:  # noqa: BLE001
-            log.warning("s3: could not sweep %s%s: %s", self.cfg.where(), self.prefix, exc)
+            log.warning("s3: could not sweep the objects of this run (s3://%s/%s*%s): %s",
+                        self.cfg.bucket, self.key_prefix,
+                        f" at {self.cfg.endpoint_url}" if self.cfg.endpoint_url else "", exc)
         self.http.close()
 
     @classmethod

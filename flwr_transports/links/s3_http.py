@@ -335,6 +335,11 @@ def explain(status: int, body: bytes, url: str, what: str) -> S3HttpError:
     detail = f" ({code}{': ' + msg if msg else ''})" if code else f" (HTTP {status})"
     exp = _expiry(url)
     now = datetime.now(UTC)
+    if 300 <= status < 400:
+        return S3HttpError(
+            f"{what}: {where} answered with a redirect (HTTP {status}); flwr-transports never "
+            "follows redirects (a redirect could send the request anywhere): point "
+            "endpoint_url / the bucket region at the store itself", status, code)
     if status == 403:
         if (msg and "expired" in msg.lower()) or (exp is not None and now > exp):
             when = exp.strftime("%Y-%m-%d %H:%M:%S UTC") if exp else "an earlier time"
@@ -439,7 +444,7 @@ class HttpTransport:
 
         def once() -> bytes:
             r = self.session.get(url, headers={"Range": f"bytes={start}-{end - 1}"},
-                                 timeout=self.timeout, stream=True)
+                                 timeout=self.timeout, stream=True, allow_redirects=False)
             try:
                 if r.status_code not in (200, 206):
                     body = r.raw.read(65536, decode_content=True)
@@ -478,7 +483,8 @@ class HttpTransport:
             headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
 
         def once() -> str:
-            r = self.session.put(url, data=body, headers=headers, timeout=self.timeout)
+            r = self.session.put(url, data=body, headers=headers, timeout=self.timeout,
+                                 allow_redirects=False)
             try:
                 if r.status_code not in (200, 201, 204):
                     e = explain(r.status_code, r.content, url, what)

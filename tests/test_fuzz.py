@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from flwr_transports.codec import PayloadError, data_ranges, decode_bytes, encode
 from flwr_transports.errors import RejectedInput
 from flwr_transports.links import LinkError, server_link
-from flwr_transports.refs import RefError, Reference, Ticket
+from flwr_transports.refs import Reference, RefError, Ticket
 
 FUZZ = settings(max_examples=150, deadline=2000, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow,
@@ -222,7 +222,7 @@ def _valid_request(loc) -> bytes:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.one_of(st.binary(max_size=200), mutations.map(lambda m: ("VALID", m))))
 def test_tcp_server_survives_any_bytes(tcp_server, data):
-    link, loc, payload, errors = tcp_server
+    link, loc, _payload, errors = tcp_server
     if isinstance(data, tuple):
         data = _mutate(_valid_request(loc), data[1])
     s = socket.create_connection(("127.0.0.1", link.port), timeout=5)
@@ -243,7 +243,7 @@ def test_tcp_server_still_serves_after_the_fuzzing(tcp_server):
     from flwr_transports.codec import decode
     from flwr_transports.links import client_link
 
-    link, loc, payload, errors = tcp_server
+    _link, loc, payload, errors = tcp_server
     with client_link("tcp").open(loc, payload.size) as src:
         decode(src.read, payload.size, payload.digest)
     assert not errors

@@ -115,6 +115,41 @@ def test_attack_is_a_rejected_reply_and_the_round_goes_on(monkeypatch, filedir, 
     assert _ftx(filedir) == [] and _ours_in_shm() == []
 
 
+@pytest.fixture(scope="module")
+def moto_bucket():
+    pytest.importorskip("boto3", reason="s3:// needs the s3 extra")
+    moto_server = pytest.importorskip("moto.server", reason="s3:// tests need moto[server]")
+    import boto3
+
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="harden")
+    yield s3, f"s3://harden/runs?endpoint_url={endpoint}"
+    srv.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.parametrize("name", attacks.attacks_for("s3"))
+def test_attack_on_s3_is_a_rejected_reply(monkeypatch, moto_bucket, name):
+    s3, url = moto_bucket
+    s, res, errors, dt = hostile_run(monkeypatch, url, [name])
+    _check(s, res, errors, [name])
+    assert dt < 30
+    assert s3.list_objects_v2(Bucket="harden").get("KeyCount", 0) == 0
+    assert not s3.list_multipart_uploads(Bucket="harden").get("Uploads")
+
+
 # ----------------------------------------------------- finding 1: deep nesting
 def test_deep_json_is_a_clean_rejection_on_both_sides():
     from flwr.app import ConfigRecord
@@ -348,7 +383,6 @@ def test_tcp_preauth_deadline_closes_idle_and_trickling_connections():
 def test_tcp_flood_does_not_starve_an_honest_node(mode):
     """One node holds every connection the server allows (unauthenticated, or with
     its own valid download token); an honest node still downloads and uploads."""
-    import struct
 
     from flwr_transports.links import client_link, server_link
     from flwr_transports.links.chunks import OP_INFO, REQ
@@ -395,7 +429,7 @@ def test_tcp_client_retries_busy_beyond_its_retry_count(monkeypatch):
             raise Busy("payload server busy")
         return "ok"
 
-    conn, got = _first_request(lambda: Conn(), fn, retries=2, busy_for=30)
+    _conn, got = _first_request(lambda: Conn(), fn, retries=2, busy_for=30)
     assert got == "ok" and len(calls) == 12
     with pytest.raises(Exception, match="stayed busy"):
         _first_request(lambda: Conn(), lambda c: (_ for _ in ()).throw(Busy("x")), retries=2,

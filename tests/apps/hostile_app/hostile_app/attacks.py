@@ -35,7 +35,7 @@ EXPECT = {
     "deep-header": "nested",
     "garbage-payload": "payload",
     "forged-ticket": "never issued",
-    "size-lie": "the reference says",
+    "size-lie": "bytes",  # "has N bytes, the reference says M" (s3: "... needs M")
     "digest-lie": "digest mismatch",
     "slot-replay": "reuses slot",
     "huge-size": "above the cap",

@@ -87,7 +87,7 @@ def test_api_reference_is_rendered_from_docstrings(site):
     html = (site / "api.html").read_text(encoding="utf-8")
     text = re.sub(r"<[^>]+>", "", html)
     # signatures and docstring text of the public entry points, as generated
-    for name in ("offload", "payload_mod", "ServerLink", "ClientLink", "encode", "Reference",
+    for name in ("offload", "offload_grid", "PayloadMod", "ServerLink", "ClientLink", "encode", "Reference",
                  "LocalDeployment"):
         assert re.search(rf'id="[\w.]*\b{name}"', html), name
     assert "Wrap" in text and "so large ArrayRecords travel over" in text

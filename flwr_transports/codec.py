@@ -323,12 +323,7 @@ def hash_segments(segments: Sequence[bytes | memoryview]) -> str:
 
 
 def record_bytes(content) -> int:
-    """In-band size of a RecordDict: array bytes + the serialized size of other records
-    (the one definition; the offload wrapper's and FDA's statistics use it)."""
-    n = 0
-    for rec in content.values():
-        if isinstance(rec, ArrayRecord):
-            n += rec.count_bytes()
-        else:
-            n += len(rec.deflate())
-    return n
+    """In-band size of a RecordDict as Flower counts it (``count_bytes()`` of every
+    record: array bytes, metric and config keys and values). The one definition: the
+    offload wrapper's and FDA's statistics use it."""
+    return int(sum(rec.count_bytes() for rec in content.values()))

@@ -52,7 +52,9 @@ def runs(tmp_path_factory, ftx_names):
             for name, url in transports.items():
                 result = base / f"{name}.npz"
                 res = dep.run(APP, {"transport": url, "model-mib": MODEL_MIB,
-                                    "result-path": str(result)}, timeout=300)
+                                    "result-path": str(result),
+                                    "release-path": str(base / f"{name}.release")},
+                              timeout=300)
                 assert res.ok, f"{name}: {res.status}\n{res.output[-4000:]}"
                 with np.load(result) as z:
                     arrays = {k: z[k] for k in z.files}

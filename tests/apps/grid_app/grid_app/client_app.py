@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -32,6 +33,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
-    if pid == 1:
-        time.sleep(float(context.run_config["slow-seconds"]))
+    release = str(context.run_config["release-path"])
+    if pid == 1 and release:  # slow until the server has given up on this reply
+        deadline = time.time() + 120
+        while not os.path.exists(release) and time.time() < deadline:
+            time.sleep(0.2)
     return Message(RecordDict({"metrics": MetricRecord({"pid": pid})}), reply_to=msg)

@@ -9,11 +9,13 @@ Clients need no configuration: the scheme and location come with the message.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
+from ..aggregation.layout import WEIGHT_META
 from ..codec import decode, encode, parse_size
 from ..links import client_link
 from ..refs import TICKET_KEY, Reference, RefError, Ticket, is_ref_record, parse_ref_record
@@ -57,11 +59,25 @@ def resolve_message(msg: Message) -> Ticket | None:
     return ticket
 
 
+def claimed_weight(content: RecordDict, key: str | None) -> dict[str, str] | None:
+    """Payload metadata stating the reply's aggregation weight, for a server that
+    aggregates while uploads land (it checks the claim against the in-band reply).
+    The weight is read as Flower's FedAvg reads it: ``key`` in the first MetricRecord."""
+    if not key:
+        return None
+    mrs = list(content.metric_records.values())
+    w = mrs[0].get(key) if mrs else None
+    if isinstance(w, bool) or not isinstance(w, int | float):
+        return None
+    return {WEIGHT_META: json.dumps(w)}
+
+
 def offload_reply(reply: Message, ticket: Ticket) -> None:
     """Upload the reply's large ArrayRecords with ``ticket``; references replace them."""
     if not reply.has_content():
         return
     content = reply.content
+    meta = claimed_weight(content, ticket.weight_key)
     slot = 0
     new = RecordDict()
     for key, rec in content.items():
@@ -71,7 +87,7 @@ def offload_reply(reply: Message, ticket: Ticket) -> None:
                 log.warning("flwr-transports: more large reply records than upload slots; "
                             "%r stays in-band", key)
             else:
-                payload = encode(rec)
+                payload = encode(rec, meta)
                 if payload.size > ticket.max_size:
                     raise RefError(
                         f"reply record {key!r} is {payload.size} bytes, above the server's cap "

@@ -17,6 +17,7 @@ Everything the run created on the link is removed when ``start()`` returns or ra
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
@@ -28,6 +29,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
+from ..aggregation.policy import streaming_decision
+from ..aggregation.round import RoundStream
+from ..aggregation.train import streaming_aggregate_train
 from ..codec import PayloadError, check_digest, decode, encode, parse_size
 from ..links import LinkError, ServerLink, link_classes, server_link, split_url
 from ..refs import (
@@ -46,7 +50,7 @@ log = logging.getLogger("flwr_transports")
 REJECTED_REPLY_CODE = 0x4654
 DEFAULT_THRESHOLD = 1024 * 1024
 MIN_REPLY_CAP = 64 * 1024 * 1024
-WRAPPER_OPTIONS = ("threshold", "max_reply_size", "reply_slots", "fetch_workers")
+WRAPPER_OPTIONS = ("threshold", "max_reply_size", "reply_slots", "fetch_workers", "aggregation")
 
 
 def _mib(n: int) -> str:
@@ -93,6 +97,7 @@ class OffloadStrategy(Strategy):
         self.fetch_workers = int(opts.pop("fetch_workers", 4))
         if not 1 <= self.fetch_workers <= 64:
             raise ValueError("fetch_workers must be between 1 and 64")
+        self.aggregation = str(opts.pop("aggregation", "auto"))
         self.link_options = opts
         if self.scheme is not None:
             srv_cls, _ = link_classes(self.scheme)  # fail fast: unknown scheme / missing dep
@@ -105,6 +110,11 @@ class OffloadStrategy(Strategy):
                 )
         elif opts:
             raise ValueError(f"transport 'inband' takes no link options, got {sorted(opts)}")
+        self.streaming, why = streaming_decision(strategy, self.aggregation)
+        if self.streaming and self.scheme is None:
+            self.streaming, why = False, "inner: transport inband (no link to stream from)"
+        log.info("flwr-transports: aggregation %s", why)
+        self._streams: dict[int, RoundStream] = {}
         self.link: ServerLink | None = None
         self._tickets: dict[str, Ticket] = {}
         self._published: dict[tuple[int, str], list[str]] = {}
@@ -114,6 +124,8 @@ class OffloadStrategy(Strategy):
             "link_bytes_sent": 0, "link_bytes_received": 0,
             "link_seconds_put": 0.0, "link_seconds_get": 0.0,
             "replies_rejected": 0,
+            "agg_tail_s": [], "agg_streamed_rounds": 0, "agg_eager_folds": 0,
+            "agg_settle_folds": 0,
         }
 
     # -- delegation ----------------------------------------------------------------
@@ -163,6 +175,7 @@ class OffloadStrategy(Strategy):
                 self.link = None
         self._tickets.clear()
         self._published.clear()
+        self._streams.clear()
         if self.scheme:
             s = self.stats
             log.info(
@@ -242,6 +255,11 @@ class OffloadStrategy(Strategy):
         t = Ticket(id=tid, scheme=self.scheme, run=int(msg.metadata.run_id), round=server_round,
                    node=node, msg_type=phase, max_size=cap, threshold=self.threshold,
                    slots=slots)
+        if self.streaming and phase == "train":
+            t.weight_key = self.inner.weighted_by_key
+            stream = self._streams.setdefault(server_round, RoundStream(server_round))
+            for i, slot in enumerate(slots):  # fold each upload as soon as it lands
+                link.on_upload(slot, functools.partial(stream.on_landed, (tid, i)))
         self._tickets[tid] = t
         return t
 
@@ -264,6 +282,12 @@ class OffloadStrategy(Strategy):
         path. A reply whose payload fails any check becomes an error reply.
         """
         replies = list(replies)
+        claims, failed = self._claim_all(replies, server_round, phase)
+        return self._fetch_all(replies, claims, failed, server_round, phase)
+
+    def _claim_all(self, replies: list[Message], server_round: int, phase: str
+                   ) -> tuple[dict[int, list[tuple[str, Any, dict]]], dict[int, Exception]]:
+        """Check every reply's references against the tickets, one reply after another."""
         claims: dict[int, list[tuple[str, Any, dict]]] = {}
         failed: dict[int, Exception] = {}
         for k, msg in enumerate(replies):
@@ -274,6 +298,11 @@ class OffloadStrategy(Strategy):
                 claims[k] = self._claim(msg, server_round, phase)
             except (RefError, PayloadError, LinkError, OSError) as exc:
                 failed[k] = exc
+        return claims, failed
+
+    def _fetch_all(self, replies: list[Message], claims: dict, failed: dict[int, Exception],
+                   server_round: int, phase: str) -> list[Message]:
+        """Fetch, verify and decode the claimed payloads; failed replies become errors."""
         jobs = [(k, key, ref, slot) for k, cl in claims.items() for key, ref, slot in cl]
         results: dict[tuple[int, str], Any] = {}
         if len(jobs) > 1 and self.fetch_workers > 1:
@@ -308,13 +337,22 @@ class OffloadStrategy(Strategy):
             if exc is None:
                 out.append(msg)
                 continue
-            self.stats["replies_rejected"] += 1
-            reason = (f"flwr-transports rejected the reply payload of node "
-                      f"{msg.metadata.src_node_id}: {exc}")
-            log.warning(reason)
-            out.append(Message(metadata=msg.metadata,
-                               error=Error(code=REJECTED_REPLY_CODE, reason=reason)))
-        # this phase's tickets are spent: remove unused slots, forget the tickets
+            out.append(self._rejected(msg, exc))
+        self._end_phase(server_round, phase)
+        return out
+
+    def _rejected(self, msg: Message, exc: Exception) -> Message:
+        self.stats["replies_rejected"] += 1
+        reason = (f"flwr-transports rejected the reply payload of node "
+                  f"{msg.metadata.src_node_id}: {exc}")
+        log.warning(reason)
+        return Message(metadata=msg.metadata, error=Error(code=REJECTED_REPLY_CODE, reason=reason))
+
+    def _end_phase(self, server_round: int, phase: str) -> None:
+        """This phase's tickets are spent: remove unused slots, forget the tickets."""
+        if phase == "train":
+            for r in [r for r in self._streams if r <= server_round]:
+                self._streams.pop(r).close()
         if self.link is not None:
             for tid, t in list(self._tickets.items()):
                 if (t.round, t.msg_type) == (server_round, phase) or t.round < server_round:
@@ -322,7 +360,6 @@ class OffloadStrategy(Strategy):
                         self.link.discard_slot(slot)
                     del self._tickets[tid]
             self._release(server_round, phase)
-        return out
 
     def _claim(self, msg: Message, server_round: int, phase: str) -> list[tuple[str, Any, dict]]:
         """Check every payload reference of a reply against its ticket (serially)."""
@@ -364,7 +401,16 @@ class OffloadStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(server_round, self._resolve(replies, server_round, "train"))
+        stream = self._streams.get(server_round)
+        try:
+            if stream is not None:
+                return streaming_aggregate_train(self, stream, server_round, list(replies))
+            return self.inner.aggregate_train(
+                server_round, self._resolve(replies, server_round, "train"))
+        finally:  # the aggregation tail: last upload landed -> aggregate_train returns
+            landed = self.link.last_landed if self.link is not None else None
+            if landed is not None:
+                self.stats["agg_tail_s"].append(round(time.perf_counter() - landed, 4))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -386,9 +432,11 @@ def offload(strategy: Strategy, transport: str = "inband", **options: Any) -> Of
     ``threshold`` (default 1 MiB; records below it stay in-band), ``max_reply_size``
     (cap on a client's reply payload; default max(4x the largest outgoing payload,
     64 MiB)), ``reply_slots`` (large reply records per message, default 2),
-    ``fetch_workers`` (replies fetched and decoded at once, default 4), plus the
-    link's own options (see the docs of each link).
+    ``fetch_workers`` (replies fetched and decoded at once, default 4),
+    ``aggregation`` (``auto`` (default), ``streaming`` or ``inner``: see
+    docs/aggregation.md), plus the link's own options (see the docs of each link).
 
     Must be the OUTERMOST wrapper (around DP wrappers, FedProx, FedAdam, ...).
     """
     return OffloadStrategy(strategy, transport, **options)
+

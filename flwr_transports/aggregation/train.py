@@ -1,0 +1,136 @@
+"""``aggregate_train`` of ``offload(..., aggregation="streaming")``.
+
+1. Replies that cannot stream as a whole (a valid reply without exactly one
+   offloaded ArrayRecord and one MetricRecord holding a numeric weight) make the round
+   take the ``inner`` path: decoded replies, Flower's own aggregation, same outcome
+   (including the same exceptions) as without streaming.
+2. Every reference is checked against its ticket (the wrapper's ``_claim``), exactly
+   as on the ``inner`` path; a bad one turns its reply into an error reply.
+3. :meth:`RoundStream.settle` makes the running sum that of exactly the accepted
+   replies (digest and weight checked; rebuilt from the link if anything folded does
+   not count).
+4. The inner strategy runs its own ``aggregate_train`` on the real replies (metrics
+   intact) whose ArrayRecords are placeholders with the same array names; Flower's
+   ``aggregate_arrayrecords`` returns the streamed mean during that call
+   (:mod:`.inject`). If the strategy does not ask for exactly that, the round is
+   redone from decoded replies.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, Message
+
+from ..codec import PayloadError
+from ..links import LinkError
+from ..refs import RefError, is_ref_record
+from .inject import NotStreamed, streamed_mean
+from .layout import Unfoldable
+from .round import Accepted, RoundStream
+
+log = logging.getLogger("flwr_transports")
+
+
+def _weight(msg: Message, key: str) -> Any:
+    mrs = list(msg.content.metric_records.values())
+    return mrs[0].get(key) if len(mrs) == 1 else None
+
+
+def _streamable(msg: Message, key: str) -> bool:
+    c = msg.content
+    ars = list(c.array_records.values())
+    w = _weight(msg, key)
+    return (len(ars) == 1 and is_ref_record(ars[0]) and not isinstance(w, bool)
+            and isinstance(w, int | float))
+
+
+def streaming_aggregate_train(wrapper, stream: RoundStream, server_round: int,
+                              replies: list[Message]):
+    inner, key = wrapper.inner, wrapper.inner.weighted_by_key
+    stream.close()
+    if not all(m.has_error() or _streamable(m, key) for m in replies):
+        log.info("flwr-transports: round %d: a reply cannot be streamed; the inner "
+                 "strategy aggregates decoded replies", server_round)
+        return inner.aggregate_train(
+            server_round, wrapper._resolve(replies, server_round, "train"))
+    claims, failed = wrapper._claim_all(replies, server_round, "train")
+    accepted: list[Accepted] = []
+    by_key: dict[Any, tuple[str, Any, dict]] = {}
+    for k, cl in claims.items():
+        if k in failed:
+            continue
+        (rkey, ref, slot), = cl  # _streamable: exactly one reference
+        try:  # the link's own checks of the claimed location and size (no read)
+            wrapper.link.open_upload(slot, ref.loc, ref.size).close()
+        except (RefError, PayloadError, LinkError, OSError) as exc:
+            failed[k] = exc
+            continue
+        t = wrapper._tickets[ref.ticket]
+        skey = (t.id, ref.slot)
+        by_key[skey] = (rkey, ref, slot)
+        accepted.append(Accepted(index=k, key=skey, digest=ref.digest,
+                                 weight=_weight(replies[k], key), size=ref.size))
+
+    @contextmanager
+    def open_upload(a: Accepted):
+        _rkey, ref, slot = by_key[a.key]
+        with wrapper.link.open_upload(slot, ref.loc, ref.size) as src:
+            yield src
+
+    try:
+        total, rejected = stream.settle(accepted, open_upload)
+    except Unfoldable as exc:
+        log.info("flwr-transports: round %d: %s; the inner strategy aggregates decoded "
+                 "replies", server_round, exc)
+        return inner.aggregate_train(
+            server_round, wrapper._fetch_all(replies, claims, failed, server_round, "train"))
+    failed.update(rejected)
+    out: list[Message] = []
+    originals: dict[int, tuple[str, ArrayRecord]] = {}
+    placeholder = None
+    if total is not None:
+        placeholder = {a.plan.name: (a.plan.dtype, a.plan.shape, a.plan.stype)
+                       for a in total.accs}
+    for k, msg in enumerate(replies):
+        if k in failed:
+            out.append(wrapper._rejected(msg, failed[k]))
+            continue
+        if k in claims:
+            (rkey, ref, _slot), = claims[k]
+            originals[k] = (rkey, msg.content[rkey])
+            msg.content[rkey] = ArrayRecord({n: Array(dtype=d, shape=sh, stype=st, data=b"")
+                                             for n, (d, sh, st) in placeholder.items()})
+            wrapper.stats["link_bytes_received"] += ref.size
+        out.append(msg)
+    expected = [m.content for k, m in enumerate(replies) if k in originals]
+    asked = []
+
+    def give(records, weighting_metric_name):
+        if weighting_metric_name != key or [id(r) for r in records] != [id(c) for c in expected]:
+            raise NotStreamed("the strategy asked for the mean of other replies")
+        asked.append(True)
+        return total.mean()
+
+    try:
+        try:
+            with streamed_mean(give):
+                result = inner.aggregate_train(server_round, out)
+            if result[0] is not None and not asked:
+                raise NotStreamed("the strategy computed arrays without aggregate_arrayrecords")
+        except NotStreamed as exc:
+            log.warning("flwr-transports: round %d: %s; aggregating decoded replies instead",
+                        server_round, exc)
+            for k, (rkey, rec) in originals.items():
+                replies[k].content[rkey] = rec
+            wrapper.stats["replies_rejected"] -= len(failed)  # counted again below
+            return inner.aggregate_train(
+                server_round, wrapper._fetch_all(replies, claims, failed, server_round, "train"))
+        wrapper.stats["agg_streamed_rounds"] += 1
+        wrapper.stats["agg_eager_folds"] += stream.eager_folds
+        wrapper.stats["agg_settle_folds"] += stream.settle_folds
+        return result
+    finally:
+        wrapper._end_phase(server_round, "train")

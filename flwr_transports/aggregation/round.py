@@ -60,6 +60,7 @@ class RoundStream:
         self.last_landed: float | None = None  # perf_counter() of the last landing
         self.eager_folds = 0
         self.settle_folds = 0
+        self.rebuilds = 0
 
     # -- link side (background threads) ------------------------------------------
     def on_landed(self, key: Any, src) -> None:
@@ -116,6 +117,7 @@ class RoundStream:
                 log.info("flwr-transports: round %d: rebuilding the streamed sum from the "
                          "link (a folded upload does not count)", self.round)
                 s.reset()
+                self.rebuilds += 1
             done = {k for k, _ in s.folded} if s is not None else set()
             again = False
             for a in (x for x in accepted if x.key in want and x.key not in done):

@@ -34,6 +34,13 @@ from .round import Accepted, RoundStream
 log = logging.getLogger("flwr_transports")
 
 
+#: stype of the placeholders that stand in for a reply's arrays while the inner
+#: strategy runs (same names, dtypes and shapes, no data). Reading one (Flower then
+#: raises TypeError naming this stype) or returning one means the strategy wants more
+#: than the mean: the round is then redone from decoded replies.
+PLACEHOLDER_STYPE = "flwr_transports.placeholder (streaming aggregation: no data here)"
+
+
 def _weight(msg: Message, key: str) -> Any:
     mrs = list(msg.content.metric_records.values())
     return mrs[0].get(key) if len(mrs) == 1 else None
@@ -101,8 +108,9 @@ def streaming_aggregate_train(wrapper, stream: RoundStream, server_round: int,
         if k in claims:
             (rkey, ref, _slot), = claims[k]
             originals[k] = (rkey, msg.content[rkey])
-            msg.content[rkey] = ArrayRecord({n: Array(dtype=d, shape=sh, stype=st, data=b"")
-                                             for n, (d, sh, st) in placeholder.items()})
+            msg.content[rkey] = ArrayRecord({
+                n: Array(dtype=d, shape=sh, stype=PLACEHOLDER_STYPE, data=b"")
+                for n, (d, sh, _st) in placeholder.items()})
             wrapper.stats["link_bytes_received"] += ref.size
         out.append(msg)
     expected = [m.content for k, m in enumerate(replies) if k in originals]
@@ -118,9 +126,12 @@ def streaming_aggregate_train(wrapper, stream: RoundStream, server_round: int,
         try:
             with streamed_mean(give):
                 result = inner.aggregate_train(server_round, out)
-            if result[0] is not None and not asked:
+            if result[0] is not None and (not asked or any(
+                    a.stype == PLACEHOLDER_STYPE for a in result[0].values())):
                 raise NotStreamed("the strategy computed arrays without aggregate_arrayrecords")
-        except NotStreamed as exc:
+        except (NotStreamed, TypeError) as exc:
+            if isinstance(exc, TypeError) and PLACEHOLDER_STYPE not in str(exc):
+                raise  # the strategy's own failure, as without streaming
             log.warning("flwr-transports: round %d: %s; aggregating decoded replies instead",
                         server_round, exc)
             for k, (rkey, rec) in originals.items():
@@ -131,6 +142,7 @@ def streaming_aggregate_train(wrapper, stream: RoundStream, server_round: int,
         wrapper.stats["agg_streamed_rounds"] += 1
         wrapper.stats["agg_eager_folds"] += stream.eager_folds
         wrapper.stats["agg_settle_folds"] += stream.settle_folds
+        wrapper.stats["agg_rebuilds"] += stream.rebuilds
         return result
     finally:
         wrapper._end_phase(server_round, "train")

@@ -512,3 +512,13 @@ def test_is_ref_record_placeholder_never_leaks():
     offload(Look(), transport="shm://").start(FaultyGrid(_app(), faulty=False), _initial(),
                                               num_rounds=1)
     assert seen and not any(seen)
+
+
+def test_wrapper_options_in_the_url_do_not_reach_the_link(tmp_path):
+    """``?aggregation=`` and ``?threshold=`` ride in the URL next to link options."""
+    s = offload(FedAvg(), transport=f"file://{tmp_path}?aggregation=inner&threshold=512KiB"
+                                     "&eager=false")
+    assert not s.streaming and s.threshold == 512 * 1024 and s.link_options == {"eager": "false"}
+    random.seed(1234)
+    res = s.start(FaultyGrid(_app(), faulty=False), _initial(), num_rounds=1)
+    assert s.stats["link_bytes_received"] > 0 and res.arrays["w"].numpy().shape == (400, 700)

@@ -89,6 +89,8 @@ def streaming_aggregate_train(wrapper, stream: RoundStream, server_round: int,
 
     try:
         total, rejected = stream.settle(accepted, open_upload)
+        if total is not None and total.total == 0:
+            raise Unfoldable("the weights add up to 0")  # Flower raises its own error
     except Unfoldable as exc:
         log.info("flwr-transports: round %d: %s; the inner strategy aggregates decoded "
                  "replies", server_round, exc)

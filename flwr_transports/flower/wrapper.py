@@ -23,6 +23,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -192,7 +193,13 @@ class OffloadStrategy(Strategy):
                 run_id = grid.run.run_id
             except Exception:  # noqa: BLE001 - grid without a run (tests, custom grids)
                 run_id = 0
-            self.link = server_link(self.transport, run_id, self.link_options)
+            # the link parses the URL query too: give it the URL without the wrapper's
+            # own keys (?threshold=..., ?aggregation=...), which it would refuse
+            u = urlsplit(self.transport)
+            q = [(k, v) for k, v in parse_qsl(u.query, keep_blank_values=True)
+                 if k not in WRAPPER_OPTIONS]
+            url = urlunsplit(u._replace(query=urlencode(q)))
+            self.link = server_link(url, run_id, self.link_options)
         return self.link
 
     # -- outgoing ------------------------------------------------------------------

@@ -522,3 +522,27 @@ def test_wrapper_options_in_the_url_do_not_reach_the_link(tmp_path):
     random.seed(1234)
     res = s.start(FaultyGrid(_app(), faulty=False), _initial(), num_rounds=1)
     assert s.stats["link_bytes_received"] > 0 and res.arrays["w"].numpy().shape == (400, 700)
+
+
+def test_fold_from_a_store_reads_each_window_once():
+    """A source with ranged reads only (s3://): headers, then one read per window."""
+    records = [_record(s, big=True) for s in range(2)]
+    weights = [1, 3]
+    acc = None
+    for rec, w in zip(records, weights):
+        payload = encode(rec)
+        mv = memoryview(payload.to_bytes())
+        reads = []
+
+        def read(off, n, mv=mv, reads=reads):
+            reads.append(n)
+            return bytes(mv[off:off + n])
+
+        src = Source(len(mv), read)
+        plan = plan_payload(read, len(mv))
+        n_plan = len(reads)
+        acc = acc or WeightedSum(plan)
+        assert acc.fold(src, plan, w) == payload.digest
+        assert len(reads) - n_plan == -(-len(mv) // (16 * MiB))
+    got, want = acc.mean(), _flower(records, weights)
+    assert _max_rel(want["w"].numpy(), got["w"].numpy()) <= 1e-6

@@ -165,6 +165,11 @@ class WeightedSum:
         a, b = t * WINDOW, min(plan.size, (t + 1) * WINDOW)
         h = hashlib.sha256()
         frags = []
+        if src.view is None and src.readinto is None:  # a store: ONE ranged read per window
+            whole = memoryview(src.read(a, b - a))
+            if len(whole) != b - a:
+                raise PayloadError(f"short read at offset {a}: wanted {b - a}, got {len(whole)}")
+            src = Source(plan.size, view=lambda o, n: whole[o - a:o - a + n])
         for s, e, k in segs:
             p, q = max(s, a), min(e, b)
             if p >= q:

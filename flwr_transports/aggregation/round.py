@@ -61,6 +61,7 @@ class RoundStream:
         self.eager_folds = 0
         self.settle_folds = 0
         self.rebuilds = 0
+        self.fold_s: list[float] = []  # seconds per eager fold
 
     # -- link side (background threads) ------------------------------------------
     def on_landed(self, key: Any, src) -> None:
@@ -78,9 +79,11 @@ class RoundStream:
                     return
                 if self.sum is None:
                     self.sum = WeightedSum(plan)
+                t0 = time.perf_counter()
                 st.digest = self.sum.fold(Source.of(src), plan, plan.weight, key)
                 st.status, st.weight = "folded", plan.weight
                 self.eager_folds += 1
+                self.fold_s.append(round(time.perf_counter() - t0, 4))
             except Unfoldable as exc:
                 st.status, st.error = "unfoldable", exc
             except Exception as exc:  # noqa: BLE001 - hostile payload / vanished file: decided at settle

@@ -145,6 +145,7 @@ def streaming_aggregate_train(wrapper, stream: RoundStream, server_round: int,
         wrapper.stats["agg_eager_folds"] += stream.eager_folds
         wrapper.stats["agg_settle_folds"] += stream.settle_folds
         wrapper.stats["agg_rebuilds"] += stream.rebuilds
+        wrapper.stats.setdefault("agg_fold_s", []).extend(stream.fold_s)
         return result
     finally:
         wrapper._end_phase(server_round, "train")

@@ -263,6 +263,9 @@ def _one(dep, app: Path, url: str, model_mib: float, rounds: int, repeat: int,
     if tails:
         row["agg_tail_s"] = statistics.mean(tails)
         row["agg_tail_max_s"] = max(tails)
+    inside = (summary.get("stats") or {}).get("agg_train_s") or []
+    if inside:  # of which aggregate_train itself (the rest: Flower delivering replies)
+        row["agg_train_s"] = statistics.mean(inside)
     return row
 
 

@@ -125,7 +125,7 @@ class OffloadStrategy(Strategy):
             "link_bytes_sent": 0, "link_bytes_received": 0,
             "link_seconds_put": 0.0, "link_seconds_get": 0.0,
             "replies_rejected": 0,
-            "agg_tail_s": [], "agg_streamed_rounds": 0, "agg_eager_folds": 0,
+            "agg_tail_s": [], "agg_train_s": [], "agg_streamed_rounds": 0, "agg_eager_folds": 0,
             "agg_settle_folds": 0, "agg_rebuilds": 0,
         }
 
@@ -409,15 +409,18 @@ class OffloadStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stream = self._streams.get(server_round)
+        t0 = time.perf_counter()
         try:
             if stream is not None:
                 return streaming_aggregate_train(self, stream, server_round, list(replies))
             return self.inner.aggregate_train(
                 server_round, self._resolve(replies, server_round, "train"))
         finally:  # the aggregation tail: last upload landed -> aggregate_train returns
+            now = time.perf_counter()
+            self.stats["agg_train_s"].append(round(now - t0, 4))  # inside aggregate_train
             landed = self.link.last_landed if self.link is not None else None
             if landed is not None:
-                self.stats["agg_tail_s"].append(round(time.perf_counter() - landed, 4))
+                self.stats["agg_tail_s"].append(round(now - landed, 4))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

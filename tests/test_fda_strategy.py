@@ -383,7 +383,8 @@ def test_composes_with_offload_file_link(split, tmp_path):
         InProcessGrid(D.make_client_app(split), K), _init(), num_rounds=3
     )
     inner = offload(
-        FedAvg(min_available_nodes=K, fraction_evaluate=0.0), f"file://{link_dir}", threshold=1
+        FedAvg(min_available_nodes=K, fraction_evaluate=0.0), f"file://{link_dir}", threshold=1,
+        aggregation="inner",  # bit-exact FedAvg (streaming is exact only to float rounding)
     )
     fda = FDA(inner, threshold=0.0, variant="linear")
     app = D.make_client_app(split, mods=[payload_mod, fda_mod])

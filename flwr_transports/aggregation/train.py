@@ -24,7 +24,7 @@ from typing import Any
 
 from flwr.app import Array, ArrayRecord, Message
 
-from ..codec import PayloadError
+from ..codec import PayloadError, decode
 from ..links import LinkError
 from ..refs import RefError, is_ref_record
 from .inject import NotStreamed, streamed_mean
@@ -64,28 +64,52 @@ def streaming_aggregate_train(wrapper, stream: RoundStream, server_round: int,
         return inner.aggregate_train(
             server_round, wrapper._resolve(replies, server_round, "train"))
     claims, failed = wrapper._claim_all(replies, server_round, "train")
+    sources: dict[int, Any] = {}  # reply index -> the upload, opened ONCE (s3: one use)
+    try:
+        return _settle_and_run(wrapper, stream, server_round, replies, claims, failed, sources)
+    finally:
+        for src in sources.values():
+            src.close()
+        wrapper._end_phase(server_round, "train")
+
+
+def _decoded(wrapper, replies, claims, failed, sources) -> list[Message]:
+    """The ``inner`` path from the uploads already open: decode, verify, hand over."""
+    out = []
+    for k, msg in enumerate(replies):
+        exc = failed.get(k)
+        if exc is None and k in sources:
+            (rkey, ref, _slot), = claims[k]
+            try:
+                msg.content[rkey] = decode(sources[k].read, ref.size, ref.digest)
+                wrapper.stats["link_bytes_received"] += ref.size
+            except (PayloadError, LinkError, OSError) as e:
+                exc = e
+        out.append(msg if exc is None else wrapper._rejected(msg, exc))
+    return out
+
+
+def _settle_and_run(wrapper, stream, server_round, replies, claims, failed, sources):
+    inner, key = wrapper.inner, wrapper.inner.weighted_by_key
     accepted: list[Accepted] = []
-    by_key: dict[Any, tuple[str, Any, dict]] = {}
+    index: dict[Any, int] = {}
     for k, cl in claims.items():
         if k in failed:
             continue
         (rkey, ref, slot), = cl  # _streamable: exactly one reference
-        try:  # the link's own checks of the claimed location and size (no read)
-            wrapper.link.open_upload(slot, ref.loc, ref.size).close()
+        try:  # the link's own checks of the claimed location and size
+            sources[k] = wrapper.link.open_upload(slot, ref.loc, ref.size)
         except (RefError, PayloadError, LinkError, OSError) as exc:
             failed[k] = exc
             continue
-        t = wrapper._tickets[ref.ticket]
-        skey = (t.id, ref.slot)
-        by_key[skey] = (rkey, ref, slot)
+        skey = (ref.ticket, ref.slot)
+        index[skey] = k
         accepted.append(Accepted(index=k, key=skey, digest=ref.digest,
                                  weight=_weight(replies[k], key), size=ref.size))
 
     @contextmanager
     def open_upload(a: Accepted):
-        _rkey, ref, slot = by_key[a.key]
-        with wrapper.link.open_upload(slot, ref.loc, ref.size) as src:
-            yield src
+        yield sources[index[a.key]]  # closed by the caller, after the round
 
     try:
         total, rejected = stream.settle(accepted, open_upload)
@@ -95,24 +119,23 @@ def streaming_aggregate_train(wrapper, stream: RoundStream, server_round: int,
         log.info("flwr-transports: round %d: %s; the inner strategy aggregates decoded "
                  "replies", server_round, exc)
         return inner.aggregate_train(
-            server_round, wrapper._fetch_all(replies, claims, failed, server_round, "train"))
+            server_round, _decoded(wrapper, replies, claims, failed, sources))
     failed.update(rejected)
     out: list[Message] = []
     originals: dict[int, tuple[str, ArrayRecord]] = {}
     placeholder = None
     if total is not None:
-        placeholder = {a.plan.name: (a.plan.dtype, a.plan.shape, a.plan.stype)
-                       for a in total.accs}
+        placeholder = {a.plan.name: (a.plan.dtype, a.plan.shape) for a in total.accs}
     for k, msg in enumerate(replies):
         if k in failed:
             out.append(wrapper._rejected(msg, failed[k]))
             continue
-        if k in claims:
+        if k in sources:
             (rkey, ref, _slot), = claims[k]
             originals[k] = (rkey, msg.content[rkey])
             msg.content[rkey] = ArrayRecord({
                 n: Array(dtype=d, shape=sh, stype=PLACEHOLDER_STYPE, data=b"")
-                for n, (d, sh, _st) in placeholder.items()})
+                for n, (d, sh) in placeholder.items()})
             wrapper.stats["link_bytes_received"] += ref.size
         out.append(msg)
     expected = [m.content for k, m in enumerate(replies) if k in originals]
@@ -125,27 +148,27 @@ def streaming_aggregate_train(wrapper, stream: RoundStream, server_round: int,
         return total.mean()
 
     try:
-        try:
-            with streamed_mean(give):
-                result = inner.aggregate_train(server_round, out)
-            if result[0] is not None and (not asked or any(
-                    a.stype == PLACEHOLDER_STYPE for a in result[0].values())):
-                raise NotStreamed("the strategy computed arrays without aggregate_arrayrecords")
-        except (NotStreamed, TypeError) as exc:
-            if isinstance(exc, TypeError) and PLACEHOLDER_STYPE not in str(exc):
-                raise  # the strategy's own failure, as without streaming
-            log.warning("flwr-transports: round %d: %s; aggregating decoded replies instead",
-                        server_round, exc)
-            for k, (rkey, rec) in originals.items():
-                replies[k].content[rkey] = rec
-            wrapper.stats["replies_rejected"] -= len(failed)  # counted again below
-            return inner.aggregate_train(
-                server_round, wrapper._fetch_all(replies, claims, failed, server_round, "train"))
-        wrapper.stats["agg_streamed_rounds"] += 1
-        wrapper.stats["agg_eager_folds"] += stream.eager_folds
-        wrapper.stats["agg_settle_folds"] += stream.settle_folds
-        wrapper.stats["agg_rebuilds"] += stream.rebuilds
-        wrapper.stats.setdefault("agg_fold_s", []).extend(stream.fold_s)
-        return result
-    finally:
-        wrapper._end_phase(server_round, "train")
+        with streamed_mean(give):
+            result = inner.aggregate_train(server_round, out)
+        if result[0] is not None and (not asked or any(
+                a.stype == PLACEHOLDER_STYPE for a in result[0].values())):
+            raise NotStreamed("the strategy computed arrays without aggregate_arrayrecords")
+    except (NotStreamed, TypeError) as exc:
+        if isinstance(exc, TypeError) and PLACEHOLDER_STYPE not in str(exc):
+            raise  # the strategy's own failure, as without streaming
+        log.warning("flwr-transports: round %d: %s; aggregating decoded replies instead",
+                    server_round, exc)
+        for k, (rkey, rec) in originals.items():
+            replies[k].content[rkey] = rec
+        stats = wrapper.stats
+        stats["replies_rejected"] -= len(failed)  # counted again below
+        stats["link_bytes_received"] -= sum(claims[k][0][1].size for k in originals)
+        return inner.aggregate_train(
+            server_round, _decoded(wrapper, replies, claims, failed, sources))
+    stats = wrapper.stats
+    stats["agg_streamed_rounds"] += 1
+    stats["agg_eager_folds"] += stream.eager_folds
+    stats["agg_settle_folds"] += stream.settle_folds
+    stats["agg_rebuilds"] += stream.rebuilds
+    stats["agg_fold_s"].extend(stream.fold_s)
+    return result

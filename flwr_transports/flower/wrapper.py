@@ -126,7 +126,7 @@ class OffloadStrategy(Strategy):
             "link_seconds_put": 0.0, "link_seconds_get": 0.0,
             "replies_rejected": 0,
             "agg_tail_s": [], "agg_train_s": [], "agg_streamed_rounds": 0, "agg_eager_folds": 0,
-            "agg_settle_folds": 0, "agg_rebuilds": 0,
+            "agg_settle_folds": 0, "agg_rebuilds": 0, "agg_fold_s": [],
         }
 
     # -- delegation ----------------------------------------------------------------

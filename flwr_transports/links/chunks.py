@@ -373,6 +373,9 @@ def _close_map(m: mmap.mmap) -> None:
         pass
 
 
+POOL_GRAIN = 1 << 20
+
+
 class BufferPool:
     """Receive buffers kept for reuse: FL moves same-size payloads every round.
 
@@ -398,7 +401,9 @@ class BufferPool:
             if best is not None:
                 self.hits += 1
                 return self.free.pop(best)
-        return alloc_buffer(size)
+        # whole MiBs: next round's payload is often a few bytes larger (a dtype name in
+        # the header, e.g. int64 -> float64 after FedAvg) and must still fit this buffer
+        return alloc_buffer(-(-size // POOL_GRAIN) * POOL_GRAIN if size >= POOL_GRAIN else size)
 
     def put(self, m: mmap.mmap) -> None:
         if m.closed:

@@ -267,8 +267,8 @@ def _initial() -> ArrayRecord:
                         "steps": Array(np.arange(6, dtype=np.int64))})
 
 
-def _app() -> ClientApp:
-    app = ClientApp(mods=[payload_mod])
+def _app(mods=()) -> ClientApp:
+    app = ClientApp(mods=[payload_mod, *mods])
 
     @app.train()
     def train(msg: Message, ctx) -> Message:
@@ -566,3 +566,31 @@ def test_fold_from_a_store_reads_each_window_once():
         assert len(reads) - n_plan == -(-len(mv) // (16 * MiB))
     got, want = acc.mean(), _flower(records, weights)
     assert _max_rel(want["w"].numpy(), got["w"].numpy()) <= 1e-6
+
+
+def test_first_upload_with_another_layout_does_not_spoil_the_round():
+    """Node 101 uploads FIRST with another layout (an extra array), then its reply is
+    refused: the sum is rebuilt laid out by the replies that count, still streamed."""
+
+    def extra_mod(msg, ctx, call_next):  # runs inside payload_mod: before the upload
+        reply = call_next(msg, ctx)
+        if ctx.node_id == 101 and msg.metadata.message_type == "train":
+            reply.content["arrays"]["extra"] = Array(np.zeros(10, dtype=np.float32))
+        return reply
+
+    class ExtraArrayGrid(FaultyGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+            out = super().send_and_receive(messages, timeout=timeout)
+            for r in out:  # node 101's reply is then refused (its digest lies)
+                if r.metadata.src_node_id == 101 and r.metadata.message_type == "train":
+                    doc = _ref_doc(r.content["arrays"])
+                    doc["digest"] = "sha256t:" + "1" * 64
+                    r.content["arrays"] = _ref_rec(doc)
+            return out
+
+    grid = ExtraArrayGrid(_app([extra_mod]), faulty=False)
+    s, res, _ = _run(FedAvg(), "shm://", "streaming", grid=grid, rounds=1)
+    assert s.stats["replies_rejected"] == 1
+    assert s.stats["agg_streamed_rounds"] == 1 and s.stats["agg_rebuilds"] == 1
+    assert "extra" not in res.arrays

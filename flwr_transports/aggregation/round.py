@@ -119,7 +119,9 @@ class RoundStream:
             if s is not None and not clean:
                 log.info("flwr-transports: round %d: rebuilding the streamed sum from the "
                          "link (a folded upload does not count)", self.round)
-                s.reset()
+                # a new sum, laid out by the first reply that counts (not by whichever
+                # upload happened to land first)
+                self.sum = s = None
                 self.rebuilds += 1
             done = {k for k, _ in s.folded} if s is not None else set()
             again = False

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,7 +141,8 @@ class WeightedSum:
             else:
                 futs = [_pool().submit(self._window, src, plan, segs, t, w, first)
                         for t in range(n_win)]
-                parts = [f.result() for f in futs]  # all finish before we go on
+                wait(futs)  # every window is done (none still writes) before we go on
+                parts = [f.result() for f in futs]
             frags: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
             for _leaf, fr in parts:
                 for key, piece in fr:

@@ -66,7 +66,8 @@ class EncodedPayload:
         return b"".join(self.segments)
 
 
-def _header(record: ArrayRecord) -> tuple[bytes, list[bytes]]:
+def _header(record: ArrayRecord, extra_meta: dict[str, str] | None = None
+            ) -> tuple[bytes, list[bytes]]:
     arrays_meta = []
     tensors: dict[str, dict] = {}
     datas: list[bytes] = []
@@ -81,15 +82,20 @@ def _header(record: ArrayRecord) -> tuple[bytes, list[bytes]]:
         datas.append(data)
         offset += n
     meta = {"format": FORMAT, _META_KEY: json.dumps(arrays_meta, separators=(",", ":"))}
+    for k, v in (extra_meta or {}).items():  # e.g. the claimed aggregation weight
+        if k not in meta:
+            meta[k] = str(v)
     hdr = {"__metadata__": meta, **tensors}
     raw = json.dumps(hdr, separators=(",", ":")).encode()
     raw += b" " * ((-len(raw)) % 8)  # safetensors: pad header to 8 bytes
     return struct.pack("<Q", len(raw)) + raw, datas
 
 
-def encode(record: ArrayRecord) -> EncodedPayload:
-    """Encode an ArrayRecord. No array data is copied; the digest is computed here."""
-    head, datas = _header(record)
+def encode(record: ArrayRecord, meta: dict[str, str] | None = None) -> EncodedPayload:
+    """Encode an ArrayRecord. No array data is copied; the digest is computed here.
+    ``meta``: extra string entries for the safetensors ``__metadata__`` (covered by the
+    digest like everything else)."""
+    head, datas = _header(record, meta)
     segments = [head, *datas]
     return EncodedPayload(
         segments=segments,

@@ -4,7 +4,8 @@ Starts a SuperLink and 2 SuperNodes on 127.0.0.1 (free ports), runs the example 
 (examples/quickstart-offload) for a few rounds in-band and over shm://, file:// and,
 when the s3 extra and moto are installed, s3:// against an embedded S3 server; then
 prints round time, bytes through Flower, bytes through the link, SuperLink peak RSS,
-and whether every transport produced the identical final model. Cleans up after
+and whether every transport produced the same final model (to float rounding: the
+offloaded runs aggregate while uploads land, see docs/aggregation.md). Cleans up after
 itself (processes, payloads, the temporary S3 bucket).
 """
 
@@ -193,11 +194,16 @@ def main(argv: list[str]) -> int:
         m = models.get(label)
         if m is None or base is None:
             return "-"
-        ok = m.keys() == base.keys() and all(np.array_equal(m[k], base[k]) for k in m)
+        # offloaded runs aggregate while uploads land (aggregation=auto): the same mean,
+        # summed in another order, so equal to in-band up to float rounding
+        ok = m.keys() == base.keys() and all(
+            m[k].dtype == base[k].dtype and m[k].shape == base[k].shape and (
+                np.array_equal(m[k], base[k]) or np.max(np.abs(m[k] - base[k]))
+                <= 1e-6 * max(float(np.max(np.abs(base[k]))), 1e-30)) for k in m)
         return "yes" if ok else "NO"
 
     head = ("transport", "round time", "via Flower", "via link", "SuperLink peak RSS",
-            "same model")
+            "same model (to 1e-6)")
     table = [head]
     for label, rt, fb, lb, rss in rows:
         table.append((label, f"{rt:.2f} s" if rt is not None else "failed",

@@ -143,6 +143,8 @@ class Ticket:
     max_size: int
     threshold: int
     slots: list[dict[str, Any]] = field(default_factory=list)
+    #: streaming aggregation: the metric whose value the client states in its payload
+    weight_key: str | None = None
     used: set[int] = field(default_factory=set)  # server-side only
 
     def to_record(self) -> ConfigRecord:
@@ -151,6 +153,8 @@ class Ticket:
             "round": self.round, "node": self.node, "msg_type": self.msg_type,
             "max_size": self.max_size, "threshold": self.threshold, "slots": self.slots,
         }
+        if self.weight_key is not None:
+            doc["weight_key"] = self.weight_key
         return ConfigRecord({"ticket": json.dumps(doc, separators=(",", ":"))})
 
     @classmethod
@@ -182,6 +186,10 @@ class Ticket:
                            "objects)")
         if not _SCHEME_RE.match(t.scheme):
             raise RefError(f"ticket has an invalid scheme {t.scheme[:20]!r}")
+        wk = d.get("weight_key")
+        if wk is not None and not (isinstance(wk, str) and 0 < len(wk) <= 256):
+            raise RefError("malformed ticket weight_key")
+        t.weight_key = wk
         return t
 
 

@@ -389,7 +389,8 @@ def test_composes_with_offload_file_link(split, tmp_path):
         InProcessGrid(D.make_client_app(split), K), _init(), num_rounds=3
     )
     inner = offload(
-        FedAvg(min_available_nodes=K, fraction_evaluate=0.0), f"file://{link_dir}", threshold=1
+        FedAvg(min_available_nodes=K, fraction_evaluate=0.0), f"file://{link_dir}", threshold=1,
+        aggregation="inner",  # bit-exact FedAvg (streaming is exact only to float rounding)
     )
     fda = FDA(inner, threshold=0.0, variant="linear")
     app = D.make_client_app(split, mods=[payload_mod, fda_mod])
@@ -400,6 +401,30 @@ def test_composes_with_offload_file_link(split, tmp_path):
     assert fda.stats["link_bytes_sent"] >= 3 * model
     assert fda.stats["link_bytes_received"] >= 3 * K * model
     assert fda.stats["sync_bytes_up"] < 3 * K * model  # only references in band
+    assert list(link_dir.iterdir()) == []
+
+
+def test_composes_with_offload_streaming_aggregation(split, tmp_path):
+    """FDA(offload(FedAvg)) with the default aggregation (streaming over the link): the
+    syncs are folded as they land; FedAvg's result up to float32 rounding."""
+    from flwr_transports import offload, payload_mod
+
+    link_dir = tmp_path / "link"
+    link_dir.mkdir()
+    ref = FedAvg(min_available_nodes=K, fraction_evaluate=0.0).start(
+        InProcessGrid(D.make_client_app(split), K), _init(), num_rounds=3
+    )
+    inner = offload(
+        FedAvg(min_available_nodes=K, fraction_evaluate=0.0), f"file://{link_dir}", threshold=1
+    )
+    fda = FDA(inner, threshold=0.0, variant="linear")
+    app = D.make_client_app(split, mods=[payload_mod, fda_mod])
+    res = fda.start(InProcessGrid(app, K), _init(), num_rounds=3)
+    assert inner.stats["agg_streamed_rounds"] == 3
+    for k in ref.arrays:
+        a, b = ref.arrays[k].numpy(), res.arrays[k].numpy()
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * max(float(np.max(np.abs(a))), 1))
     assert list(link_dir.iterdir()) == []
 
 

@@ -498,7 +498,7 @@ def test_offload_fedavg_tcp_equals_inband():
 
     init = ArrayRecord([np.arange(300_000, dtype=np.float32).reshape(300, 1000), np.ones(3)])
     results = {}
-    for t in ("inband", "tcp://127.0.0.1:0?chunk_size=256KiB"):
+    for t in ("inband", "tcp://127.0.0.1:0?chunk_size=256KiB&aggregation=inner"):
         s = offload(FedAvg(), transport=t)
         r = s.start(InProcessGrid(_app(), n_nodes=2), init, num_rounds=2)
         results[t] = (r.arrays, s.stats)

@@ -152,12 +152,13 @@ def run_e2e_local(
                 plan.append((t, None, "same-host only (no network path to emulate)"))
             elif sch == "inband":
                 plan.append((t, "inband", None))
-            elif sch == "shm":
-                plan.append((t, "shm://", None))
+            elif sch == "shm":  # "shm://" or "shm://?aggregation=inner"
+                plan.append((t, "shm://" + t[len("shm://"):], None))
             elif sch == "file":
-                d = t[len("file://"):] or str(work / "file-link")
+                d, q, query = t[len("file://"):].partition("?")
+                d = d or str(work / "file-link")
                 os.makedirs(d, exist_ok=True)
-                plan.append((t, f"file://{d}", None))
+                plan.append((t, f"file://{d}{q}{query}", None))
             elif sch in ("tcp", "rdma"):
                 # "tcp://", "rdma://?ucx_tls=tcp": the payload server on this side's address
                 rest = t[len(sch) + 3:] if t.startswith(f"{sch}://") else ""
@@ -222,7 +223,9 @@ def run_e2e_local(
                         say(f"[{k}/{n_runs}] {t:<10} {m:g} MiB FAILED: {row['error'][:300]}")
                     else:
                         say(f"[{k}/{n_runs}] {t:<10} {m:g} MiB round {row['round_s']:.2f} s  "
-                            f"SuperLink peak {row['superlink_peak_rss_bytes'] / MiB:.0f} MiB")
+                            f"SuperLink peak {row['superlink_peak_rss_bytes'] / MiB:.0f} MiB  "
+                            f"ServerApp peak {row['serverapp_peak_rss_bytes'] / MiB:.0f} MiB  "
+                            f"aggregation tail {_fmt_s(row.get('agg_tail_s'))}")
                     if kind == "floor":
                         floor = row.get("round_s")
                         row["floor_s"] = floor
@@ -276,7 +279,20 @@ def _one(dep, app: Path, url: str, model_mib: float, rounds: int, repeat: int,
         children_peak_rss_bytes=r.children_peak_rss,
         supernodes_peak_rss_bytes=r.supernodes_peak_rss,
     )
+    # aggregation tail: last upload landed on the link -> aggregate_train returned
+    # (per round, measured in the ServerApp by the offload wrapper)
+    tails = (summary.get("stats") or {}).get("agg_tail_s") or []
+    if tails:
+        row["agg_tail_s"] = statistics.mean(tails)
+        row["agg_tail_max_s"] = max(tails)
+    inside = (summary.get("stats") or {}).get("agg_train_s") or []
+    if inside:  # of which aggregate_train itself (the rest: Flower delivering replies)
+        row["agg_train_s"] = statistics.mean(inside)
     return row
+
+
+def _fmt_s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f} s"
 
 
 def pooled_floor(rows: list[dict[str, Any]]) -> float | None:

@@ -179,17 +179,21 @@ def e2e_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         ("Round time = mean of the ServerApp's per-round times (train + evaluate); floor = "
         "the same transport with a tiny model; overhead = round - floor. Bytes are the "
-        "offload wrapper's counters (through Flower vs through the link)."),
+        "offload wrapper's counters (through Flower vs through the link). Aggregation "
+        "tail = time from the last upload landing on the link to aggregate_train "
+        "returning (mean over rounds; includes Flower delivering the replies), of which "
+        "aggregate_train s is the call itself."),
         "",
         ("| transport | model | round s | floor s | overhead s | wall s | Flower bytes "
-        "| link bytes | SuperLink peak RSS MiB | ServerApp peak RSS MiB |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| link bytes | SuperLink peak RSS MiB | ServerApp peak RSS MiB "
+        "| aggregation tail s | aggregate_train s |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         head = f"| {r['transport']} | {r['model_mib']:g} MiB "
         if "skipped" in r or "error" in r:
             why = r.get("skipped") or f"error: {r.get('error')}"
-            lines.append(head + f"| {why} | | | | | | | |")
+            lines.append(head + f"| {why} | | | | | | | | | |")
             continue
         st = r.get("stats") or {}
         inband = st.get("inband_bytes_sent", 0) + st.get("inband_bytes_received", 0)
@@ -200,7 +204,8 @@ def e2e_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {_fmt(r.get('overhead_s'), 2)} | {_fmt(r.get('wall_s'), 1)} "
             f"| {human_size(inband) if st else '-'} | {human_size(link) if st else '-'} "
             f"| {_fmt(r['superlink_peak_rss_bytes'] / MiB)} "
-            f"| {_fmt((r.get('serverapp_peak_rss_bytes') or 0) / MiB)} |"
+            f"| {_fmt((r.get('serverapp_peak_rss_bytes') or 0) / MiB)} "
+            f"| {_fmt(r.get('agg_tail_s'), 2)} | {_fmt(r.get('agg_train_s'), 2)} |"
         )
     ratios = meta.get("ratios")
     if ratios:

@@ -16,11 +16,13 @@ the default instance (environment settings, else safe defaults).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
+from ..aggregation.layout import WEIGHT_META
 from ..codec import decode, encode
 from ..links import client_link
 from ..policy import DEFAULT_MAX_PAYLOAD, ClientPolicy
@@ -68,12 +70,26 @@ def resolve_message(msg: Message, policy: ClientPolicy | None = None) -> Ticket 
     return ticket
 
 
+def claimed_weight(content: RecordDict, key: str | None) -> dict[str, str] | None:
+    """Payload metadata stating the reply's aggregation weight, for a server that
+    aggregates while uploads land (it checks the claim against the in-band reply).
+    The weight is read as Flower's FedAvg reads it: ``key`` in the first MetricRecord."""
+    if not key:
+        return None
+    mrs = list(content.metric_records.values())
+    w = mrs[0].get(key) if mrs else None
+    if isinstance(w, bool) or not isinstance(w, int | float):
+        return None
+    return {WEIGHT_META: json.dumps(w)}
+
+
 def offload_reply(reply: Message, ticket: Ticket, policy: ClientPolicy | None = None) -> None:
     """Upload the reply's large ArrayRecords with ``ticket``; references replace them."""
     if not reply.has_content():
         return
     policy = policy or ClientPolicy.build()
     content = reply.content
+    meta = claimed_weight(content, ticket.weight_key)
     slot = 0
     new = RecordDict()
     for key, rec in content.items():
@@ -83,7 +99,7 @@ def offload_reply(reply: Message, ticket: Ticket, policy: ClientPolicy | None = 
                 log.warning("flwr-transports: more large reply records than upload slots; "
                             "%r stays in-band", key)
             else:
-                payload = encode(rec)
+                payload = encode(rec, meta)
                 if payload.size > ticket.max_size:
                     raise RefError(
                         f"reply record {key!r} is {payload.size} bytes, above the server's cap "

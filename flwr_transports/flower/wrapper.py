@@ -17,6 +17,7 @@ Everything the run created on the link is removed when ``start()`` returns or ra
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -29,10 +30,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
+from ..aggregation.policy import streaming_decision
+from ..aggregation.round import RoundStream
+from ..aggregation.train import streaming_aggregate_train
 from ..codec import check_digest, decode, encode, record_bytes
 from ..errors import RejectedInput
 from ..links import LinkError, ServerLink, link_classes, server_link, split_url
-from ..options import Option, integer, optional, size, split_options
+from ..options import Option, choice, integer, optional, size, split_options
 from ..refs import (
     TICKET_KEY,
     Reference,
@@ -60,6 +64,10 @@ WRAPPER_OPTIONS = (
     Option("fetch_workers", integer(1, 64), 4, "replies whose payloads are fetched, verified "
            "and decoded at the same time in aggregate_* (references are still checked "
            "against their tickets one by one)"),
+    Option("aggregation", choice("auto", "streaming", "inner"), "auto", "auto, streaming or "
+           "inner: fold training replies into one running weighted sum as they land on the "
+           "link (weighted-mean strategies; auto picks it where it applies), or hand the inner "
+           "strategy every decoded reply (offload() only; see docs/aggregation.md)"),
 )
 
 
@@ -121,6 +129,9 @@ class Offloader:
         self.max_reply_size = opts.max_reply_size
         self.reply_slots = opts.reply_slots
         self.fetch_workers = opts.fetch_workers
+        self.aggregation = opts.aggregation
+        self.streaming = False  # decided by OffloadStrategy, which knows the strategy
+        self._streams: dict[int, RoundStream] = {}
         self.link: ServerLink | None = None
         self._tickets: dict[str, Ticket] = {}
         self._published: dict[tuple[int, str], list[str]] = {}
@@ -130,6 +141,8 @@ class Offloader:
             "link_bytes_sent": 0, "link_bytes_received": 0,
             "link_seconds_put": 0.0, "link_seconds_get": 0.0,
             "replies_rejected": 0,
+            "agg_tail_s": [], "agg_train_s": [], "agg_streamed_rounds": 0, "agg_eager_folds": 0,
+            "agg_settle_folds": 0, "agg_rebuilds": 0, "agg_fold_s": [],
         }
 
     def close(self) -> None:
@@ -141,6 +154,7 @@ class Offloader:
                 self.link = None
         self._tickets.clear()
         self._published.clear()
+        self._streams.clear()
         if self.scheme:
             s = self.stats
             log.info(
@@ -157,6 +171,7 @@ class Offloader:
                 run_id = grid.run.run_id
             except Exception:  # noqa: BLE001 - grid without a run (tests, custom grids)
                 run_id = 0
+            # link_options were parsed once (wrapper keys taken out): used as given
             self.link = server_link(self.transport, run_id, self.link_options)
         return self.link
 
@@ -220,6 +235,11 @@ class Offloader:
         t = Ticket(id=tid, scheme=self.scheme, run=int(msg.metadata.run_id), round=server_round,
                    node=node, msg_type=phase, max_size=cap, threshold=self.threshold,
                    slots=slots)
+        if self.streaming and phase == "train":
+            t.weight_key = self.inner.weighted_by_key
+            stream = self._streams.setdefault(server_round, RoundStream(server_round))
+            for i, slot in enumerate(slots):  # fold each upload as soon as it lands
+                link.on_upload(slot, functools.partial(stream.on_landed, (tid, i)))
         self._tickets[tid] = t
         return t
 
@@ -244,6 +264,15 @@ class Offloader:
         path. A reply whose payload fails any check becomes an error reply.
         """
         replies = list(replies)
+        claims, failed = self._claim_all(replies, server_round, phase)
+        out = self._fetch_all(replies, claims, failed)
+        if finish:
+            self._finish_phase(server_round, phase)
+        return out
+
+    def _claim_all(self, replies: list[Message], server_round: int, phase: str
+                   ) -> tuple[dict[int, list[tuple[str, Any, dict]]], dict[int, Exception]]:
+        """Check every reply's references against the tickets, one reply after another."""
         claims: dict[int, list[tuple[str, Any, dict]]] = {}
         failed: dict[int, Exception] = {}
         for k, msg in enumerate(replies):
@@ -255,6 +284,12 @@ class Offloader:
                 failed[k] = got
             else:
                 claims[k] = got
+        return claims, failed
+
+    def _fetch_all(self, replies: list[Message], claims: dict, failed: dict[int, Exception]
+                   ) -> list[Message]:
+        """Fetch, verify and decode the claimed payloads (concurrently, up to
+        ``fetch_workers``); failed replies become rejected replies."""
         jobs = [(k, key, ref, slot) for k, cl in claims.items() for key, ref, slot in cl]
         results: dict[tuple[int, str], Any] = {}
         if len(jobs) > 1 and self.fetch_workers > 1:
@@ -284,19 +319,23 @@ class Offloader:
             if exc is None:
                 out.append(msg)
                 continue
-            self.stats["replies_rejected"] += 1
-            reason = (f"flwr-transports rejected the reply payload of node "
-                      f"{msg.metadata.src_node_id}: {exc}")
-            log.warning(reason)
-            out.append(Message(metadata=msg.metadata,
-                               error=Error(code=REJECTED_REPLY_CODE, reason=reason)))
-        if finish:
-            self._finish_phase(server_round, phase)
+            out.append(self._rejected(msg, exc))
         return out
+
+    def _rejected(self, msg: Message, exc: BaseException) -> Message:
+        """The rejected reply (code REJECTED_REPLY_CODE) that replaces ``msg``, logged."""
+        self.stats["replies_rejected"] += 1
+        reason = (f"flwr-transports rejected the reply payload of node "
+                  f"{msg.metadata.src_node_id}: {exc}")
+        log.warning(reason)
+        return Message(metadata=msg.metadata, error=Error(code=REJECTED_REPLY_CODE, reason=reason))
 
     def _finish_phase(self, server_round: int, phase: str) -> None:
         """This phase's tickets are spent: remove unused slots, forget the tickets (and
-        those of older rounds), release what was published for it."""
+        those of older rounds), release what was published for it, end its streams."""
+        if phase == "train":
+            for r in [r for r in self._streams if r <= server_round]:
+                self._streams.pop(r).close()
         if self.link is not None:
             for tid, t in list(self._tickets.items()):
                 if (t.round, t.msg_type) == (server_round, phase) or (
@@ -352,6 +391,11 @@ class OffloadStrategy(Offloader, Strategy):
             raise TypeError("strategy is already wrapped by offload()")
         self.inner = strategy
         super().__init__(transport, **options)
+        self.streaming, why = streaming_decision(strategy, self.aggregation)
+        if self.streaming and self.scheme is None:
+            self.streaming, why = False, "inner: transport inband (no link to stream from)"
+        if self.scheme is not None:
+            log.info("flwr-transports: aggregation %s", why)
 
     # -- delegation ----------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -403,7 +447,19 @@ class OffloadStrategy(Offloader, Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(server_round, self._resolve(replies, server_round, "train"))
+        stream = self._streams.get(server_round)
+        t0 = time.perf_counter()
+        try:
+            if stream is not None:
+                return streaming_aggregate_train(self, stream, server_round, list(replies))
+            return self.inner.aggregate_train(
+                server_round, self._resolve(replies, server_round, "train"))
+        finally:  # the aggregation tail: last upload landed -> aggregate_train returns
+            now = time.perf_counter()
+            self.stats["agg_train_s"].append(round(now - t0, 4))  # inside aggregate_train
+            landed = self.link.last_landed if self.link is not None else None
+            if landed is not None:
+                self.stats["agg_tail_s"].append(round(now - landed, 4))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -425,8 +481,9 @@ def offload(strategy: Strategy, transport: str = "inband", **options: Any) -> Of
     ``threshold`` (default 1 MiB; records below it stay in-band), ``max_reply_size``
     (cap on a client's reply payload; default max(4x the largest outgoing payload,
     64 MiB)), ``reply_slots`` (large reply records per message, default 2),
-    ``fetch_workers`` (replies fetched and decoded at once, default 4), plus the
-    link's own options (see the docs of each link).
+    ``fetch_workers`` (replies fetched and decoded at once, default 4),
+    ``aggregation`` (``auto`` (default), ``streaming`` or ``inner``: see
+    docs/aggregation.md), plus the link's own options (see the docs of each link).
 
     Must be the OUTERMOST wrapper (around DP wrappers, FedProx, FedAdam, ...).
     """

@@ -72,6 +72,8 @@ class ServerLink(ABC):
     scheme: ClassVar[str]
     #: the options this link accepts (URL query or offload keywords), declared once
     OPTIONS: ClassVar[tuple[Option, ...]] = ()
+    #: time.perf_counter() when the link last saw an upload complete (None: unknown)
+    last_landed: float | None = None
 
     def __init__(self, url: str, run_id: int | str, options: Options | dict[str, Any]):
         """``options``: parsed :class:`Options` (used as given), or raw keyword values,
@@ -107,6 +109,15 @@ class ServerLink(ABC):
         Must raise ``refs.RefError`` if ``loc`` is not exactly the slot's location (e.g.
         a path outside the link's root), and check the stored size equals ``size``.
         """
+
+    def on_upload(self, slot: dict[str, Any], fn: Callable[[PayloadSource], None]) -> bool:
+        """Ask to be told when an upload into ``slot`` is complete: the link then calls
+        ``fn(source)`` once, in a background thread, with the payload open for reading
+        from the link's own buffers (closed after ``fn`` returns). Nothing is checked
+        yet (no reference has arrived): ``fn`` must treat the bytes as untrusted.
+        Returns False when the link cannot (the caller reads the upload later with
+        ``open_upload``). Streaming aggregation folds uploads this way as they land."""
+        return False
 
     @abstractmethod
     def discard_slot(self, slot: dict[str, Any]) -> None:

@@ -386,6 +386,9 @@ def _close_map(m: mmap.mmap) -> None:
         pass
 
 
+POOL_GRAIN = 1 << 20
+
+
 class BufferPool:
     """Receive buffers kept for reuse: FL moves same-size payloads every round.
 
@@ -411,7 +414,9 @@ class BufferPool:
             if best is not None:
                 self.hits += 1
                 return self.free.pop(best)
-        return alloc_buffer(size)
+        # whole MiBs: next round's payload is often a few bytes larger (a dtype name in
+        # the header, e.g. int64 -> float64 after FedAvg) and must still fit this buffer
+        return alloc_buffer(-(-size // POOL_GRAIN) * POOL_GRAIN if size >= POOL_GRAIN else size)
 
     def put(self, m: mmap.mmap) -> None:
         if m.closed:
@@ -1069,6 +1074,7 @@ class UploadSlot:
         self.complete = False
         self.readers = 0
         self.pre = None  # Future of (ArrayRecord, digest): decoded as soon as complete
+        self.hook = None  # fn(source), called when complete instead of decoding
         self.lock = threading.Lock()
 
     def free(self, pool: BufferPool | None = None) -> None:
@@ -1175,6 +1181,7 @@ class ChunkServer:
         #: decode each upload in the background as soon as it is complete
         self.eager = True
         self._eager: ThreadPoolExecutor | None = None
+        self.last_landed: float | None = None  # perf_counter() of the last complete upload
         #: test hook: fault(op, oid, index, views) -> views (may raise to drop the connection)
         self.fault: Callable[[int, str, int, list[memoryview]], list[memoryview]] | None = None
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -1208,6 +1215,16 @@ class ChunkServer:
     def add_slot(self, oid: str, max_size: int) -> None:
         with self.lock:
             self.slots.setdefault(oid, UploadSlot(max_size))
+
+    def set_hook(self, oid: str, fn) -> bool:
+        """Call ``fn(source)`` (in the background) when the upload into ``oid`` is
+        complete, instead of decoding it; the source views the receive buffer."""
+        with self.lock:
+            slot = self.slots.get(oid)
+        if slot is None:
+            return False
+        slot.hook = fn
+        return True
 
     def remove_slot(self, oid: str) -> None:
         with self.lock:
@@ -1452,9 +1469,12 @@ class ChunkServer:
                 start = missing == 0 and not slot.complete and self.eager
                 if missing == 0:
                     slot.complete = True
+                    self.last_landed = time.perf_counter()
                 if start:
                     slot.readers += 1  # the decoder reads the buffer: keep it
-            if start:
+            if start and slot.hook is not None:
+                self._eager_pool().submit(self._run_hook, oid, slot)
+            elif start:
                 slot.pre = self._eager_pool().submit(self._predecode, oid, slot)
             if missing:
                 conn.error(INCOMPLETE, f"{missing} chunks missing")
@@ -1509,6 +1529,23 @@ class ChunkServer:
         try:
             mv = slot.mv
             return decode_hashed(lambda off, n: bytes(mv[off:off + n]), slot.size)
+        finally:
+            with slot.lock:
+                slot.readers -= 1
+                gone = slot.readers == 0 and oid not in self.slots
+            if gone:
+                slot.free(self.pool)
+
+    def _run_hook(self, oid: str, slot: UploadSlot) -> None:
+        """Hand a completed upload's receive buffer (read-only from now on: a complete
+        slot takes no more writes) to the slot's hook."""
+        try:
+            mv = slot.mv.toreadonly()
+            src = PayloadSource(lambda off, n: bytes(mv[off:off + n]), slot.size)
+            src.view = lambda off, n: mv[off:off + n]
+            slot.hook(src)
+        except Exception as exc:  # noqa: BLE001 - untrusted upload; the wrapper re-reads it
+            log.debug("flwr-transports: landing hook for %s failed: %s", oid, exc)
         finally:
             with slot.lock:
                 slot.readers -= 1

@@ -29,6 +29,7 @@ import secrets
 import shutil
 import stat
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -179,7 +180,20 @@ def open_payload(path: str, size: int, *, owner: int | None = None) -> PayloadSo
         view.release()
         return obj if isinstance(obj, bytes) else bytes(obj)
 
-    return PayloadSource(read, size, lambda: os.close(fd))
+    def readinto(off: int, dest: memoryview) -> None:
+        """Read ``len(dest)`` bytes at ``off`` into a caller's (reused) buffer."""
+        got, n = 0, len(dest)
+        if off < 0 or off + n > size:
+            raise RefError(f"readinto({off}, {n}) outside a {size}-byte payload")
+        while got < n:
+            k = os.preadv(fd, [dest[got:got + _MAX_PREAD]], off + got)
+            if k <= 0:
+                raise RefError(f"payload {path!r} shrank while it was read; refused")
+            got += k
+
+    src = PayloadSource(read, size, lambda: os.close(fd))
+    src.readinto = readinto
+    return src
 
 
 class _EagerDecoder:
@@ -198,6 +212,8 @@ class _EagerDecoder:
         self.lock = threading.Lock()
         self.watch: dict[str, int] = {}  # path -> max size
         self.results: dict[str, tuple[int, Future]] = {}  # path -> (size, decode)
+        self.hooks: dict[str, Any] = {}  # path -> fn(source), called instead of decoding
+        self.last_landed: float | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ftx-fs-eager")
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ftx-fs-watch", daemon=True)
@@ -215,9 +231,14 @@ class _EagerDecoder:
             return None
         return got[1]
 
+    def hook(self, path: str, fn) -> None:
+        with self.lock:
+            self.hooks[path] = fn
+
     def drop(self, path: str) -> None:
         with self.lock:
             self.watch.pop(path, None)
+            self.hooks.pop(path, None)
             got = self.results.pop(path, None)
         if got is not None:
             got[1].cancel()
@@ -234,9 +255,14 @@ class _EagerDecoder:
                 with self.lock:
                     if self.watch.pop(path, None) is None:
                         continue  # taken or dropped meanwhile
+                    self.last_landed = time.perf_counter()
+                    fn = self.hooks.pop(path, None)
                     if stat.S_ISREG(st.st_mode) and 8 <= st.st_size <= cap:
-                        fut = self.pool.submit(_decode_file, path, st.st_size)
-                        self.results[path] = (st.st_size, fut)
+                        if fn is not None:  # the caller reads it (no decoded copy here)
+                            self.pool.submit(_run_hook, fn, path, st.st_size)
+                        else:
+                            fut = self.pool.submit(_decode_file, path, st.st_size)
+                            self.results[path] = (st.st_size, fut)
 
     def close(self) -> None:
         self.stop.set()
@@ -245,11 +271,20 @@ class _EagerDecoder:
         with self.lock:
             self.watch.clear()
             self.results.clear()
+            self.hooks.clear()
 
 
 def _decode_file(path: str, size: int):
     with open_payload(path, size) as src:
         return decode_hashed(src.read, size)
+
+
+def _run_hook(fn, path: str, size: int) -> None:
+    try:
+        with open_payload(path, size) as src:
+            fn(src)
+    except Exception as exc:  # noqa: BLE001 - untrusted file; the wrapper re-reads it later
+        log.debug("flwr-transports: landing hook for %s failed: %s", path, exc)
 
 
 class _FsServerLink(ServerLink):
@@ -306,6 +341,18 @@ class _FsServerLink(ServerLink):
         if self._eager is not None:
             self._eager.add(path, max_size)
         return {**self._desc(path), "mode": f"{self.mode:o}"}
+
+    def on_upload(self, slot: dict[str, Any], fn) -> bool:
+        """See ServerLink.on_upload: called when the slot's file appears (renamed into
+        place complete), instead of the eager decode."""
+        if self._eager is None:
+            return False
+        self._eager.hook(self._claimed_path(slot), fn)
+        return True
+
+    @property
+    def last_landed(self) -> float | None:
+        return self._eager.last_landed if self._eager is not None else None
 
     def open_upload(self, slot: dict[str, Any], loc: dict[str, Any], size: int) -> PayloadSource:
         claimed = self._claimed_path(loc)

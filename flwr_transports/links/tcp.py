@@ -182,6 +182,16 @@ class TcpServerLink(ServerLink):
     def open_upload(self, slot: dict[str, Any], loc: dict[str, Any], size: int) -> PayloadSource:
         return self.server.open_slot(self._slot_id(slot, loc), size)
 
+    def on_upload(self, slot: dict[str, Any], fn) -> bool:
+        """See ServerLink.on_upload: called when the upload is complete, with a source
+        that views the receive buffer (no copy), instead of the eager decode."""
+        oid = slot.get("id")
+        return isinstance(oid, str) and self.server.set_hook(oid, fn)
+
+    @property
+    def last_landed(self) -> float | None:
+        return self.server.last_landed
+
     def discard_slot(self, slot: dict[str, Any]) -> None:
         oid = slot.get("id")
         if isinstance(oid, str):

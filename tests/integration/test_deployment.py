@@ -64,7 +64,7 @@ OFFLOADED = ("shm", "file", "tcp", "s3", "shm-opts", *RDMA)
 #: every wrapper option and every shm:// option in the URL: parsed once at offload(),
 #: the wrapper's keys kept, the link built with the rest
 SHM_ALL_OPTIONS = ("shm://?threshold=4MiB&max_reply_size=64MiB&reply_slots=1&fetch_workers=2"
-                   "&mode=640&fsync=false&eager=true")
+                   "&aggregation=inner&mode=640&fsync=false&eager=true")
 
 
 class _LinkWatcher(threading.Thread):
@@ -116,13 +116,19 @@ def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                       aws_access_key_id="itest", aws_secret_access_key="itest")
     s3.create_bucket(Bucket="itest")
-    transports = {"shm": "shm://", "file": f"file://{file_dir}", "tcp": "tcp://127.0.0.1:0",
-                  "s3": f"s3://itest/runs?endpoint_url={endpoint}",
+    # the transports must change no bit: their runs aggregate with the inner FedAvg
+    # (aggregation=inner); "shm-streaming" is the streaming aggregation of the same run
+    transports = {"shm": "shm://?aggregation=inner",
+                  "file": f"file://{file_dir}?aggregation=inner",
+                  "tcp": "tcp://127.0.0.1:0?aggregation=inner",
+                  "s3": f"s3://itest/runs?endpoint_url={endpoint}&aggregation=inner",
                   "shm-opts": SHM_ALL_OPTIONS,
-                  **({"rdma": "rdma://127.0.0.1:0",
-                      "rdma-tcp": "rdma://127.0.0.1:0?ucx_tls=tcp"} if RDMA else {}),
-                  "inband": "inband"}
-    watch_dirs = {"shm": Path("/dev/shm"), "file": file_dir, "shm-opts": Path("/dev/shm")}
+                  **({"rdma": "rdma://127.0.0.1:0?aggregation=inner",
+                      "rdma-tcp": "rdma://127.0.0.1:0?ucx_tls=tcp&aggregation=inner"}
+                     if RDMA else {}),
+                  "shm-streaming": "shm://?aggregation=streaming", "inband": "inband"}
+    watch_dirs = {"shm": Path("/dev/shm"), "file": file_dir, "shm-opts": Path("/dev/shm"),
+                  "shm-streaming": Path("/dev/shm")}
 
     shm_before = ftx_names()
     runs: dict[str, Outcome] = {}
@@ -228,7 +234,35 @@ def test_final_model_equals_fedavg_computed_in_process(federation, quickstart_ap
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", [*OFFLOADED, "inband"])
+def test_streaming_aggregation_matches_inner(federation):
+    """The same deployment and run, aggregated while uploads land (the ServerApp folds
+    each reply from /dev/shm into one running sum) vs by Flower's FedAvg on decoded
+    replies: same arrays within float32 rounding, same metrics."""
+    inner, stream = federation.runs["shm"], federation.runs["shm-streaming"]
+    assert stream.names == inner.names
+    for key in inner.names:
+        a, b = inner.arrays[key], stream.arrays[key]
+        assert a.dtype == b.dtype and a.shape == b.shape, key
+        scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-30)
+        assert float(np.max(np.abs(a - b))) / scale <= 1e-6 if a.size else True, key
+    # round 1's training starts from the same model: the same metrics; later, clients
+    # work on global models one float32 rounding apart, so their losses may differ there
+    assert stream.summary["train_metrics"]["1"] == inner.summary["train_metrics"]["1"]
+    for kind in ("train_metrics", "evaluate_metrics"):
+        m_in, m_st = inner.summary[kind], stream.summary[kind]
+        assert m_st.keys() == m_in.keys(), kind
+        for r in m_in:
+            assert m_st[r] == pytest.approx(m_in[r], rel=1e-5), (kind, r)
+    st = stream.summary["stats"]
+    assert st["agg_streamed_rounds"] == ROUNDS
+    assert st["agg_eager_folds"] >= 1  # folded on landing, not when the replies came
+    assert st["agg_rebuilds"] == 0 and st["replies_rejected"] == 0
+    assert inner.summary["stats"]["agg_streamed_rounds"] == 0
+    assert len(st["agg_tail_s"]) == ROUNDS
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", [*OFFLOADED, "shm-streaming", "inband"])
 def test_every_round_got_every_reply(federation, name):
     summary = federation.runs[name].summary
     calls = summary["calls"]

@@ -1,0 +1,152 @@
+"""One training round of streaming aggregation: fold on landing, settle on reply.
+
+:class:`RoundStream` receives each upload as soon as its link says it has landed
+(``ServerLink.on_upload``) and folds it into the round's :class:`~.fold.WeightedSum`
+with the weight the client claimed in the payload. Nothing is trusted yet: the fold
+only records, per upload slot, the weight used and the digest of exactly the bytes
+folded. :meth:`RoundStream.settle` runs when Flower hands over the replies: the
+wrapper has checked each reference against its ticket; a reply counts only if its
+digest equals the digest of what was folded and its in-band weight equals the weight
+folded with. Whatever was folded but does not count (rejected, late, an error reply,
+a missing node, a weight mismatch, a fold that failed half-way) is excluded EXACTLY:
+the sum is rebuilt from the payloads still on the link; nothing is ever subtracted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from ..codec import PayloadError
+from .fold import Source, WeightedSum
+from .layout import Unfoldable, plan_payload
+
+log = logging.getLogger("flwr_transports")
+
+
+@dataclass
+class Landed:
+    status: str = "new"  # folded | failed | unfoldable | unweighted
+    weight: float | None = None
+    digest: str | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class Accepted:
+    """A reply whose reference passed its ticket checks (the wrapper's job)."""
+
+    index: int  # position in the reply list
+    key: Any  # upload slot identity, as registered with the link
+    digest: str  # what the reference claims
+    weight: float  # the in-band weight (value of weighted_by_key)
+    size: int
+
+
+class RoundStream:
+    """Folds one round's uploads as they land; see the module docstring."""
+
+    def __init__(self, server_round: int):
+        self.round = server_round
+        self.lock = threading.Lock()  # one fold at a time; guards the state below
+        self.sum: WeightedSum | None = None
+        self.landed: dict[Any, Landed] = {}
+        self.closed = False
+        self.last_landed: float | None = None  # perf_counter() of the last landing
+        self.eager_folds = 0
+        self.settle_folds = 0
+        self.rebuilds = 0
+        self.fold_s: list[float] = []  # seconds per eager fold
+
+    # -- link side (background threads) ------------------------------------------
+    def on_landed(self, key: Any, src) -> None:
+        """Fold a just-landed upload (``src``: the link's PayloadSource, open)."""
+        now = time.perf_counter()
+        with self.lock:
+            self.last_landed = now if self.last_landed is None else max(self.last_landed, now)
+            if self.closed or key in self.landed:
+                return
+            st = self.landed[key] = Landed()
+            try:
+                plan = plan_payload(src.read, src.size)
+                if plan.weight is None:
+                    st.status = "unweighted"  # folded at settle time with the in-band weight
+                    return
+                if self.sum is None:
+                    self.sum = WeightedSum(plan)
+                t0 = time.perf_counter()
+                st.digest = self.sum.fold(Source.of(src), plan, plan.weight, key)
+                st.status, st.weight = "folded", plan.weight
+                self.eager_folds += 1
+                self.fold_s.append(round(time.perf_counter() - t0, 4))
+            except Unfoldable as exc:
+                st.status, st.error = "unfoldable", exc
+            except Exception as exc:  # noqa: BLE001 - hostile payload / vanished file: decided at settle
+                st.status, st.error = "failed", exc
+
+    def close(self) -> None:
+        """No more folds on landing (waits for one in progress)."""
+        with self.lock:
+            self.closed = True
+
+    # -- reply side -----------------------------------------------------------------
+    def settle(self, accepted: list[Accepted],
+               open_upload: Callable[[Accepted], AbstractContextManager]
+               ) -> tuple[WeightedSum | None, dict[int, Exception]]:
+        """Make the sum equal the weighted sum of exactly the accepted replies.
+
+        Returns the sum (None if nothing counts) and ``{reply index: reason}`` for
+        replies rejected here (digest mismatch, unreadable payload). Raises
+        :class:`~.layout.Unfoldable` if a reply that counts cannot be streamed.
+        """
+        self.close()
+        rejected: dict[int, Exception] = {}
+        for a in accepted:
+            st = self.landed.get(a.key)
+            if st is not None and st.status == "folded" and st.digest != a.digest:
+                rejected[a.index] = PayloadError(
+                    f"digest mismatch: payload has {st.digest}, reference says {a.digest}")
+        while True:
+            want = {a.key: a for a in accepted if a.index not in rejected}
+            s = self.sum
+            clean = s is not None and not s.dirty and all(
+                k in want and float(w) == float(want[k].weight) for k, w in s.folded)
+            if s is not None and not clean:
+                log.info("flwr-transports: round %d: rebuilding the streamed sum from the "
+                         "link (a folded upload does not count)", self.round)
+                # a new sum, laid out by the first reply that counts (not by whichever
+                # upload happened to land first)
+                self.sum = s = None
+                self.rebuilds += 1
+            done = {k for k, _ in s.folded} if s is not None else set()
+            again = False
+            for a in (x for x in accepted if x.key in want and x.key not in done):
+                try:
+                    with open_upload(a) as src:
+                        plan = plan_payload(src.read, src.size)
+                        if self.sum is None:
+                            self.sum = WeightedSum(plan)
+                        got = self.sum.fold(Source.of(src), plan, a.weight, a.key)
+                    self.settle_folds += 1
+                except Unfoldable:
+                    raise
+                except (PayloadError, OSError, ValueError, RuntimeError) as exc:
+                    rejected[a.index] = exc
+                    again = True
+                    break
+                if got != a.digest:
+                    rejected[a.index] = PayloadError(
+                        f"digest mismatch: payload has {got}, reference says {a.digest}")
+                    self.sum.dirty = True
+                    again = True
+                    break
+            if not again:
+                break
+        if not any(a.index not in rejected for a in accepted):
+            return None, rejected
+        return self.sum, rejected

@@ -100,7 +100,7 @@ class InProcessGrid(Grid):
                                          state=RecordDict(), run_config=dict(run_config or {}))
         self.contexts = contexts
         self.node_ids = list(contexts)
-        self._replies: dict[str, Message] = {}
+        self._pending: dict[str, Message] = {}  # pushed, not yet pulled
         self._ids = itertools.count(1)
         #: every message pushed, in order (tests inspect what the server sent)
         self.sent: list[Message] = []
@@ -126,12 +126,15 @@ class InProcessGrid(Grid):
             mid = f"m{next(self._ids)}"
             msg.metadata.__dict__["_message_id"] = mid  # the runtime assigns it on push
             self.sent.append(msg)
-            self._replies[mid] = self._deliver(msg)
+            self._pending[mid] = msg
             ids.append(mid)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]
+        """Each pulled message is delivered to its node now (the ClientApp runs when its
+        reply is pulled, so a subclass can order, delay or drop nodes)."""
+        return [self._execute(self._pending.pop(mid)) for mid in list(message_ids)
+                if mid in self._pending]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
         replies = list(self.pull_messages(self.push_messages(messages)))
@@ -140,7 +143,7 @@ class InProcessGrid(Grid):
         return replies
 
     # delivery -------------------------------------------------------------------------
-    def _deliver(self, msg: Message) -> Message:
+    def _execute(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
         if node not in self.contexts:
             return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=f"no node {node}"),

@@ -538,7 +538,8 @@ def test_wrapper_options_in_the_url_do_not_reach_the_link(tmp_path):
     """``?aggregation=`` and ``?threshold=`` ride in the URL next to link options."""
     s = offload(FedAvg(), transport=f"file://{tmp_path}?aggregation=inner&threshold=512KiB"
                                      "&eager=false")
-    assert not s.streaming and s.threshold == 512 * 1024 and s.link_options == {"eager": "false"}
+    assert not s.streaming and s.threshold == 512 * 1024
+    assert s.link_options == {"mode": 0o600, "fsync": False, "eager": False}
     random.seed(1234)
     res = s.start(FaultyGrid(_app(), faulty=False), _initial(), num_rounds=1)
     assert s.stats["link_bytes_received"] > 0 and res.arrays["w"].numpy().shape == (400, 700)

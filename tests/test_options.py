@@ -34,7 +34,8 @@ from inproc import InProcessGrid
 from test_offload import initial_arrays, make_app
 
 REPO = Path(__file__).resolve().parent.parent
-WRAPPER_URL = "threshold=4MiB&max_reply_size=64MiB&reply_slots=1&fetch_workers=2"
+WRAPPER_URL = ("threshold=4MiB&max_reply_size=64MiB&reply_slots=1&fetch_workers=2"
+               "&aggregation=inner")
 
 
 def _links_here(tmp_path):

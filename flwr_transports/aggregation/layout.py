@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..codec import _META_KEY, FORMAT, MAX_HEADER_BYTES, PayloadError, _validate_meta
+from ..codec import (
+    _META_KEY,
+    FORMAT,
+    MAX_HEADER_BYTES,
+    MAX_HEADER_DEPTH,
+    PayloadError,
+    _validate_meta,
+)
+from ..limits import loads_bounded
 
 #: payload metadata key of the weight the client claims (value of weighted_by_key)
 WEIGHT_META = "flwr_transports.weight"
@@ -157,11 +165,16 @@ def plan_payload(read, size: int) -> Plan:
         raise PayloadError(f"payload header length {hlen} is invalid for a {size}-byte payload")
     raw = _read(read, 8, hlen)
     try:
-        hdr = json.loads(raw)
+        # bounded like every parser of network input (depth, size, counts)
+        hdr = loads_bounded(raw, what="payload header", max_bytes=MAX_HEADER_BYTES,
+                            max_depth=MAX_HEADER_DEPTH, max_items=8 * MAX_ARRAYS + 16,
+                            error=PayloadError)
         meta = hdr.pop("__metadata__")
         if meta.get("format") != FORMAT:
             raise PayloadError(f"unknown payload format {meta.get('format')!r}")
-        entries = json.loads(meta[_META_KEY])
+        entries = loads_bounded(meta[_META_KEY], what="payload array list",
+                                max_bytes=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH,
+                                max_items=8 * MAX_ARRAYS + 16, error=PayloadError)
         wraw = meta.get(WEIGHT_META)
     except PayloadError:
         raise

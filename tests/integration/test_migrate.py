@@ -83,7 +83,9 @@ def test_migrated_app_gives_the_plain_apps_model(runs):
     assert len(runs.plain_model) == len(runs.migrated_model) == len(init) == 2
     for a, b, c in zip(runs.plain_model, runs.migrated_model, init, strict=True):
         assert a.dtype == b.dtype == np.float32 and a.shape == b.shape == c.shape
-        assert np.array_equal(a, b)
+        # offload's default aggregation streams FedAvg's weighted mean (float rounding
+        # differs from Flower's within 1e-6 relative; aggregation=inner is bit-identical)
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
     assert not np.array_equal(runs.plain_model[0], init[0])  # the round trained the model
 
 

@@ -127,7 +127,7 @@ def test_offloaded_simulation_gives_the_in_band_model(sim):
     assert len(a) == len(b) == 2
     for x, y in zip(a, b, strict=True):
         assert x.dtype == y.dtype == np.float32 and x.shape == y.shape
-        assert np.array_equal(x, y)
+        np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7)  # streaming aggregation
     assert float(np.abs(a[1]).max()) > 0  # the bias started at zero: training happened
 
 

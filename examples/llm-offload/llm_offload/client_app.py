@@ -63,6 +63,10 @@ def train(msg: Message, context: Context) -> Message:
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=0.0)
     model.train()
     losses = []
+    if steps == 0:  # no training (to time the transfers alone): report the loss as is
+        with torch.no_grad():
+            x, y = lang.batch(batch, seq, seed=_seed(int(cfg["seed"]), pid, rnd, 0))
+            losses.append(float(model(x, y)))
     for step in range(steps):
         x, y = lang.batch(batch, seq, seed=_seed(int(cfg["seed"]), pid, rnd, step))
         loss = model(x, y)

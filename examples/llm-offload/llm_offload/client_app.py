@@ -86,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
         (d / f"received-{pid}-r{rnd}.sha256").write_text(record_digest(msg.content["arrays"]))
         (d / f"sent-{pid}-r{rnd}.sha256").write_text(record_digest(arrays))
     metrics = MetricRecord({
-        "num-examples": steps * batch * seq,
+        "num-examples": max(steps, 1) * batch * seq,  # FedAvg weights; never 0
         "train-loss": sum(losses) / len(losses),
         "train-loss-last": losses[-1],
     })

@@ -52,6 +52,7 @@ a function that needs it is called.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import warnings
@@ -59,11 +60,15 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Error, Message
 from flwr.serverapp.strategy import Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
+
+log = logging.getLogger("flwr_transports")
+#: Error code of replies ``upcast()`` rejected (the same as ``offload``'s rejections)
+REJECTED_REPLY_CODE = 0x4654
 
 #: ``Array.stype`` of a tensor carried as raw bytes by this module.
 TORCH_RAW_STYPE = "torch.raw"
@@ -357,17 +362,34 @@ class UpcastStrategy(Strategy):
                                grid)
 
     def _upcast_replies(self, replies: Iterable[Message]) -> tuple[list[Message], dict]:
-        replies = list(replies)
+        """Upcast every reply's ``torch.raw`` Arrays. A reply whose Arrays are invalid
+        (unknown dtype, byte count not matching the shape: bytes from the network) is
+        replaced by an error reply, as ``offload`` does, so the round goes on with the
+        other nodes."""
+        out: list[Message] = []
         like: dict[str, Array] = {}
         for msg in replies:
             if msg.has_error():
+                out.append(msg)
                 continue
             content = msg.content
-            for key, rec in list(content.items()):
-                if isinstance(rec, ArrayRecord) and _raw_like([rec]):
-                    like.update({k: v for k, v in _raw_like([rec]).items() if k not in like})
-                    content[key] = to_numpy_record(rec, self.float_dtype)
-        return replies, like
+            try:
+                converted = {key: to_numpy_record(rec, self.float_dtype)
+                             for key, rec in content.items()
+                             if isinstance(rec, ArrayRecord) and _raw_like([rec])}
+            except (ValueError, TypeError) as exc:
+                reason = (f"flwr-transports upcast() rejected the reply of node "
+                          f"{msg.metadata.src_node_id}: {exc}")
+                log.warning(reason)
+                out.append(Message(metadata=msg.metadata,
+                                   error=Error(code=REJECTED_REPLY_CODE, reason=reason)))
+                continue
+            for key, rec in converted.items():
+                for k, v in _raw_like([content[key]]).items():
+                    like.setdefault(k, v)
+                content[key] = rec
+            out.append(msg)
+        return out, like
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies, like = self._upcast_replies(replies)

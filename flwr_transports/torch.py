@@ -279,10 +279,13 @@ def to_numpy_record(record: ArrayRecord, float_dtype: str = "float32") -> ArrayR
     return out
 
 
-def from_numpy_record(record: ArrayRecord, like: Mapping[str, Any]) -> ArrayRecord:
+def from_numpy_record(record: ArrayRecord, like: Mapping[str, Any], *,
+                      copy: bool = True) -> ArrayRecord:
     """Cast a numpy ArrayRecord back to ``torch.raw`` Arrays with the dtypes of ``like``
     (an ArrayRecord of ``torch.raw`` Arrays, or ``{name: torch dtype}``), rounding to
-    nearest even. Names not in ``like`` and non-``torch.raw`` entries pass through."""
+    nearest even. Names not in ``like`` and non-``torch.raw`` entries pass through.
+    ``copy=False``: the Arrays are memoryviews of the freshly cast tensors (nothing else
+    holds them), see :func:`state_dict_to_arrays`."""
     torch = _torch()
     out = ArrayRecord()
     for key, arr in record.items():
@@ -295,7 +298,7 @@ def from_numpy_record(record: ArrayRecord, like: Mapping[str, Any]) -> ArrayReco
             out[key] = arr
             continue
         t = torch.from_numpy(_writable(arr.numpy())).to(dt)
-        out[key] = tensor_to_array(t)
+        out[key] = tensor_to_array(t, copy=copy)
     return out
 
 
@@ -317,7 +320,10 @@ class UpcastStrategy(Strategy):
     inner strategy an upcast copy of the global arrays (FedAdam and friends keep them
     as numpy) and puts the original ``torch.raw`` record in the outgoing messages, so
     the bytes on the wire stay bf16. Put it inside ``offload``:
-    ``offload(upcast(FedAvg()), transport=...)``.
+    ``offload(upcast(FedAvg()), transport=...)``. The aggregated Arrays (and so
+    ``Result.arrays``) hold memoryviews of the cast tensors, not ``bytes``: pass them
+    through :func:`arrays_to_state_dict`, or copy them before putting them in
+    ``context.state``.
     """
 
     def __init__(self, strategy: Strategy, float_dtype: str = "float32") -> None:
@@ -396,7 +402,8 @@ class UpcastStrategy(Strategy):
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         like = like or self._like
         if arrays is not None and like:
-            arrays = from_numpy_record(arrays, like)
+            # the cast tensors are new and held by nobody else: no second copy
+            arrays = from_numpy_record(arrays, like, copy=False)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):

@@ -244,6 +244,11 @@ def test_upcast_fedavg_aggregates_bf16_and_returns_bf16():
     assert _bits(got["w"]) == _bits(want["w"]) and _bits(got["b"]) == _bits(want["b"])
     assert got["steps"].dtype == torch.int64
     assert metrics is not None
+    # the result is not copied once more, and still goes through the codec as is
+    assert isinstance(arrays["w"].data, memoryview)
+    payload = codec.encode(arrays)
+    back = ftorch.arrays_to_state_dict(codec.decode_bytes(payload.to_bytes(), payload.digest))
+    assert _bits(back["w"]) == _bits(want["w"])
 
 
 def test_upcast_configure_keeps_bf16_on_the_wire():

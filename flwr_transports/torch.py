@@ -52,6 +52,7 @@ a function that needs it is called.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import warnings
@@ -59,11 +60,15 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Error, Message
 from flwr.serverapp.strategy import Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
+
+log = logging.getLogger("flwr_transports")
+#: Error code of replies ``upcast()`` rejected (the same as ``offload``'s rejections)
+REJECTED_REPLY_CODE = 0x4654
 
 #: ``Array.stype`` of a tensor carried as raw bytes by this module.
 TORCH_RAW_STYPE = "torch.raw"
@@ -274,10 +279,13 @@ def to_numpy_record(record: ArrayRecord, float_dtype: str = "float32") -> ArrayR
     return out
 
 
-def from_numpy_record(record: ArrayRecord, like: Mapping[str, Any]) -> ArrayRecord:
+def from_numpy_record(record: ArrayRecord, like: Mapping[str, Any], *,
+                      copy: bool = True) -> ArrayRecord:
     """Cast a numpy ArrayRecord back to ``torch.raw`` Arrays with the dtypes of ``like``
     (an ArrayRecord of ``torch.raw`` Arrays, or ``{name: torch dtype}``), rounding to
-    nearest even. Names not in ``like`` and non-``torch.raw`` entries pass through."""
+    nearest even. Names not in ``like`` and non-``torch.raw`` entries pass through.
+    ``copy=False``: the Arrays are memoryviews of the freshly cast tensors (nothing else
+    holds them), see :func:`state_dict_to_arrays`."""
     torch = _torch()
     out = ArrayRecord()
     for key, arr in record.items():
@@ -290,7 +298,7 @@ def from_numpy_record(record: ArrayRecord, like: Mapping[str, Any]) -> ArrayReco
             out[key] = arr
             continue
         t = torch.from_numpy(_writable(arr.numpy())).to(dt)
-        out[key] = tensor_to_array(t)
+        out[key] = tensor_to_array(t, copy=copy)
     return out
 
 
@@ -312,7 +320,10 @@ class UpcastStrategy(Strategy):
     inner strategy an upcast copy of the global arrays (FedAdam and friends keep them
     as numpy) and puts the original ``torch.raw`` record in the outgoing messages, so
     the bytes on the wire stay bf16. Put it inside ``offload``:
-    ``offload(upcast(FedAvg()), transport=...)``.
+    ``offload(upcast(FedAvg()), transport=...)``. The aggregated Arrays (and so
+    ``Result.arrays``) hold memoryviews of the cast tensors, not ``bytes``: pass them
+    through :func:`arrays_to_state_dict`, or copy them before putting them in
+    ``context.state``.
     """
 
     def __init__(self, strategy: Strategy, float_dtype: str = "float32") -> None:
@@ -357,24 +368,42 @@ class UpcastStrategy(Strategy):
                                grid)
 
     def _upcast_replies(self, replies: Iterable[Message]) -> tuple[list[Message], dict]:
-        replies = list(replies)
+        """Upcast every reply's ``torch.raw`` Arrays. A reply whose Arrays are invalid
+        (unknown dtype, byte count not matching the shape: bytes from the network) is
+        replaced by an error reply, as ``offload`` does, so the round goes on with the
+        other nodes."""
+        out: list[Message] = []
         like: dict[str, Array] = {}
         for msg in replies:
             if msg.has_error():
+                out.append(msg)
                 continue
             content = msg.content
-            for key, rec in list(content.items()):
-                if isinstance(rec, ArrayRecord) and _raw_like([rec]):
-                    like.update({k: v for k, v in _raw_like([rec]).items() if k not in like})
-                    content[key] = to_numpy_record(rec, self.float_dtype)
-        return replies, like
+            try:
+                converted = {key: to_numpy_record(rec, self.float_dtype)
+                             for key, rec in content.items()
+                             if isinstance(rec, ArrayRecord) and _raw_like([rec])}
+            except (ValueError, TypeError) as exc:
+                reason = (f"flwr-transports upcast() rejected the reply of node "
+                          f"{msg.metadata.src_node_id}: {exc}")
+                log.warning(reason)
+                out.append(Message(metadata=msg.metadata,
+                                   error=Error(code=REJECTED_REPLY_CODE, reason=reason)))
+                continue
+            for key, rec in converted.items():
+                for k, v in _raw_like([content[key]]).items():
+                    like.setdefault(k, v)
+                content[key] = rec
+            out.append(msg)
+        return out, like
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies, like = self._upcast_replies(replies)
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         like = like or self._like
         if arrays is not None and like:
-            arrays = from_numpy_record(arrays, like)
+            # the cast tensors are new and held by nobody else: no second copy
+            arrays = from_numpy_record(arrays, like, copy=False)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):

@@ -244,6 +244,11 @@ def test_upcast_fedavg_aggregates_bf16_and_returns_bf16():
     assert _bits(got["w"]) == _bits(want["w"]) and _bits(got["b"]) == _bits(want["b"])
     assert got["steps"].dtype == torch.int64
     assert metrics is not None
+    # the result is not copied once more, and still goes through the codec as is
+    assert isinstance(arrays["w"].data, memoryview)
+    payload = codec.encode(arrays)
+    back = ftorch.arrays_to_state_dict(codec.decode_bytes(payload.to_bytes(), payload.digest))
+    assert _bits(back["w"]) == _bits(want["w"])
 
 
 def test_upcast_configure_keeps_bf16_on_the_wire():
@@ -316,3 +321,22 @@ def test_module_constants_name_the_strings_an_aggregator_checks():
     assert ftorch.is_torch_raw(arr) and arr.dtype == ftorch.BF16
     assert arr.dtype.startswith(ftorch.DTYPE_PREFIX)
     assert not ftorch.is_torch_raw(Array(np.ones(2, dtype=np.float32)))
+
+
+def test_upcast_rejects_a_hostile_reply_and_the_round_goes_on():
+    g = torch.Generator().manual_seed(2)
+    sds = [({"w": torch.randn(12, generator=g).to(torch.bfloat16)}, n) for n in (2, 2, 4)]
+    replies = _reply_msgs(sds)
+    bad = replies[2].content["arrays"]["w"]
+    bad.data = bytes(bad.data)[:-2]  # one element short: 22 bytes for 12 bf16
+    arrays, _ = ftorch.upcast(FedAvg()).aggregate_train(1, replies)
+    got = ftorch.arrays_to_state_dict(arrays)["w"]
+    want = _fedavg_reference(sds[:2])["w"]  # the honest replies only
+    assert _bits(got) == _bits(want)
+    replies = _reply_msgs(sds)
+    replies[0].content["arrays"]["w"].dtype = "torch.not_a_dtype"
+    strategy = ftorch.upcast(FedAvg())
+    out, _ = strategy._upcast_replies(replies)
+    assert out[0].has_error() and out[0].error.code == ftorch.REJECTED_REPLY_CODE
+    assert "not_a_dtype" in out[0].error.reason
+    assert not out[1].has_error() and out[1].content["arrays"]["w"].stype == "numpy.ndarray"

@@ -13,6 +13,7 @@ memory high-water mark does not inflate the others' SuperLink figures.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -24,6 +25,15 @@ APP = Path(__file__).resolve().parent
 MIB = 1 << 20
 
 
+def _checks():
+    """tests/llm_checks.py (the checks the test suite runs on the tiny model)."""
+    spec = importlib.util.spec_from_file_location(
+        "llm_checks", APP.parent.parent / "tests" / "llm_checks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-size", default="125m")
@@ -31,6 +41,9 @@ def main() -> None:
     ap.add_argument("--transports", default="shm://,tcp://127.0.0.1:0,inband")
     ap.add_argument("--local-steps", type=int, default=None)
     ap.add_argument("--json", default="", help="also write the figures here")
+    ap.add_argument("--verify", action="store_true",
+                    help="clients and server dump every model; check every transfer was "
+                         "bit-exact (tests/llm_checks.py; needs disk for 4 models a round)")
     args = ap.parse_args()
 
     rows = []
@@ -44,6 +57,8 @@ def main() -> None:
                        "transport": transport, "result-dir": str(out)}
                 if args.local_steps is not None:
                     cfg["local-steps"] = args.local_steps
+                if args.verify:
+                    cfg["dump-clients"] = True
                 res = dep.run(APP, cfg, timeout=3600)
                 if not res.ok:
                     raise SystemExit(f"{transport}: run failed ({res.status})\n"
@@ -51,6 +66,12 @@ def main() -> None:
                 s = json.loads((out / "summary.json").read_text())
                 s["superlink_peak_rss"] = res.superlink_peak_rss
                 s["wall_s"] = res.wall_s
+                if args.verify:
+                    _checks().check_transfers_bit_exact(out, s, args.rounds)
+                    print(f"{transport}: every transfer bit-exact (digests and FedAvg "
+                          "recomputed from the clients' dumps)", flush=True)
+                    for f in out.glob("*.pt"):
+                        f.unlink()
                 rows.append(s)
                 print(f"done: {transport} in {res.wall_s:.0f} s", flush=True)
     finally:

@@ -70,4 +70,4 @@ def test_llm_example_weights_went_over_the_link_bf16(llm_run):
 @pytest.mark.integration
 def test_llm_example_transfers_bit_exact(llm_run):
     out, summary, _ = llm_run
-    check_transfers_bit_exact(out, summary, ROUNDS, RUN_CONFIG)
+    check_transfers_bit_exact(out, summary, ROUNDS)

@@ -63,6 +63,10 @@ def train(msg: Message, context: Context) -> Message:
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=0.0)
     model.train()
     losses = []
+    if steps == 0:  # no training (to time the transfers alone): report the loss as is
+        with torch.no_grad():
+            x, y = lang.batch(batch, seq, seed=_seed(int(cfg["seed"]), pid, rnd, 0))
+            losses.append(float(model(x, y)))
     for step in range(steps):
         x, y = lang.batch(batch, seq, seed=_seed(int(cfg["seed"]), pid, rnd, step))
         loss = model(x, y)
@@ -73,8 +77,10 @@ def train(msg: Message, context: Context) -> Message:
     del opt
     out = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     del model
-    # fresh tensors nobody else holds, going straight into the reply: no copy needed
-    arrays = state_dict_to_arrays(out, copy=False)
+    # One copy into bytes (~0.1 s at 125m): a reply must survive Ray's pickling in the
+    # simulation runtime. In a deployment copy=False (memoryviews of these fresh
+    # tensors) also works and saves that copy; see docs/torch.md.
+    arrays = state_dict_to_arrays(out)
     result_dir = str(cfg.get("result-dir", "") or "")
     if result_dir and bool(cfg.get("dump-clients", False)):
         d = Path(result_dir)
@@ -82,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
         (d / f"received-{pid}-r{rnd}.sha256").write_text(record_digest(msg.content["arrays"]))
         (d / f"sent-{pid}-r{rnd}.sha256").write_text(record_digest(arrays))
     metrics = MetricRecord({
-        "num-examples": steps * batch * seq,
+        "num-examples": max(steps, 1) * batch * seq,  # FedAvg weights; never 0
         "train-loss": sum(losses) / len(losses),
         "train-loss-last": losses[-1],
     })

@@ -416,7 +416,7 @@ def test_tcp_client_retries_busy_beyond_its_retry_count(monkeypatch):
     from flwr_transports.links import chunks
     from flwr_transports.links.chunks import Busy, _first_request
 
-    monkeypatch.setattr(chunks, "busy_pause", lambda n: 0.01)
+    monkeypatch.setattr(chunks.client, "busy_pause", lambda n: 0.01)
 
     calls = []
 

@@ -38,6 +38,7 @@ from urllib.parse import parse_qsl, urlsplit
 from ..codec import EncodedPayload
 from ..refs import RefError
 from .base import LinkError, PayloadSource
+from .chunks.protocol import SegmentView
 
 log = logging.getLogger("flwr_transports.s3")
 
@@ -152,41 +153,17 @@ class Cipher:
 
 
 # -- gathering payload bytes -------------------------------------------------------------
-class SegmentReader:
-    """Random access to the plaintext of an EncodedPayload without joining it."""
+class SegmentReader(SegmentView):
+    """Random access to the plaintext of an EncodedPayload without joining it (the
+    project's one byte-range slicer, :class:`~flwr_transports.links.chunks.SegmentView`)."""
 
     def __init__(self, payload: EncodedPayload):
-        self.segs = [memoryview(s).cast("B") for s in payload.segments]
-        self.starts = []
-        pos = 0
-        for s in self.segs:
-            self.starts.append(pos)
-            pos += len(s)
-        if pos != payload.size:
+        super().__init__(payload.segments)
+        if self.size != payload.size:
             raise ValueError("payload segments do not add up to its size")
-        self.size = pos
 
     def slices(self, start: int, end: int) -> list[memoryview]:
-        out = []
-        # binary search the first segment
-        lo, hi = 0, len(self.starts) - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.starts[mid] <= start:
-                lo = mid
-            else:
-                hi = mid - 1
-        i = lo
-        while start < end and i < len(self.segs):
-            s0 = self.starts[i]
-            seg = self.segs[i]
-            a = start - s0
-            b = min(len(seg), end - s0)
-            if b > a:
-                out.append(seg[a:b])
-                start = s0 + b
-            i += 1
-        return out
+        return self.range(start, max(0, end - start))
 
 
 def build_part(reader: SegmentReader, layout: Layout, cipher: Cipher | None,

@@ -56,7 +56,7 @@ def test_federation_works(rgw):
 
     init = initial(1_500_000)
     want, _ = run("inband", init, rounds=2)
-    got, stats = run(url(rgw, "&part_size=5MiB"), init, rounds=2)
+    got, stats = run(url(rgw, "&part_size=5MiB&aggregation=inner"), init, rounds=2)
     assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(got, want))
     assert stats["link_bytes_received"] > 0 and stats["replies_rejected"] == 0
     assert leftovers(rgw["s3"], rgw["bucket"]) == ([], [])
@@ -67,7 +67,7 @@ def test_federation_encrypted(rgw):
 
     init = initial(1_500_000)
     want, _ = run("inband", init, rounds=1)
-    got, _ = run(url(rgw, "&part_size=5MiB&encrypt=true"), init, rounds=1)
+    got, _ = run(url(rgw, "&part_size=5MiB&encrypt=true&aggregation=inner"), init, rounds=1)
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
     assert leftovers(rgw["s3"], rgw["bucket"]) == ([], [])
 

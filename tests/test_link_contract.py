@@ -159,8 +159,12 @@ def _rgw_env(req):
 
 
 def _rdma_available() -> str | None:
+    """None when rdma:// can run here: its classes import AND its engine (NIXL) loads."""
     try:
         link_classes("rdma")
+        from flwr_transports.links.rdma import load_nixl
+
+        load_nixl()
     except LinkError as exc:
         return str(exc)
     return None

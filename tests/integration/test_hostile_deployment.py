@@ -140,7 +140,8 @@ def test_hostile_node_is_rejected_every_round_and_honest_fedavg_results(hostile_
     expected = _honest_fedavg(len(names))
     assert sorted(arrays) == sorted(expected)
     for k, v in expected.items():
-        assert np.array_equal(arrays[k], v), (link, k)
+        # offload's default streaming aggregation: Flower's FedAvg within float rounding
+        np.testing.assert_allclose(arrays[k], v, rtol=1e-6, atol=1e-7, err_msg=f"{link} {k}")
     per_round = (summary["t1"] - summary["t0"]) / len(names)
     print(f"{link}: attacks tried {tried}, rejected {rejected}, crashed 0, stalled 0; "
           f"run {wall:.1f}s wall, {per_round:.2f}s per round")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import signal
 import sys
 import time
@@ -108,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="model sizes (default 10MiB,100MiB)")
     e.add_argument("--transports", type=_names, default=["inband", "shm://", "tcp://"],
                    help="inband, shm://, file://, tcp://, rdma:// (e.g. rdma://?ucx_tls=tcp), "
-                        "s3:// (s3 uses an embedded moto "
-                        "server); default inband,shm://,tcp://")
+                        "s3:// (an embedded moto server), s3://?store=radosgw (a one-node "
+                        "Ceph radosgw, real SigV4; in the store namespace with --topology "
+                        "star); default inband,shm://,tcp://")
     e.add_argument("--nodes", type=int, default=2, help="SuperNodes (default 2)")
     e.add_argument("--rounds", type=int, default=2, help="server rounds per run (default 2)")
     e.add_argument("--floor-mib", type=float, default=0.01,
@@ -117,6 +119,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--timeout", type=float, default=900, help="seconds per flwr run")
     e.add_argument("--app", type=Path, default=None,
                    help="Flower app directory (default examples/quickstart-offload)")
+    e.add_argument("--topology", choices=("pair", "star"), default="pair",
+                   help="with --wan: 'pair' (server side A, all SuperNodes in one namespace B "
+                        "behind one shaped link; default) or 'star' (the object store in the "
+                        "server's region, one namespace and one shaped link per SuperNode)")
+    e.add_argument("--server-rate", default=None, metavar="RATE",
+                   help="star: the server's uplink, e.g. 1gbit (default: the profile's rate)")
+    e.add_argument("--client-rate", default=None, metavar="RATE",
+                   help="star: each SuperNode's link, each way (default: the profile's rate)")
     common(e)
 
     w = sub.add_parser("wan", help="bring an emulated WAN up, measure RTT and throughput, "
@@ -164,8 +174,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_wan(profile: str | None, relay: str = "auto"):
-    """(context manager or None, description); None + reason when not possible."""
+def _with_wan(profile: str | None, relay: str = "auto", **star):
+    """(context manager or None, description); None + reason when not possible.
+    ``star``: topology, clients, server_rate_mbit, client_rate_mbit (see WanEmulation)."""
     if not profile:
         return None, None
     from .wan import WanEmulation, can_emulate, get_profile
@@ -175,7 +186,25 @@ def _with_wan(profile: str | None, relay: str = "auto"):
     if why:
         _say(f"WAN emulation '{profile}' unavailable: {why}")
         return None, None
-    return WanEmulation(prof, relay=relay), prof.describe()
+    w = WanEmulation(prof, relay=relay, **star)
+    return w, w.describe()
+
+
+def star_options(args: argparse.Namespace) -> dict[str, Any]:
+    """WanEmulation keywords from the e2e options (ValueError on a bad rate / combination)."""
+    from .e2e import split_s3_store
+    from .wan import parse_rate
+
+    for t in args.transports:
+        if t.startswith("s3://"):
+            split_s3_store(t)  # validates store=
+    if args.topology == "pair":
+        if args.server_rate or args.client_rate:
+            raise ValueError("--server-rate/--client-rate need --topology star")
+        return {}
+    return {"topology": "star", "clients": args.nodes,
+            "server_rate_mbit": parse_rate(args.server_rate) if args.server_rate else None,
+            "client_rate_mbit": parse_rate(args.client_rate) if args.client_rate else None}
 
 
 def _term_to_interrupt() -> None:
@@ -235,11 +264,20 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         _say("--nodes must be in 1..32 and --rounds in 1..100")
         return 2
     repeat = args.repeat or 1
-    wan, desc = _with_wan(args.wan, args.relay)
+    try:
+        star = star_options(args)
+    except ValueError as exc:
+        _say(str(exc))
+        return 2
+    wan, desc = _with_wan(args.wan, args.relay, **star)
     meta: dict[str, Any] = {
         "sizes_mib": [s / 2**20 for s in args.sizes], "transports": args.transports,
         "nodes": args.nodes, "rounds": args.rounds, "repeat": repeat,
         "floor_mib": args.floor_mib, "wan": args.wan if wan else None, "wan_desc": desc,
+        "topology": star.get("topology", "pair") if wan else None,
+        "server_rate_mbit": wan.server_rate_mbit if wan else None,
+        "client_rate_mbit": wan.client_rate_mbit if wan else None,
+        "load_before": os.getloadavg(),
     }
     kw = {"sizes_mib": meta["sizes_mib"], "transports": args.transports, "nodes": args.nodes,
               "rounds": args.rounds, "floor_mib": args.floor_mib, "repeat": repeat,
@@ -250,7 +288,12 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         with wan:
             meta["wan_measured_rtt_ms"] = wan.measure_rtt_ms()
             _say(f"WAN up: {desc} (measured RTT {meta['wan_measured_rtt_ms']:.2f} ms)")
+            if wan.ns_s:
+                meta["wan_store_rtt_ms"] = {"server": wan.measure_rtt_ms(dst="s"),
+                                            "client": wan.measure_rtt_ms(src="b", dst="s")}
+                _say(f"store RTT: {meta['wan_store_rtt_ms']}")
             rows, ratios = run_e2e(wan=wan, **kw)
+    meta["load_after"] = os.getloadavg()
     meta["ratios"] = ratios
     out = args.out or _default_out("e2e")
     paths = write_outputs("e2e", rows, meta, out, plots=not args.no_plots)

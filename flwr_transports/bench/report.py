@@ -182,14 +182,15 @@ def e2e_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "offload wrapper's counters (through Flower vs through the link)."),
         "",
         ("| transport | model | round s | floor s | overhead s | wall s | Flower bytes "
-        "| link bytes | SuperLink peak RSS MiB | ServerApp peak RSS MiB |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| link bytes | server uplink tx | server rx | SuperLink peak RSS MiB "
+        "| ServerApp peak RSS MiB |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         head = f"| {r['transport']} | {r['model_mib']:g} MiB "
         if "skipped" in r or "error" in r:
             why = r.get("skipped") or f"error: {r.get('error')}"
-            lines.append(head + f"| {why} | | | | | | | |")
+            lines.append(head + f"| {why} | | | | | | | | | |")
             continue
         st = r.get("stats") or {}
         inband = st.get("inband_bytes_sent", 0) + st.get("inband_bytes_received", 0)
@@ -199,6 +200,8 @@ def e2e_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             + f"| {_fmt(r.get('round_s'), 2)} | {_fmt(r.get('floor_s'), 2)} "
             f"| {_fmt(r.get('overhead_s'), 2)} | {_fmt(r.get('wall_s'), 1)} "
             f"| {human_size(inband) if st else '-'} | {human_size(link) if st else '-'} "
+            f"| {human_size(r['server_tx_bytes']) if 'server_tx_bytes' in r else '-'} "
+            f"| {human_size(r['server_rx_bytes']) if 'server_rx_bytes' in r else '-'} "
             f"| {_fmt(r['superlink_peak_rss_bytes'] / MiB)} "
             f"| {_fmt((r.get('serverapp_peak_rss_bytes') or 0) / MiB)} |"
         )

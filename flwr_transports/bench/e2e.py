@@ -269,7 +269,7 @@ def run_e2e_local(
     try:
         for t in transports:
             sch = _scheme(t)
-            if wan and _local_only(sch):
+            if wan and sch != "inband" and _local_only(sch):
                 plan.append((t, None, "same-host only (no network path to emulate)"))
             elif sch == "inband":
                 plan.append((t, "inband", None))

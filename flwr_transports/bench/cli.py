@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--rounds", type=int, default=2, help="server rounds per run (default 2)")
     e.add_argument("--floor-mib", type=float, default=0.01,
                    help="model size of the control-plane floor run (default 0.01 MiB; 0: skip)")
+    e.add_argument("--floor-once", action="store_true",
+                   help="one floor run (with the first transport) for all transports: the "
+                        "tiny model stays in-band whatever the transport (saves a floor run "
+                        "per transport)")
     e.add_argument("--timeout", type=float, default=900, help="seconds per flwr run")
     e.add_argument("--app", type=Path, default=None,
                    help="Flower app directory (default examples/quickstart-offload)")
@@ -273,7 +277,8 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {
         "sizes_mib": [s / 2**20 for s in args.sizes], "transports": args.transports,
         "nodes": args.nodes, "rounds": args.rounds, "repeat": repeat,
-        "floor_mib": args.floor_mib, "wan": args.wan if wan else None, "wan_desc": desc,
+        "floor_mib": args.floor_mib, "floor_once": args.floor_once,
+        "wan": args.wan if wan else None, "wan_desc": desc,
         "topology": star.get("topology", "pair") if wan else None,
         "server_rate_mbit": wan.server_rate_mbit if wan else None,
         "client_rate_mbit": wan.client_rate_mbit if wan else None,
@@ -281,7 +286,8 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     }
     kw = {"sizes_mib": meta["sizes_mib"], "transports": args.transports, "nodes": args.nodes,
               "rounds": args.rounds, "floor_mib": args.floor_mib, "repeat": repeat,
-              "timeout": args.timeout, "app": args.app, "progress": _say}
+              "timeout": args.timeout, "app": args.app, "progress": _say,
+              "floor_once": args.floor_once}
     if wan is None:
         rows, ratios = run_e2e(**kw)
     else:

@@ -253,7 +253,7 @@ def run_e2e_local(
     progress: Callable[[str], None] | None = None, host: str = "127.0.0.1",
     supernode_prefix: Sequence[Any] | None = None, wan: bool = False,
     store_prefix: Sequence[str] | None = None, store_host: str | None = None,
-    uplink_dev: str | None = None,
+    uplink_dev: str | None = None, floor_once: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     say = progress or (lambda s: None)
     app = Path(app) if app else default_app()
@@ -327,8 +327,11 @@ def run_e2e_local(
                         local += ("&" + rest[1:]) if "?" in local else rest
                     plan.append((t, local, None))
         cls = _deployment_class(supernode_prefix, host if supernode_prefix else None)
-        n_runs = sum(1 for _, u, _ in plan if u) * (len(sizes_mib) + (1 if floor_mib else 0))
+        n_live = sum(1 for _, u, _ in plan if u)
+        n_floor = (1 if floor_once else n_live) if floor_mib else 0
+        n_runs = n_live * len(sizes_mib) + n_floor
         k = 0
+        shared_floor: float | None = None  # floor_once: the first transport's floor
         for ti, (t, url, skip) in enumerate(plan):
             if skip:
                 for m in sizes_mib:
@@ -340,9 +343,10 @@ def run_e2e_local(
             with cls(n_supernodes=nodes, workdir=work / f"deploy-{ti}",
                      env={**env, **plan_env.get(t, {})}) as dep:
                 say(f"deployment up for {t}: SuperLink + {nodes} SuperNodes")
-                floor = None
-                todo = ([("floor", floor_mib)] if floor_mib else []) + [("model", m)
-                                                                        for m in sizes_mib]
+                floor = shared_floor
+                own_floor = floor_mib and not (floor_once and shared_floor is not None)
+                todo = ([("floor", floor_mib)] if own_floor else []) + [("model", m)
+                                                                         for m in sizes_mib]
                 for kind, m in todo:
                     k += 1
                     say(f"[{k}/{n_runs}] {t:<10} {m:g} MiB ({kind}), {rounds} rounds ...")
@@ -361,6 +365,8 @@ def run_e2e_local(
                     if kind == "floor":
                         floor = row.get("round_s")
                         row["floor_s"] = floor
+                        if floor_once:
+                            shared_floor = floor
                     elif floor is not None and "round_s" in row:
                         row["floor_s"] = floor
                         row["overhead_s"] = row["round_s"] - floor
@@ -457,11 +463,14 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
 def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 2,
             rounds: int = 2, floor_mib: float = 0.01, repeat: int = 1, timeout: float = 900,
             app: Path | None = None, progress: Callable[[str], None] | None = None,
-            wan=None) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Loopback, or across a :class:`~.wan.WanEmulation` (driver re-run inside namespace A)."""
+            wan=None, floor_once: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Loopback, or across a :class:`~.wan.WanEmulation` (driver re-run inside namespace A).
+
+    ``floor_once``: one floor run (with the first transport), used for every transport
+    (a floor run's tiny model stays in-band whatever the transport)."""
     if wan is None:
         return run_e2e_local(sizes_mib, transports, nodes, rounds, floor_mib, repeat, timeout,
-                             app, progress)
+                             app, progress, floor_once=floor_once)
     app = Path(app) if app else default_app()
     spec = {
         "sizes_mib": list(sizes_mib), "transports": list(transports), "nodes": nodes,
@@ -469,7 +478,7 @@ def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 
         "app": str(app) if app else None, "host": wan.addr_a,
         "supernode_prefix": [list(x) for x in wan.client_prefixes()],
         "store_prefix": list(wan.prefix("s")) if wan.ns_s else None,
-        "store_host": wan.addr_s,
+        "store_host": wan.addr_s, "floor_once": floor_once,
     }
     fd, spec_path = tempfile.mkstemp(prefix="ftxb-e2e-spec-", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -516,7 +525,7 @@ def _inner(spec_path: str) -> int:
         lambda s: print(s, file=sys.stderr, flush=True),
         host=spec["host"], supernode_prefix=spec["supernode_prefix"], wan=True,
         store_prefix=spec.get("store_prefix"), store_host=spec.get("store_host"),
-        uplink_dev="a0",
+        uplink_dev="a0", floor_once=spec.get("floor_once", False),
     )
     print(json.dumps({"rows": rows, "ratios": rat}, default=str), flush=True)
     return 0

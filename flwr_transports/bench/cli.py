@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                         "torch-rpc (PyTorch RPC over TensorPipe's TCP transport) and "
                         "torch-rpc-shm (TensorPipe's same-host shm/cma) need "
                         "'pip install torch==2.13.0'; link-s3-radosgw starts a one-node "
-                        "Ceph radosgw per point (flwr_transports.bench.radosgw; loopback only; "
+                        "Ceph radosgw per point (flwr_transports.bench.radosgw; under --wan in "
+                        "the sender's namespace; "
                         "'python -m flwr_transports.bench.radosgw fetch' once)")
     p.add_argument("--concurrency", type=_ints, default=[1, 4],
                    help="numbers of concurrent receivers K (default 1,4)")

@@ -151,13 +151,16 @@ def _parser() -> argparse.ArgumentParser:
                                      "WAN profile)")
     pl.add_argument("inputs", nargs="+", type=Path, help="e2e.json files")
     pl.add_argument("--out", type=Path, default=Path("e2e-profiles.png"))
+    pl.add_argument("--x", choices=("profile", "nodes"), default="profile",
+                    help="profile: bars per transport and WAN profile (default); nodes: round "
+                         "time vs number of SuperNodes, a line per transport and uplink")
     return ap
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     import json
 
-    from .report import e2e_profiles_plot
+    from .report import e2e_nodes_plot, e2e_profiles_plot
 
     docs = []
     for p in args.inputs:
@@ -170,7 +173,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             _say(f"{p} is not an e2e.json written by 'flwr-transports bench e2e'")
             return 2
         docs.append(doc)
-    out = e2e_profiles_plot(docs, args.out)
+    out = (e2e_nodes_plot if args.x == "nodes" else e2e_profiles_plot)(docs, args.out)
     if out is None:
         _say("nothing to plot (no results, or matplotlib missing: "
              "pip install 'flwr-transports[bench]')")

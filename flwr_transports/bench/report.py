@@ -316,43 +316,49 @@ def e2e_profiles_plot(docs: list[dict[str, Any]], path: str | os.PathLike[str]) 
 
 def e2e_nodes_plot(docs: list[dict[str, Any]], path: str | os.PathLike[str]) -> str | None:
     """Round time vs number of SuperNodes, one line per (transport, server uplink, model
-    size), from several ``e2e.json`` documents (one per N). Left: round time; right: the
-    payload overhead (round - floor)."""
+    size), from several ``e2e.json`` documents (one per N). Panels: round time, payload
+    overhead (round - floor), MiB through the server's uplink per round (when recorded)."""
     plt = _plt()
     if plt is None:
         return None
-    series: dict[tuple[str, str, float], list[tuple[int, float, float | None]]] = defaultdict(list)
+    Pt = tuple[int, float, float | None, float | None]
+    series: dict[tuple[str, str, float], list[Pt]] = defaultdict(list)
     for d in docs:
         meta = d.get("meta") or {}
         n = meta.get("nodes")
         rate = meta.get("server_rate_mbit")
+        rounds = meta.get("rounds") or 1
         up = f"{rate / 1000:g} Gbit/s uplink" if rate else (meta.get("wan") or "loopback")
         for r in d.get("results", []):
             if r.get("kind") == "model" and "round_s" in r and n:
+                tx = r.get("server_tx_bytes")
                 series[(r["transport"].split("?")[0], up, r["model_mib"])].append(
-                    (n, r["round_s"], r.get("overhead_s")))
+                    (n, r["round_s"], r.get("overhead_s"),
+                     tx / MiB / rounds if tx is not None else None))
     if not series:
         return None
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     colors = {"inband": "tab:gray", "tcp://": "tab:blue", "s3://": "tab:orange"}
-    styles = ["-", "--", ":", "-."]
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
     ups = sorted({k[1] for k in series})
     for (t, up, size), pts in sorted(series.items()):
         pts.sort()
-        c = colors.get(t)
-        ls = styles[ups.index(up) % len(styles)]
+        ls, mk = styles[ups.index(up) % len(styles)]
         label = f"{t} {up}, {size:g} MiB"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", color=c, label=label)
-        ov = [(p[0], p[2]) for p in pts if p[2] is not None]
-        if ov:
-            ax2.plot([p[0] for p in ov], [p[1] for p in ov], ls, marker="o", color=c, label=label)
-    for a, what in ((ax, "round time (s)"), (ax2, "payload overhead above the floor (s)")):
+        for ax, idx in zip(axes, (1, 2, 3)):
+            xy = [(p[0], p[idx]) for p in pts if p[idx] is not None]
+            if xy:
+                ax.plot([x for x, _ in xy], [y for _, y in xy], ls, marker=mk,
+                        color=colors.get(t), label=label)
+    whats = ("round time (s)", "payload overhead above the floor (s)",
+             "MiB through the server's uplink per round")
+    for a, what in zip(axes, whats):
         a.set_xlabel("SuperNodes (N)")
         a.set_ylabel(what)
         a.set_xticks(sorted({p[0] for pts in series.values() for p in pts}))
         a.grid(True, alpha=0.3)
-    ax2.axhline(0, color="black", lw=0.5)
-    ax.legend(fontsize=7)
+    axes[1].axhline(0, color="black", lw=0.5)
+    axes[0].legend(fontsize=7)
     fig.suptitle("Round time vs number of clients per link (emulated WAN, star topology)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -5,12 +5,14 @@
                               [--wan lan|geo-proximal|geo-distributed|RTTms/RATEmbit]
                               [--out DIR] [--no-plots]
     flwr-transports bench e2e [--sizes 10MiB,100MiB] [--transports inband,shm://,tcp://]
-                              [--nodes 2] [--rounds 2] [--floor-mib 0.01] [--wan PROFILE]
-                              [--out DIR] [--no-plots]
+                              [--nodes 2] [--rounds 2] [--floor-mib 0.01] [--floor-once]
+                              [--wan PROFILE [--topology pair|star] [--server-rate 1gbit]
+                               [--client-rate 5gbit]] [--out DIR] [--no-plots]
     flwr-transports bench wan [--profile geo-distributed]   # bring a WAN up, measure, tear down
                               [--streams 1,4] [--size 64MiB] [--relay auto|c|python]
     flwr-transports bench wan --cleanup                     # remove namespaces of dead runs
     flwr-transports bench plot DIR/e2e.json DIR2/e2e.json --out e2e-profiles.png
+    flwr-transports bench plot --x nodes N2/e2e.json N4/e2e.json N8/e2e.json --out nodes.png
 """
 
 from __future__ import annotations

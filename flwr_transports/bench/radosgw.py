@@ -170,6 +170,12 @@ rgw frontends = beast endpoint={host}:{rgw_port}
 rgw data = {d}/rgw
 rgw dns name = localhost
 rgw thread pool size = 64
+# deleted objects' data (multipart parts) is reclaimed by radosgw's garbage collector,
+# by default 2 hours later: with a memstore OSD capped at a few GiB, benchmarks that
+# move GBs would fill the OSD and radosgw then blocks every write. Reclaim at once.
+rgw gc obj min wait = 0
+rgw gc processor period = 5
+rgw gc processor max time = 5
 """
 
 

@@ -21,6 +21,11 @@ Topology (every name carries this process's pid, so concurrent runs never collid
   Python one (the fallback when no compiler is found). The queue of each is bounded
   (tail drop, counted).
 * A profile with RTT 0 (``lan``) joins a0 and b0 with one veth pair, no relay.
+* ``topology="star"`` (``bench e2e --topology star``): two bridges in the middle
+  namespace (server region, client region) joined by the relay; the server (A) and an
+  object-store namespace S on the server side, one namespace per client on the other,
+  each with its own tbf; the server's uplink rate and the clients' rate are separate
+  (see :meth:`WanEmulation._build_star`).
 
 Limits (documented in docs/benchmarks.md): constant delay, no jitter, no random loss
 (drops only when the relay's bounded queue or tbf overflows); the Python relay

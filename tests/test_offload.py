@@ -379,3 +379,42 @@ def test_wrapper_options_in_the_url_do_not_reach_the_link(filedir):
     assert s.stats["link_bytes_sent"] > 1_000_000 and s.stats["replies_rejected"] == 0
     s, _res = _run("shm://?threshold=1KiB")
     assert s.stats["link_bytes_sent"] > 1_000_000
+
+
+@pytest.mark.parametrize("transport", ["shm://", "file"])
+def test_next_round_reuses_the_evaluate_payload(transport, filedir):
+    """FedAvg's evaluate phase of round r and train phase of round r+1 send the same
+    global model: it is published once for both (same bytes, same reference), and the
+    aggregate is the in-band one."""
+    url = f"file://{filedir}" if transport == "file" else transport
+    grid = InProcessGrid(make_app())
+    s, res = _run(url, grid=grid, rounds=3)
+    _, base = _run("inband", rounds=3)
+    _same(base.arrays, res.arrays)
+    # 3 train + 3 evaluate phases, 3 distinct models sent after the initial one:
+    # train 1 (initial), evaluate 1 = train 2, evaluate 2 = train 3, evaluate 3
+    assert s.stats["link_publishes"] == 4
+    assert s.stats["link_publishes_reused"] == 2
+    # every phase still carried a reference (none fell back to in-band)
+    sent = [m for m in grid.sent if "arrays" in m.content]
+    assert len(sent) == 12 and all(is_ref_record(m.content["arrays"]) for m in sent)
+    assert _ftx_entries(filedir) == []
+    if transport == "shm://":
+        assert _ftx_entries("/dev/shm") == []
+
+
+def test_reuse_only_for_the_same_bytes(filedir):
+    """A strategy whose model changes between evaluate and the next train round gets a
+    fresh publish (nothing reused), and nothing is left behind."""
+
+    class Shift(FedAvg):
+        def configure_train(self, server_round, arrays, config, grid):
+            nd = [a + np.float32(1.0) for a in arrays.to_numpy_ndarrays()]
+            arrays = ArrayRecord(nd) if not hasattr(arrays, "keys") else ArrayRecord(
+                dict(zip(arrays.keys(), [Array(x) for x in nd])))
+            return super().configure_train(server_round, arrays, config, grid)
+
+    s, _ = _run(f"file://{filedir}", strategy=Shift(), rounds=2)
+    assert s.stats["link_publishes_reused"] == 0
+    assert s.stats["link_publishes"] == 4
+    assert _ftx_entries(filedir) == []

@@ -5,18 +5,21 @@
                               [--wan lan|geo-proximal|geo-distributed|RTTms/RATEmbit]
                               [--out DIR] [--no-plots]
     flwr-transports bench e2e [--sizes 10MiB,100MiB] [--transports inband,shm://,tcp://]
-                              [--nodes 2] [--rounds 2] [--floor-mib 0.01] [--wan PROFILE]
-                              [--out DIR] [--no-plots]
+                              [--nodes 2] [--rounds 2] [--floor-mib 0.01] [--floor-once]
+                              [--wan PROFILE [--topology pair|star] [--server-rate 1gbit]
+                               [--client-rate 5gbit]] [--out DIR] [--no-plots]
     flwr-transports bench wan [--profile geo-distributed]   # bring a WAN up, measure, tear down
                               [--streams 1,4] [--size 64MiB] [--relay auto|c|python]
     flwr-transports bench wan --cleanup                     # remove namespaces of dead runs
     flwr-transports bench plot DIR/e2e.json DIR2/e2e.json --out e2e-profiles.png
+    flwr-transports bench plot --x nodes N2/e2e.json N4/e2e.json N8/e2e.json --out nodes.png
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import signal
 import sys
 import time
@@ -96,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
                         "torch-rpc (PyTorch RPC over TensorPipe's TCP transport) and "
                         "torch-rpc-shm (TensorPipe's same-host shm/cma) need "
                         "'pip install torch==2.13.0'; link-s3-radosgw starts a one-node "
-                        "Ceph radosgw per point (flwr_transports.bench.radosgw; loopback only; "
+                        "Ceph radosgw per point (flwr_transports.bench.radosgw; under --wan in "
+                        "the sender's namespace; "
                         "'python -m flwr_transports.bench.radosgw fetch' once)")
     p.add_argument("--concurrency", type=_ints, default=[1, 4],
                    help="numbers of concurrent receivers K (default 1,4)")
@@ -108,15 +112,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="model sizes (default 10MiB,100MiB)")
     e.add_argument("--transports", type=_names, default=["inband", "shm://", "tcp://"],
                    help="inband, shm://, file://, tcp://, rdma:// (e.g. rdma://?ucx_tls=tcp), "
-                        "s3:// (s3 uses an embedded moto "
-                        "server); default inband,shm://,tcp://")
+                        "s3:// (an embedded moto server), s3://?store=radosgw (a one-node "
+                        "Ceph radosgw, real SigV4; in the store namespace with --topology "
+                        "star); default inband,shm://,tcp://")
     e.add_argument("--nodes", type=int, default=2, help="SuperNodes (default 2)")
     e.add_argument("--rounds", type=int, default=2, help="server rounds per run (default 2)")
     e.add_argument("--floor-mib", type=float, default=0.01,
                    help="model size of the control-plane floor run (default 0.01 MiB; 0: skip)")
+    e.add_argument("--floor-once", action="store_true",
+                   help="one floor run (with the first transport) for all transports: the "
+                        "tiny model stays in-band whatever the transport (saves a floor run "
+                        "per transport)")
     e.add_argument("--timeout", type=float, default=900, help="seconds per flwr run")
     e.add_argument("--app", type=Path, default=None,
                    help="Flower app directory (default examples/quickstart-offload)")
+    e.add_argument("--topology", choices=("pair", "star"), default="pair",
+                   help="with --wan: 'pair' (server side A, all SuperNodes in one namespace B "
+                        "behind one shaped link; default) or 'star' (the object store in the "
+                        "server's region, one namespace and one shaped link per SuperNode)")
+    e.add_argument("--server-rate", default=None, metavar="RATE",
+                   help="star: the server's uplink, e.g. 1gbit (default: the profile's rate)")
+    e.add_argument("--client-rate", default=None, metavar="RATE",
+                   help="star: each SuperNode's link, each way (default: the profile's rate)")
     common(e)
 
     w = sub.add_parser("wan", help="bring an emulated WAN up, measure RTT and throughput, "
@@ -136,13 +153,16 @@ def _parser() -> argparse.ArgumentParser:
                                      "WAN profile)")
     pl.add_argument("inputs", nargs="+", type=Path, help="e2e.json files")
     pl.add_argument("--out", type=Path, default=Path("e2e-profiles.png"))
+    pl.add_argument("--x", choices=("profile", "nodes"), default="profile",
+                    help="profile: bars per transport and WAN profile (default); nodes: round "
+                         "time vs number of SuperNodes, a line per transport and uplink")
     return ap
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     import json
 
-    from .report import e2e_profiles_plot
+    from .report import e2e_nodes_plot, e2e_profiles_plot
 
     docs = []
     for p in args.inputs:
@@ -155,7 +175,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             _say(f"{p} is not an e2e.json written by 'flwr-transports bench e2e'")
             return 2
         docs.append(doc)
-    out = e2e_profiles_plot(docs, args.out)
+    out = (e2e_nodes_plot if args.x == "nodes" else e2e_profiles_plot)(docs, args.out)
     if out is None:
         _say("nothing to plot (no results, or matplotlib missing: "
              "pip install 'flwr-transports[bench]')")
@@ -164,8 +184,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_wan(profile: str | None, relay: str = "auto"):
-    """(context manager or None, description); None + reason when not possible."""
+def _with_wan(profile: str | None, relay: str = "auto", **star):
+    """(context manager or None, description); None + reason when not possible.
+    ``star``: topology, clients, server_rate_mbit, client_rate_mbit (see WanEmulation)."""
     if not profile:
         return None, None
     from .wan import WanEmulation, can_emulate, get_profile
@@ -175,7 +196,25 @@ def _with_wan(profile: str | None, relay: str = "auto"):
     if why:
         _say(f"WAN emulation '{profile}' unavailable: {why}")
         return None, None
-    return WanEmulation(prof, relay=relay), prof.describe()
+    w = WanEmulation(prof, relay=relay, **star)
+    return w, w.describe()
+
+
+def star_options(args: argparse.Namespace) -> dict[str, Any]:
+    """WanEmulation keywords from the e2e options (ValueError on a bad rate / combination)."""
+    from .e2e import split_s3_store
+    from .wan import parse_rate
+
+    for t in args.transports:
+        if t.startswith("s3://"):
+            split_s3_store(t)  # validates store=
+    if args.topology == "pair":
+        if args.server_rate or args.client_rate:
+            raise ValueError("--server-rate/--client-rate need --topology star")
+        return {}
+    return {"topology": "star", "clients": args.nodes,
+            "server_rate_mbit": parse_rate(args.server_rate) if args.server_rate else None,
+            "client_rate_mbit": parse_rate(args.client_rate) if args.client_rate else None}
 
 
 def _term_to_interrupt() -> None:
@@ -235,22 +274,38 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         _say("--nodes must be in 1..32 and --rounds in 1..100")
         return 2
     repeat = args.repeat or 1
-    wan, desc = _with_wan(args.wan, args.relay)
+    try:
+        star = star_options(args)
+    except ValueError as exc:
+        _say(str(exc))
+        return 2
+    wan, desc = _with_wan(args.wan, args.relay, **star)
     meta: dict[str, Any] = {
         "sizes_mib": [s / 2**20 for s in args.sizes], "transports": args.transports,
         "nodes": args.nodes, "rounds": args.rounds, "repeat": repeat,
-        "floor_mib": args.floor_mib, "wan": args.wan if wan else None, "wan_desc": desc,
+        "floor_mib": args.floor_mib, "floor_once": args.floor_once,
+        "wan": args.wan if wan else None, "wan_desc": desc,
+        "topology": star.get("topology", "pair") if wan else None,
+        "server_rate_mbit": wan.server_rate_mbit if wan else None,
+        "client_rate_mbit": wan.client_rate_mbit if wan else None,
+        "load_before": os.getloadavg(),
     }
     kw = {"sizes_mib": meta["sizes_mib"], "transports": args.transports, "nodes": args.nodes,
               "rounds": args.rounds, "floor_mib": args.floor_mib, "repeat": repeat,
-              "timeout": args.timeout, "app": args.app, "progress": _say}
+              "timeout": args.timeout, "app": args.app, "progress": _say,
+              "floor_once": args.floor_once}
     if wan is None:
         rows, ratios = run_e2e(**kw)
     else:
         with wan:
             meta["wan_measured_rtt_ms"] = wan.measure_rtt_ms()
             _say(f"WAN up: {desc} (measured RTT {meta['wan_measured_rtt_ms']:.2f} ms)")
+            if wan.ns_s:
+                meta["wan_store_rtt_ms"] = {"server": wan.measure_rtt_ms(dst="s"),
+                                            "client": wan.measure_rtt_ms(src="b", dst="s")}
+                _say(f"store RTT: {meta['wan_store_rtt_ms']}")
             rows, ratios = run_e2e(wan=wan, **kw)
+    meta["load_after"] = os.getloadavg()
     meta["ratios"] = ratios
     out = args.out or _default_out("e2e")
     paths = write_outputs("e2e", rows, meta, out, plots=not args.no_plots)

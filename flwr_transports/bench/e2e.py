@@ -48,11 +48,22 @@ def _scheme(t: str) -> str:
     return "inband" if t == "inband" else t.split("://", 1)[0].lower()
 
 
-def _deployment_class(supernode_prefix: Sequence[str] | None, superlink_addr: str | None):
-    """LocalDeployment, or a subclass whose SuperNodes run elsewhere (another namespace)."""
+def _node_prefixes(supernode_prefix) -> list[list[str]]:
+    """One command prefix (``ip netns exec NS``) or a list of them (one per client
+    namespace, node i runs behind prefix i mod len) -> a list of prefixes."""
+    if not supernode_prefix:
+        return []
+    if all(isinstance(x, str) for x in supernode_prefix):
+        return [list(supernode_prefix)]
+    return [list(x) for x in supernode_prefix]
+
+
+def _deployment_class(supernode_prefix, superlink_addr: str | None):
+    """LocalDeployment, or a subclass whose SuperNodes run elsewhere (other namespaces)."""
     from .deploy import DeploymentError, LocalDeployment, free_port
 
-    if not supernode_prefix:
+    prefixes = _node_prefixes(supernode_prefix)
+    if not prefixes:
         return LocalDeployment
 
     class SplitDeployment(LocalDeployment):
@@ -86,7 +97,7 @@ def _deployment_class(supernode_prefix: Sequence[str] | None, superlink_addr: st
                 while port in self.supernode_ports:
                     port = 20000 + secrets.randbelow(20000)
                 self.supernode_ports.append(port)
-                cmd = [*supernode_prefix, self._exe("flower-supernode"), "--insecure",
+                cmd = [*prefixes[i % len(prefixes)], self._exe("flower-supernode"), "--insecure",
                        "--superlink", f"{superlink_addr}:{self.superlink_port}",
                        "--host", "127.0.0.1", "--port", str(port),
                        "--node-config", f"partition-id={i} num-partitions={n}"]
@@ -109,31 +120,140 @@ def _serverapp_peak(children: dict[str, int]) -> int:
     return max((v for k, v in children.items() if "serverapp" in k), default=0)
 
 
+S3_STORES = ("moto", "radosgw")
+
+
+def split_s3_store(t: str) -> tuple[str, str]:
+    """``s3://?store=radosgw&concurrency=16`` -> ("radosgw", "concurrency=16"): the bench's
+    own ``store`` option (which S3 server to start: moto, the default, or a one-node Ceph
+    radosgw) taken out of the link options that follow ``s3://?``."""
+    rest = t[len("s3://"):] if t.startswith("s3://") else ""
+    if not rest.startswith("?"):
+        return "moto", ""
+    store, kept = "moto", []
+    for kv in rest[1:].split("&"):
+        if not kv:
+            continue
+        k, _, v = kv.partition("=")
+        if k == "store":
+            if v not in S3_STORES:
+                raise ValueError(f"s3 store must be one of {', '.join(S3_STORES)}, not {v!r}")
+            store = v
+        else:
+            kept.append(kv)
+    return store, "&".join(kept)
+
+
 class _S3:
-    """An embedded moto S3 server for s3:// runs (stopped at the end)."""
+    """The S3 server of s3:// runs (stopped at the end): an embedded moto server next to
+    the server, or a one-node Ceph radosgw (real SigV4) started behind ``prefix`` (the
+    store's namespace under a star WAN) listening on ``host``."""
 
-    def __init__(self, host: str):
-        from .p2p import _start_moto
+    def __init__(self, host: str, kind: str = "moto", prefix: Sequence[str] | None = None):
+        self.kind = kind
+        self.proc = None
+        self.rgw: dict[str, Any] | None = None
+        if kind == "moto":
+            from .p2p import _start_moto
 
-        self.proc, self.port = _start_moto(host)
-        self.endpoint = f"http://{host}:{self.port}"
-        import boto3
+            self.proc, self.port = _start_moto(host)
+            self.endpoint = f"http://{host}:{self.port}"
+            self.env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                        "AWS_DEFAULT_REGION": "us-east-1"}
+            import boto3
 
-        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="bench",
-                     aws_secret_access_key="bench", region_name="us-east-1",
-                     ).create_bucket(Bucket="ftxbench")
+            boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="bench",
+                         aws_secret_access_key="bench", region_name="us-east-1",
+                         ).create_bucket(Bucket="ftxbench")
+            return
+        self.rgw = _start_radosgw(host, prefix)
+        try:
+            st = self.rgw
+            self.endpoint = st["endpoint"]
+            self.env = {"AWS_ACCESS_KEY_ID": st["access_key"],
+                        "AWS_SECRET_ACCESS_KEY": st["secret_key"],
+                        "AWS_DEFAULT_REGION": st.get("region", "us-east-1"),
+                        "AWS_EC2_METADATA_DISABLED": "true"}
+            import boto3
+            from botocore.config import Config
+
+            from . import radosgw
+
+            s3 = boto3.session.Session(
+                aws_access_key_id=st["access_key"], aws_secret_access_key=st["secret_key"],
+                region_name=st.get("region", "us-east-1"),
+            ).client("s3", endpoint_url=self.endpoint, config=Config(
+                s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                response_checksum_validation="when_required"))
+            radosgw.create_bucket(s3, "ftxbench")
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         from .procs import stop_proc
 
-        stop_proc(self.proc)
+        if self.proc is not None:
+            stop_proc(self.proc)
+            self.proc = None
+        if self.rgw is not None:
+            from . import radosgw
+
+            radosgw.stop(self.rgw["dir"])
+            self.rgw = None
+
+
+RGW_MEM_BYTES = 3 << 30  # memstore cap (RAM) of the bench's radosgw
+
+
+def _start_radosgw(host: str, prefix: Sequence[str] | None) -> dict[str, Any]:
+    """A one-node Ceph radosgw listening on ``host``; started through ``prefix`` (another
+    namespace) when given: the helper module runs there and prints its state as JSON."""
+    from . import radosgw
+
+    d = tempfile.mkdtemp(prefix="ftx-radosgw-")
+    last: Exception | None = None
+    for attempt in range(3):  # a one-node Ceph sometimes fails on a loaded machine
+        try:
+            if not prefix:
+                return radosgw.start(d, mem_bytes=RGW_MEM_BYTES, host=host)
+            p = subprocess.run(
+                [*prefix, sys.executable, "-m", "flwr_transports.bench.radosgw", "start",
+                 "--dir", d, "--mem", str(RGW_MEM_BYTES), "--host", host],
+                capture_output=True, text=True, timeout=300, check=False)
+            if p.returncode == 0:
+                return json.loads(p.stdout)
+            last = radosgw.RadosgwError(p.stderr[-1500:])
+        except radosgw.RadosgwError as exc:
+            last = exc
+        radosgw.stop(d)
+        d = tempfile.mkdtemp(prefix="ftx-radosgw-")
+        time.sleep(2 * (attempt + 1))
+    shutil.rmtree(d, ignore_errors=True)
+    raise RuntimeError(f"radosgw did not start: {last}")
+
+
+def _iface_bytes(dev: str) -> tuple[int, int] | None:
+    """(rx, tx) byte counters of ``dev`` in this process's network namespace."""
+    try:
+        with open("/proc/self/net/dev", encoding="ascii") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name.strip() == dev:
+                    x = rest.split()
+                    return int(x[0]), int(x[8])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def run_e2e_local(
     sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 2, rounds: int = 2,
     floor_mib: float = 0.01, repeat: int = 1, timeout: float = 900, app: Path | None = None,
     progress: Callable[[str], None] | None = None, host: str = "127.0.0.1",
-    supernode_prefix: Sequence[str] | None = None, wan: bool = False,
+    supernode_prefix: Sequence[Any] | None = None, wan: bool = False,
+    store_prefix: Sequence[str] | None = None, store_host: str | None = None,
+    uplink_dev: str | None = None, floor_once: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     say = progress or (lambda s: None)
     app = Path(app) if app else default_app()
@@ -141,14 +261,15 @@ def run_e2e_local(
         raise ValueError("Flower app not found: pass --app (e.g. examples/quickstart-offload)")
     rows: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="ftxb-e2e-"))
-    s3: _S3 | None = None
+    stores: dict[str, _S3] = {}
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
            "AWS_DEFAULT_REGION": "us-east-1", "GRPC_VERBOSITY": "ERROR"}
     plan: list[tuple[str, str | None, str | None]] = []  # (transport, url, skip reason)
+    plan_env: dict[str, dict[str, str]] = {}  # transport -> extra env (the store's keys)
     try:
         for t in transports:
             sch = _scheme(t)
-            if wan and _local_only(sch):
+            if wan and sch != "inband" and _local_only(sch):
                 plan.append((t, None, "same-host only (no network path to emulate)"))
             elif sch == "inband":
                 plan.append((t, "inband", None))
@@ -170,11 +291,19 @@ def run_e2e_local(
                     plan.append((t, t, None))  # a real bucket URL, used as given
                     continue
                 try:
-                    s3 = s3 or _S3(host)
-                    extra = f"&{rest[1:]}" if rest.startswith("?") and len(rest) > 1 else ""
+                    kind, opts = split_s3_store(t)
+                    if kind not in stores:
+                        if kind == "radosgw":
+                            say("starting radosgw" + (f" at {store_host}" if store_host else ""))
+                            stores[kind] = _S3(store_host or host, kind, store_prefix)
+                        else:
+                            stores[kind] = _S3(host, kind)
+                    s3 = stores[kind]
+                    extra = f"&{opts}" if opts else ""
                     plan.append(
                         (t, f"s3://ftxbench/e2e?endpoint_url={s3.endpoint}{extra}", None)
                     )
+                    plan_env[t] = s3.env
                 except Exception as exc:  # noqa: BLE001
                     plan.append((t, None, f"no S3 server: {exc}"))
             else:
@@ -199,8 +328,11 @@ def run_e2e_local(
                         local += ("&" + rest[1:]) if "?" in local else rest
                     plan.append((t, local, None))
         cls = _deployment_class(supernode_prefix, host if supernode_prefix else None)
-        n_runs = sum(1 for _, u, _ in plan if u) * (len(sizes_mib) + (1 if floor_mib else 0))
+        n_live = sum(1 for _, u, _ in plan if u)
+        n_floor = (1 if floor_once else n_live) if floor_mib else 0
+        n_runs = n_live * len(sizes_mib) + n_floor
         k = 0
+        shared_floor: float | None = None  # floor_once: the first transport's floor
         for ti, (t, url, skip) in enumerate(plan):
             if skip:
                 for m in sizes_mib:
@@ -209,15 +341,22 @@ def run_e2e_local(
                 continue
             # a fresh deployment per transport: the SuperLink keeps the memory an earlier
             # in-band run grew it to, which would be charged to the next transport
-            with cls(n_supernodes=nodes, workdir=work / f"deploy-{ti}", env=env) as dep:
+            with cls(n_supernodes=nodes, workdir=work / f"deploy-{ti}",
+                     env={**env, **plan_env.get(t, {})}) as dep:
                 say(f"deployment up for {t}: SuperLink + {nodes} SuperNodes")
-                floor = None
-                todo = ([("floor", floor_mib)] if floor_mib else []) + [("model", m)
-                                                                        for m in sizes_mib]
+                floor = shared_floor
+                own_floor = floor_mib and not (floor_once and shared_floor is not None)
+                todo = ([("floor", floor_mib)] if own_floor else []) + [("model", m)
+                                                                         for m in sizes_mib]
                 for kind, m in todo:
                     k += 1
                     say(f"[{k}/{n_runs}] {t:<10} {m:g} MiB ({kind}), {rounds} rounds ...")
+                    before = _iface_bytes(uplink_dev) if uplink_dev else None
                     row = _one(dep, app, url, m, rounds, repeat, timeout, work, t)
+                    after = _iface_bytes(uplink_dev) if uplink_dev else None
+                    if before and after:  # every repeat of the point, all rounds
+                        row["server_rx_bytes"] = after[0] - before[0]
+                        row["server_tx_bytes"] = after[1] - before[1]
                     row["kind"] = kind
                     if "error" in row:
                         say(f"[{k}/{n_runs}] {t:<10} {m:g} MiB FAILED: {row['error'][:300]}")
@@ -229,13 +368,15 @@ def run_e2e_local(
                     if kind == "floor":
                         floor = row.get("round_s")
                         row["floor_s"] = floor
+                        if floor_once:
+                            shared_floor = floor
                     elif floor is not None and "round_s" in row:
                         row["floor_s"] = floor
                         row["overhead_s"] = row["round_s"] - floor
                     rows.append(row)
     finally:
-        if s3:
-            s3.close()
+        for st in stores.values():
+            st.close()
         shutil.rmtree(work, ignore_errors=True)
     return rows, ratios(rows)
 
@@ -338,17 +479,22 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
 def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 2,
             rounds: int = 2, floor_mib: float = 0.01, repeat: int = 1, timeout: float = 900,
             app: Path | None = None, progress: Callable[[str], None] | None = None,
-            wan=None) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Loopback, or across a :class:`~.wan.WanEmulation` (driver re-run inside namespace A)."""
+            wan=None, floor_once: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Loopback, or across a :class:`~.wan.WanEmulation` (driver re-run inside namespace A).
+
+    ``floor_once``: one floor run (with the first transport), used for every transport
+    (a floor run's tiny model stays in-band whatever the transport)."""
     if wan is None:
         return run_e2e_local(sizes_mib, transports, nodes, rounds, floor_mib, repeat, timeout,
-                             app, progress)
+                             app, progress, floor_once=floor_once)
     app = Path(app) if app else default_app()
     spec = {
         "sizes_mib": list(sizes_mib), "transports": list(transports), "nodes": nodes,
         "rounds": rounds, "floor_mib": floor_mib, "repeat": repeat, "timeout": timeout,
         "app": str(app) if app else None, "host": wan.addr_a,
-        "supernode_prefix": list(wan.prefix("b")),
+        "supernode_prefix": [list(x) for x in wan.client_prefixes()],
+        "store_prefix": list(wan.prefix("s")) if wan.ns_s else None,
+        "store_host": wan.addr_s, "floor_once": floor_once,
     }
     fd, spec_path = tempfile.mkstemp(prefix="ftxb-e2e-spec-", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -394,6 +540,8 @@ def _inner(spec_path: str) -> int:
         Path(spec["app"]) if spec["app"] else None,
         lambda s: print(s, file=sys.stderr, flush=True),
         host=spec["host"], supernode_prefix=spec["supernode_prefix"], wan=True,
+        store_prefix=spec.get("store_prefix"), store_host=spec.get("store_host"),
+        uplink_dev="a0", floor_once=spec.get("floor_once", False),
     )
     print(json.dumps({"rows": rows, "ratios": rat}, default=str), flush=True)
     return 0

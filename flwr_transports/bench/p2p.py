@@ -529,8 +529,8 @@ class RadosgwS3Link(_Link):
     scheme = "s3"
     description = ("s3:// link against a real Ceph radosgw (flwr_transports.bench.radosgw) started by "
                    "the sender")
-    # radosgw listens on 127.0.0.1 of the sender's namespace only (flwr_transports.bench.radosgw)
-    wan_unavailable = "radosgw listens on 127.0.0.1 only (flwr_transports.bench.radosgw): loopback only"
+    # under --wan radosgw listens on the sender's address in namespace A: the store sits in
+    # the server's region and shares its link (e2e --topology star gives it its own)
 
     @classmethod
     def unavailable(cls):
@@ -572,7 +572,7 @@ class RadosgwS3Link(_Link):
         # a one-node Ceph sometimes fails to come up on a loaded machine: 3 tries
         for attempt in range(3):
             try:
-                self._rgw = script.start(mem_bytes=mem)
+                self._rgw = script.start(mem_bytes=mem, host=self.host)
                 break
             except script.RadosgwError:
                 if attempt == 2:

@@ -127,7 +127,8 @@ def _env(root: str) -> dict[str, str]:
     return env
 
 
-def _conf(d: str, root: str, mon_port: int, rgw_port: int, fsid: str, mem_bytes: int) -> str:
+def _conf(d: str, root: str, mon_port: int, rgw_port: int, fsid: str, mem_bytes: int,
+          host: str = "127.0.0.1") -> str:
     lib = f"{root}/usr/lib/x86_64-linux-gnu"
     return f"""[global]
 fsid = {fsid}
@@ -165,10 +166,16 @@ crash dir = {d}/crash
 exec dir = {d}/run
 
 [client.rgw.ftx]
-rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
+rgw frontends = beast endpoint={host}:{rgw_port}
 rgw data = {d}/rgw
 rgw dns name = localhost
 rgw thread pool size = 64
+# deleted objects' data (multipart parts) is reclaimed by radosgw's garbage collector,
+# by default 2 hours later: with a memstore OSD capped at a few GiB, benchmarks that
+# move GBs would fill the OSD and radosgw then blocks every write. Reclaim at once.
+rgw gc obj min wait = 0
+rgw gc processor period = 5
+rgw gc processor max time = 5
 """
 
 
@@ -193,8 +200,12 @@ def _save(d: str, state: dict) -> None:
 
 
 def start(d: str | None = None, *, cache: str = DEFAULT_CACHE, mem_bytes: int = 3 << 30,
-          timeout: float = 120) -> dict:
-    """Start mon + memstore osd + radosgw; return the state (endpoint, keys, pids, dir)."""
+          timeout: float = 120, host: str = "127.0.0.1") -> dict:
+    """Start mon + memstore osd + radosgw; return the state (endpoint, keys, pids, dir).
+
+    ``host``: the address radosgw's S3 endpoint listens on (default 127.0.0.1; the
+    benchmark's WAN emulation gives the store namespace's address). The monitor and the
+    OSD stay on 127.0.0.1 of the namespace the cluster is started in."""
     root = fetch(cache, quiet=True)
     d = d or tempfile.mkdtemp(prefix="ftx-radosgw-")
     d = os.path.abspath(d)
@@ -206,8 +217,8 @@ def start(d: str | None = None, *, cache: str = DEFAULT_CACHE, mem_bytes: int = 
     fsid = str(uuid.uuid4())
     conf = os.path.join(d, "ceph.conf")
     with open(conf, "w") as f:
-        f.write(_conf(d, root, mon_port, rgw_port, fsid, mem_bytes))
-    state = {"dir": d, "endpoint": f"http://127.0.0.1:{rgw_port}", "access_key": ACCESS_KEY,
+        f.write(_conf(d, root, mon_port, rgw_port, fsid, mem_bytes, host))
+    state = {"dir": d, "endpoint": f"http://{host}:{rgw_port}", "access_key": ACCESS_KEY,
              "secret_key": SECRET_KEY, "region": "us-east-1", "pids": {}, "conf": conf,
              "root": root}
     _save(d, state)
@@ -350,12 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", help="run folder (start: default a new temp dir)")
     ap.add_argument("--cache", default=DEFAULT_CACHE)
     ap.add_argument("--mem", default=str(3 << 30), help="memstore bytes (default 3 GiB)")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address the S3 endpoint listens on (default 127.0.0.1)")
     a = ap.parse_args(argv)
     try:
         if a.command == "fetch":
             print(fetch(a.cache))
         elif a.command == "start":
-            print(json.dumps(start(a.dir, cache=a.cache, mem_bytes=int(a.mem)), indent=1))
+            print(json.dumps(start(a.dir, cache=a.cache, mem_bytes=int(a.mem), host=a.host),
+                             indent=1), flush=True)
         elif a.command == "stop":
             if not a.dir:
                 ap.error("stop needs --dir")

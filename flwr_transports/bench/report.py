@@ -185,8 +185,8 @@ def e2e_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "aggregate_train s is the call itself."),
         "",
         ("| transport | model | round s | floor s | overhead s | wall s | Flower bytes "
-        "| link bytes | SuperLink peak RSS MiB | ServerApp peak RSS MiB "
-        "| aggregation tail s | aggregate_train s |"),
+        "| link bytes | server uplink tx | server rx | SuperLink peak RSS MiB "
+        "| ServerApp peak RSS MiB | aggregation tail s | aggregate_train s |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -203,6 +203,8 @@ def e2e_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             + f"| {_fmt(r.get('round_s'), 2)} | {_fmt(r.get('floor_s'), 2)} "
             f"| {_fmt(r.get('overhead_s'), 2)} | {_fmt(r.get('wall_s'), 1)} "
             f"| {human_size(inband) if st else '-'} | {human_size(link) if st else '-'} "
+            f"| {human_size(r['server_tx_bytes']) if 'server_tx_bytes' in r else '-'} "
+            f"| {human_size(r['server_rx_bytes']) if 'server_rx_bytes' in r else '-'} "
             f"| {_fmt(r['superlink_peak_rss_bytes'] / MiB)} "
             f"| {_fmt((r.get('serverapp_peak_rss_bytes') or 0) / MiB)} "
             f"| {_fmt(r.get('agg_tail_s'), 2)} | {_fmt(r.get('agg_train_s'), 2)} |"
@@ -310,6 +312,58 @@ def e2e_profiles_plot(docs: list[dict[str, Any]], path: str | os.PathLike[str]) 
     ax.set_title("End-to-end round time per transport and WAN profile")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def e2e_nodes_plot(docs: list[dict[str, Any]], path: str | os.PathLike[str]) -> str | None:
+    """Round time vs number of SuperNodes, one line per (transport, server uplink, model
+    size), from several ``e2e.json`` documents (one per N). Panels: round time, payload
+    overhead (round - floor), MiB through the server's uplink per round (when recorded)."""
+    plt = _plt()
+    if plt is None:
+        return None
+    Pt = tuple[int, float, float | None, float | None]
+    series: dict[tuple[str, str, float], list[Pt]] = defaultdict(list)
+    for d in docs:
+        meta = d.get("meta") or {}
+        n = meta.get("nodes")
+        rate = meta.get("server_rate_mbit")
+        rounds = meta.get("rounds") or 1
+        up = f"{rate / 1000:g} Gbit/s uplink" if rate else (meta.get("wan") or "loopback")
+        for r in d.get("results", []):
+            if r.get("kind") == "model" and "round_s" in r and n:
+                tx = r.get("server_tx_bytes")
+                series[(r["transport"].split("?")[0], up, r["model_mib"])].append(
+                    (n, r["round_s"], r.get("overhead_s"),
+                     tx / MiB / rounds if tx is not None else None))
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    colors = {"inband": "tab:gray", "tcp://": "tab:blue", "s3://": "tab:orange"}
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+    ups = sorted({k[1] for k in series})
+    for (t, up, size), pts in sorted(series.items()):
+        pts.sort()
+        ls, mk = styles[ups.index(up) % len(styles)]
+        label = f"{t} {up}, {size:g} MiB"
+        for ax, idx in zip(axes, (1, 2, 3)):
+            xy = [(p[0], p[idx]) for p in pts if p[idx] is not None]
+            if xy:
+                ax.plot([x for x, _ in xy], [y for _, y in xy], ls, marker=mk,
+                        color=colors.get(t), label=label)
+    whats = ("round time (s)", "payload overhead above the floor (s)",
+             "MiB through the server's uplink per round")
+    for a, what in zip(axes, whats):
+        a.set_xlabel("SuperNodes (N)")
+        a.set_ylabel(what)
+        a.set_xticks(sorted({p[0] for pts in series.values() for p in pts}))
+        a.grid(True, alpha=0.3)
+    axes[1].axhline(0, color="black", lw=0.5)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Round time vs number of clients per link (emulated WAN, star topology)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -21,6 +21,11 @@ Topology (every name carries this process's pid, so concurrent runs never collid
   Python one (the fallback when no compiler is found). The queue of each is bounded
   (tail drop, counted).
 * A profile with RTT 0 (``lan``) joins a0 and b0 with one veth pair, no relay.
+* ``topology="star"`` (``bench e2e --topology star``): two bridges in the middle
+  namespace (server region, client region) joined by the relay; the server (A) and an
+  object-store namespace S on the server side, one namespace per client on the other,
+  each with its own tbf; the server's uplink rate and the clients' rate are separate
+  (see :meth:`WanEmulation._build_star`).
 
 Limits (documented in docs/benchmarks.md): constant delay, no jitter, no random loss
 (drops only when the relay's bounded queue or tbf overflows); the Python relay
@@ -54,6 +59,25 @@ from .procs import set_pdeathsig, stop_proc
 NS_PREFIX = "ftxb-"
 ADDR_A = "10.77.0.1"
 ADDR_B = "10.77.0.2"
+ADDR_S = "10.77.0.3"  # the object store (star topology)
+TOPOLOGIES = ("pair", "star")
+MAX_CLIENTS = 32
+
+
+def client_addr(i: int) -> str:
+    """Address of client namespace ``i`` in the star topology (client 0 keeps ADDR_B)."""
+    return ADDR_B if i == 0 else f"10.77.0.{100 + i}"
+
+
+def parse_rate(text: str) -> float:
+    """``1gbit``/``500mbit``/``2.5gbit`` -> Mbit/s."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(mbit|gbit)", text.strip().lower())
+    if not m:
+        raise ValueError(f"bad rate {text!r}: write e.g. 500mbit or 1gbit")
+    rate = float(m[1]) * (1000 if m[2] == "gbit" else 1)
+    if not 1 <= rate <= 100_000:
+        raise ValueError("rate out of range (1 Mbit/s - 100 Gbit/s)")
+    return rate
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -217,8 +241,19 @@ class WanEmulation:
     that runs a program inside A."""
 
     def __init__(self, profile: Profile | str, tag: str | None = None, relay: str = "auto",
-                 realtime: bool = True):
+                 realtime: bool = True, topology: str = "pair", clients: int = 1,
+                 server_rate_mbit: float | None = None, client_rate_mbit: float | None = None):
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, not {topology!r}")
+        if not 1 <= clients <= MAX_CLIENTS:
+            raise ValueError(f"clients must be in 1..{MAX_CLIENTS}")
+        if topology == "pair" and (clients != 1 or server_rate_mbit or client_rate_mbit):
+            raise ValueError("clients/server_rate/client_rate need topology='star'")
+        self.topology = topology
+        self.n_clients = clients
+        self.server_rate_mbit = server_rate_mbit or self.profile.rate_mbit
+        self.client_rate_mbit = client_rate_mbit or self.profile.rate_mbit
         if relay not in RELAY_KINDS:
             raise ValueError(f"relay must be one of {', '.join(RELAY_KINDS)}, not {relay!r}")
         self.relay_choice = relay
@@ -231,6 +266,10 @@ class WanEmulation:
             raise ValueError(f"invalid namespace tag {self.tag!r}")
         self.ns_a, self.ns_b, self.ns_r = f"{self.tag}-a", f"{self.tag}-b", f"{self.tag}-r"
         self.addr_a, self.addr_b = ADDR_A, ADDR_B
+        # star: the object store's namespace (server side) and one namespace per client
+        self.ns_s = f"{self.tag}-s" if topology == "star" else None
+        self.addr_s = ADDR_S if topology == "star" else None
+        self.client_ns = [self.ns_b] + [f"{self.tag}-b{i}" for i in range(1, clients)]
         self.relay: subprocess.Popen | None = None
         self._created: list[str] = []
         self._old_handlers: dict[int, object] = {}
@@ -245,8 +284,34 @@ class WanEmulation:
         self.down()
 
     def prefix(self, side: str) -> tuple[str, ...]:
-        ns = {"a": self.ns_a, "b": self.ns_b}[side]
+        """``ip netns exec NS``: side "a" (server), "b" (client 0), "s" (store, star only),
+        or "b<i>" (client i)."""
+        if side == "s":
+            if self.ns_s is None:
+                raise ValueError("no store namespace: topology='star' only")
+            ns = self.ns_s
+        elif side == "a":
+            ns = self.ns_a
+        elif side == "b":
+            ns = self.ns_b
+        elif side.startswith("b") and side[1:].isdigit() and int(side[1:]) < self.n_clients:
+            ns = self.client_ns[int(side[1:])]
+        else:
+            raise ValueError(f"unknown side {side!r}")
         return ("ip", "netns", "exec", ns)
+
+    def client_prefixes(self) -> list[tuple[str, ...]]:
+        """One command prefix per client namespace (one in the pair topology)."""
+        return [("ip", "netns", "exec", ns) for ns in self.client_ns]
+
+    def describe(self) -> str:
+        """The profile plus, for the star, the per-link rates."""
+        if self.topology == "pair":
+            return self.profile.describe()
+        return (f"{self.profile.name}: star, RTT {self.profile.rtt_ms:g} ms between regions; "
+                f"server uplink {self.server_rate_mbit:g} Mbit/s; {self.n_clients} client(s), "
+                f"each {self.client_rate_mbit:g} Mbit/s each way; object store in the "
+                f"server's region (no added delay to the server, its link unshaped)")
 
     def up(self) -> None:
         why = can_emulate()
@@ -269,14 +334,18 @@ class WanEmulation:
             _run("ip", "netns", "exec", name, "sysctl", "-qw",
                  f"net.ipv6.conf.{key}.disable_ipv6=1", check=False)
 
-    def _tbf(self, ns: str, dev: str) -> None:
-        rate_bps = self.profile.rate_mbit * 1e6
+    def _tbf(self, ns: str, dev: str, rate_mbit: float | None = None) -> None:
+        rate_mbit = rate_mbit or self.profile.rate_mbit
+        rate_bps = rate_mbit * 1e6
         burst = int(max(256 * 1024, rate_bps / 8 * 0.001))  # >= 1 ms at line rate
         _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf",
-             "rate", f"{self.profile.rate_mbit:g}mbit", "burst", str(burst),
+             "rate", f"{rate_mbit:g}mbit", "burst", str(burst),
              "mtu", "65536", "latency", "100ms")
 
     def _build(self) -> None:
+        if self.topology == "star":
+            self._build_star()
+            return
         p = self.profile
         self._ns(self.ns_a)
         self._ns(self.ns_b)
@@ -300,6 +369,65 @@ class WanEmulation:
         if p.rtt_ms > 0:
             self._start_relay()
         self._wait_reachable()
+
+    def _build_star(self) -> None:
+        """Server region and client region, each a bridge in the middle namespace R, joined
+        by the delay relay (or directly when RTT is 0)::
+
+            A a0 --pa-+                               +-pb0-- b0 B   (client 0)
+                      |-bra-rap==ra <relay> rb==rbp-brb-pb1-- b0 B1  (client 1) ...
+            S s0 --ps-+
+
+        tbf: a0 egress (server uplink), b0 egress in each client namespace (client uplink)
+        and pb<i> egress (client downlink). The store's link and the server's downlink
+        are not shaped (the store stands for a scaled regional object store; the server's
+        ingress is limited by the clients' uplinks)."""
+        R = self.ns_r
+        self._ns(self.ns_a)
+        self._ns(self.ns_s)
+        for ns in self.client_ns:
+            self._ns(ns)
+        self._ns(R)
+        for br in ("bra", "brb"):
+            _run("ip", "-n", R, "link", "add", br, "type", "bridge", "forward_delay", "0",
+                 "stp_state", "0")
+        _run("ip", "link", "add", "name", "a0", "netns", self.ns_a, "type", "veth",
+             "peer", "name", "pa", "netns", R)
+        _run("ip", "link", "add", "name", "s0", "netns", self.ns_s, "type", "veth",
+             "peer", "name", "ps", "netns", R)
+        ports = {"pa": "bra", "ps": "bra"}
+        for i, ns in enumerate(self.client_ns):
+            _run("ip", "link", "add", "name", "b0", "netns", ns, "type", "veth",
+                 "peer", "name", f"pb{i}", "netns", R)
+            ports[f"pb{i}"] = "brb"
+        if self.profile.rtt_ms > 0:
+            _run("ip", "-n", R, "link", "add", "ra", "type", "veth", "peer", "name", "rap")
+            _run("ip", "-n", R, "link", "add", "rb", "type", "veth", "peer", "name", "rbp")
+            ports.update(rap="bra", rbp="brb")
+            for dev in ("ra", "rb"):
+                _run("ip", "-n", R, "link", "set", dev, "up")
+        else:  # no delay: the two regions are one switch
+            _run("ip", "-n", R, "link", "add", "wa", "type", "veth", "peer", "name", "wb")
+            ports.update(wa="bra", wb="brb")
+        for dev, br in ports.items():
+            _run("ip", "-n", R, "link", "set", dev, "master", br)
+            _run("ip", "-n", R, "link", "set", dev, "up")
+        for br in ("bra", "brb"):
+            _run("ip", "-n", R, "link", "set", br, "up")
+        for ns, dev, addr in ([(self.ns_a, "a0", ADDR_A), (self.ns_s, "s0", ADDR_S)]
+                              + [(ns, "b0", client_addr(i))
+                                 for i, ns in enumerate(self.client_ns)]):
+            _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _run("ip", "-n", ns, "link", "set", dev, "up")
+        self._tbf(self.ns_a, "a0", self.server_rate_mbit)
+        for i, ns in enumerate(self.client_ns):
+            self._tbf(ns, "b0", self.client_rate_mbit)
+            self._tbf(R, f"pb{i}", self.client_rate_mbit)
+        if self.profile.rtt_ms > 0:
+            self._start_relay()
+        self._wait_reachable()
+        for addr in [client_addr(i) for i in range(1, self.n_clients)] + [ADDR_S]:
+            self._wait_reachable(dst=addr)
 
     def _start_relay(self) -> None:
         one_way_ms = self.profile.rtt_ms / 2
@@ -343,14 +471,14 @@ class WanEmulation:
         self.relay.send_signal(signal.SIGUSR1)
         return _read_stats(self.relay.stdout, "stats", timeout)
 
-    def _wait_reachable(self, timeout: float = 15) -> None:
+    def _wait_reachable(self, timeout: float = 15, dst: str = ADDR_B) -> None:
         """ARP + a TCP handshake across the path, from inside A."""
         code = (
             "import socket,sys,time\n"
             f"ls=None\n"
             "d=time.monotonic()+%f\n"
             "while time.monotonic()<d:\n"
-            f"  try: socket.create_connection(('{ADDR_B}',9),timeout=1).close(); break\n"
+            f"  try: socket.create_connection(('{dst}',9),timeout=1).close(); break\n"
             "  except ConnectionRefusedError: break\n"
             "  except OSError: time.sleep(0.1)\n"
             "else: sys.exit(1)\n" % timeout
@@ -399,12 +527,14 @@ class WanEmulation:
         self._old_handlers.clear()
 
     # --- measurement -----------------------------------------------------------------
-    def measure_rtt_ms(self, n: int = 5) -> float:
-        """Median TCP connect time from A to B (a listener is started in B for it)."""
+    def measure_rtt_ms(self, n: int = 5, src: str = "a", dst: str = "b") -> float:
+        """Median TCP connect time from side ``src`` to side ``dst`` (a listener is started
+        in ``dst`` for it)."""
+        dst_addr = {"a": ADDR_A, "b": ADDR_B, "s": ADDR_S}.get(dst) or client_addr(int(dst[1:]))
         srv = subprocess.Popen(
-            [*self.prefix("b"), sys.executable, "-c",
+            [*self.prefix(dst), sys.executable, "-c",
              ("import socket,sys\n"
-              f"s=socket.create_server(('{ADDR_B}',0));print(s.getsockname()[1],flush=True)\n"
+              f"s=socket.create_server(('{dst_addr}',0));print(s.getsockname()[1],flush=True)\n"
               "while True:\n  c,_=s.accept();c.close()\n")],
             stdout=subprocess.PIPE, text=True, start_new_session=True,
         )
@@ -414,11 +544,11 @@ class WanEmulation:
                 "import socket,time,statistics\nxs=[]\n"
                 f"for _ in range({n + 1}):\n"
                 "  t=time.perf_counter()\n"
-                f"  socket.create_connection(('{ADDR_B}',{port}),timeout=10).close()\n"
+                f"  socket.create_connection(('{dst_addr}',{port}),timeout=10).close()\n"
                 "  xs.append(time.perf_counter()-t)\n"
                 "print(statistics.median(xs[1:])*1e3)\n"
             )
-            out = subprocess.run([*self.prefix("a"), sys.executable, "-c", code],
+            out = subprocess.run([*self.prefix(src), sys.executable, "-c", code],
                                  capture_output=True, text=True, timeout=60, check=True)
             return float(out.stdout.strip())
         finally:
@@ -491,7 +621,7 @@ def cleanup_stale(dry_run: bool = False) -> list[str]:
 
     found = []
     for ns in list_namespaces():
-        m = re.fullmatch(rf"{NS_PREFIX}(\d+)-[abr]", ns)
+        m = re.fullmatch(rf"{NS_PREFIX}(\d+)-(?:[abrs]|b\d+)", ns)
         if not m or pid_alive(int(m[1])):
             continue
         found.append(ns)

@@ -53,6 +53,9 @@ log = logging.getLogger("flwr_transports")
 REJECTED_REPLY_CODE = 0x4654
 DEFAULT_THRESHOLD = 1024 * 1024
 MIN_REPLY_CAP = 64 * 1024 * 1024
+# a payload held from the last evaluate phase is handed out again only while this young
+# (links' references can expire: s3 presigned URLs live an hour by default)
+REUSE_MAX_AGE = 600.0
 #: the wrapper's own options (URL query or offload keywords); the link declares the rest
 WRAPPER_OPTIONS = (
     Option("threshold", size(0), DEFAULT_THRESHOLD, "ArrayRecords of at least this many bytes "
@@ -135,12 +138,17 @@ class Offloader:
         self.link: ServerLink | None = None
         self._tickets: dict[str, Ticket] = {}
         self._published: dict[tuple[int, str], list[str]] = {}
+        # name -> (digest, loc, size, n_arrays, publish time) of what is published now
+        self._pub_info: dict[str, tuple[str, Any, int, int, float]] = {}
+        # payloads of the last evaluate phase, kept until the next phase is prepared: the
+        # next train round sends the same global model, which then is not uploaded again
+        self._held: list[str] = []
         self._largest_out = 0
         self.stats: dict[str, int | float] = {
             "inband_bytes_sent": 0, "inband_bytes_received": 0,
             "link_bytes_sent": 0, "link_bytes_received": 0,
             "link_seconds_put": 0.0, "link_seconds_get": 0.0,
-            "replies_rejected": 0,
+            "replies_rejected": 0, "link_publishes": 0, "link_publishes_reused": 0,
             "agg_tail_s": [], "agg_train_s": [], "agg_streamed_rounds": 0, "agg_eager_folds": 0,
             "agg_settle_folds": 0, "agg_rebuilds": 0, "agg_fold_s": [],
         }
@@ -155,6 +163,8 @@ class Offloader:
         self._tickets.clear()
         self._published.clear()
         self._streams.clear()
+        self._pub_info.clear()
+        self._held.clear()
         if self.scheme:
             s = self.stats
             log.info(
@@ -185,8 +195,27 @@ class Offloader:
             return messages
         link = self._ensure_link(grid)
         self._release(server_round, phase)
+        held, self._held = self._held, []
+        now = time.monotonic()
+        max_age = min(REUSE_MAX_AGE, getattr(link, "reuse_max_age", REUSE_MAX_AGE))
+        reusable = {}  # digest -> name of a held payload still fit to hand out
+        for n in held:
+            info = self._pub_info.get(n)
+            if info and now - info[4] < max_age:
+                reusable.setdefault(info[0], n)
         refs: dict[int, ArrayRecord] = {}  # id(original record) -> reference record
         names = self._published.setdefault((server_round, phase), [])
+        try:
+            self._prepare_records(messages, link, server_round, phase, refs, names, reusable)
+        finally:
+            for n in held:  # what was not reused goes now
+                if n not in names:
+                    self._release_name(n)
+        return messages
+
+    def _prepare_records(self, messages: list[Message], link: ServerLink, server_round: int,
+                         phase: str, refs: dict[int, ArrayRecord], names: list[str],
+                         reusable: dict[str, str]) -> None:
         for m in messages:
             content = m.content
             new = RecordDict()
@@ -198,8 +227,19 @@ class Offloader:
                     if ref_rec is None:
                         t0 = time.perf_counter()
                         payload = encode(rec)
-                        name = f"r{server_round}-{phase}-{len(names)}"
-                        loc = link.publish(name, payload)
+                        name = reusable.pop(payload.digest, None)
+                        if name is not None:  # the same bytes are published already
+                            loc = self._pub_info[name][1]
+                            self.stats["link_publishes_reused"] += 1
+                        else:
+                            for n in list(reusable.values()):  # free them before uploading
+                                self._release_name(n)
+                            reusable.clear()
+                            name = f"r{server_round}-{phase}-{len(names)}"
+                            loc = link.publish(name, payload)
+                            self._pub_info[name] = (payload.digest, loc, payload.size,
+                                                    payload.n_arrays, time.monotonic())
+                            self.stats["link_publishes"] += 1
                         names.append(name)
                         dt = time.perf_counter() - t0
                         self.stats["link_seconds_put"] += dt
@@ -221,7 +261,6 @@ class Offloader:
                 new[TICKET_KEY] = self._issue_ticket(link, m, server_round, phase).to_record()
             m.content = new
             self.stats["inband_bytes_sent"] += record_bytes(new)
-        return messages
 
     def _issue_ticket(self, link: ServerLink, msg: Message, server_round: int,
                       phase: str) -> Ticket:
@@ -243,14 +282,24 @@ class Offloader:
         self._tickets[tid] = t
         return t
 
-    def _release(self, server_round: int, phase: str) -> None:
-        """Remove payloads published for (round, phase) and everything older."""
+    def _release(self, server_round: int, phase: str, hold: bool = False) -> None:
+        """Remove payloads published for (round, phase) and everything older. ``hold``:
+        keep this phase's own payloads until the next phase is prepared (reused there
+        when that phase sends the same bytes, else released then)."""
         if self.link is None:
             return
         for key in [k for k in self._published if k == (server_round, phase)
                     or (self._sequential_rounds and k[0] < server_round)]:
             for name in self._published.pop(key):
-                self.link.release(name)
+                if hold and key == (server_round, phase):
+                    self._held.append(name)
+                else:
+                    self._release_name(name)
+
+    def _release_name(self, name: str) -> None:
+        self._pub_info.pop(name, None)
+        if self.link is not None:
+            self.link.release(name)
 
     # -- incoming ------------------------------------------------------------------
     def _resolve(self, replies: Iterable[Message], server_round: int, phase: str,
@@ -343,7 +392,8 @@ class Offloader:
                     del self._tickets[tid]  # forgotten even if a discard fails
                     for slot in t.slots:
                         guard_reply(self.link.discard_slot, slot)
-            self._release(server_round, phase)
+            # an evaluate phase sends the global model the next train round sends again
+            self._release(server_round, phase, hold=phase == "evaluate")
 
     def _claim(self, msg: Message, server_round: int, phase: str) -> list[tuple[str, Any, dict]]:
         """Check every payload reference of a reply against its ticket (serially)."""

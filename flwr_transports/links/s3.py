@@ -268,6 +268,10 @@ class S3ServerLink(ServerLink):
         self._slots: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self.fast_presign = False  # set once part URLs were signed by _QuerySigner
+        # a published reference (presigned GET URL) may be handed out again while it has
+        # at least half its lifetime left (the offload wrapper reuses the last evaluate
+        # phase's payload for the next train round)
+        self.reuse_max_age = self.cfg.expires / 2
 
     # -- helpers -----------------------------------------------------------------------
     def _boto(self, what: str, fn, *args, **kwargs):

@@ -388,7 +388,7 @@ def test_next_round_reuses_the_evaluate_payload(transport, filedir):
     aggregate is the in-band one."""
     url = f"file://{filedir}" if transport == "file" else transport
     grid = InProcessGrid(make_app())
-    s, res = _run(url, grid=grid, rounds=3)
+    s, res = _run(url, grid=grid, rounds=3, aggregation="inner")  # bit identity
     _, base = _run("inband", rounds=3)
     _same(base.arrays, res.arrays)
     # 3 train + 3 evaluate phases, 3 distinct models sent after the initial one:

@@ -132,6 +132,21 @@ def _check_algo(digest: str) -> None:
         raise PayloadError(f"unsupported digest algorithm {algo!r} (want {DIGEST_ALGO})")
 
 
+def entry_offsets(hdr: dict, i: int, name: str, pos: int, base: int, size: int
+                  ) -> tuple[int, int]:
+    """The checked ``(begin, end)`` of array ``i`` in a payload header: a U8 tensor that
+    starts where the previous array ended (``pos``) and ends inside the payload."""
+    t = hdr.get(f"a{i:08d}")
+    try:
+        begin, end = t["data_offsets"]
+        ok = t["dtype"] == "U8" and isinstance(begin, int) and isinstance(end, int)
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok or begin != pos or end < begin or base + end > size:
+        raise PayloadError(f"bad data offsets for array {name!r}")
+    return begin, end
+
+
 def decode(read: Reader, size: int, digest: str | None) -> ArrayRecord:
     """Decode a payload of ``size`` bytes given a ranged reader.
 
@@ -203,14 +218,7 @@ def decode_hashed(read: Reader, size: int, *, hashed: bool = True) -> tuple[Arra
     out = ArrayRecord()
     for i, entry in enumerate(entries):
         name, dtype, shape, stype = _validate_meta(entry)
-        t = hdr.get(f"a{i:08d}")
-        try:
-            begin, end = t["data_offsets"]
-            ok = t["dtype"] == "U8" and isinstance(begin, int) and isinstance(end, int)
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok or begin != pos or end < begin or base + end > size:
-            raise PayloadError(f"bad data offsets for array {name!r}")
+        begin, end = entry_offsets(hdr, i, name, pos, base, size)
         if name in out:
             raise PayloadError(f"duplicate array name {name!r}")
         data = _read(base + begin, end - begin)

@@ -28,6 +28,7 @@ from ..codec import (
     MAX_HEADER_DEPTH,
     PayloadError,
     _validate_meta,
+    entry_offsets,
 )
 from ..limits import loads_bounded
 
@@ -197,14 +198,7 @@ def plan_payload(read, size: int) -> Plan:
     names = set()
     for i, entry in enumerate(entries):
         name, dtype, shape, stype = _validate_meta(entry)
-        t = hdr.get(f"a{i:08d}")
-        try:
-            begin, end = t["data_offsets"]
-            ok = t["dtype"] == "U8" and isinstance(begin, int) and isinstance(end, int)
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok or begin != pos or end < begin or base + end > size:
-            raise PayloadError(f"bad data offsets for array {name!r}")
+        begin, end = entry_offsets(hdr, i, name, pos, base, size)
         if name in names:
             raise PayloadError(f"duplicate array name {name!r}")
         names.add(name)

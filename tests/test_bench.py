@@ -234,6 +234,17 @@ def test_cli_e2e_tiny(tmp_path):
     assert rows["inband"]["stats"]["link_bytes_sent"] == 0
     assert rows["shm://"]["stats"]["link_bytes_sent"] >= 1 << 20
     assert rows["shm://"]["superlink_peak_rss_bytes"] > 0
+    # every process traced its payload work: the round's critical path, from real events
+    (b,) = rows["shm://"]["breakdown"]
+    assert b["round"] == 1
+    for k in ("publish", "to_clients", "fetch", "app", "upload", "to_server", "aggregate"):
+        assert b[k] >= 0, k
+    assert b["fetch_mib_s"] > 0
+    # publish -> clients -> fetch ... -> aggregate end happen in order inside the round
+    assert b["total"] >= b["to_clients"] + b["fetch_max"] + b["to_server"]
+    assert b["total"] <= rows["shm://"]["round_s"] + 1
+    (ib,) = rows["inband"]["breakdown"]  # in-band: no payload events, only app + aggregation
+    assert "fetch" not in ib and "upload" not in ib and ib["app"] >= 0 and ib["aggregate"] >= 0
 
 
 @pytest.mark.skipif(_NO_WAN is not None, reason=f"WAN emulation unavailable: {_NO_WAN}")

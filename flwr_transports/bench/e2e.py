@@ -32,7 +32,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import trace
+
 MiB = 1024 * 1024
+
+
 def _local_only(scheme: str) -> bool:
     from ..links import link_spec
 
@@ -341,8 +345,9 @@ def run_e2e_local(
                 continue
             # a fresh deployment per transport: the SuperLink keeps the memory an earlier
             # in-band run grew it to, which would be charged to the next transport
+            trace_dir = work / f"trace-{ti}"  # every process's payload timings
             with cls(n_supernodes=nodes, workdir=work / f"deploy-{ti}",
-                     env={**env, **plan_env.get(t, {})}) as dep:
+                     env={**env, **plan_env.get(t, {}), trace.ENV: str(trace_dir)}) as dep:
                 say(f"deployment up for {t}: SuperLink + {nodes} SuperNodes")
                 floor = shared_floor
                 own_floor = floor_mib and not (floor_once and shared_floor is not None)
@@ -352,7 +357,8 @@ def run_e2e_local(
                     k += 1
                     say(f"[{k}/{n_runs}] {t:<10} {m:g} MiB ({kind}), {rounds} rounds ...")
                     before = _iface_bytes(uplink_dev) if uplink_dev else None
-                    row = _one(dep, app, url, m, rounds, repeat, timeout, work, t)
+                    row = _one(dep, app, url, m, rounds, repeat, timeout, work, t,
+                               trace_dir)
                     after = _iface_bytes(uplink_dev) if uplink_dev else None
                     if before and after:  # every repeat of the point, all rounds
                         row["server_rx_bytes"] = after[0] - before[0]
@@ -365,6 +371,9 @@ def run_e2e_local(
                             f"SuperLink peak {row['superlink_peak_rss_bytes'] / MiB:.0f} MiB  "
                             f"ServerApp peak {row['serverapp_peak_rss_bytes'] / MiB:.0f} MiB  "
                             f"aggregation tail {_fmt_s(row.get('agg_tail_s'))}")
+                        if row.get("breakdown_mean"):
+                            say("    where a round's seconds go (mean over rounds): " + ", ".join(
+                                f"{k} {v:.2f}" for k, v in row["breakdown_mean"].items()))
                     if kind == "floor":
                         floor = row.get("round_s")
                         row["floor_s"] = floor
@@ -382,10 +391,14 @@ def run_e2e_local(
 
 
 def _one(dep, app: Path, url: str, model_mib: float, rounds: int, repeat: int,
-         timeout: float, work: Path, label: str) -> dict[str, Any]:
+         timeout: float, work: Path, label: str, trace_dir: Path | None = None
+         ) -> dict[str, Any]:
     row: dict[str, Any] = {"transport": label, "url": url, "model_mib": model_mib}
     results = []
+    breakdown: list[dict[str, Any]] = []  # train rounds of every repeat
     for rep in range(repeat):
+        if trace_dir is not None:
+            shutil.rmtree(trace_dir, ignore_errors=True)
         res_path = work / f"result-{_scheme(label)}-{model_mib:g}-{rep}-{time.monotonic_ns()}.npz"
         cfg = {"transport": url, "model-mib": float(model_mib), "num-server-rounds": rounds,
                "result-path": str(res_path)}
@@ -403,6 +416,10 @@ def _one(dep, app: Path, url: str, model_mib: float, rounds: int, repeat: int,
         for p in (res_path, js):
             p.unlink(missing_ok=True)
         results.append((r, summary))
+        if trace_dir is not None:
+            breakdown += [{**b, "repeat": rep}
+                          for b in trace.breakdown(trace.read_events(trace_dir))]
+            shutil.rmtree(trace_dir, ignore_errors=True)
     # the repeat with the median round time represents the point
     results.sort(key=lambda x: _mean_round(x[1]["per_round_s"]))
     r, summary = results[len(results) // 2]
@@ -426,6 +443,11 @@ def _one(dep, app: Path, url: str, model_mib: float, rounds: int, repeat: int,
     if tails:
         row["agg_tail_s"] = statistics.mean(tails)
         row["agg_tail_max_s"] = max(tails)
+    if breakdown:  # the train rounds' critical path, from every process's trace events
+        row["breakdown"] = breakdown
+        keys = [k for k in breakdown[0] if k not in ("round", "repeat")]
+        row["breakdown_mean"] = {k: round(statistics.mean(b[k] for b in breakdown if k in b), 3)
+                                 for k in keys}
     inside = (summary.get("stats") or {}).get("agg_train_s") or []
     if inside:  # of which aggregate_train itself (the rest: Flower delivering replies)
         row["agg_train_s"] = statistics.mean(inside)

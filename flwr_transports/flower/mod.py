@@ -27,6 +27,7 @@ from ..codec import decode, encode
 from ..links import client_link
 from ..policy import DEFAULT_MAX_PAYLOAD, ClientPolicy
 from ..refs import TICKET_KEY, Reference, RefError, Ticket, is_ref_record, parse_ref_record
+from ..trace import message_fields, span
 
 log = logging.getLogger("flwr_transports")
 
@@ -63,7 +64,8 @@ def resolve_message(msg: Message, policy: ClientPolicy | None = None) -> Ticket 
             policy.check_size(ref.size)
             loc = policy.check_location(ref.scheme, ref.loc, upload=False)
             link = client_link(ref.scheme)
-            with link.open(loc, ref.size) as src:
+            with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,
+                      **message_fields(msg)), link.open(loc, ref.size) as src:
                 rec = decode(src.read, ref.size, ref.digest)
         new[key] = rec
     msg.content = new
@@ -99,17 +101,10 @@ def offload_reply(reply: Message, ticket: Ticket, policy: ClientPolicy | None = 
                 log.warning("flwr-transports: more large reply records than upload slots; "
                             "%r stays in-band", key)
             else:
-                payload = encode(rec, meta)
-                if payload.size > ticket.max_size:
-                    raise RefError(
-                        f"reply record {key!r} is {payload.size} bytes, above the server's cap "
-                        f"of {ticket.max_size} (server: offload(..., max_reply_size=...))"
-                    )
-                issued = ticket.slots[slot]
-                checked = policy.check_location(ticket.scheme, issued, upload=True)
-                loc = client_link(ticket.scheme).upload(checked, payload)
-                if checked is not issued and isinstance(loc, dict) and "host" in loc:
-                    loc = {**loc, "host": issued.get("host")}  # the name the server issued
+                with span("upload", role="client", scheme=ticket.scheme,
+                          **message_fields(reply)) as tr:
+                    loc, payload = _upload_one(key, rec, meta, ticket, slot, policy)
+                    tr["bytes"] = payload.size
                 rec = Reference(
                     scheme=ticket.scheme, loc=loc, size=payload.size, digest=payload.digest,
                     n_arrays=payload.n_arrays, ticket=ticket.id, slot=slot, key=key,
@@ -117,6 +112,24 @@ def offload_reply(reply: Message, ticket: Ticket, policy: ClientPolicy | None = 
                 slot += 1
         new[key] = rec
     reply.content = new
+
+
+def _upload_one(key: str, rec: ArrayRecord, meta: dict[str, str] | None, ticket: Ticket,
+                slot: int, policy: ClientPolicy) -> tuple[Any, Any]:
+    """Encode one reply record and upload it into the ticket's ``slot``: (location,
+    payload)."""
+    payload = encode(rec, meta)
+    if payload.size > ticket.max_size:
+        raise RefError(
+            f"reply record {key!r} is {payload.size} bytes, above the server's cap "
+            f"of {ticket.max_size} (server: offload(..., max_reply_size=...))"
+        )
+    issued = ticket.slots[slot]
+    checked = policy.check_location(ticket.scheme, issued, upload=True)
+    loc = client_link(ticket.scheme).upload(checked, payload)
+    if checked is not issued and isinstance(loc, dict) and "host" in loc:
+        loc = {**loc, "host": issued.get("host")}  # the name the server issued
+    return loc, payload
 
 
 class PayloadMod:
@@ -146,7 +159,8 @@ class PayloadMod:
     def __call__(self, msg: Message, ctx: Context, call_next) -> Message:
         policy = self.policy()
         ticket = resolve_message(msg, policy) if msg.has_content() else None
-        reply = call_next(msg, ctx)
+        with span("app", role="client", **message_fields(msg)):
+            reply = call_next(msg, ctx)
         if ticket is not None:
             offload_reply(reply, ticket, policy)
         return reply

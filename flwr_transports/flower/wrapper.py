@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
+from .. import trace
 from ..aggregation.policy import streaming_decision
 from ..aggregation.round import RoundStream
 from ..aggregation.train import streaming_aggregate_train
@@ -228,7 +229,8 @@ class Offloader:
                         t0 = time.perf_counter()
                         payload = encode(rec)
                         name = reusable.pop(payload.digest, None)
-                        if name is not None:  # the same bytes are published already
+                        reused = name is not None
+                        if reused:  # the same bytes are published already
                             loc = self._pub_info[name][1]
                             self.stats["link_publishes_reused"] += 1
                         else:
@@ -242,6 +244,9 @@ class Offloader:
                             self.stats["link_publishes"] += 1
                         names.append(name)
                         dt = time.perf_counter() - t0
+                        trace.record("publish", time.time() - dt, time.time(), role="server",
+                                     round=server_round, phase=phase, bytes=payload.size,
+                                     scheme=self.scheme, reused=reused)
                         self.stats["link_seconds_put"] += dt
                         self._largest_out = max(self._largest_out, payload.size)
                         ref_rec = Reference(
@@ -313,8 +318,10 @@ class Offloader:
         path. A reply whose payload fails any check becomes an error reply.
         """
         replies = list(replies)
-        claims, failed = self._claim_all(replies, server_round, phase)
-        out = self._fetch_all(replies, claims, failed)
+        with trace.span("resolve", role="server", round=server_round, phase=phase,
+                        replies=len(replies)):
+            claims, failed = self._claim_all(replies, server_round, phase)
+            out = self._fetch_all(replies, claims, failed)
         if finish:
             self._finish_phase(server_round, phase)
         return out
@@ -499,6 +506,7 @@ class OffloadStrategy(Offloader, Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stream = self._streams.get(server_round)
         t0 = time.perf_counter()
+        w0 = time.time()
         try:
             if stream is not None:
                 return streaming_aggregate_train(self, stream, server_round, list(replies))
@@ -506,6 +514,8 @@ class OffloadStrategy(Offloader, Strategy):
                 server_round, self._resolve(replies, server_round, "train"))
         finally:  # the aggregation tail: last upload landed -> aggregate_train returns
             now = time.perf_counter()
+            trace.record("aggregate", w0, time.time(), role="server", round=server_round,
+                         phase="train", streaming=stream is not None)
             self.stats["agg_train_s"].append(round(now - t0, 4))  # inside aggregate_train
             landed = self.link.last_landed if self.link is not None else None
             if landed is not None:

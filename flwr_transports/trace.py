@@ -76,13 +76,33 @@ def span(ev: str, **fields: Any) -> Iterator[dict[str, Any]]:
 
 
 def message_fields(msg: Any) -> dict[str, Any]:
-    """``round`` (the group id, as Flower's strategies set it) and ``phase`` (the
-    message type: train, evaluate, ...) of a Flower message, as far as known."""
+    """``phase`` (the message type: train, evaluate, ...) and ``round`` of a Flower
+    message, as far as known. The round is the ``server-round`` config value Flower's
+    strategies put in every instruction, else the message's group id if it is a
+    number."""
     out: dict[str, Any] = {}
+    md = getattr(msg, "metadata", None)
+    if md is None:
+        return out
     try:
-        out["phase"] = str(msg.metadata.message_type).split(".")[0]
-        out["round"] = int(msg.metadata.group_id)
+        out["phase"] = str(md.message_type).split(".")[0]
     except (AttributeError, TypeError, ValueError):
+        pass
+    r: Any = None
+    try:
+        if msg.has_content():
+            for cfg in msg.content.config_records.values():
+                if "server-round" in cfg:
+                    r = cfg["server-round"]
+                    break
+    except Exception:  # noqa: BLE001 - a trace never fails a message
+        r = None
+    if r is None:
+        r = getattr(md, "group_id", None)
+    try:
+        if not isinstance(r, bool):
+            out["round"] = int(r)
+    except (TypeError, ValueError):
         pass
     return out
 

@@ -81,13 +81,18 @@ def test_breakdown_without_payload_events():
 
 
 def test_message_fields():
-    from flwr.app import Message, RecordDict
+    from flwr.app import ConfigRecord, Message, RecordDict
 
     from flwr_transports.testing import set_task_identity
 
     set_task_identity()
-    msg = Message(RecordDict(), dst_node_id=1, message_type="train.custom", group_id="7")
-    assert trace.message_fields(msg) == {"phase": "train", "round": 7}
-    msg = Message(RecordDict(), dst_node_id=1, message_type="query", group_id="x")
+    # Flower's strategies put the round in the config (group ids may be empty)
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 4, "lr": 0.1})}),
+                  dst_node_id=1, message_type="train.custom", group_id="")
+    assert trace.message_fields(msg) == {"phase": "train", "round": 4}
+    msg = Message(RecordDict(), dst_node_id=1, message_type="evaluate", group_id="7")
+    assert trace.message_fields(msg) == {"phase": "evaluate", "round": 7}
+    msg = Message(RecordDict({"c": ConfigRecord({"server-round": "x"})}), dst_node_id=1,
+                  message_type="query", group_id="")
     assert trace.message_fields(msg) == {"phase": "query"}
     assert trace.message_fields(object()) == {}

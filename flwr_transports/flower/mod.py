@@ -47,6 +47,7 @@ def resolve_message(msg: Message, policy: ClientPolicy | None = None) -> Ticket 
     content = msg.content
     if TICKET_KEY not in content and not any(is_ref_record(r) for r in content.values()):
         return None
+    fields = message_fields(msg)
     policy = policy or ClientPolicy.build()
     ticket = None
     new = RecordDict()
@@ -65,7 +66,7 @@ def resolve_message(msg: Message, policy: ClientPolicy | None = None) -> Ticket 
             loc = policy.check_location(ref.scheme, ref.loc, upload=False)
             link = client_link(ref.scheme)
             with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,
-                      **message_fields(msg)), link.open(loc, ref.size) as src:
+                      **fields), link.open(loc, ref.size) as src:
                 rec = decode(src.read, ref.size, ref.digest)
         new[key] = rec
     msg.content = new
@@ -85,10 +86,14 @@ def claimed_weight(content: RecordDict, key: str | None) -> dict[str, str] | Non
     return {WEIGHT_META: json.dumps(w)}
 
 
-def offload_reply(reply: Message, ticket: Ticket, policy: ClientPolicy | None = None) -> None:
-    """Upload the reply's large ArrayRecords with ``ticket``; references replace them."""
+def offload_reply(reply: Message, ticket: Ticket, policy: ClientPolicy | None = None, *,
+                  trace_fields: dict[str, Any] | None = None) -> None:
+    """Upload the reply's large ArrayRecords with ``ticket``; references replace them.
+    ``trace_fields``: round/phase for the trace (:mod:`flwr_transports.trace`), taken
+    from the instruction (default: what the reply itself says)."""
     if not reply.has_content():
         return
+    fields = message_fields(reply) if trace_fields is None else trace_fields
     policy = policy or ClientPolicy.build()
     content = reply.content
     meta = claimed_weight(content, ticket.weight_key)
@@ -101,8 +106,7 @@ def offload_reply(reply: Message, ticket: Ticket, policy: ClientPolicy | None = 
                 log.warning("flwr-transports: more large reply records than upload slots; "
                             "%r stays in-band", key)
             else:
-                with span("upload", role="client", scheme=ticket.scheme,
-                          **message_fields(reply)) as tr:
+                with span("upload", role="client", scheme=ticket.scheme, **fields) as tr:
                     loc, payload = _upload_one(key, rec, meta, ticket, slot, policy)
                     tr["bytes"] = payload.size
                 rec = Reference(
@@ -158,11 +162,12 @@ class PayloadMod:
 
     def __call__(self, msg: Message, ctx: Context, call_next) -> Message:
         policy = self.policy()
+        fields = message_fields(msg)  # round/phase, for the trace (when it is on)
         ticket = resolve_message(msg, policy) if msg.has_content() else None
-        with span("app", role="client", **message_fields(msg)):
+        with span("app", role="client", **fields):
             reply = call_next(msg, ctx)
         if ticket is not None:
-            offload_reply(reply, ticket, policy)
+            offload_reply(reply, ticket, policy, trace_fields=fields)
         return reply
 
     def __repr__(self) -> str:

@@ -625,8 +625,11 @@ class _FakeSock:
         return bytes(info)
 
 
-def test_auto_streams_follow_the_measured_rtt():
-    window = min(ch._sysctl_max("tcp_wmem", 4 << 20), ch._sysctl_max("tcp_rmem", 6 << 20))
+def test_auto_streams_follow_the_measured_rtt(monkeypatch):
+    monkeypatch.setenv(ch.SNDBUF_ENV, "4MiB")  # a known send buffer: 8 MiB granted
+    window = ch.stream_window()
+    assert window == min(int(ch.SEND_BUFFER_PAYLOAD * 8 * MiB),
+                         ch._sysctl_max("tcp_rmem", 6 << 20) // 2)
     assert ch.auto_streams(_FakeSock(100), 1000) == ch.AUTO_MIN_STREAMS  # LAN / loopback
     far = ch.auto_streams(_FakeSock(100_000), 1000)  # 100 ms
     want = -(-int(ch.AUTO_TARGET_RATE * 0.1) // window)
@@ -635,6 +638,60 @@ def test_auto_streams_follow_the_measured_rtt():
     assert ch.auto_streams(_FakeSock(2_000_000), 1000) == ch.AUTO_MAX_STREAMS  # capped
     assert ch.auto_streams(_FakeSock(100_000), 3) == 3  # never more than chunks left
     assert ch.auto_streams(_FakeSock(0), 1000) == ch.AUTO_MIN_STREAMS  # no RTT sample
+
+
+def test_send_buffer_request_rules(monkeypatch, caplog):
+    """auto asks for net.core.wmem_max only where that beats autotuning's cap (the
+    kernel doubles an explicit SO_SNDBUF); the environment overrides."""
+    from flwr_transports.links.chunks import protocol
+
+    monkeypatch.delenv(ch.SNDBUF_ENV, raising=False)
+    for wmem_max, autotune_cap, want in ((4 * MiB, 4 * MiB, 4 * MiB),  # Linux defaults
+                                         (MiB, 4 * MiB, 0),  # explicit would be smaller
+                                         (2 * MiB, 4 * MiB, 0),  # 2x = the same: leave it
+                                         (64 * MiB, 32 * MiB, 64 * MiB)):  # a tuned host
+        vals = {"/proc/sys/net/core/wmem_max": wmem_max,
+                "/proc/sys/net/ipv4/tcp_wmem": autotune_cap}
+        monkeypatch.setattr(protocol, "_proc_int", lambda path, field, d, v=vals: v[path])
+        assert ch.send_buffer_request() == want, (wmem_max, autotune_cap)
+    monkeypatch.setenv(ch.SNDBUF_ENV, "0")
+    assert ch.send_buffer_request() == 0
+    monkeypatch.setenv(ch.SNDBUF_ENV, "16MiB")
+    assert ch.send_buffer_request() == 16 * MiB
+    monkeypatch.setenv(ch.SNDBUF_ENV, "lots")
+    with caplog.at_level("WARNING", logger="flwr_transports.links"):
+        assert ch.send_buffer_request() == 64 * MiB  # falls back to auto (the fake host)
+    assert "FLWR_TRANSPORTS_SNDBUF" in caplog.text
+
+
+def test_chunk_connections_get_the_send_buffer(server, monkeypatch):
+    """Both ends of a real transfer: the client's connections and the server's accepted
+    ones carry the requested send buffer (the kernel grants twice the request)."""
+    monkeypatch.setenv(ch.SNDBUF_ENV, "1MiB")
+    granted: list[int] = []
+    real = ch.tune_socket
+
+    def spy(sock):
+        granted.append(real(sock))
+        return granted[-1]
+
+    import flwr_transports.links.chunks.client as chc
+    import flwr_transports.links.chunks.server as chs
+
+    monkeypatch.setattr(chc, "tune_socket", spy)
+    monkeypatch.setattr(chs, "tune_socket", spy)
+    link = server()
+    rec, p = make_payload(3 * MiB)
+    loc = link.publish("sb", p)
+    with TcpClientLink().open(loc, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+    assert len(granted) >= 2  # at least one connection each side
+    assert set(granted) == {2 * MiB}
+    monkeypatch.setenv(ch.SNDBUF_ENV, "0")  # kernel autotuning: nothing is locked
+    granted.clear()
+    with TcpClientLink().open(loc, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+    assert granted and 2 * MiB not in granted  # whatever autotuning chose, not the lock
 
 
 def test_streams_default_to_auto_and_clients_size_them(server):

@@ -125,6 +125,60 @@ def drain(sock, n: int) -> None:
         n -= k
 
 
+#: environment variable: bytes to ask for with SO_SNDBUF on every chunk connection,
+#: ``auto`` (default) or ``0`` (leave the kernel's send-buffer autotuning alone)
+SNDBUF_ENV = "FLWR_TRANSPORTS_SNDBUF"
+
+
+def _proc_int(path: str, field: int, default: int) -> int:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().split()[field])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def send_buffer_request() -> int:
+    """Bytes to request with SO_SNDBUF on a chunk connection (0: do not set it).
+
+    A TCP sender keeps every unacknowledged byte in its send buffer, so one stream moves
+    at most about one send buffer per round trip. Autotuning stops at ``tcp_wmem``'s
+    maximum (4 MiB by default: ~25 MB/s per stream at 100 ms RTT, measured), while an
+    explicit SO_SNDBUF may go up to ``net.core.wmem_max``, which the kernel doubles for
+    its bookkeeping (8 MiB with the defaults: ~45 MB/s per stream at 100 ms, 1.8x).
+    ``auto`` asks for ``wmem_max`` when that beats autotuning's cap, else leaves the
+    socket alone (a host tuned for WANs keeps its own setting). Override with
+    ``FLWR_TRANSPORTS_SNDBUF`` (bytes, e.g. ``16MiB``, or ``0``)."""
+    import os
+
+    from ...codec import parse_size
+
+    text = os.environ.get(SNDBUF_ENV, "auto").strip().lower()
+    if text != "auto":
+        try:
+            return max(0, parse_size(text))
+        except ValueError:
+            log.warning("ignoring %s=%r: give bytes (e.g. 16MiB), 0 or auto", SNDBUF_ENV, text)
+    wmem_max = _proc_int("/proc/sys/net/core/wmem_max", 0, 0)
+    autotune_cap = _proc_int("/proc/sys/net/ipv4/tcp_wmem", 2, 4 << 20)
+    return wmem_max if 2 * wmem_max > autotune_cap else 0
+
+
+def tune_socket(sock) -> int:
+    """TCP_NODELAY and the send buffer of :func:`send_buffer_request` on a chunk
+    connection; returns the send buffer the kernel granted (0 if unknown)."""
+    import socket
+
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    want = send_buffer_request()
+    try:
+        if want:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    except OSError:
+        return 0
+
+
 def send_views(sock, bufs: Sequence[bytes | memoryview]) -> None:
     """Send buffers back to back without joining them (``sendmsg`` gather I/O)."""
     if isinstance(sock, ssl.SSLSocket):  # no sendmsg on TLS sockets

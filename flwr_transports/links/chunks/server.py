@@ -57,6 +57,7 @@ from .protocol import (
     recv_exact,
     recv_exact_into,
     send_views,
+    tune_socket,
 )
 
 log = logging.getLogger("flwr_transports.links")
@@ -350,7 +351,7 @@ class ChunkServer:
         try:
             # until a valid token: a short deadline for everything (TLS handshake too)
             raw.settimeout(self.preauth_timeout)
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_socket(raw)  # no Nagle; downloads: a send buffer for a long fat pipe
             if self.ssl_ctx is not None:
                 sock = self.ssl_ctx.wrap_socket(raw, server_side=True)
             conn = self.conn_cls(self, sock, peer)

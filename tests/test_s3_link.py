@@ -593,3 +593,29 @@ def test_fast_part_presigning_matches_botocore(endpoint, style, token):
     # a wrong secret never passes the self-check (botocore then signs every part)
     bad = c._request_signer._credentials.get_frozen_credentials()._replace(secret_key="x")
     assert _QuerySigner.from_url(first, "PUT", bad) is None
+
+
+def test_http_connections_get_the_send_buffer(moto_endpoint, monkeypatch):
+    """The client's HTTP connections (part uploads: one TCP stream each) carry the send
+    buffer the chunk links ask for; the kernel grants twice the request."""
+    import socket
+
+    from flwr_transports.links import chunks as ch
+    from flwr_transports.links.s3_http import HttpTransport
+
+    for req, locked in (("1MiB", True), ("0", False)):
+        monkeypatch.setenv(ch.SNDBUF_ENV, req)
+        t = HttpTransport()
+        try:
+            pool = t.session.get_adapter(moto_endpoint).poolmanager.connection_from_url(
+                moto_endpoint)
+            conn = pool._new_conn()  # a connection as the pool makes them, to a real server
+            conn.connect()
+            try:
+                got = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                assert (got == 2 * MiB) is locked, got
+                assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            finally:
+                conn.close()
+        finally:
+            t.session.close()

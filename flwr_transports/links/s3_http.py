@@ -356,6 +356,28 @@ def explain(status: int, body: bytes, url: str, what: str) -> S3HttpError:
 
 
 # -- the HTTP transport ----------------------------------------------------------------------
+def _tuned_adapter(base):
+    """An HTTPAdapter whose connections ask for the chunk links' send buffer
+    (:func:`flwr_transports.links.chunks.send_buffer_request`): a part upload over a
+    long fat pipe is one TCP stream, window-limited by the send buffer."""
+    import socket
+
+    from urllib3.connection import HTTPConnection
+
+    from .chunks.protocol import send_buffer_request
+
+    class TunedAdapter(base):
+        def init_poolmanager(self, *args, **kwargs):
+            opts = list(HTTPConnection.default_socket_options)
+            want = send_buffer_request()
+            if want:
+                opts.append((socket.SOL_SOCKET, socket.SO_SNDBUF, want))
+            kwargs["socket_options"] = opts
+            return super().init_poolmanager(*args, **kwargs)
+
+    return TunedAdapter
+
+
 class HttpTransport:
     """requests-based transport with per-request retries (one Session, pooled)."""
 
@@ -370,7 +392,8 @@ class HttpTransport:
                             "'flwr-transports[s3]')") from exc
         self._requests = requests
         self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool, max_retries=0)
+        adapter = _tuned_adapter(HTTPAdapter)(pool_connections=4, pool_maxsize=pool,
+                                              max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.retries = retries

@@ -62,6 +62,7 @@ class Reference:
     ticket: str | None = None  # replies only
     slot: int | None = None  # replies only
     key: str | None = None  # replies only: record key in the reply content
+    keep: bool = False  # the server sends this payload again next phase: clients may keep it
     v: int = CODEC_VERSION
 
     def to_json(self) -> bytes:
@@ -71,6 +72,8 @@ class Reference:
         }
         if self.ticket is not None:
             d.update(ticket=self.ticket, slot=self.slot, key=self.key)
+        if self.keep:
+            d["keep"] = True
         return json.dumps(d, separators=(",", ":")).encode()
 
     def to_record(self) -> ArrayRecord:
@@ -104,7 +107,8 @@ class Reference:
             raise RefError(f"reference declares {size} bytes (limit {MAX_PAYLOAD_SIZE})")
         n = d.get("n_arrays", 0)
         ref = cls(scheme=scheme, loc=loc, size=size, digest=digest,
-                  n_arrays=n if isinstance(n, int) and 0 <= n <= 2**31 else 0)
+                  n_arrays=n if isinstance(n, int) and 0 <= n <= 2**31 else 0,
+                  keep=d.get("keep") is True)
         if "ticket" in d:
             t, s, k = d.get("ticket"), d.get("slot"), d.get("key")
             if not (isinstance(t, str) and len(t) <= 128):

@@ -28,6 +28,7 @@ from ..links import client_link
 from ..policy import DEFAULT_MAX_PAYLOAD, ClientPolicy
 from ..refs import TICKET_KEY, Reference, RefError, Ticket, is_ref_record, parse_ref_record
 from ..trace import message_fields, span
+from .cache import PayloadCache, network_scheme, resolve_setting
 
 log = logging.getLogger("flwr_transports")
 
@@ -39,11 +40,14 @@ def _client_max() -> int:
     return ClientPolicy.build().max_payload
 
 
-def resolve_message(msg: Message, policy: ClientPolicy | None = None) -> Ticket | None:
+def resolve_message(msg: Message, policy: ClientPolicy | None = None, *,
+                    cache: PayloadCache | None = None) -> Ticket | None:
     """Fetch every referenced payload of ``msg`` in place; return the ticket, if any.
 
     Every reference is checked against ``policy`` (default: from the environment)
-    before its link opens anything."""
+    before its link opens anything. With a ``cache``
+    (:mod:`flwr_transports.flower.cache`), a payload kept from an earlier message is
+    read from there, and one the server marks ``keep`` is kept."""
     content = msg.content
     if TICKET_KEY not in content and not any(is_ref_record(r) for r in content.values()):
         return None
@@ -64,10 +68,20 @@ def resolve_message(msg: Message, policy: ClientPolicy | None = None) -> Ticket 
                 raise RefError("a server message carries a reply reference; refused")
             policy.check_size(ref.size)
             loc = policy.check_location(ref.scheme, ref.loc, upload=False)
-            link = client_link(ref.scheme)
-            with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,
-                      **fields), link.open(loc, ref.size) as src:
-                rec = decode(src.read, ref.size, ref.digest)
+            kept = cache is not None and network_scheme(ref.scheme)
+            rec = None
+            if kept:
+                with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,
+                          cached=True, **fields) as tr:
+                    rec = cache.take(ref.size, ref.digest)
+                    tr["hit"] = rec is not None
+            if rec is None:
+                link = client_link(ref.scheme)
+                with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,
+                          **fields), link.open(loc, ref.size) as src:
+                    rec = decode(src.read, ref.size, ref.digest)
+                if kept and ref.keep:
+                    cache.keep(rec, ref.size, ref.digest)  # written while the app runs
         new[key] = rec
     msg.content = new
     return ticket
@@ -136,6 +150,11 @@ def _upload_one(key: str, rec: ArrayRecord, meta: dict[str, str] | None, ticket:
     return loc, payload
 
 
+def _node_id(ctx: Context) -> int | str:
+    node = getattr(ctx, "node_id", 0)
+    return node if isinstance(node, int) and not isinstance(node, bool) else 0
+
+
 class PayloadMod:
     """ClientApp mod resolving offloaded payloads, with a client policy.
 
@@ -145,15 +164,20 @@ class PayloadMod:
     ``"9000-9100"``), ``file_roots`` (directories file:// payloads may live in),
     ``max_payload`` (bytes or ``"8GiB"``), ``allow_link_local`` (169.254.0.0/16,
     fe80::/10, fd00:ec2::254). A refused reference fails the message with an error
-    naming the setting to change.
+    naming the setting to change. ``cache``: where to keep a payload the server will
+    send again (evaluate -> next train round) instead of fetching it twice over a
+    network link: a directory, ``False``/``"off"``, or None (``FLWR_TRANSPORTS_CACHE``,
+    else a private directory under the system's temp dir); see
+    :mod:`flwr_transports.flower.cache`.
     """
 
     def __init__(self, *, schemes: Any = None, hosts: Any = None, ports: Any = None,
                  file_roots: Any = None, max_payload: Any = None,
-                 allow_link_local: bool | None = None) -> None:
+                 allow_link_local: bool | None = None, cache: Any = None) -> None:
         self.settings = {"schemes": schemes, "hosts": hosts, "ports": ports,
                          "file_roots": file_roots, "max_payload": max_payload,
                          "allow_link_local": allow_link_local}
+        self.cache = cache
         self.policy()  # fail fast on invalid settings
 
     def policy(self) -> ClientPolicy:
@@ -163,15 +187,22 @@ class PayloadMod:
     def __call__(self, msg: Message, ctx: Context, call_next) -> Message:
         policy = self.policy()
         fields = message_fields(msg)  # round/phase, for the trace (when it is on)
-        ticket = resolve_message(msg, policy) if msg.has_content() else None
-        with span("app", role="client", **fields):
-            reply = call_next(msg, ctx)
-        if ticket is not None:
-            offload_reply(reply, ticket, policy, trace_fields=fields)
+        cache_dir = resolve_setting(self.cache)
+        cache = PayloadCache(cache_dir, _node_id(ctx)) if cache_dir else None
+        try:
+            ticket = resolve_message(msg, policy, cache=cache) if msg.has_content() else None
+            with span("app", role="client", **fields):
+                reply = call_next(msg, ctx)
+            if ticket is not None:
+                offload_reply(reply, ticket, policy, trace_fields=fields)
+        finally:
+            if cache is not None:
+                cache.wait()  # a payload being kept is complete before the reply leaves
         return reply
 
     def __repr__(self) -> str:
-        set_ = ", ".join(f"{k}={v!r}" for k, v in self.settings.items() if v is not None)
+        set_ = ", ".join(f"{k}={v!r}" for k, v in {**self.settings, "cache": self.cache}.items()
+                         if v is not None)
         return f"PayloadMod({set_})"
 
 

@@ -47,6 +47,7 @@ from ..refs import (
     is_ref_record,
     parse_ref_record,
 )
+from .cache import network_scheme
 
 log = logging.getLogger("flwr_transports")
 
@@ -144,6 +145,7 @@ class Offloader:
         # payloads of the last evaluate phase, kept until the next phase is prepared: the
         # next train round sends the same global model, which then is not uploaded again
         self._held: list[str] = []
+        self._num_rounds: int | None = None  # known to OffloadStrategy.start
         self._largest_out = 0
         self.stats: dict[str, int | float] = {
             "inband_bytes_sent": 0, "inband_bytes_received": 0,
@@ -252,6 +254,7 @@ class Offloader:
                         ref_rec = Reference(
                             scheme=self.scheme, loc=loc, size=payload.size,
                             digest=payload.digest, n_arrays=payload.n_arrays,
+                            keep=self._sent_again(server_round, phase),
                         ).to_record()
                         ref_rec._ftx_size = payload.size
                         refs[id(rec)] = ref_rec
@@ -305,6 +308,14 @@ class Offloader:
         self._pub_info.pop(name, None)
         if self.link is not None:
             self.link.release(name)
+
+    def _sent_again(self, server_round: int, phase: str) -> bool:
+        """Whether this phase's outgoing payload will go out again next phase: an
+        evaluate phase's global model is the next train round's, when there is one
+        (only a round loop that knows its length can say; clients may then keep it,
+        which is worth it for network links only)."""
+        return (phase == "evaluate" and self._num_rounds is not None
+                and server_round < self._num_rounds and network_scheme(self.scheme))
 
     # -- incoming ------------------------------------------------------------------
     def _resolve(self, replies: Iterable[Message], server_round: int, phase: str,
@@ -487,6 +498,7 @@ class OffloadStrategy(Offloader, Strategy):
                     train_config=train_config, evaluate_config=evaluate_config,
                     evaluate_fn=evaluate_fn,
                 )
+        self._num_rounds = num_rounds
         try:
             return Strategy.start(
                 self, grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,

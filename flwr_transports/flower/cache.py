@@ -1,0 +1,191 @@
+"""Client side: keep a payload the server says it will send again, instead of fetching
+it twice across the network.
+
+FedAvg-style strategies send the same global model twice: to evaluate in round ``r``
+and to train in round ``r + 1``. The server knows when that happens (a next round
+follows) and marks the evaluate phase's references ``keep``; it then hands out the
+very same payload for the next train round (see ``OffloadStrategy``). A client that
+fetched a ``keep`` payload over a network link writes it to its cache directory, in
+the background while its app evaluates; the next reference with the same digest is
+read from there instead of the network (checked like any fetch: a regular file of
+exactly the size, owned by this user, no symlink, and the SHA-256 digest of exactly
+the bytes decoded) and the file is removed at once.
+
+Settings: ``PayloadMod(cache=...)`` or ``FLWR_TRANSPORTS_CACHE``: a directory, ``off``,
+or unset (``<tempdir>/flwr-transports-cache-<uid>``). Only payloads of network links
+(``tcp``, ``rdma``, ``s3``, third-party links not marked local) are kept: re-reading a
+shared-memory or shared-file payload is as cheap as a cache. Bounded: one payload at a
+time (a new one replaces the old), files older than :data:`MAX_AGE` seconds (a run that
+ended, crashed, or did not sample this client again) are removed whenever the cache is
+used. A full disk only costs the optimisation (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import tempfile
+import threading
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from ..codec import EncodedPayload, decode, encode
+from ..errors import FlwrTransportsError
+from ..links.fs import _unlink, atomic_write, open_payload
+
+log = logging.getLogger("flwr_transports")
+
+CACHE_ENV = "FLWR_TRANSPORTS_CACHE"
+#: seconds after which a kept payload is stale and removed
+MAX_AGE = 1800.0
+_NAME = re.compile(r"^([0-9a-f]{64})\.ftx$")
+_TMP = re.compile(r"^\.[0-9a-f]{64}\.ftx\.tmp-[0-9a-f]{8}$")
+_warned_full = False
+
+
+def resolve_setting(setting: Any = None) -> str | None:
+    """The cache directory for ``setting`` (``PayloadMod(cache=...)``): None = the
+    environment variable, else the default directory; ``False`` or ``"off"`` = no
+    cache; a path = that directory."""
+    if setting is None:
+        setting = os.environ.get(CACHE_ENV) or True
+    if setting is False or str(setting).strip().lower() in ("off", "0", "false", "no", ""):
+        return None
+    if setting is True:
+        return os.path.join(tempfile.gettempdir(), f"flwr-transports-cache-{os.getuid()}")
+    return os.path.abspath(os.path.expanduser(str(setting)))
+
+
+def network_scheme(scheme: str) -> bool:
+    """True for links that cross a network (worth keeping a payload of)."""
+    from ..links import link_spec
+
+    try:
+        return not link_spec(scheme).local_only
+    except FlwrTransportsError:
+        return False
+
+
+class PayloadCache:
+    """Kept payloads of one node, named by digest, in ``<directory>/<node>`` (nodes of
+    one host share the base directory; see the module docs)."""
+
+    def __init__(self, directory: str, node: int | str = 0):
+        self.base = directory
+        self.dir = os.path.join(directory, f"node-{node}")
+        self._writer: threading.Thread | None = None
+
+    # -- the directory -------------------------------------------------------------
+    def _ready(self) -> bool:
+        """Create the directories (0700) if needed; False if one is unsafe to use: not
+        a directory, a symlink, writable by others, or not owned by this user."""
+        for d in (self.base, self.dir):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                log.debug("flwr-transports: payload cache %r unusable: %s", d, exc)
+                return False
+            try:
+                st = os.lstat(d)
+            except OSError:
+                return False
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+                log.warning("flwr-transports: payload cache %r is not a private directory of "
+                            "this user; not used", d)
+                return False
+        return True
+
+    def _tidy(self) -> None:
+        """Remove this node's directory, and the base, once empty (nothing is left
+        behind when no payload is kept)."""
+        for d in (self.dir, self.base):
+            try:
+                os.rmdir(d)
+            except OSError:
+                return
+
+    def path(self, digest: str) -> str | None:
+        algo, _, hexd = digest.partition(":")
+        if not re.fullmatch(r"[0-9a-f]{64}", hexd) or not algo:
+            return None
+        return os.path.join(self.dir, f"{hexd}.ftx")
+
+    def entries(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.dir) if _NAME.match(n) or _TMP.match(n))
+        except OSError:
+            return []
+
+    def sweep(self, keep: str | None = None, max_age: float = MAX_AGE) -> None:
+        """Remove stale files (older than ``max_age``), and every kept payload but
+        ``keep`` (a path) when one is given."""
+        now = time.time()
+        for name in self.entries():
+            p = os.path.join(self.dir, name)
+            if p == keep:
+                continue
+            try:
+                old = now - os.lstat(p).st_mtime > max_age
+            except OSError:
+                continue
+            if old or (keep is not None and _NAME.match(name)):
+                _unlink(p)
+        if keep is None:
+            self._tidy()
+
+    # -- use -----------------------------------------------------------------------
+    def take(self, size: int, digest: str) -> ArrayRecord | None:
+        """The kept payload with this digest, decoded and verified, or None; the file
+        is removed either way (it is used once)."""
+        p = self.path(digest)
+        if p is None or not os.path.lexists(p):
+            self.sweep()
+            return None
+        try:
+            with open_payload(p, size, owner=os.getuid()) as src:
+                return decode(src.read, size, digest)
+        except FlwrTransportsError as exc:
+            log.warning("flwr-transports: kept payload %s not used (%s); fetching it", p, exc)
+            return None
+        finally:
+            _unlink(p)
+            self.sweep()
+
+    def keep(self, record: ArrayRecord, size: int, digest: str) -> None:
+        """Write ``record``'s payload in the background (see :meth:`wait`), if it
+        re-encodes to exactly the referenced bytes."""
+        self.wait()
+        p = self.path(digest)
+        if p is None or not self._ready():
+            return
+        self._writer = threading.Thread(target=self._write, args=(record, size, digest, p),
+                                        name="ftx-cache-write", daemon=True)
+        self._writer.start()
+
+    def _write(self, record: ArrayRecord, size: int, digest: str, p: str) -> None:
+        global _warned_full
+        try:
+            payload: EncodedPayload = encode(record)
+            if payload.size != size or payload.digest != digest:
+                log.debug("flwr-transports: payload does not re-encode to its reference; "
+                          "not kept")
+                return
+            self.sweep(keep=p)
+            atomic_write(p, payload)
+        except Exception as exc:  # noqa: BLE001 - the cache is only an optimisation
+            if not _warned_full:
+                _warned_full = True
+                log.warning("flwr-transports: cannot keep a payload in %s (%s); it will be "
+                            "fetched again", self.dir, exc)
+
+    def wait(self) -> None:
+        """Wait for a background write (call before the process may exit)."""
+        w, self._writer = self._writer, None
+        if w is not None:
+            w.join()

@@ -401,22 +401,24 @@ def test_stalled_client_does_not_block_others(server):
 
 def test_backpressure_max_conns(server):
     link = server(max_conns=2, streams=2)
-    rec, p = make_payload(400 * KiB)
+    rec, p = make_payload(4 * MiB)  # 64 chunks of 64 KiB: transfers that overlap
     loc = link.publish("r1", p)
     results, errors = [], []
+    start = threading.Barrier(8)
 
     def run():
         try:
+            start.wait(10)  # all at once: 16 connections for 2 places
             results.append(fetch(loc, p)[0])
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=run) for _ in range(5)]
+    threads = [threading.Thread(target=run) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    assert not errors and len(results) == 5 and all(same(r, rec) for r in results)
+    assert not errors and len(results) == 8 and all(same(r, rec) for r in results)
     assert link.server.stats["busy"] > 0  # some were told to back off, and retried
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, RecordDict
@@ -27,7 +28,7 @@ from ..codec import decode, encode
 from ..links import client_link
 from ..policy import DEFAULT_MAX_PAYLOAD, ClientPolicy
 from ..refs import TICKET_KEY, Reference, RefError, Ticket, is_ref_record, parse_ref_record
-from ..trace import message_fields, span
+from ..trace import message_fields, record, span
 from .cache import PayloadCache, network_scheme, resolve_setting
 
 log = logging.getLogger("flwr_transports")
@@ -71,10 +72,11 @@ def resolve_message(msg: Message, policy: ClientPolicy | None = None, *,
             kept = cache is not None and network_scheme(ref.scheme)
             rec = None
             if kept:
-                with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,
-                          cached=True, **fields) as tr:
-                    rec = cache.take(ref.size, ref.digest)
-                    tr["hit"] = rec is not None
+                t0 = time.time()
+                rec = cache.take(ref.size, ref.digest)
+                if rec is not None:  # a miss is not a fetch: only hits are traced
+                    record("fetch", t0, time.time(), role="client", scheme=ref.scheme,
+                           bytes=ref.size, cached=True, **fields)
             if rec is None:
                 link = client_link(ref.scheme)
                 with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,

@@ -541,11 +541,16 @@ class ChunkServer:
             mv = slot.mv
             return decode_hashed(lambda off, n: bytes(mv[off:off + n]), slot.size)
         finally:
-            with slot.lock:
-                slot.readers -= 1
-                gone = slot.readers == 0 and oid not in self.slots
-            if gone:
-                slot.free(self.pool)
+            self._release_reader(oid, slot)
+
+    def _release_reader(self, oid: str, slot: UploadSlot) -> None:
+        """One reader of a completed upload is done; the last one frees the buffer
+        (back to the pool) once the slot was discarded."""
+        with slot.lock:
+            slot.readers -= 1
+            gone = slot.readers == 0 and oid not in self.slots
+        if gone:
+            slot.free(self.pool)
 
     def _run_hook(self, oid: str, slot: UploadSlot) -> None:
         """Hand a completed upload's receive buffer (read-only from now on: a complete
@@ -558,11 +563,7 @@ class ChunkServer:
         except Exception as exc:  # noqa: BLE001 - untrusted upload; the wrapper re-reads it
             log.debug("flwr-transports: landing hook for %s failed: %s", oid, exc)
         finally:
-            with slot.lock:
-                slot.readers -= 1
-                gone = slot.readers == 0 and oid not in self.slots
-            if gone:
-                slot.free(self.pool)
+            self._release_reader(oid, slot)
 
     def open_slot(self, oid: str, size: int) -> PayloadSource:
         from ...refs import RefError
@@ -586,11 +587,7 @@ class ChunkServer:
             return bytes(mv[off:off + n])
 
         def close() -> None:
-            with slot.lock:
-                slot.readers -= 1
-                gone = slot.readers == 0 and oid not in self.slots
-            if gone:
-                slot.free(self.pool)
+            self._release_reader(oid, slot)
 
         src = PayloadSource(read, size, close)
         if pre is not None:

@@ -149,6 +149,11 @@ mon allow pool delete = true
 mon max pg per osd = 1000
 mon warn on pool no redundancy = false
 osd crush chooseleaf type = 0
+# the OSD's own start-up commands to the monitor (crush placement, device class) fail
+# now and then with 'wrong fsid' (sent before its monitor client has the map) and the
+# OSD then exits: place it in the CRUSH map from the admin side instead
+osd crush update on start = false
+osd class update on start = false
 osd objectstore = memstore
 memstore device bytes = {mem_bytes}
 osd max object size = 1073741824
@@ -238,6 +243,8 @@ def start(d: str | None = None, *, cache: str = DEFAULT_CACHE, mem_bytes: int = 
         osd_id = _run([*ceph, "osd", "create"], env, d, "ceph osd create").strip()
         if osd_id != "0":
             raise RadosgwError(f"unexpected osd id {osd_id!r}")
+        _run([*ceph, "osd", "crush", "add", "osd.0", "1.0", "root=default"], env, d,
+             "ceph osd crush add")
         _run([f"{bin_}/ceph-osd", *c, "-i", "0", "--mkfs"], env, d, "ceph-osd --mkfs")
         state["pids"]["osd"] = _spawn([f"{bin_}/ceph-osd", *c, "-i", "0", "-f"], env, d, "osd")
         _save(d, state)
@@ -291,6 +298,14 @@ def create_bucket(s3, bucket: str, *, timeout: float = 90) -> None:
                 raise
             time.sleep(1)
     s3.put_object(Bucket=bucket, Key="warm-up", Body=b"x" * 1024)
+    s3.delete_object(Bucket=bucket, Key="warm-up")
+    # a multipart upload makes radosgw create one more pool (1-2 s): pay it here too
+    up = s3.create_multipart_upload(Bucket=bucket, Key="warm-up")
+    part = s3.upload_part(Bucket=bucket, Key="warm-up", UploadId=up["UploadId"], PartNumber=1,
+                          Body=b"x" * 1024)
+    s3.complete_multipart_upload(Bucket=bucket, Key="warm-up", UploadId=up["UploadId"],
+                                 MultipartUpload={"Parts": [{"PartNumber": 1,
+                                                             "ETag": part["ETag"]}]})
     s3.delete_object(Bucket=bucket, Key="warm-up")
 
 

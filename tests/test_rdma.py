@@ -131,6 +131,34 @@ def test_doctor_reports_the_ucx_transports_usable_here():
         assert "rdma-core" in why and "ibv_devices" in why
 
 
+def test_ucx_tls_gets_cuda_copy_on_a_gpu_host(monkeypatch):
+    """NIXL 1.5.1 refuses a UCX backend whose UCX_TLS names no CUDA transport when it
+    sees an NVIDIA GPU (found on an H200 host: every probe and ``ucx_tls`` failed with
+    NIXL_ERR_BACKEND). The link adds cuda_copy there, and only there."""
+    monkeypatch.setattr(rdma, "_nvidia_gpu_present", lambda: True)
+    assert rdma.with_gpu_tls("tcp") == "tcp,cuda_copy"
+    assert rdma.with_gpu_tls("cma,tcp") == "cma,tcp,cuda_copy"
+    for kept in ("rc,tcp,cuda_ipc", "tcp,cuda", "^tcp", None):
+        assert rdma.with_gpu_tls(kept) == kept
+    monkeypatch.setattr(rdma, "_nvidia_gpu_present", lambda: False)
+    assert rdma.with_gpu_tls("tcp") == "tcp"
+
+
+@needs_nixl
+def test_agent_and_probe_start_with_the_gpu_transport_added(monkeypatch):
+    """The added name reaches UCX and is harmless without a GPU: a real READ over tcp
+    still works with it (probe in a child process, agent in this one)."""
+    monkeypatch.setattr(rdma, "_nvidia_gpu_present", lambda: True)
+    ok, why = rdma.probe_ucx("tcp")
+    assert ok and "UCX used tcp" in why, why
+    ag = rdma.Agent(f"ftx-gpu-tls-{os.getpid()}", "tcp")
+    try:
+        assert "UCX" in ag.a.backends
+        assert "UCX_TLS" not in os.environ or os.environ["UCX_TLS"] != "tcp,cuda_copy"
+    finally:
+        ag.close()
+
+
 # -- options --------------------------------------------------------------------------
 @needs_nixl
 def test_options_are_parsed_in_one_place():

@@ -207,7 +207,7 @@ class _S3:
             self.rgw = None
 
 
-RGW_MEM_BYTES = 3 << 30  # memstore cap (RAM) of the bench's radosgw
+RGW_MEM_BYTES = 5 << 30  # memstore cap (RAM) of the bench's radosgw
 
 
 def _start_radosgw(host: str, prefix: Sequence[str] | None) -> dict[str, Any]:

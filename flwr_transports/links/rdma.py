@@ -169,6 +169,38 @@ def _new_nixl_agent(nixl, name: str, cfg):
         bind.nixlAgent = real
 
 
+def _nvidia_gpu_present() -> bool:
+    """An NVIDIA GPU is visible to this process (driver node or /dev entry)."""
+    try:
+        if os.listdir("/proc/driver/nvidia/gpus"):
+            return True
+    except OSError:
+        pass
+    return any(re.fullmatch(r"nvidia\d+", n) for n in _listdir("/dev"))
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def with_gpu_tls(tls: str | None) -> str | None:
+    """``tls`` plus ``cuda_copy`` on a host with an NVIDIA GPU.
+
+    NIXL refuses to start a UCX backend whose UCX_TLS lists no CUDA transport when it
+    sees a GPU ("NVIDIA GPU(s) are present, but this setting does not enable CUDA memory
+    support"; seen on an H200 host with NIXL 1.5.1), even though rdma:// registers host
+    memory only. ``cuda_copy`` moves nothing here; it only lets the agent start."""
+    if not tls or not _nvidia_gpu_present():
+        return tls
+    names = tls.split(",")
+    if any(n == "cuda" or n.startswith("cuda_") for n in names) or names[0].startswith("^"):
+        return tls
+    return tls + ",cuda_copy"
+
+
 class Agent:
     """One NIXL agent with the UCX backend and its progress thread (needed by UCX's
     tcp transport, which serves one-sided READs in software on the target side)."""
@@ -176,7 +208,7 @@ class Agent:
     def __init__(self, name: str, ucx_tls: str | None = None,
                  ucx_net_devices: str | None = None, *, keep_env_tls: bool = False):
         nixl = load_nixl()
-        env = {"UCX_TLS": ucx_tls, "UCX_NET_DEVICES": ucx_net_devices}
+        env = {"UCX_TLS": with_gpu_tls(ucx_tls), "UCX_NET_DEVICES": ucx_net_devices}
         if keep_env_tls and os.environ.get("UCX_TLS"):
             env["UCX_TLS"] = None  # this process's own UCX settings win
         self.name, self.tls = name, ucx_tls
@@ -929,7 +961,7 @@ def probe_ucx(tls: str | None, timeout: float = 30.0) -> tuple[bool, str]:
     env = dict(os.environ, UCX_PROTO_INFO="y")
     env.pop("UCX_TLS", None)
     if tls:
-        env["UCX_TLS"] = tls
+        env["UCX_TLS"] = with_gpu_tls(tls)
     try:
         p = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, check=False,
                            text=True, timeout=timeout)

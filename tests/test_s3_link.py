@@ -365,14 +365,15 @@ def test_federation_encrypted(moto_endpoint, s3, bucket):
 
 
 def test_federation_streaming_aggregation(moto_endpoint, s3, bucket):
-    """s3:// has no landing hook: each reply is folded from ranged GETs when Flower
-    hands over the replies, never decoded; the mean equals FedAvg's within rounding."""
+    """Each reply is folded from ranged GETs, never decoded: as soon as the client's
+    completed upload appears in the store, or when Flower hands over the replies (in
+    process the reply may come first); the mean equals FedAvg's within rounding."""
     init = initial()
     want, _ = run("inband", init)
     url = f"s3://{bucket}/runs/exp2?endpoint_url={moto_endpoint}&part_size=5MiB"
     got, stats = run(url, init, aggregation="streaming")
     assert stats["agg_streamed_rounds"] == 2
-    assert stats["agg_eager_folds"] == 0 and stats["agg_settle_folds"] == 4
+    assert stats["agg_eager_folds"] + stats["agg_settle_folds"] == 4
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(b))))
@@ -393,8 +394,8 @@ def test_open_upload_checks_the_claim(moto_endpoint, s3, bucket):
             link.open_upload(a, {"key": "../../etc/passwd"}, payload.size)
         with pytest.raises(RefError, match="not the object key"):
             link.open_upload(a, "nonsense", payload.size)
-        # declared size does not match what was uploaded
-        with pytest.raises(RefError, match="part"):
+        # declared size does not match what was uploaded (the client completed it)
+        with pytest.raises(RefError, match="bytes, a .*-byte payload needs"):
             link.open_upload(b, {"key": b["key"]}, payload.size + 5 * MiB)
         # a slot whose upload never happened
         with pytest.raises(RefError, match="parts"):
@@ -403,6 +404,64 @@ def test_open_upload_checks_the_claim(moto_endpoint, s3, bucket):
             assert same(decode(src.read, payload.size, payload.digest), rec)
         with pytest.raises(RefError, match="not open"):  # replay of a used slot
             link.open_upload(b, {"key": b["key"]}, payload.size)
+    finally:
+        link.close()
+    assert leftovers(s3, bucket) == ([], [])
+
+
+def test_a_completed_upload_lands_before_its_reply(moto_endpoint, s3, bucket):
+    """The client completes its multipart upload with the slot's presigned URL; the
+    ServerApp's watcher sees the object and hands a reader of it to the landing hook
+    before any reply arrived. The reply then finds it complete (no second completion)."""
+    rec, payload = payload_of(12 * MiB)
+    link = server_link(f"s3://{bucket}?endpoint_url={moto_endpoint}&part_size=5MiB",
+                       run_id=7, options={})
+    try:
+        slot = link.issue_slot("r1-n1", 64 * MiB)
+        assert slot["done"].startswith(moto_endpoint) and "uploadId=" in slot["done"]
+        seen, landed = [], threading.Event()
+
+        def hook(src):
+            seen.append(decode(src.read, src.size, payload.digest))
+            landed.set()
+
+        assert link.on_upload(slot, hook)
+        S3ClientLink().upload(slot, payload)
+        assert landed.wait(10), "the watcher did not see the completed upload"
+        assert same(seen[0], rec)
+        uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        assert not [u for u in uploads if u["Key"] == slot["key"]]  # completed by the client
+        with link.open_upload(slot, {"key": slot["key"]}, payload.size) as src:
+            assert same(decode(src.read, payload.size, payload.digest), rec)
+        assert len(seen) == 1  # called once
+    finally:
+        link.close()
+    assert leftovers(s3, bucket) == ([], [])
+
+
+def test_a_client_that_does_not_complete_is_completed_at_reply_time(moto_endpoint, s3,
+                                                                    bucket):
+    """An older client (no "done" in the slot) or a failed completion: nothing lands
+    early, the ServerApp checks the parts and completes the upload when the reply
+    arrives; a discarded slot that a client had completed leaves no object."""
+    rec, payload = payload_of(6 * MiB)
+    link = server_link(f"s3://{bucket}?endpoint_url={moto_endpoint}&part_size=5MiB",
+                       run_id=8, options={})
+    try:
+        slot = link.issue_slot("r1-n1", 64 * MiB)
+        called = []
+        assert link.on_upload(slot, called.append)
+        old = {k: v for k, v in slot.items() if k != "done"}
+        S3ClientLink().upload(old, payload)
+        with link.open_upload(slot, {"key": slot["key"]}, payload.size) as src:
+            assert same(decode(src.read, payload.size, payload.digest), rec)
+        assert called == []
+        # completed by the client, then discarded (the reply never came)
+        gone = link.issue_slot("r1-n2", 64 * MiB)
+        S3ClientLink().upload(gone, payload)
+        link.discard_slot(gone)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert gone["key"] not in keys
     finally:
         link.close()
     assert leftovers(s3, bucket) == ([], [])

@@ -84,6 +84,7 @@ log = logging.getLogger("flwr_transports.s3")
 
 DEFAULT_PART = 16 * 2**20
 DEFAULT_EXPIRES = 3600
+LAND_POLL = 0.2  # seconds between listings while replies are awaited (on_upload)
 ENC_CHUNK = 2**20
 MAX_EXPIRES = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
@@ -272,6 +273,11 @@ class S3ServerLink(ServerLink):
         # at least half its lifetime left (the offload wrapper reuses the last evaluate
         # phase's payload for the next train round)
         self.reuse_max_age = self.cfg.expires / 2
+        self._hooks: dict[str, Any] = {}  # reply key -> landing hook (on_upload)
+        self._hooked = threading.Event()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.last_landed: float | None = None
 
     # -- helpers -----------------------------------------------------------------------
     def _boto(self, what: str, fn, *args, **kwargs):
@@ -447,6 +453,10 @@ class S3ServerLink(ServerLink):
             "key": key, "put": compact_urls(urls), "part": part, "conc": self.cfg.concurrency,
             "checksum": self.cfg.checksum,
         }
+        try:  # the client completes the upload itself (see on_upload)
+            slot["done"] = self._presign("complete_multipart_upload", Key=key, UploadId=uid)
+        except Exception:  # noqa: BLE001 - the ServerApp completes it at settle time
+            pass
         if enc:
             slot["enc"] = enc
         if self.cfg.progress:
@@ -465,11 +475,21 @@ class S3ServerLink(ServerLink):
                 raise RefError(f"reply slot {key!r} is not open (never issued, already used "
                                "or discarded)")
             st["state"] = "completing"
+            self._hooks.pop(key, None)  # the reply is here: settle reads it, not a hook
         enc = st["enc"]
         layout = Layout(size, enc["chunk"] if enc else 0)
         want = part_count(layout.stored, st["part"])
         if want > st["n"]:
+            st["state"] = "open"
             raise RefError(f"reply of {size} bytes does not fit the slot ({st['n']} parts)")
+        head = self._head(key, f"checking reply {st['name']}")
+        if head is not None:  # the client completed the upload (slot's "done" URL)
+            if head.get("ContentLength") != layout.stored:
+                st["state"] = "open"
+                raise RefError(f"reply object has {head.get('ContentLength')} bytes, a "
+                               f"{size}-byte payload needs {layout.stored}")
+            st["state"] = "completed"
+            return self._reader(key, size, st)
         parts = []
         pager = self.s3.get_paginator("list_parts")
         try:
@@ -505,23 +525,113 @@ class S3ServerLink(ServerLink):
         if head.get("ContentLength") != layout.stored:
             raise RefError(f"reply object has {head.get('ContentLength')} bytes, expected "
                            f"{layout.stored}")
+        return self._reader(key, size, st)
+
+    def _reader(self, key: str, size: int, st: dict[str, Any]) -> PayloadSource:
         url = self._presign("get_object", expires=min(self.cfg.expires, 3600), Key=key)
-        return RangedReader(self.http, url, size, enc, st["part"], self.cfg.concurrency,
+        return RangedReader(self.http, url, size, st["enc"], st["part"], self.cfg.concurrency,
                             st["name"], progress_enabled(self.cfg.progress)).source()
+
+    def _head(self, key: str, what: str) -> dict[str, Any] | None:
+        """HEAD of ``key``, or None if there is no such object."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.s3.head_object(Bucket=self.cfg.bucket, Key=key)
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            if err.get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise boto_error(exc, what, self.cfg) from None
+        except BotoCoreError as exc:
+            raise boto_error(exc, what, self.cfg) from None
+
+    # -- landing: fold replies while they travel through Flower ------------------------
+    def on_upload(self, slot: dict[str, Any], fn) -> bool:
+        """See ServerLink.on_upload. The client completes its multipart upload itself
+        (the slot's presigned ``done`` URL); a watcher thread lists the run's keys every
+        ``LAND_POLL`` seconds while hooks are waiting, and calls ``fn`` with a ranged
+        reader of the object as soon as it appears. Not with ``encrypt=true`` (the plain
+        size is only known from the reply)."""
+        key = slot.get("key") if isinstance(slot, dict) else None
+        if self.cfg.encrypt or not isinstance(key, str) or "done" not in slot:
+            return False
+        with self._lock:
+            st = self._slots.get(key)
+            if st is None or st["state"] != "open":
+                return False
+            self._hooks[key] = fn
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                                 name="ftx-s3-landing")
+                self._watcher.start()
+        self._hooked.set()
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self._hooked.wait()
+            if self._stop.is_set():
+                return
+            with self._lock:
+                waiting = dict(self._hooks)
+                if not waiting:
+                    self._hooked.clear()
+                    continue
+            try:
+                found = self._list_sizes()
+            except Exception as exc:  # noqa: BLE001 - try again; settle reads it anyway
+                log.debug("s3: listing landed replies failed: %s", exc)
+                found = {}
+            for key, fn in waiting.items():
+                if key not in found:
+                    continue
+                with self._lock:
+                    st = self._slots.get(key)
+                    if self._hooks.pop(key, None) is None or st is None:
+                        continue
+                    cap = st["n"] * st["part"]
+                size = found[key]
+                if 0 <= size <= cap:  # else it is rejected when the reply arrives
+                    threading.Thread(target=self._land, args=(key, size, st, fn), daemon=True,
+                                     name="ftx-s3-fold").start()
+            self._stop.wait(LAND_POLL)
+
+    def _list_sizes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.cfg.bucket, Prefix=self.key_prefix):
+            for o in page.get("Contents", []):
+                out[o["Key"]] = int(o.get("Size", -1))
+        return out
+
+    def _land(self, key: str, size: int, st: dict[str, Any], fn) -> None:
+        self.last_landed = time.perf_counter()
+        try:
+            with self._reader(key, size, st) as src:
+                fn(src)
+        except Exception as exc:  # noqa: BLE001 - untrusted; decided when the reply arrives
+            log.debug("s3: landing hook for %s failed: %s", key, exc)
 
     def discard_slot(self, slot: dict[str, Any]) -> None:
         key = slot.get("key") if isinstance(slot, dict) else None
         with self._lock:
             st = self._slots.pop(key, None) if isinstance(key, str) else None
+            if isinstance(key, str):
+                self._hooks.pop(key, None)
         if st is None:
             return
         if st["state"] in ("open", "completing"):
             self._abort(key, st["upload_id"])
-        if st["state"] in ("completing", "completed"):
-            self._delete(key)
+        # the client may have completed it (slot's "done" URL) whatever the state here
+        self._delete(key)
 
     # -- end of run --------------------------------------------------------------------
     def close(self) -> None:
+        self._stop.set()
+        self._hooked.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
         for name in list(self._published):
             self.release(name)
         for key in list(self._slots):
@@ -705,8 +815,20 @@ class S3ClientLink(ClientLink):
         checksum = slot.get("checksum", "md5")
         if checksum not in ("md5", "none"):
             raise RefError(f"s3:// slot has an unknown checksum mode {checksum!r}")
-        n = upload_parts(self.http, urls, payload, enc, part, clamp_concurrency(slot.get("conc")),
-                         checksum == "md5", _label(key),
-                         progress_enabled(slot.get("progress")))
-        return {"key": key, "parts": n}
+        done = slot.get("done")
+        if done is not None:
+            done = check_get_url(done)
+        etags = upload_parts(self.http, urls, payload, enc, part,
+                             clamp_concurrency(slot.get("conc")), checksum == "md5", _label(key),
+                             progress_enabled(slot.get("progress")))
+        if done is not None:
+            # complete the upload here: the ServerApp sees the object at once and can read
+            # it while this reply still travels through Flower. If this fails, the
+            # ServerApp completes it when the reply arrives (as without "done").
+            try:
+                self.http.complete(done, etags, f"completing the upload of {_label(key)}")
+            except (LinkError, RefError) as exc:
+                log.info("s3: could not complete the upload of %s (the ServerApp will): %s",
+                         _label(key), exc)
+        return {"key": key, "parts": len(etags)}
 

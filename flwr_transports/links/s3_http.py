@@ -497,8 +497,40 @@ class HttpTransport:
 
         return self._call(what, url, once)
 
+    def complete(self, url: str, etags: list[str], what: str) -> None:
+        """CompleteMultipartUpload through a presigned POST URL (parts 1..n, in order).
+
+        S3 may answer 200 and still fail: the error is then in the body."""
+        body = complete_body(etags)
+
+        def once() -> None:
+            r = self.session.post(url, data=body, timeout=self.timeout, allow_redirects=False,
+                                  headers={"Content-Type": "application/xml"})
+            try:
+                content = r.content[:65536]
+                if r.status_code != 200 or b"<Error>" in content:
+                    e = explain(r.status_code if r.status_code != 200 else 500, content, url,
+                                what)
+                    if r.status_code in _RETRY_STATUS or e.code in _RETRY_CODES:
+                        raise _Retryable(e)
+                    raise e
+            finally:
+                r.close()
+
+        self._call(what, url, once)
+
     def close(self) -> None:
         self.session.close()
+
+
+def complete_body(etags: list[str]) -> bytes:
+    """The CompleteMultipartUpload XML for parts 1..len(etags)."""
+    from xml.sax.saxutils import escape
+
+    parts = "".join(f"<Part><PartNumber>{i}</PartNumber><ETag>{escape(e)}</ETag></Part>"
+                    for i, e in enumerate(etags, 1))
+    return (f'<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"{parts}</CompleteMultipartUpload>").encode()
 
 
 def _read_body(r, n: int) -> bytes | bytearray:
@@ -531,8 +563,9 @@ def _pool(n: int) -> ThreadPoolExecutor:
 
 def upload_parts(transport: HttpTransport, urls: list[str], payload: EncodedPayload,
                  enc: dict[str, Any] | None, part_stored: int, concurrency: int,
-                 md5: bool, label: str, progress: bool) -> int:
-    """Upload ``payload`` as parts of ``part_stored`` stored bytes; return the part count."""
+                 md5: bool, label: str, progress: bool) -> list[str]:
+    """Upload ``payload`` as parts of ``part_stored`` stored bytes; return the parts'
+    ETags (as the store answered them), in part order."""
     layout = Layout(payload.size, enc["chunk"] if enc else 0)
     plain_unit, stored_unit = layout.align(part_stored)
     if stored_unit != part_stored:
@@ -545,13 +578,16 @@ def upload_parts(transport: HttpTransport, urls: list[str], payload: EncodedPayl
     reader = SegmentReader(payload)
     prog = Progress(f"upload {label}", layout.stored, progress)
 
+    etags = [""] * n
+
     def one(i: int) -> None:
         body = build_part(reader, layout, cipher, plain_unit, i)
-        transport.put(urls[i], body, f"upload of part {i + 1}/{n} of {label}", md5=md5)
+        etags[i] = transport.put(urls[i], body, f"upload of part {i + 1}/{n} of {label}",
+                                 md5=md5)
         prog.add(len(body))
 
     run_all(one, n, concurrency)
-    return n
+    return etags
 
 
 def run_all(fn, n: int, concurrency: int) -> None:

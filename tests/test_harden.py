@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -288,7 +289,8 @@ def test_s3_sweep_warning_separates_endpoint_and_prefix(caplog):
 
     class Link:
         cfg, key_prefix = Cfg(), "runs/ftx-16779-1-abcd"
-        _published, _slots = {}, {}
+        _published, _slots, _uploading = {}, {}, {}
+        _stop, _hooked, _watcher = threading.Event(), threading.Event(), None
         s3 = None
 
         class http:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -251,6 +252,7 @@ def test_large_payload_many_parts_and_ranges(moto_endpoint, proxy, s3, bucket):
                        run_id=3, options={"part_size": "5MiB", "concurrency": 4})
     try:
         loc = link.publish("global", payload)
+        assert link.wait_published("global", 60)  # uploaded in the background
         head = s3.head_object(Bucket=bucket, Key=loc["key"])
         assert head["ContentLength"] == payload.size
         assert head["ETag"].strip('"').endswith("-5")  # a 5-part multipart object
@@ -283,6 +285,7 @@ def test_retries_per_part_and_range(moto_endpoint, proxy, s3, bucket):
                        options={"part_size": "5MiB", "concurrency": 3})
     try:
         loc = link.publish("global", payload)
+        assert link.wait_published("global", 60)  # uploaded in the background
         # a ranged GET cut mid-body and a 503 on another range
         proxy.rules += [{"method": "GET", "range_start": 5 * MiB, "action": "cut", "times": 1},
                         {"method": "GET", "range_start": 10 * MiB, "action": "503", "times": 2}]
@@ -325,6 +328,7 @@ def test_encryption_roundtrip_and_ciphertext_at_rest(moto_endpoint, s3, bucket):
                        run_id=5, options={"part_size": "5MiB"})
     try:
         loc = link.publish("global", payload)
+        assert link.wait_published("global", 60)  # uploaded in the background
         stored = s3.get_object(Bucket=bucket, Key=loc["key"])
         blob = stored["Body"].read()
         assert len(blob) == payload.size + 16 * 7  # 7 chunks of 1 MiB, a tag each
@@ -465,6 +469,51 @@ def test_a_client_that_does_not_complete_is_completed_at_reply_time(moto_endpoin
     finally:
         link.close()
     assert leftovers(s3, bucket) == ([], [])
+
+
+def test_background_publish_clients_wait_for_the_object(moto_endpoint, s3, bucket):
+    """The global model is uploaded while its reference travels: a client that asks
+    before the object exists asks again until it appears (within the reference's
+    ``wait``), and fails with a clear error when it never does."""
+    from flwr_transports.links.s3_http import HttpTransport, RangedReader, S3HttpError
+
+    rec, payload = payload_of(11 * MiB)
+    link = server_link(f"s3://{bucket}?endpoint_url={moto_endpoint}&part_size=5MiB",
+                       run_id=9, options={})
+    try:
+        loc = link.publish("global", payload)  # returns before the upload is done
+        assert 60 <= loc["wait"] <= 3600
+        with S3ClientLink().open(loc, payload.size) as src:  # at once, not after a wait
+            assert same(decode(src.read, payload.size, payload.digest), rec)
+        assert link.wait_published("global", 60)
+    finally:
+        link.close()
+    assert leftovers(s3, bucket) == ([], [])
+
+    # the mechanism itself, deterministic: the object appears 1 s after the first GET
+    data = os.urandom(3 * MiB)
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "late"})
+    t = threading.Timer(1.0, lambda: s3.put_object(Bucket=bucket, Key="late", Body=data))
+    t.start()
+    http = HttpTransport()
+    try:
+        rd = RangedReader(http, url, len(data), None, 5 * MiB, 2, "late", False, 10.0)
+        t0 = time.monotonic()
+        assert rd.read(0, len(data)) == data
+        assert time.monotonic() - t0 >= 0.9
+        rd.close()
+        gone = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "never"})
+        rd = RangedReader(http, gone, 1000, None, 5 * MiB, 2, "never", False, 0.5)
+        with pytest.raises(S3HttpError, match="did not appear in the store in time"):
+            rd.read(0, 1000)
+        rd.close()
+        bad = dict(loc, wait=-1)
+        with pytest.raises(RefError, match="invalid wait"):
+            S3ClientLink().open(bad, payload.size)
+    finally:
+        t.join()
+        http.close()
+        s3.delete_object(Bucket=bucket, Key="late")
 
 
 def test_client_rejects_hostile_descriptors():

@@ -134,6 +134,9 @@ OPTIONS = (
     Option("timeout", duration(1, 86400), 120.0, "read timeout per request (seconds)",
            shown="120"),
     Option("create_bucket", parse_bool, False, "create the bucket if it does not exist"),
+    Option("publish", choice("background", "sync"), "background", "background: the global "
+           "model is uploaded while its reference travels through Flower (clients wait for "
+           "the object to appear); sync: uploaded before the messages are sent"),
 )
 
 
@@ -168,6 +171,7 @@ class S3Config:
         self.retries = o.retries
         self.timeout = o.timeout
         self.create_bucket = o.create_bucket
+        self.publish = o.publish
 
     def where(self) -> str:
         at = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -274,6 +278,7 @@ class S3ServerLink(ServerLink):
         # phase's payload for the next train round)
         self.reuse_max_age = self.cfg.expires / 2
         self._hooks: dict[str, Any] = {}  # reply key -> landing hook (on_upload)
+        self._uploading: dict[str, threading.Thread] = {}  # name -> background publish
         self._hooked = threading.Event()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -383,6 +388,41 @@ class S3ServerLink(ServerLink):
         up = self._boto(f"starting the upload of {name}", self.s3.create_multipart_upload,
                         Bucket=self.cfg.bucket, Key=key)
         uid = up["UploadId"]
+        args = (name, key, uid, n, reader, layout, cipher, plain_unit, md5, prog)
+        loc = self._loc(key, payload.size, enc, stored_unit)
+        if self.cfg.publish == "sync":
+            self._upload_parts(*args)
+            return loc
+        # background: the parts go up while Flower delivers the reference; clients ask
+        # again on 404 until the object appears (at most ``wait`` seconds: a minute
+        # plus the object at 10 MB/s)
+        box: dict[str, Any] = {}
+        th = threading.Thread(target=self._upload_in_background, args=(box, args), daemon=True,
+                              name="ftx-s3-publish")
+        with self._lock:
+            self._uploading[name] = th
+        th.start()
+        loc["wait"] = int(min(self.cfg.expires, 60 + layout.stored / 10e6))
+        return loc
+
+    def _upload_in_background(self, box: dict[str, Any], args: tuple) -> None:
+        try:
+            self._upload_parts(*args)
+        except BaseException as exc:  # noqa: BLE001 - clients time out waiting; say why here
+            box["error"] = exc
+            log.error("s3: the upload of %s failed, clients will not find it: %s", args[0], exc)
+
+    def wait_published(self, name: str, timeout: float | None = None) -> bool:
+        """Wait for a background upload of ``name`` (True when none is running)."""
+        with self._lock:
+            th = self._uploading.get(name)
+        if th is not None:
+            th.join(timeout)
+            return not th.is_alive()
+        return True
+
+    def _upload_parts(self, name: str, key: str, uid: str, n: int, reader, layout, cipher,
+                      plain_unit: int, md5: bool, prog) -> None:
         etags: list[str | None] = [None] * n
 
         def one(i: int) -> None:
@@ -403,11 +443,12 @@ class S3ServerLink(ServerLink):
         except BaseException:
             self._abort(key, uid)
             raise
-        return self._loc(key, payload.size, enc, stored_unit)
 
     def release(self, name: str) -> None:
+        self.wait_published(name)  # an upload still running would re-create the object
         with self._lock:
             key = self._published.pop(name, None)
+            self._uploading.pop(name, None)
         if key:
             self._delete(key)
 
@@ -632,6 +673,8 @@ class S3ServerLink(ServerLink):
         self._hooked.set()
         if self._watcher is not None:
             self._watcher.join(timeout=30)
+        for th in list(self._uploading.values()):
+            th.join()
         for name in list(self._published):
             self.release(name)
         for key in list(self._slots):
@@ -800,8 +843,11 @@ class S3ClientLink(ClientLink):
                            f"a {size}-byte payload")
         conc = clamp_concurrency(loc.get("conc"))
         label = _label(loc.get("key"))
+        wait = loc.get("wait", 0)
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 86400:
+            raise RefError("s3:// location has an invalid wait (0-86400 seconds)")
         return RangedReader(self.http, url, size, enc, rng, conc, label,
-                            progress_enabled(loc.get("progress"))).source()
+                            progress_enabled(loc.get("progress")), float(wait)).source()
 
     def upload(self, slot: dict[str, Any], payload: EncodedPayload) -> dict[str, Any]:
         if not isinstance(slot, dict):

@@ -438,14 +438,36 @@ class HttpTransport:
             self._sleep(attempt)
             attempt += 1
 
-    def get_range(self, url: str, start: int, end: int, total: int, what: str) -> bytes:
-        """Bytes [start, end) of the object; checks the object is ``total`` bytes."""
-        n = end - start
+    def get_range(self, url: str, start: int, end: int, total: int, what: str,
+                  appear_by: float | None = None) -> bytes:
+        """Bytes [start, end) of the object; checks the object is ``total`` bytes.
 
+        ``appear_by`` (a ``time.monotonic()`` deadline): the object may not exist yet
+        (the ServerApp uploads it while the reference travels); a 404 before then is
+        asked again, every 0.05-0.5 s."""
+        n = end - start
+        pause = 0.05
+        while True:
+            try:
+                return self._get_range(url, start, end, total, what, n, appear_by)
+            except _NotYet:
+                time.sleep(pause)
+                pause = min(0.5, pause * 2)
+
+    def _get_range(self, url: str, start: int, end: int, total: int, what: str, n: int,
+                   appear_by: float | None) -> bytes:
         def once() -> bytes:
             r = self.session.get(url, headers={"Range": f"bytes={start}-{end - 1}"},
                                  timeout=self.timeout, stream=True, allow_redirects=False)
             try:
+                if r.status_code == 404 and appear_by is not None:
+                    if time.monotonic() < appear_by:
+                        raise _NotYet
+                    body = r.raw.read(65536, decode_content=True)
+                    e = explain(r.status_code, body, url, what)
+                    raise S3HttpError(f"{e} (it did not appear in the store in time: the "
+                                      "ServerApp's upload of it may have failed; see its log)",
+                                      e.status, e.code)
                 if r.status_code not in (200, 206):
                     body = r.raw.read(65536, decode_content=True)
                     e = explain(r.status_code, body, url, what)
@@ -550,6 +572,10 @@ def _read_body(r, n: int) -> bytes | bytearray:
     return buf if got == n else buf[:got]
 
 
+class _NotYet(Exception):
+    """The object is not (yet) in the store; its deadline has not passed."""
+
+
 class _Retryable(Exception):
     def __init__(self, error: Exception):
         super().__init__(str(error))
@@ -612,9 +638,10 @@ class RangedReader:
 
     def __init__(self, transport: HttpTransport, url: str, size: int,
                  enc: dict[str, Any] | None, range_stored: int, concurrency: int,
-                 label: str, progress: bool):
+                 label: str, progress: bool, appear_within: float = 0.0):
         self.t = transport
         self.url = url
+        self.appear_by = time.monotonic() + appear_within if appear_within > 0 else None
         self.layout = Layout(size, enc["chunk"] if enc else 0)
         self.plain_unit, self.stored_unit = self.layout.align(range_stored)
         self.n = self.layout.units(self.stored_unit)
@@ -631,7 +658,8 @@ class RangedReader:
         s0 = j * self.stored_unit
         s1 = min(s0 + self.stored_unit, self.layout.stored)
         data = self.t.get_range(self.url, s0, s1, self.layout.stored,
-                                f"download of range {j + 1}/{self.n} of {self.label}")
+                                f"download of range {j + 1}/{self.n} of {self.label}",
+                                self.appear_by)
         self.prog.add(len(data))
         if self.cipher is None:
             return data

@@ -727,3 +727,23 @@ def test_http_connections_get_the_send_buffer(moto_endpoint, monkeypatch):
                 conn.close()
         finally:
             t.session.close()
+
+
+def test_streaming_with_hostile_replies_folded_from_the_store(moto_endpoint, s3, bucket):
+    """Six nodes, two rounds; in round 2 one reference lies about its digest, one reply
+    becomes an error after its upload, one is lost, one states another weight in-band.
+    Every upload is folded from the store as soon as the client completes it, before
+    its reply; the ones that do not count are excluded exactly (one rebuild), and the
+    result equals the inner strategy's on the same replies."""
+    from test_aggregation import _compare, _run
+
+    url = f"s3://{bucket}/agg?endpoint_url={moto_endpoint}&part_size=5MiB"
+    _, r_in, seen_in = _run(FedAvg(), url, "inner")
+    s_st, r_st, seen_st = _run(FedAvg(), url, "streaming")
+    assert s_st.stats["agg_streamed_rounds"] == 2
+    assert s_st.stats["agg_eager_folds"] == 12  # all landed from the store first
+    assert s_st.stats["agg_rebuilds"] == 1 and s_st.stats["agg_settle_folds"] == 3
+    assert s_st.stats["replies_rejected"] == 1
+    assert seen_in == seen_st
+    _compare(r_in, r_st)
+    assert leftovers(s3, bucket) == ([], [])

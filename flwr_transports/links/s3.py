@@ -397,8 +397,7 @@ class S3ServerLink(ServerLink):
         # background: the parts go up while Flower delivers the reference; clients ask
         # again on 404 until the object appears (at most ``wait`` seconds: a minute
         # plus the object at 10 MB/s)
-        box: dict[str, Any] = {}
-        th = threading.Thread(target=self._upload_in_background, args=(box, args), daemon=True,
+        th = threading.Thread(target=self._upload_in_background, args=args, daemon=True,
                               name="ftx-s3-publish")
         with self._lock:
             self._uploading[name] = th
@@ -406,11 +405,10 @@ class S3ServerLink(ServerLink):
         loc["wait"] = int(min(self.cfg.expires, 60 + layout.stored / 10e6))
         return loc
 
-    def _upload_in_background(self, box: dict[str, Any], args: tuple) -> None:
+    def _upload_in_background(self, *args) -> None:
         try:
             self._upload_parts(*args)
         except BaseException as exc:  # noqa: BLE001 - clients time out waiting; say why here
-            box["error"] = exc
             log.error("s3: the upload of %s failed, clients will not find it: %s", args[0], exc)
 
     def wait_published(self, name: str, timeout: float | None = None) -> bool:

@@ -96,7 +96,7 @@ def run_benchmark(
     timeout: float,
     log=print,
 ) -> list[dict[str, Any]]:
-    from flwr_transports.bench.deploy import LocalDeployment
+    from flwr_transports.testing import LocalDeployment
 
     rows = []
     for i, transport in enumerate(transports):

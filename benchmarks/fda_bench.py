@@ -279,7 +279,7 @@ def plot(runs: list[Run], target: float, clients: int, steps: int, path: str) ->
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib missing: pip install 'flwr-transports[bench]'", file=sys.stderr)
+        print("matplotlib missing: pip install -e benchmarks", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     cmap = plt.get_cmap("tab20")

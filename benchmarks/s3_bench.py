@@ -1,7 +1,7 @@
 """s3:// link throughput: upload once + N parallel client downloads, vs plain boto3.
 
 For each store (moto server in its own process, and/or Ceph radosgw started by
-flwr_transports.bench.radosgw) and each size:
+ftx_bench.radosgw) and each size:
 
 * **publish**: ``S3ServerLink.publish`` (multipart, parallel parts, Content-MD5) vs
   boto3 ``upload_fileobj`` of the same bytes (TransferConfig with the same part size
@@ -72,7 +72,7 @@ class Moto:
 
 class Radosgw:
     def __init__(self):
-        from flwr_transports.bench import radosgw
+        from ftx_bench import radosgw
 
         self.mod = radosgw
         self.state = self.mod.start(mem_bytes=int(os.environ.get("FTX_RGW_MEM", str(5 << 30))))

@@ -16,7 +16,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("flwr_transports.doctor", "report which links can run on this machine"),
     "inspect": ("flwr_transports.inspect", "show the arrays inside a payload file"),
     "mpi": ("flwr_transports.mpi.launcher", "run a Flower app under mpiexec"),
-    "bench": ("flwr_transports.bench.cli", "point-to-point and end-to-end benchmarks"),
+}
+
+# commands that left this package: the message says where they are now
+MOVED: dict[str, str] = {
+    "bench": (
+        "the benchmark harness is no longer part of the flwr-transports package.\n"
+        "From a clone of the repository:\n"
+        "    pip install -e benchmarks      # the ftx-bench package (benchmarks/pyproject.toml)\n"
+        "    ftx-bench {args}\n"
+        "(scripts/test.sh installs it; see docs/benchmarks.md)"
+    ),
 }
 
 
@@ -40,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd in MOVED:
+        args = " ".join(rest) if rest else "p2p|e2e|wan|plot|flood ..."
+        print(f"flwr-transports {cmd}: " + MOVED[cmd].format(args=args), file=sys.stderr)
+        return 2
     if cmd not in COMMANDS:
         print(f"flwr-transports: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     a = p.parse_args(argv)
 
-    from .bench.deploy import LocalDeployment
+    from .testing.deploy import LocalDeployment
 
     app = find_example_app()
     work = Path(tempfile.mkdtemp(prefix="ftx-demo-"))

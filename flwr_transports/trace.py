@@ -17,7 +17,7 @@ host, and between hosts only as far as their clocks agree. Events:
   ClientApp's own function), ``upload`` (encode + upload one reply payload).
 
 :func:`breakdown` turns the events of a run into a per-round critical path
-(``flwr-transports bench e2e --trace`` prints it). Tracing off costs one environment
+(``ftx-bench e2e --trace`` prints it). Tracing off costs one environment
 lookup per event; nothing is written and no file is created.
 """
 

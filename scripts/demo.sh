@@ -7,6 +7,6 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-"$VENV/bin/python" -m pip install -q -e ".[s3,bench]" "moto[server]>=5.0"
+"$VENV/bin/python" -m pip install -q -e ".[s3,testing]" "moto[server]>=5.0"
 export PATH="$PWD/$VENV/bin:$PATH"
 exec "$VENV/bin/flwr-transports" demo "$@"

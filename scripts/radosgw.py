@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Command-line entry to :mod:`flwr_transports.bench.radosgw` (kept for muscle memory):
+"""Command-line entry to :mod:`ftx_bench.radosgw` (kept for muscle memory):
 ``python scripts/radosgw.py fetch|start|stop|env``; also ``python -m
-flwr_transports.bench.radosgw ...``."""
+ftx_bench.radosgw ...``."""
 
 import sys
 
-from flwr_transports.bench.radosgw import main
+from ftx_bench.radosgw import main
 
 if __name__ == "__main__":
     sys.exit(main())

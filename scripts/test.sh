@@ -8,7 +8,7 @@ VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch is never pulled in by the extras (the torch extra is not requested).
-"$VENV/bin/python" -m pip install -q -e ".[dev,s3,mpi,bench,docs,simulation]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,s3,mpi,testing,docs,simulation]" -e benchmarks
 # torch is optional: it enables the PyTorch RPC benchmark tests. Installed only from a
 # local CPU wheel (an unpinned or PyPI torch pulls GBs of CUDA packages); FTX_TORCH=0
 # skips it, FTX_TORCH=1 installs torch==2.13.0 from wherever pip finds it.

@@ -68,7 +68,7 @@ def rgw_server():
     Skipped with the reason when the Ceph packages cannot be fetched here."""
     import uuid
 
-    from flwr_transports.bench import radosgw as script
+    from ftx_bench import radosgw as script
 
     try:
         script.fetch(quiet=True)

@@ -1,4 +1,4 @@
-"""Smoke tests of ``flwr-transports bench`` on tiny sizes (loopback), WAN setup/teardown.
+"""Smoke tests of ``ftx-bench`` on tiny sizes (loopback), WAN setup/teardown.
 
 Speed is not asserted here (that is what the benchmark prints); these tests check that
 every command runs real transfers end to end, reports sane numbers, writes its
@@ -16,10 +16,9 @@ import subprocess
 import sys
 
 import pytest
-
-from flwr_transports.bench import cli, report
-from flwr_transports.bench.p2p import backend_unavailable, percentile, run_p2p
-from flwr_transports.bench.wan import PROFILES, can_emulate, get_profile, list_namespaces
+from ftx_bench import cli, report
+from ftx_bench.p2p import backend_unavailable, percentile, run_p2p
+from ftx_bench.wan import PROFILES, can_emulate, get_profile, list_namespaces
 
 KiB = 1024
 
@@ -126,7 +125,7 @@ def test_cli_rejects_bad_input(capsys):
 
 
 def test_e2e_report_and_ratios(tmp_path):
-    from flwr_transports.bench.e2e import ratios
+    from ftx_bench.e2e import ratios
 
     rows = [
         {"transport": "inband", "model_mib": 8, "kind": "model", "round_s": 10.0,
@@ -168,8 +167,8 @@ _NO_WAN = can_emulate()
 @pytest.mark.integration
 def test_wan_setup_teardown_and_delay():
     """A 40 ms profile: the RTT is real for TCP, raw TCP crosses it, all is removed."""
-    from flwr_transports.bench.p2p import Placement
-    from flwr_transports.bench.wan import WanEmulation
+    from ftx_bench.p2p import Placement
+    from ftx_bench.wan import WanEmulation
 
     wan = WanEmulation("40ms/200mbit")
     with wan:
@@ -199,7 +198,7 @@ def test_wan_removed_on_sigterm(tmp_path):
     script = tmp_path / "hold.py"
     script.write_text(
         "import sys,time\n"
-        "from flwr_transports.bench.wan import WanEmulation\n"
+        "from ftx_bench.wan import WanEmulation\n"
         "w=WanEmulation('20ms/100mbit')\n"
         "with w:\n"
         "    print(w.tag, w.relay.pid, flush=True)\n"
@@ -249,7 +248,7 @@ def test_cli_e2e_tiny(tmp_path):
 
 @pytest.mark.skipif(_NO_WAN is not None, reason=f"WAN emulation unavailable: {_NO_WAN}")
 def test_wan_cleanup_stale_removes_dead_runs_only():
-    from flwr_transports.bench.wan import cleanup_stale
+    from ftx_bench.wan import cleanup_stale
 
     dead = 4_000_000 - 7  # above the default pid_max (4194304 max): no such process
     ns = f"ftxb-{dead}-a"

@@ -19,9 +19,8 @@ import tempfile
 import time
 
 import pytest
-
-from flwr_transports.bench import cli
-from flwr_transports.bench.p2p import (
+from ftx_bench import cli
+from ftx_bench.p2p import (
     ALL_BACKENDS,
     BACKENDS,
     Placement,
@@ -160,7 +159,7 @@ def _assert_nothing_left(before: set[str], zombies: set[int]) -> None:
 def rgw_packages():
     """Unpack the Ceph packages first (as tests/test_s3_radosgw.py does), so that a
     fresh clone runs these tests instead of skipping them; skip only if that fails."""
-    from flwr_transports.bench import radosgw as script
+    from ftx_bench import radosgw as script
 
     try:
         script.fetch(quiet=True)

@@ -8,10 +8,9 @@ import os
 import subprocess
 
 import pytest
-
-from flwr_transports.bench import cli
-from flwr_transports.bench.e2e import _node_prefixes, split_s3_store
-from flwr_transports.bench.wan import (
+from ftx_bench import cli
+from ftx_bench.e2e import _node_prefixes, split_s3_store
+from ftx_bench.wan import (
     ADDR_B,
     ADDR_S,
     WanEmulation,

@@ -21,7 +21,7 @@ APP = Path(__file__).parent / "apps" / "fda_app"
 @pytest.mark.integration
 def test_fda_mod_keeps_local_model_across_rounds_in_deployment(tmp_path):
     pytest.importorskip("psutil", reason="the deployment harness needs psutil")
-    from flwr_transports.bench.deploy import LocalDeployment
+    from flwr_transports.testing import LocalDeployment
 
     out = tmp_path / "fda-result.json"
     with LocalDeployment(n_supernodes=2, workdir=tmp_path / "deploy") as dep:

@@ -529,7 +529,7 @@ def test_rdma_roundtrip_on_hardware():
 def test_bench_p2p_rdma_rows_verify_their_digest():
     """``bench p2p`` link-rdma (UCX's choice: cma) and link-rdma-tcp, real worker
     processes, two receivers each checking the digest of what it received."""
-    from flwr_transports.bench.p2p import backend_unavailable, run_p2p
+    from ftx_bench.p2p import backend_unavailable, run_p2p
 
     assert backend_unavailable("link-rdma") is None
     assert backend_unavailable("link-rdma", wan=True)  # cma would bypass an emulated WAN

@@ -1,6 +1,6 @@
 """s3:// link against Ceph radosgw: a real S3 server that checks signatures and expiry.
 
-Started by flwr_transports.bench.radosgw (Debian packages fetched with apt-get download and
+Started by ftx_bench.radosgw (Debian packages fetched with apt-get download and
 unpacked with dpkg -x into .cache/radosgw; no apt install). Select with
 ``pytest -m radosgw``; skipped with the reason when the packages cannot be fetched.
 """

@@ -1,4 +1,4 @@
-"""The WAN delay relays (C and Python) in flwr_transports/bench/wan.py: build, bring a
+"""The WAN delay relays (C and Python) in benchmarks/ftx_bench/wan.py: build, bring a
 profile up, move a few MB through it, check the RTT and the relay's counters, tear
 down and check nothing is left."""
 
@@ -11,8 +11,7 @@ import sys
 import time
 
 import pytest
-
-from flwr_transports.bench import wan
+from ftx_bench import wan
 
 NEEDS_ROOT = pytest.mark.skipif(
     wan.can_emulate() is not None, reason=f"WAN emulation unavailable: {wan.can_emulate()}"
@@ -154,7 +153,7 @@ def test_c_relay_dies_with_killed_driver(cache):
     the namespaces the dead driver left."""
     code = (
         "import sys,time\n"
-        "from flwr_transports.bench.wan import WanEmulation\n"
+        "from ftx_bench.wan import WanEmulation\n"
         "w=WanEmulation('20ms/100mbit',relay='c');w.up()\n"
         "print(w.relay.pid,w.tag,flush=True);time.sleep(120)\n"
     )

@@ -3,7 +3,7 @@
     python examples/llm-offload/measure.py --model-size 125m --rounds 3 \
         --transports "shm://,tcp://127.0.0.1:0,inband"
 
-Starts a SuperLink and 2 SuperNodes on 127.0.0.1 (flwr_transports.bench.deploy),
+Starts a SuperLink and 2 SuperNodes on 127.0.0.1 (flwr_transports.testing.deploy),
 runs the example once per transport (same seed, so the same training), and prints per
 round: wall time, the train and evaluate send-and-receive times, the losses, the
 SuperLink's peak RSS and the bytes that went over the link. In-band goes last so its
@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from flwr_transports.bench.deploy import LocalDeployment
+from flwr_transports.testing import LocalDeployment
 
 APP = Path(__file__).resolve().parent
 MIB = 1 << 20

@@ -64,7 +64,7 @@ def run_example(endpoint: str, access_key: str, secret_key: str, bucket: str,
     """Deploy locally and run the llm-offload app with its weights in ``bucket``.
 
     Returns ``(RunResult, summary.json as a dict, result dir)``."""
-    from flwr_transports.bench.deploy import LocalDeployment
+    from flwr_transports.testing import LocalDeployment
 
     out = workdir / "result"
     out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ MIB = 1 << 20
 
 @dataclass
 class Outcome:
-    result: Any  # flwr_transports.bench.deploy.RunResult
+    result: Any  # flwr_transports.testing.deploy.RunResult
     arrays: dict[str, np.ndarray]
     names: list[str]
     summary: dict[str, Any]
@@ -98,7 +98,7 @@ def _load_task(app: Path):
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
     psutil = pytest.importorskip("psutil", reason="the deployment harness needs psutil")
-    from flwr_transports.bench.deploy import LocalDeployment
+    from flwr_transports.testing import LocalDeployment
 
     base = tmp_path_factory.mktemp("deployment")
     file_dir = base / "file-link"
@@ -353,7 +353,7 @@ def test_no_process_left_behind(federation):
 def test_run_config_toml_quotes_and_validates():
     import tomllib
 
-    from flwr_transports.bench.deploy import run_config_toml
+    from flwr_transports.testing.deploy import run_config_toml
 
     cfg = {
         "transport": "file:///tmp/a dir/with \"quotes\" and 'single'",
@@ -370,7 +370,7 @@ def test_run_config_toml_quotes_and_validates():
 
 def test_startup_failure_raises_with_log_tail(tmp_path, monkeypatch):
     pytest.importorskip("psutil", reason="the deployment harness needs psutil")
-    from flwr_transports.bench import deploy
+    from flwr_transports.testing import deploy
 
     fake = tmp_path / "fake-superlink"
     fake.write_text("#!/bin/sh\necho 'boom: cannot bind' >&2\nexit 3\n")

@@ -29,7 +29,7 @@ def runs(tmp_path_factory, ftx_names):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from flwr_transports.bench.deploy import LocalDeployment
+    from flwr_transports.testing import LocalDeployment
 
     base = tmp_path_factory.mktemp("grid-app")
     file_dir = base / "file-link"

@@ -58,7 +58,7 @@ def hostile_runs(tmp_path_factory, ftx_names):
     moto_server = pytest.importorskip("moto.server", reason="the s3:// run needs moto[server]")
     import boto3
 
-    from flwr_transports.bench.deploy import LocalDeployment
+    from flwr_transports.testing import LocalDeployment
 
     base = tmp_path_factory.mktemp("hostile")
     file_dir = base / "file-link"

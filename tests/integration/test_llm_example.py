@@ -31,7 +31,7 @@ RUN_CONFIG = {**TINY, "transport": "shm://?threshold=0", "num-server-rounds": RO
 def llm_run(tmp_path_factory, ftx_names):
     """Run the example once; (result dir, summary.json, shm names it left behind)."""
     pytest.importorskip("psutil", reason="the deployment harness needs psutil")
-    from flwr_transports.bench.deploy import LocalDeployment
+    from flwr_transports.testing import LocalDeployment
 
     base = tmp_path_factory.mktemp("llm")
     out = base / "result"

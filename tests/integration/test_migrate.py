@@ -42,7 +42,7 @@ def _load(path: Path) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, ftx_names) -> Runs:
     pytest.importorskip("psutil", reason="the deployment harness needs psutil")
-    from flwr_transports.bench.deploy import LocalDeployment
+    from flwr_transports.testing import LocalDeployment
 
     base = tmp_path_factory.mktemp("migrate")
     app = base / "migrated_app"

@@ -68,7 +68,7 @@ def _stop_tree(procs: list) -> list[int]:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    from flwr_transports.bench.deploy import free_port, run_config_toml
+    from flwr_transports.testing.deploy import free_port, run_config_toml
 
     base = tmp_path_factory.mktemp("simulation")
     app = base / "app"

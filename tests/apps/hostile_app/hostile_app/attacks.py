@@ -97,8 +97,8 @@ def _replace(path: str, make) -> None:
 
 def start_flood(host: str, port: int, hold: float) -> subprocess.Popen:
     """A process holding as many idle connections to host:port as it can for ``hold``
-    seconds, re-opening every one the server closes (flwr-transports bench flood)."""
-    from flwr_transports.bench.flood import FLOOD_SCRIPT
+    seconds, re-opening every one the server closes (ftx-bench flood)."""
+    from ftx_bench.flood import FLOOD_SCRIPT
 
     return subprocess.Popen([sys.executable, "-c", FLOOD_SCRIPT, host, str(port), "idle",
                              str(hold), "1024", "x", "00"],

@@ -6,10 +6,10 @@ unpacked with ``dpkg -x`` into a cache folder (default ``.cache/radosgw`` in the
 gitignored), then one monitor, one memstore OSD and one radosgw run from there, on
 free ports, with every file of the cluster under a run folder.
 
-    python -m flwr_transports.bench.radosgw fetch                # download + unpack (once, ~66 MB)
-    python -m flwr_transports.bench.radosgw start [--dir D]       # prints JSON: endpoint, keys, pids
-    python -m flwr_transports.bench.radosgw stop  [--dir D]       # stops the processes, removes D
-    python -m flwr_transports.bench.radosgw env   [--dir D]       # shell exports for a started cluster
+    python -m ftx_bench.radosgw fetch                # download + unpack (once, ~66 MB)
+    python -m ftx_bench.radosgw start [--dir D]       # prints JSON: endpoint, keys, pids
+    python -m ftx_bench.radosgw stop  [--dir D]       # stops the processes, removes D
+    python -m ftx_bench.radosgw env   [--dir D]       # shell exports for a started cluster
 
 ``start`` writes ``D/state.json`` (endpoint, access/secret key, pids). ``stop`` kills
 exactly those pids (by process group) and removes ``D``. Tests call ``start``/``stop``

@@ -56,7 +56,7 @@ def _psutil():
         import psutil
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "LocalDeployment needs psutil: pip install 'flwr-transports[bench]'"
+            "LocalDeployment needs psutil: pip install 'flwr-transports[testing]' (or pip install psutil)"
         ) from err
     return psutil
 

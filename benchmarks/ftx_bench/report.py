@@ -270,7 +270,7 @@ def write_outputs(kind: str, rows: list[dict[str, Any]], meta: dict[str, Any],
         if files:
             paths["plots"] = ", ".join(str(outdir / f) for f in files)
         else:
-            paths["plots"] = "skipped (pip install 'flwr-transports[bench]' for matplotlib)"
+            paths["plots"] = "skipped (pip install -e benchmarks for matplotlib)"
     return paths
 
 

@@ -1,4 +1,4 @@
-"""``flwr-transports bench flood``: an honest tcp:// transfer during a connection flood.
+"""``ftx-bench flood``: an honest tcp:// transfer during a connection flood.
 
 One hostile node holds as many idle connections to the run's payload server as it
 can (a separate process that re-opens every connection the server closes), while an
@@ -138,9 +138,9 @@ def run_flood(size: int = 32 << 20, repeats: int = 3, modes=("idle", "auth", "tr
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..codec import parse_size
+    from flwr_transports.codec import parse_size
 
-    ap = argparse.ArgumentParser(prog="flwr-transports bench flood", description=__doc__,
+    ap = argparse.ArgumentParser(prog="ftx-bench flood", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=parse_size, default=parse_size("32MiB"))
     ap.add_argument("--repeats", type=int, default=3)

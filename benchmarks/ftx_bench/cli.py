@@ -1,18 +1,18 @@
-"""``flwr-transports bench``: point-to-point and end-to-end benchmarks.
+"""``ftx-bench``: point-to-point and end-to-end benchmarks.
 
-    flwr-transports bench p2p [--sizes 1MB,10MB,100MB,1GB] [--backends raw-tcp,grpc-unary,...]
+    ftx-bench p2p [--sizes 1MB,10MB,100MB,1GB] [--backends raw-tcp,grpc-unary,...]
                               [--concurrency 1,4] [--repeat 5] [--warmup 1]
                               [--wan lan|geo-proximal|geo-distributed|RTTms/RATEmbit]
                               [--out DIR] [--no-plots]
-    flwr-transports bench e2e [--sizes 10MiB,100MiB] [--transports inband,shm://,tcp://]
+    ftx-bench e2e [--sizes 10MiB,100MiB] [--transports inband,shm://,tcp://]
                               [--nodes 2] [--rounds 2] [--floor-mib 0.01] [--floor-once]
                               [--wan PROFILE [--topology pair|star] [--server-rate 1gbit]
                                [--client-rate 5gbit]] [--out DIR] [--no-plots]
-    flwr-transports bench wan [--profile geo-distributed]   # bring a WAN up, measure, tear down
+    ftx-bench wan [--profile geo-distributed]   # bring a WAN up, measure, tear down
                               [--streams 1,4] [--size 64MiB] [--relay auto|c|python]
-    flwr-transports bench wan --cleanup                     # remove namespaces of dead runs
-    flwr-transports bench plot DIR/e2e.json DIR2/e2e.json --out e2e-profiles.png
-    flwr-transports bench plot --x nodes N2/e2e.json N4/e2e.json N8/e2e.json --out nodes.png
+    ftx-bench wan --cleanup                     # remove namespaces of dead runs
+    ftx-bench plot DIR/e2e.json DIR2/e2e.json --out e2e-profiles.png
+    ftx-bench plot --x nodes N2/e2e.json N4/e2e.json N8/e2e.json --out nodes.png
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..codec import parse_size
+from flwr_transports.codec import parse_size
 
 
 def _sizes(text: str) -> list[int]:
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     from .p2p import ALL_BACKENDS, DEFAULT_BACKENDS
     from .wan import PROFILES
 
-    ap = argparse.ArgumentParser(prog="flwr-transports bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="ftx-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     profiles = ", ".join(f"{p.describe()}" for p in PROFILES.values())
@@ -99,9 +99,9 @@ def _parser() -> argparse.ArgumentParser:
                         "torch-rpc (PyTorch RPC over TensorPipe's TCP transport) and "
                         "torch-rpc-shm (TensorPipe's same-host shm/cma) need "
                         "'pip install torch==2.13.0'; link-s3-radosgw starts a one-node "
-                        "Ceph radosgw per point (flwr_transports.bench.radosgw; under --wan in "
+                        "Ceph radosgw per point (ftx_bench.radosgw; under --wan in "
                         "the sender's namespace; "
-                        "'python -m flwr_transports.bench.radosgw fetch' once)")
+                        "'python -m ftx_bench.radosgw fetch' once)")
     p.add_argument("--concurrency", type=_ints, default=[1, 4],
                    help="numbers of concurrent receivers K (default 1,4)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per point (default 1)")
@@ -172,13 +172,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
             _say(f"cannot read {p}: {exc}")
             return 2
         if not isinstance(doc, dict) or doc.get("kind") != "e2e":
-            _say(f"{p} is not an e2e.json written by 'flwr-transports bench e2e'")
+            _say(f"{p} is not an e2e.json written by 'ftx-bench e2e'")
             return 2
         docs.append(doc)
     out = (e2e_nodes_plot if args.x == "nodes" else e2e_profiles_plot)(docs, args.out)
     if out is None:
         _say("nothing to plot (no results, or matplotlib missing: "
-             "pip install 'flwr-transports[bench]')")
+             "pip install -e benchmarks)")
         return 1
     print(out)
     return 0
@@ -360,7 +360,7 @@ def cmd_wan(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["flood"]:  # its own options (flwr_transports.bench.flood)
+    if argv[:1] == ["flood"]:  # its own options (ftx_bench.flood)
         from .flood import main as flood_main
 
         return flood_main(argv[1:])
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plot(args)
         return cmd_wan(args)
     except ValueError as exc:
-        _say(f"flwr-transports bench: {exc}")
+        _say(f"ftx-bench: {exc}")
         return 2
     except KeyboardInterrupt:
         _say("interrupted; everything started was removed")

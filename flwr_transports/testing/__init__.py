@@ -10,6 +10,8 @@
   N SuperNodes as subprocesses, a private ``FLWR_HOME``), started and stopped by a
   context manager; ``dep.run(app_dir, run_config)`` runs ``flwr run`` against it and
   reports the outcome and each process's peak memory. Use it for the real thing.
+  Needs only ``psutil`` besides Flower (``pip install 'flwr-transports[testing]'``);
+  neither pytest nor moto.
 
 Example::
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -38,10 +40,16 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-if TYPE_CHECKING:
-    from .bench.deploy import LocalDeployment
+from .deploy import DeploymentError, LocalDeployment, RunResult, run_config_toml
 
-__all__ = ["InProcessGrid", "LocalDeployment", "set_task_identity"]
+__all__ = [
+    "DeploymentError",
+    "InProcessGrid",
+    "LocalDeployment",
+    "RunResult",
+    "run_config_toml",
+    "set_task_identity",
+]
 
 
 def set_task_identity(run_id: int = 1, node_id: int = SUPERLINK_NODE_ID) -> None:
@@ -163,10 +171,3 @@ class InProcessGrid(Grid):
             reply = self.tamper(node, reply)
         return reply
 
-
-def __getattr__(name: str):
-    if name == "LocalDeployment":  # needs psutil (the bench extra): imported on use
-        from .bench.deploy import LocalDeployment
-
-        return LocalDeployment
-    raise AttributeError(f"module 'flwr_transports.testing' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Point-to-point benchmark: one sender, K receivers, one payload size at a time.
 
 Every backend runs its sender and each receiver in **separate worker processes**
-(``python -m flwr_transports.bench.p2p worker``), driven by this module over JSON lines
+(``python -m ftx_bench.p2p worker``), driven by this module over JSON lines
 on their stdin/stdout, so that
 
 * the receivers' peak memory is their own (``ru_maxrss`` of the process), and
@@ -213,7 +213,7 @@ class _Grpc(Backend):
         try:
             import grpc  # noqa: F401
         except ImportError:
-            return "grpcio is not installed (pip install 'flwr-transports[bench]')"
+            return "grpcio is not installed (pip install -e benchmarks)"
         return None
 
     def s_setup(self):
@@ -291,7 +291,7 @@ class _Link(Backend):
 
     @classmethod
     def unavailable(cls):
-        from ..links import LinkError, link_classes
+        from flwr_transports.links import LinkError, link_classes
 
         try:
             link_classes(cls.scheme)
@@ -306,11 +306,10 @@ class _Link(Backend):
         return {}
 
     def s_setup(self):
-        from ..links import server_link
-
         from flwr.app import Array, ArrayRecord
 
-        from ..codec import encode
+        from flwr_transports.codec import encode
+        from flwr_transports.links import server_link
 
         # the payload as a ClientApp gets it: one Flower Array in a real payload
         data = make_payload(self.size)
@@ -334,13 +333,13 @@ class _Link(Backend):
         self.link.close()
 
     def r_setup(self, info, idx):
-        from ..links import client_link
+        from flwr_transports.links import client_link
 
         self.client = client_link(self.scheme)
         self.info = info
 
     def r_recv(self, it, msg):
-        from ..codec import decode
+        from flwr_transports.codec import decode
 
         size = self.info["payload_size"]
         src = self.client.open(msg["loc"], size)
@@ -399,8 +398,8 @@ class RdmaLink(_Link):
 
     @classmethod
     def unavailable(cls):
-        from ..links import LinkError
-        from ..links.rdma import load_nixl
+        from flwr_transports.links import LinkError
+        from flwr_transports.links.rdma import load_nixl
 
         try:
             load_nixl()
@@ -510,7 +509,7 @@ def communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
 
 # ---- s3:// link against a real Ceph radosgw ------------------------------------------
 
-_RGW_FETCH = "python -m flwr_transports.bench.radosgw fetch"
+_RGW_FETCH = "python -m ftx_bench.radosgw fetch"
 
 
 def _radosgw_script() -> Any | None:
@@ -522,12 +521,12 @@ def _radosgw_script() -> Any | None:
 
 class RadosgwS3Link(_Link):
     """s3:// link against a one-node Ceph cluster (mon + memstore OSD + radosgw) that the
-    sender worker starts with flwr_transports.bench.radosgw and stops in ``s_close`` (or when it is
+    sender worker starts with ftx_bench.radosgw and stops in ``s_close`` (or when it is
     terminated): real SigV4 auth and a real object store instead of moto's."""
 
     name = "link-s3-radosgw"
     scheme = "s3"
-    description = ("s3:// link against a real Ceph radosgw (flwr_transports.bench.radosgw) started by "
+    description = ("s3:// link against a real Ceph radosgw (ftx_bench.radosgw) started by "
                    "the sender")
     # under --wan radosgw listens on the sender's address in namespace A: the store sits in
     # the server's region and shares its link (e2e --topology star gives it its own)
@@ -839,7 +838,7 @@ BACKENDS: dict[str, type[Backend]] = {
 def _registered_link_backends() -> None:
     """A ``link-<scheme>`` backend for every registered link without a dedicated one
     (third-party links from entry points included) that runs on this machine alone."""
-    from ..links import LinkError, link_classes, link_spec, schemes
+    from flwr_transports.links import LinkError, link_classes, link_spec, schemes
 
     for scheme in schemes():
         name = f"link-{scheme}"
@@ -958,7 +957,7 @@ class Worker:
     """A worker process (optionally inside a network namespace)."""
 
     def __init__(self, prefix: Sequence[str] = (), timeout: float = 300):
-        cmd = [*prefix, sys.executable, "-m", "flwr_transports.bench.p2p", "worker"]
+        cmd = [*prefix, sys.executable, "-m", "ftx_bench.p2p", "worker"]
         env = {**os.environ, "GRPC_VERBOSITY": os.environ.get("GRPC_VERBOSITY", "ERROR")}
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
@@ -1088,7 +1087,7 @@ def _mpiexec() -> str | None:
 
 
 def mpi_worker(argv: Sequence[str]) -> int:
-    """Body of ``mpiexec -n 1+K python -m flwr_transports.bench.p2p mpi-worker MODE SIZE REP WARM``."""
+    """Body of ``mpiexec -n 1+K python -m ftx_bench.p2p mpi-worker MODE SIZE REP WARM``."""
     import numpy as np
     from mpi4py import MPI
 
@@ -1143,7 +1142,7 @@ def mpi_worker(argv: Sequence[str]) -> int:
 def run_mpi(name: str, size: int, k: int, repeat: int, warmup: int,
             timeout: float = 600) -> dict[str, Any]:
     mode = name.split("-", 1)[1]
-    cmd = [_mpiexec(), "-n", str(1 + k), sys.executable, "-m", "flwr_transports.bench.p2p",
+    cmd = [_mpiexec(), "-n", str(1 + k), sys.executable, "-m", "ftx_bench.p2p",
            "mpi-worker", mode, str(size), str(repeat), str(warmup)]
     before = _mpich_segments()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -1259,7 +1258,7 @@ def _main(argv: list[str]) -> int:
         return worker_main()
     if argv and argv[0] == "mpi-worker":
         return mpi_worker(argv[1:])
-    print("internal entry point; use 'flwr-transports bench p2p'", file=sys.stderr)
+    print("internal entry point; use 'ftx-bench p2p'", file=sys.stderr)
     return 2
 
 

@@ -449,7 +449,7 @@ class WanEmulation:
             cmd = [str(binary), "ra", "rb", f"{one_way_ms * 1000:.3f}", str(qmax)]
             self.relay_kind = "c"
         else:
-            cmd = [sys.executable, "-m", "flwr_transports.bench.wan", "relay", "ra", "rb",
+            cmd = [sys.executable, "-m", "ftx_bench.wan", "relay", "ra", "rb",
                    f"{one_way_ms}", str(qmax)]
             self.relay_kind = "python"
         self.relay_note = note
@@ -623,7 +623,7 @@ def list_namespaces() -> list[str]:
 
 def cleanup_stale(dry_run: bool = False) -> list[str]:
     """Remove ftxb-<pid>-* namespaces whose creating process is gone."""
-    from ..links.base import pid_alive
+    from flwr_transports.links.base import pid_alive
 
     found = []
     for ns in list_namespaces():
@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "relay":
         return relay_main(argv[1:])
-    print("internal entry point; use 'flwr-transports bench --wan PROFILE'", file=sys.stderr)
+    print("internal entry point; use 'ftx-bench --wan PROFILE'", file=sys.stderr)
     return 2
 
 

@@ -32,13 +32,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import trace
+from flwr_transports import trace
 
 MiB = 1024 * 1024
 
 
 def _local_only(scheme: str) -> bool:
-    from ..links import link_spec
+    from flwr_transports.links import link_spec
 
     return link_spec(scheme).local_only
 
@@ -64,7 +64,7 @@ def _node_prefixes(supernode_prefix) -> list[list[str]]:
 
 def _deployment_class(supernode_prefix, superlink_addr: str | None):
     """LocalDeployment, or a subclass whose SuperNodes run elsewhere (other namespaces)."""
-    from .deploy import DeploymentError, LocalDeployment, free_port
+    from flwr_transports.testing.deploy import DeploymentError, LocalDeployment, free_port
 
     prefixes = _node_prefixes(supernode_prefix)
     if not prefixes:
@@ -222,7 +222,7 @@ def _start_radosgw(host: str, prefix: Sequence[str] | None) -> dict[str, Any]:
             if not prefix:
                 return radosgw.start(d, mem_bytes=RGW_MEM_BYTES, host=host)
             p = subprocess.run(
-                [*prefix, sys.executable, "-m", "flwr_transports.bench.radosgw", "start",
+                [*prefix, sys.executable, "-m", "ftx_bench.radosgw", "start",
                  "--dir", d, "--mem", str(RGW_MEM_BYTES), "--host", host],
                 capture_output=True, text=True, timeout=300, check=False)
             if p.returncode == 0:
@@ -317,7 +317,7 @@ def run_e2e_local(
                 if rest and not rest.startswith("?"):
                     plan.append((t, t, None))
                     continue
-                from ..links import LinkError, link_classes
+                from flwr_transports.links import LinkError, link_classes
 
                 try:
                     local = link_classes(sch)[0].local_url(str(work / f"{sch}-link"), host)
@@ -523,7 +523,7 @@ def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 
         json.dump(spec, f)
     try:
         proc = subprocess.Popen(
-            [*wan.prefix("a"), sys.executable, "-m", "flwr_transports.bench.e2e", "inner",
+            [*wan.prefix("a"), sys.executable, "-m", "ftx_bench.e2e", "inner",
              spec_path],
             stdout=subprocess.PIPE, text=True, start_new_session=True,
         )
@@ -572,5 +572,5 @@ def _inner(spec_path: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "inner":
         sys.exit(_inner(sys.argv[2]))
-    print("internal entry point; use 'flwr-transports bench e2e'", file=sys.stderr)
+    print("internal entry point; use 'ftx-bench e2e'", file=sys.stderr)
     sys.exit(2)

@@ -68,6 +68,8 @@ def rgw_server():
     Skipped with the reason when the Ceph packages cannot be fetched here."""
     import uuid
 
+    if os.environ.get("FTX_RADOSGW") == "0":
+        pytest.skip("radosgw: not downloaded (FTX_RADOSGW=0)")
     from ftx_bench import radosgw as script
 
     try:
@@ -101,3 +103,86 @@ def rgw_server():
         yield {**state, "s3": s3, "bucket": bucket}
     finally:
         script.stop(state["dir"])
+
+
+# -- skips that fail the run ---------------------------------------------------------------
+# scripts/test.sh installs everything the tests need. A test may skip only for a reason on
+# this list: something the script cannot give a machine (hardware, privileges, the OS), or
+# an opt-out the user chose explicitly (FTX_X=0). Any other skip is a failure of the run:
+# a dependency the script should have installed, a fixture that broke, a typo.
+# FTX_ALLOW_SKIPS=1 turns the check off (ad-hoc runs in a partial environment).
+ALLOWED_SKIPS: list[tuple[str, str]] = [
+    # (regex on the skip reason, why it is allowed)
+    (r"needs an RDMA NIC|this machine has RDMA", "RDMA hardware"),
+    (r"\b(GPU|CUDA device)", "a GPU"),
+    (r"apt-get/dpkg not found", "a host without apt-get/dpkg (radosgw)"),
+    (r"WAN emulation unavailable: .*(root|\bip\b|\btc\b|namespace)|needs root, ip and tc",
+     "network namespaces need root, ip and tc"),
+    (r"no C compiler", "no C compiler on the host"),
+    (r"no IPv6 loopback", "no IPv6 loopback on the host"),
+]
+# opt-outs: allowed only while the variable is set to 0
+OPT_OUTS: dict[str, str] = {
+    "FTX_TORCH": r"\btorch\b",
+    "FTX_RDMA": r"NIXL|nixl|rdma engine not installed",
+    "FTX_RADOSGW": r"radosgw|Ceph",
+    "FTX_MPI": r"mpiexec|mpi4py|MPI not available",
+    "FTX_DOCS": r"docs extra",
+}
+
+
+def skip_allowed(reason: str, env: dict[str, str] | None = None) -> str | None:
+    """Why ``reason`` is an allowed skip (None: it is not)."""
+    import re
+
+    env = os.environ if env is None else env
+    for pattern, why in ALLOWED_SKIPS:
+        if re.search(pattern, reason):
+            return why
+    for var, pattern in OPT_OUTS.items():
+        if env.get(var) == "0" and re.search(pattern, reason):
+            return f"opt-out {var}=0"
+    return None
+
+
+_SKIPS: list[tuple[str, str]] = []
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPS.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_collectreport(report):
+    if report.skipped:
+        _SKIPS.append((report.nodeid, _skip_reason(report)))
+
+
+def _bad_skips() -> list[tuple[str, str]]:
+    if os.environ.get("FTX_ALLOW_SKIPS") == "1":
+        return []
+    return [(node, reason) for node, reason in _SKIPS if skip_allowed(reason) is None]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _bad_skips() and exitstatus in (0, 5):  # 5: every module skipped at collection
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bad = _bad_skips()
+    if not bad:
+        return
+    tr = terminalreporter
+    tr.section("skips outside the allowed list (tests/conftest.py ALLOWED_SKIPS)", red=True)
+    for node, reason in bad:
+        tr.line(f"{node}: {reason}", red=True)
+    tr.line("scripts/test.sh installs what these need; an explicit opt-out is FTX_TORCH=0, "
+            "FTX_RDMA=0, FTX_RADOSGW=0, FTX_MPI=0 or FTX_DOCS=0 (FTX_ALLOW_SKIPS=1: no check)")

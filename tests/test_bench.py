@@ -320,3 +320,13 @@ def test_cli_p2p_wan_sigterm_mid_run_leaves_nothing(tmp_path):
     time.sleep(0.5)
     assert not [k for k in kids if os.path.exists(f"/proc/{k}")]
     assert not (tmp_path / "out").exists()
+
+
+def test_ftx_bench_is_the_harness():
+    from pathlib import Path
+
+    import ftx_bench.cli
+    import ftx_bench.wan
+
+    assert Path(ftx_bench.wan.RELAY_SOURCE).is_file()
+    assert ftx_bench.cli._parser().prog == "ftx-bench"

@@ -49,10 +49,3 @@ def test_testing_imports_without_pytest_moto_or_harness():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
 
-
-def test_ftx_bench_is_the_harness():
-    import ftx_bench.cli
-    import ftx_bench.wan
-
-    assert Path(ftx_bench.wan.RELAY_SOURCE).is_file()
-    assert ftx_bench.cli._parser().prog == "ftx-bench"

@@ -3,7 +3,7 @@
     python examples/s3-radosgw/run.py                      # tiny model, 2 rounds
     python examples/s3-radosgw/run.py --model-size 125m --rounds 3
 
-Starts a one-node Ceph cluster with radosgw (scripts/radosgw.py: Debian packages
+Starts a one-node Ceph cluster with radosgw (ftx_bench.radosgw: Debian packages
 unpacked into .cache/radosgw, no root install; S3 requests are SigV4-signed and
 checked), creates a bucket, starts a local Flower deployment (SuperLink + 2
 SuperNodes), runs examples/llm-offload with ``transport = s3://BUCKET/llm?endpoint_url=...``
@@ -19,7 +19,6 @@ set ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` on the SuperLink host only
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -34,11 +33,15 @@ LLM_APP = REPO / "examples" / "llm-offload"
 
 
 def radosgw_helper():
-    """scripts/radosgw.py as a module (fetch / start / create_bucket / stop)."""
-    spec = importlib.util.spec_from_file_location("ftx_radosgw", REPO / "scripts" / "radosgw.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The Ceph radosgw helper of the benchmark harness (fetch / start / create_bucket /
+    stop): ``ftx_bench.radosgw``, installed from a clone with ``pip install -e benchmarks``."""
+    try:
+        from ftx_bench import radosgw
+    except ImportError as err:
+        raise SystemExit(
+            "this example starts Ceph radosgw with the repository's benchmark harness: "
+            "from the repository root, pip install -e benchmarks") from err
+    return radosgw
 
 
 def s3_client(endpoint: str, access_key: str, secret_key: str):
@@ -79,11 +82,11 @@ def run_example(endpoint: str, access_key: str, secret_key: str, bucket: str,
     return res, json.loads((out / "summary.json").read_text()), out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-size", default="tiny")
     ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     rgw = radosgw_helper()
     rgw.fetch()

@@ -18,6 +18,9 @@ from typing import Any
 
 from .errors import ConfigError
 
+SIZE_UNITS_HELP = ("a number of bytes (1048576) or with a unit: KiB/MiB/GiB/TiB = 1024^n "
+                   "(k/m/g/t alone too: '16G' is 16 GiB), KB/MB/GB/TB = 1000^n ('16GB' is "
+                   "16 * 10^9 bytes)")
 _UNITS = {
     "": 1, "b": 1,
     "k": 1024, "kb": 1000, "kib": 1024,
@@ -61,7 +64,11 @@ class Options(dict):
 # -- parsers ---------------------------------------------------------------------------
 
 def parse_size(value: Any) -> int:
-    """Parse '64MiB', '1GB', '512k', 1048576 into bytes (k/m/g/t alone are binary)."""
+    """Parse '64MiB', '1GB', '512k', 1048576 into bytes.
+
+    Binary: KiB/MiB/GiB/TiB = 1024**n, and k/m/g/t ALONE are binary too ('16G' = 16 GiB);
+    decimal: KB/MB/GB/TB = 1000**n ('16GB' = 16 * 10**9 bytes, 7 % less than '16G').
+    Case does not matter; a plain number is bytes."""
     if isinstance(value, bool):
         raise ConfigError(f"invalid size {value!r}")
     if isinstance(value, int | float):
@@ -74,9 +81,9 @@ def parse_size(value: Any) -> int:
     try:
         n = float(num)
     except ValueError:
-        raise ConfigError(f"invalid size {value!r}") from None
+        raise ConfigError(f"invalid size {value!r}: {SIZE_UNITS_HELP}") from None
     if unit not in _UNITS or n < 0:
-        raise ConfigError(f"invalid size {value!r} (use e.g. 64MiB, 1GB, 1048576)")
+        raise ConfigError(f"invalid size {value!r}: {SIZE_UNITS_HELP}")
     return int(n * _UNITS[unit])
 
 

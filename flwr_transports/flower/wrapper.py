@@ -557,7 +557,11 @@ def offload(strategy: Strategy, transport: str = "inband", **options: Any) -> Of
     ``aggregation`` (``auto`` (default), ``streaming`` or ``inner``: see
     docs/aggregation.md), plus the link's own options (see the docs of each link).
 
-    Must be the OUTERMOST wrapper (around DP wrappers, FedProx, FedAdam, ...).
+    Wrap it AROUND every strategy wrapper that reads or changes the arrays (Flower's DP
+    clipping wrappers, FedProx, FedAdam, ...): they must see decoded arrays, so
+    ``offload`` goes outside them. FDA is the one strategy that may also hold it inside:
+    ``FDA(offload(FedAvg()))`` and ``offload(FDA(FedAvg()))`` give the same models
+    (docs/offload.md, docs/fda.md).
     """
     return OffloadStrategy(strategy, transport, **options)
 
@@ -586,6 +590,15 @@ class OffloadGrid(Offloader, Grid):
                             f"{type(grid).__name__}")
         self.grid = grid
         super().__init__(transport, **options)
+        given = set(self._raw_options) | (set(split_url(self.transport)[3]) if self.scheme
+                                          else set())
+        if "aggregation" in given:  # parsed, but nothing aggregates in a Grid wrapper
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                "offload_grid(): the 'aggregation' option applies to offload(strategy, ...) "
+                "only: a wrapped Grid hands every reply to your own code, nothing aggregates "
+                f"there. Remove it from the transport URL or keywords ({self.transport!r})")
         if self.scheme and _is_mpi_grid(grid):
             log.info("flwr-transports: under the MPI runtime payloads already move as MPI "
                      "buffers; offload_grid(%s) is a pass-through", self.transport)

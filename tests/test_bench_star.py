@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
+import sys
 
 import pytest
 from ftx_bench import cli
@@ -107,3 +109,61 @@ def test_wan_star_up_delays_and_shapes():
         assert "200Mbit" in qd
     assert not ({w.ns_a, w.ns_s, *w.client_ns, w.ns_r} & set(list_namespaces()))
     assert os.getuid() == 0
+
+
+# -- the real store's prep step: Ceph is fetched BEFORE entering a namespace --------------
+def test_radosgw_in_a_namespace_needs_the_packages_fetched_first(tmp_path, monkeypatch):
+    """Started behind a namespace prefix with an empty cache, the store fails at once with
+    the reason (it used to run 'radosgw start' inside the namespace, which has no network,
+    and fail there on apt-get download)."""
+    from ftx_bench import e2e, radosgw
+
+    empty = tmp_path / "empty-cache"
+    monkeypatch.setattr(radosgw, "DEFAULT_CACHE", str(empty))
+    with pytest.raises(RuntimeError, match="before entering a network namespace"):
+        e2e._start_radosgw("10.0.0.1", ["false"], str(empty))
+    assert not empty.exists()  # nothing was attempted
+    assert e2e.prepare_stores(["inband", "tcp://", "s3://?store=moto"]) is None
+    assert not empty.exists()
+
+
+@pytest.mark.radosgw
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(can_emulate() is not None, reason="needs root, ip and tc")
+def test_star_store_prep_from_an_empty_cache(tmp_path, monkeypatch):
+    """What 'ftx-bench e2e --wan ... --topology star --transports s3://?store=radosgw'
+    does before its runs, from an EMPTY Ceph cache: prepare_stores downloads the packages
+    here (outside every namespace), then radosgw starts inside the store's namespace,
+    which has no route out, and serves S3 on its WAN address."""
+    if os.environ.get("FTX_RADOSGW") == "0":
+        pytest.skip("radosgw: not downloaded (FTX_RADOSGW=0)")
+    from ftx_bench import e2e, radosgw
+
+    if not (shutil.which("apt-get") and shutil.which("dpkg")):
+        pytest.skip("apt-get/dpkg not found: radosgw needs a Debian/Ubuntu host")
+    empty = tmp_path / "ceph-cache"
+    monkeypatch.setattr(radosgw, "DEFAULT_CACHE", str(empty))
+    transports = ["inband", "s3://?store=radosgw"]
+    cache = e2e.prepare_stores(transports)  # the driver's step, in this namespace
+    assert cache == str(empty)
+    assert (empty / "root" / "usr" / "bin" / "radosgw").is_file()
+    w = WanEmulation("20ms/1gbit", topology="star", clients=1)
+    with w:
+        routes = subprocess.run(["ip", "-n", w.ns_s, "route", "show", "default"],
+                                capture_output=True, text=True, check=True).stdout
+        assert routes.strip() == ""  # no way out of the store's namespace
+        # what _S3 does for a star WAN (from the driver inside namespace A)
+        state = e2e._start_radosgw(w.addr_s, w.prefix("s"), cache)
+        try:
+            assert state["endpoint"].startswith(f"http://{w.addr_s}:")
+            assert state["root"].startswith(str(empty))
+            # served on the store's WAN address, reachable from the server's namespace
+            probe = subprocess.run(
+                [*w.prefix("a"), sys.executable, "-c",
+                 ("import sys, urllib.request; "
+                  "print(urllib.request.urlopen(sys.argv[1], timeout=20).status)"),
+                 state["endpoint"]], capture_output=True, text=True, timeout=60, check=False)
+            assert probe.stdout.strip() == "200", probe.stderr[-2000:]
+        finally:
+            radosgw.stop(state["dir"])

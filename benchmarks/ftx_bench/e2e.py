@@ -148,12 +148,27 @@ def split_s3_store(t: str) -> tuple[str, str]:
     return store, "&".join(kept)
 
 
+def prepare_stores(transports: Sequence[str]) -> str | None:
+    """Download what the transports' stores need, HERE: in the caller's network namespace,
+    before any run enters an emulated WAN's namespaces (which have no route out). For
+    ``s3://?store=radosgw``: the Ceph packages (``radosgw.fetch``, a no-op once unpacked);
+    returns their cache directory (None: no radosgw store)."""
+    if not any(t.startswith("s3://") and split_s3_store(t)[0] == "radosgw" for t in transports):
+        return None
+    from . import radosgw
+
+    cache = radosgw.DEFAULT_CACHE
+    radosgw.fetch(cache, quiet=True)
+    return cache
+
+
 class _S3:
     """The S3 server of s3:// runs (stopped at the end): an embedded moto server next to
     the server, or a one-node Ceph radosgw (real SigV4) started behind ``prefix`` (the
     store's namespace under a star WAN) listening on ``host``."""
 
-    def __init__(self, host: str, kind: str = "moto", prefix: Sequence[str] | None = None):
+    def __init__(self, host: str, kind: str = "moto", prefix: Sequence[str] | None = None,
+                 cache: str | None = None):
         self.kind = kind
         self.proc = None
         self.rgw: dict[str, Any] | None = None
@@ -170,7 +185,7 @@ class _S3:
                          aws_secret_access_key="bench", region_name="us-east-1",
                          ).create_bucket(Bucket="ftxbench")
             return
-        self.rgw = _start_radosgw(host, prefix)
+        self.rgw = _start_radosgw(host, prefix, cache)
         try:
             st = self.rgw
             self.endpoint = st["endpoint"]
@@ -210,20 +225,28 @@ class _S3:
 RGW_MEM_BYTES = 5 << 30  # memstore cap (RAM) of the bench's radosgw
 
 
-def _start_radosgw(host: str, prefix: Sequence[str] | None) -> dict[str, Any]:
+def _start_radosgw(host: str, prefix: Sequence[str] | None,
+                   cache: str | None = None) -> dict[str, Any]:
     """A one-node Ceph radosgw listening on ``host``; started through ``prefix`` (another
-    namespace) when given: the helper module runs there and prints its state as JSON."""
+    namespace) when given: the helper module runs there and prints its state as JSON.
+    The Ceph packages must already be in ``cache`` (:func:`prepare_stores`, run before
+    entering any namespace): inside one there is no network to download them."""
     from . import radosgw
+
+    cache = cache or radosgw.DEFAULT_CACHE
+    if not os.path.exists(os.path.join(radosgw._root(cache), "usr", "bin", "radosgw")):
+        raise RuntimeError(f"the Ceph packages are not unpacked in {cache}: prepare_stores() "
+                           "(radosgw.fetch) must run before entering a network namespace")
 
     d = tempfile.mkdtemp(prefix="ftx-radosgw-")
     last: Exception | None = None
     for attempt in range(3):  # a one-node Ceph sometimes fails on a loaded machine
         try:
             if not prefix:
-                return radosgw.start(d, mem_bytes=RGW_MEM_BYTES, host=host)
+                return radosgw.start(d, cache=cache, mem_bytes=RGW_MEM_BYTES, host=host)
             p = subprocess.run(
                 [*prefix, sys.executable, "-m", "ftx_bench.radosgw", "start",
-                 "--dir", d, "--mem", str(RGW_MEM_BYTES), "--host", host],
+                 "--dir", d, "--mem", str(RGW_MEM_BYTES), "--host", host, "--cache", cache],
                 capture_output=True, text=True, timeout=300, check=False)
             if p.returncode == 0:
                 return json.loads(p.stdout)
@@ -257,9 +280,11 @@ def run_e2e_local(
     progress: Callable[[str], None] | None = None, host: str = "127.0.0.1",
     supernode_prefix: Sequence[Any] | None = None, wan: bool = False,
     store_prefix: Sequence[str] | None = None, store_host: str | None = None,
-    uplink_dev: str | None = None, floor_once: bool = False,
+    uplink_dev: str | None = None, floor_once: bool = False, rgw_cache: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     say = progress or (lambda s: None)
+    if rgw_cache is None and not wan:  # on loopback: fetch here (no namespace yet)
+        rgw_cache = prepare_stores(transports)
     app = Path(app) if app else default_app()
     if app is None or not (app / "pyproject.toml").is_file():
         raise ValueError("Flower app not found: pass --app (e.g. examples/quickstart-offload)")
@@ -299,9 +324,10 @@ def run_e2e_local(
                     if kind not in stores:
                         if kind == "radosgw":
                             say("starting radosgw" + (f" at {store_host}" if store_host else ""))
-                            stores[kind] = _S3(store_host or host, kind, store_prefix)
+                            stores[kind] = _S3(store_host or host, kind, store_prefix,
+                                               rgw_cache)
                         else:
-                            stores[kind] = _S3(host, kind)
+                            stores[kind] = _S3(host, kind, cache=rgw_cache)
                     s3 = stores[kind]
                     extra = f"&{opts}" if opts else ""
                     plan.append(
@@ -506,9 +532,10 @@ def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 
 
     ``floor_once``: one floor run (with the first transport), used for every transport
     (a floor run's tiny model stays in-band whatever the transport)."""
+    rgw_cache = prepare_stores(transports)  # before any namespace: they have no network
     if wan is None:
         return run_e2e_local(sizes_mib, transports, nodes, rounds, floor_mib, repeat, timeout,
-                             app, progress, floor_once=floor_once)
+                             app, progress, floor_once=floor_once, rgw_cache=rgw_cache)
     app = Path(app) if app else default_app()
     spec = {
         "sizes_mib": list(sizes_mib), "transports": list(transports), "nodes": nodes,
@@ -516,7 +543,7 @@ def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 
         "app": str(app) if app else None, "host": wan.addr_a,
         "supernode_prefix": [list(x) for x in wan.client_prefixes()],
         "store_prefix": list(wan.prefix("s")) if wan.ns_s else None,
-        "store_host": wan.addr_s, "floor_once": floor_once,
+        "store_host": wan.addr_s, "floor_once": floor_once, "rgw_cache": rgw_cache,
     }
     fd, spec_path = tempfile.mkstemp(prefix="ftxb-e2e-spec-", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -564,6 +591,7 @@ def _inner(spec_path: str) -> int:
         host=spec["host"], supernode_prefix=spec["supernode_prefix"], wan=True,
         store_prefix=spec.get("store_prefix"), store_host=spec.get("store_host"),
         uplink_dev="a0", floor_once=spec.get("floor_once", False),
+        rgw_cache=spec.get("rgw_cache"),
     )
     print(json.dumps({"rows": rows, "ratios": rat}, default=str), flush=True)
     return 0

@@ -71,3 +71,23 @@ def test_license_file_and_pyproject():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert "radosgw.sh" not in pyproject and "*.c" not in pyproject
     assert 'license-files = ["LICENSE"]' in pyproject
+
+
+def test_offload_of_an_own_loop_strategy_still_takes_aggregation():
+    """offload(strategy) wraps the grid itself for a strategy with its own start(): the
+    strategy's options pass there (the refusal is for offload_grid() only)."""
+    from flwr.app import ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    class OwnLoop(FedAvg):
+        def start(self, grid, initial_arrays, num_rounds=3, **kw):
+            self.seen = grid
+            return "ran"
+
+    inner = OwnLoop()
+    s = offload(inner, "shm://?aggregation=inner", aggregation="inner")
+    import numpy as np
+
+    arrays = ArrayRecord([np.zeros(4, dtype=np.float32)])
+    assert s.start(_grid(), arrays, num_rounds=1) == "ran"
+    assert inner.seen is not None

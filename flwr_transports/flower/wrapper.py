@@ -491,7 +491,7 @@ class OffloadStrategy(Offloader, Strategy):
     ) -> Result:
         if type(self.inner).start is not Strategy.start:
             # a strategy with its own round loop: offload at the grid, same machinery
-            with OffloadGrid(grid, self.transport, **self._raw_options) as ogrid:
+            with _StrategyGrid(grid, self.transport, **self._raw_options) as ogrid:
                 self.stats = ogrid.stats
                 return self.inner.start(
                     ogrid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
@@ -581,6 +581,8 @@ class OffloadGrid(Offloader, Grid):
     #: pushes may overlap (async / cyclic apps): a batch retires only when its own
     #: replies are all in, or at a timeout, or at close()
     _sequential_rounds = False
+    #: offload_grid() refuses offload()'s ``aggregation`` option (nothing aggregates here)
+    _refuse_aggregation = True
 
     def __init__(self, grid: Grid, transport: str = "inband", **options: Any):
         if isinstance(grid, OffloadGrid):
@@ -592,7 +594,7 @@ class OffloadGrid(Offloader, Grid):
         super().__init__(transport, **options)
         given = set(self._raw_options) | (set(split_url(self.transport)[3]) if self.scheme
                                           else set())
-        if "aggregation" in given:  # parsed, but nothing aggregates in a Grid wrapper
+        if "aggregation" in given and self._refuse_aggregation:  # nothing aggregates here
             from ..errors import ConfigError
 
             raise ConfigError(
@@ -748,6 +750,13 @@ class OffloadGrid(Offloader, Grid):
         self._pending.clear()
         self._open.clear()
         super().close()
+
+
+class _StrategyGrid(OffloadGrid):
+    """The grid ``offload(strategy)`` wraps for a strategy with its own round loop: the
+    strategy's options (``aggregation`` included, which has no effect there) pass."""
+
+    _refuse_aggregation = False
 
 
 def offload_grid(grid: Grid, transport: str = "inband", **options: Any) -> OffloadGrid:

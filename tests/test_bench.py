@@ -293,7 +293,7 @@ def test_cli_p2p_wan_sigterm_mid_run_leaves_nothing(tmp_path):
     import time
 
     p = subprocess.Popen(
-        [sys.executable, "-m", "flwr_transports.cli", "bench", "p2p", "--wan", "40ms/100mbit",
+        [sys.executable, "-m", "ftx_bench", "p2p", "--wan", "40ms/100mbit",
          "--sizes", "50MB", "--backends", "raw-tcp", "--concurrency", "1", "--repeat", "20",
          "--out", str(tmp_path / "out")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -3,7 +3,7 @@
  *
  *   delay_relay IF1 IF2 ONE_WAY_US MAX_QUEUE_BYTES
  *
- * Part of flwr-transports (flwr_transports/bench/wan.py compiles it with the machine's
+ * Part of flwr-transports (benchmarks/ftx_bench/wan.py compiles it with the machine's
  * C compiler at first use; the Python relay in wan.py is the fallback and has the same
  * behaviour). Design:
  *

@@ -66,7 +66,7 @@ from ..options import Option
 from ..refs import RefError
 from . import chunks
 from .base import LinkError, PayloadSource
-from .tcp import TcpClientLink, TcpServerLink, endpoint_from
+from .tcp import TcpClientLink, TcpServerLink, endpoint_from, is_loopback
 
 log = logging.getLogger("flwr_transports.links")
 
@@ -693,6 +693,13 @@ class RdmaServerLink(TcpServerLink):
         self.server.rdma = rd
         self.server.pool = rd.pool  # upload buffers: registered once, reused
         self._regs: dict[str, Any] = {}
+        # the control connection follows tcp://'s TLS rule; UCX moves the data itself
+        (log.info if is_loopback(self.host) else log.warning)(
+            "rdma:// %s: control connection %s; the model bytes move over UCX (NIXL) "
+            "UNENCRYPTED (ucx_tls=%s): across a network, run it on a trusted fabric or "
+            "use tcp:// (TLS by default)", self.host,
+            "TLS (pinned certificate)" if self.tls else "plaintext",
+            self.rdma_opts["ucx_tls"] or "UCX's choice")
 
     def _desc(self, kind: str, oid: str) -> dict[str, Any]:
         d = super()._desc(kind, oid)

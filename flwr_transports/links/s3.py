@@ -257,6 +257,23 @@ def boto_error(exc: BaseException, what: str, cfg: S3Config) -> LinkError:
     return LinkError(f"{what}: {type(exc).__name__}: {exc}")
 
 
+def _note_plain_http(cfg: S3Config) -> None:
+    """Say so when model bytes will cross a network unencrypted: an ``http://``
+    endpoint that is not loopback, without ``encrypt=true``."""
+    from urllib.parse import urlsplit
+
+    from .tcp import is_loopback
+
+    u = urlsplit(cfg.endpoint_url or "")
+    if u.scheme.lower() != "http" or cfg.encrypt:
+        return
+    host = u.hostname or ""
+    (log.info if is_loopback(host) else log.warning)(
+        "s3:// endpoint %s is plain http: model bytes travel UNENCRYPTED between the store "
+        "and every node; set encrypt=true (AES-256-GCM, key sent in-band over Flower's "
+        "channel) or use an https:// endpoint", cfg.endpoint_url)
+
+
 class S3ServerLink(ServerLink):
     """Server side: holds the credentials, uploads the global model, issues slots."""
 
@@ -266,6 +283,7 @@ class S3ServerLink(ServerLink):
     def __init__(self, url: str, run_id: int | str, options):
         super().__init__(url, run_id, options)
         self.cfg = S3Config(url, self.options)
+        _note_plain_http(self.cfg)
         self.s3 = self.cfg.client()
         self._check_bucket()
         self.http = HttpTransport(retries=self.cfg.retries, read_timeout=self.cfg.timeout)

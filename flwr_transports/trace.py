@@ -39,7 +39,9 @@ _lock = threading.Lock()
 
 def trace_dir() -> str | None:
     """The trace directory, or None when tracing is off."""
-    return os.environ.get(ENV) or None
+    from .settings import raw
+
+    return raw(ENV)
 
 
 def record(ev: str, t0: float, t1: float, **fields: Any) -> None:

@@ -39,8 +39,13 @@ _TLS = threading.local()
 
 
 def fold_workers() -> int:
-    return max(1, min(8, int(os.environ.get("FLWR_TRANSPORTS_FOLD_WORKERS", "0"))
-                      or (os.cpu_count() or 1)))
+    from ..settings import text
+
+    try:
+        n = int(text("FLWR_TRANSPORTS_FOLD_WORKERS"))
+    except ValueError:
+        n = 0
+    return max(1, min(8, n or (os.cpu_count() or 1)))
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -47,6 +46,7 @@ from ..refs import (
     is_ref_record,
     parse_ref_record,
 )
+from ..settings import raw as raw_setting
 from .cache import network_scheme
 
 log = logging.getLogger("flwr_transports")
@@ -98,7 +98,7 @@ def guard_reply(fn: Callable[..., Any], *args: Any) -> Any:
     except EXPECTED_REPLY_ERRORS as exc:
         return exc
     except Exception as exc:
-        if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+        if (raw_setting(STRICT_ENV) or "0") != "0":
             raise
         log.exception("flwr-transports: unexpected %s while handling a reply (a bug, "
                       "please report it); the reply is rejected", type(exc).__name__)

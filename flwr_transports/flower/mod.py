@@ -26,20 +26,12 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from ..aggregation.layout import WEIGHT_META
 from ..codec import decode, encode
 from ..links import client_link
-from ..policy import DEFAULT_MAX_PAYLOAD, ClientPolicy
+from ..policy import ClientPolicy
 from ..refs import TICKET_KEY, Reference, RefError, Ticket, is_ref_record, parse_ref_record
 from ..trace import message_fields, record, span
 from .cache import PayloadCache, network_scheme, resolve_setting
 
 log = logging.getLogger("flwr_transports")
-
-#: Largest payload a client agrees to fetch (override with FLWR_TRANSPORTS_MAX_PAYLOAD).
-DEFAULT_CLIENT_MAX = DEFAULT_MAX_PAYLOAD
-
-
-def _client_max() -> int:
-    return ClientPolicy.build().max_payload
-
 
 def resolve_message(msg: Message, policy: ClientPolicy | None = None, *,
                     cache: PayloadCache | None = None) -> Ticket | None:

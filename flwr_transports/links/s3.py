@@ -51,6 +51,7 @@ from ..refs import RefError
 from .base import (
     NAME_PREFIX,
     ClientLink,
+    Endpoint,
     LinkError,
     PayloadSource,
     ServerLink,
@@ -78,6 +79,7 @@ from .s3_http import (
     progress_enabled,
     run_all,
     upload_parts,
+    url_endpoints,
 )
 
 log = logging.getLogger("flwr_transports.s3")
@@ -847,6 +849,10 @@ class S3ClientLink(ClientLink):
             if self._http is None:
                 self._http = HttpTransport()
             return self._http
+
+    def endpoints(self, desc: dict[str, Any], *, upload: bool) -> list[Endpoint]:
+        """``get`` (download); every part URL and ``done`` (upload)."""
+        return url_endpoints(desc, upload=upload)
 
     def open(self, loc: dict[str, Any], size: int) -> PayloadSource:
         if not isinstance(loc, dict):

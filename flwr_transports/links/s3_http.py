@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ..codec import EncodedPayload
 from ..refs import RefError
-from .base import LinkError, PayloadSource
+from .base import Endpoint, LinkError, PayloadSource
 from .chunks.protocol import SegmentView
 
 log = logging.getLogger("flwr_transports.s3")
@@ -237,14 +237,14 @@ def compact_urls(urls: list[str]) -> dict[str, Any]:
             "parts": ["&".join(p for p in ps if p not in cset) for ps in pieces]}
 
 
-def check_base_url(base: Any) -> str:
+def check_base_url(base: Any, field: str = "put.base") -> str:
+    """An object URL without query, parsed by the one parser the client policy uses
+    (:meth:`~flwr_transports.links.base.Endpoint.http`)."""
     if not isinstance(base, str) or len(base) > 4096:
         raise RefError("s3:// descriptor has no valid URL")
-    u = urlsplit(base)
-    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+    if "?" in base or "#" in base:
         raise RefError(f"s3:// descriptor URL {base[:200]!r} is not a plain http(s) URL")
-    if any(c in base for c in " \r\n\t\x00"):
-        raise RefError("s3:// descriptor URL contains whitespace or control characters")
+    Endpoint.http(f"s3:// {field}", base)
     return base
 
 
@@ -270,13 +270,28 @@ def expand_urls(desc: Any, max_parts: int = MAX_PARTS) -> list[str]:
     return [f"{base}?{c}&{_check_query(p)}".rstrip("&") for p in parts]
 
 
-def check_get_url(url: Any) -> str:
+def check_get_url(url: Any, field: str = "get") -> str:
     if not isinstance(url, str):
         raise RefError("s3:// location has no URL")
     base, _, q = url.partition("?")
-    check_base_url(base)
+    check_base_url(base, field)
     _check_query(q)
     return url
+
+
+def url_endpoints(desc: Any, *, upload: bool) -> list[Endpoint]:
+    """Every URL an s3:// location (download) or slot (upload) makes a client
+    request, parsed and validated exactly as :class:`S3ClientLink` then uses them."""
+    if not isinstance(desc, dict):
+        raise RefError("s3:// descriptor is not an object")
+    if not upload:
+        return [Endpoint.http("get", check_get_url(desc.get("get")))]
+    eps = [Endpoint.http(f"put.parts[{i}]", u) for i, u in enumerate(expand_urls(
+        desc.get("put")))]
+    done = desc.get("done")
+    if done is not None:
+        eps.append(Endpoint.http("done", check_get_url(done, "done")))
+    return eps
 
 
 def _expiry(url: str) -> datetime | None:
@@ -463,14 +478,12 @@ class HttpTransport:
                 if r.status_code == 404 and appear_by is not None:
                     if time.monotonic() < appear_by:
                         raise _NotYet
-                    body = r.raw.read(65536, decode_content=True)
-                    e = explain(r.status_code, body, url, what)
+                    e = explain(r.status_code, bounded_body(r), url, what)
                     raise S3HttpError(f"{e} (it did not appear in the store in time: the "
                                       "ServerApp's upload of it may have failed; see its log)",
                                       e.status, e.code)
                 if r.status_code not in (200, 206):
-                    body = r.raw.read(65536, decode_content=True)
-                    e = explain(r.status_code, body, url, what)
+                    e = explain(r.status_code, bounded_body(r), url, what)
                     if r.status_code in _RETRY_STATUS or e.code in _RETRY_CODES:
                         raise _Retryable(e)
                     raise e
@@ -506,10 +519,11 @@ class HttpTransport:
 
         def once() -> str:
             r = self.session.put(url, data=body, headers=headers, timeout=self.timeout,
-                                 allow_redirects=False)
+                                 allow_redirects=False, stream=True)
             try:
+                answer = bounded_body(r)  # a hostile store cannot make it big
                 if r.status_code not in (200, 201, 204):
-                    e = explain(r.status_code, r.content, url, what)
+                    e = explain(r.status_code, answer, url, what)
                     if r.status_code in _RETRY_STATUS or e.code in _RETRY_CODES:
                         raise _Retryable(e)
                     raise e
@@ -527,9 +541,9 @@ class HttpTransport:
 
         def once() -> None:
             r = self.session.post(url, data=body, timeout=self.timeout, allow_redirects=False,
-                                  headers={"Content-Type": "application/xml"})
+                                  headers={"Content-Type": "application/xml"}, stream=True)
             try:
-                content = r.content[:65536]
+                content = bounded_body(r)
                 if r.status_code != 200 or b"<Error>" in content:
                     e = explain(r.status_code if r.status_code != 200 else 500, content, url,
                                 what)
@@ -553,6 +567,18 @@ def complete_body(etags: list[str]) -> bytes:
                     for i, e in enumerate(etags, 1))
     return (f'<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
             f"{parts}</CompleteMultipartUpload>").encode()
+
+
+MAX_ANSWER = 65536  # bytes of an answer (or error body) the client reads, at most
+
+
+def bounded_body(r, limit: int = MAX_ANSWER) -> bytes:
+    """At most ``limit`` bytes of a streamed (``stream=True``) response body. A body
+    read to its end returns the connection to the pool; a longer one is cut (the
+    caller's ``r.close()`` then drops the connection). Not decompressed: a small
+    compressed answer cannot inflate past the limit."""
+    data = r.raw.read(limit + 1, decode_content=False)
+    return data[:limit]
 
 
 def _read_body(r, n: int) -> bytes | bytearray:

@@ -35,7 +35,7 @@ from ..codec import EncodedPayload
 from ..options import Option, choice, duration, integer, optional, parse_size, size, text
 from ..refs import RefError
 from . import chunks
-from .base import ClientLink, LinkError, PayloadSource, ServerLink
+from .base import ClientLink, Endpoint, LinkError, PayloadSource, ServerLink
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
 _TOKEN_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -158,6 +158,7 @@ class TcpServerLink(ServerLink):
             bind_host, bind_port, secret=self.secret, timeout=self.timeout,
             max_conns=max_conns, ssl_ctx=ssl_ctx, conn_cls=self.conn_cls, name=self.scheme,
             pool_cap=pool_cap)
+        self.server.on_landed = self.notify_landed  # wakes the receive loop at once
         # the advertised port: the URL's, or the one we got if the URL said 0
         self.port = port or self.server.port
         self._published: dict[str, str] = {}
@@ -408,6 +409,13 @@ class TcpClientLink(ClientLink):
 
     def factory(self, ep: chunks.Endpoint, loc: dict[str, Any]):
         return lambda: self.conn_cls(ep)
+
+    def endpoints(self, desc: dict[str, Any], *, upload: bool) -> list[Endpoint]:
+        """The peer ``host``:``port`` (the client policy pins ``host`` to the address
+        it checked; the link connects to exactly that)."""
+        if not isinstance(desc, dict):
+            raise RefError(f"{self.scheme}:// descriptor is not an object")
+        return [Endpoint.peer("host", desc.get("host"), desc.get("port"))]
 
     def open(self, loc: dict[str, Any], size: int) -> PayloadSource:
         ep, oid, token, k = endpoint_from(loc)

@@ -325,3 +325,33 @@ def test_many_addresses_of_one_ipv6_64_share_one_download_group():
     assert out["ok"] - out["evicted"] == 16 and out["busy"] + out["evicted"] == 24, out
     assert out["other_net"] == 1, out
     assert out["groups"] == ["fd00:77::/64", "fd00:78::/64"], out
+
+
+# -- rdma://: its control connection is the tcp:// server, with the same TLS rule -------
+def test_rdma_control_connection_uses_tls_and_says_the_data_is_clear(caplog):
+    from flwr_transports.links import rdma
+
+    try:
+        rdma.load_nixl()
+    except LinkError as exc:
+        pytest.skip(f"NIXL is not installed: {exc}")
+    caplog.set_level(logging.INFO, logger="flwr_transports.links")
+    link = rdma.RdmaServerLink("rdma://127.0.0.1:0", 7, {"tls": "on", "timeout": 10,
+                                                         "chunk_size": "64KiB"})
+    try:
+        rec, p = make_payload(1 * MiB)
+        loc = link.publish("r", p)
+        assert "fp" in loc["tls"] and link.server.ssl_ctx is not None
+        c = rdma.RdmaClientLink()
+        with c.open(loc, p.size) as src:
+            assert same(decode(src.read, p.size, p.digest), rec)
+        slot = link.issue_slot("s", 4 * MiB)
+        back = c.upload(slot, p)
+        with link.open_upload(slot, back, p.size) as src:
+            assert same(decode(src.read, p.size, p.digest), rec)
+        fp = loc["tls"]["fp"]
+        with pytest.raises(LinkError, match="does not match the one pinned"):
+            c.open({**loc, "tls": {"fp": ("0" if fp[0] != "0" else "1") + fp[1:]}}, p.size)
+        assert "UNENCRYPTED" in caplog.text and "control connection TLS" in caplog.text
+    finally:
+        link.close()

@@ -446,6 +446,38 @@ class Offloader:
         return arrays, time.perf_counter() - t0
 
 
+class _FoldHost:
+    """What streaming aggregation gets from the wrapper for one training phase (the
+    narrow interface :class:`~flwr_transports.aggregation.train.FoldHost`)."""
+
+    def __init__(self, wrapper: OffloadStrategy, server_round: int):
+        self._w, self._round = wrapper, server_round
+        self.inner = wrapper.inner
+
+    def claim_all(self, replies):
+        return self._w._claim_all(replies, self._round, "train")
+
+    def resolve(self, replies):
+        return self._w._resolve(replies, self._round, "train")
+
+    def open_upload(self, slot, loc, size):
+        return self._w.link.open_upload(slot, loc, size)
+
+    def reject(self, msg, exc):
+        return self._w._rejected(msg, exc)
+
+    def report(self, **counters):
+        stats = self._w.stats
+        for k, v in counters.items():
+            if isinstance(v, list):
+                stats[k].extend(v)
+            else:
+                stats[k] += v
+
+    def finish(self):
+        self._w._finish_phase(self._round, "train")
+
+
 class OffloadStrategy(Offloader, Strategy):
     """Wraps a Message-API strategy; see :func:`offload`."""
 
@@ -521,7 +553,8 @@ class OffloadStrategy(Offloader, Strategy):
         w0 = time.time()
         try:
             if stream is not None:
-                return streaming_aggregate_train(self, stream, server_round, list(replies))
+                return streaming_aggregate_train(_FoldHost(self, server_round), stream,
+                                                 server_round, list(replies))
             return self.inner.aggregate_train(
                 server_round, self._resolve(replies, server_round, "train"))
         finally:  # the aggregation tail: last upload landed -> aggregate_train returns

@@ -571,7 +571,8 @@ def test_fold_from_a_store_reads_each_window_once():
 
 def test_first_upload_with_another_layout_does_not_spoil_the_round():
     """Node 101 uploads FIRST with another layout (an extra array), then its reply is
-    refused: the sum is rebuilt laid out by the replies that count, still streamed."""
+    refused: its upload is never folded (the sum is laid out like the model the server
+    sent, issue 21), the round is still streamed, with no rebuild."""
 
     def extra_mod(msg, ctx, call_next):  # runs inside payload_mod: before the upload
         reply = call_next(msg, ctx)
@@ -593,5 +594,6 @@ def test_first_upload_with_another_layout_does_not_spoil_the_round():
     grid = ExtraArrayGrid(_app([extra_mod]), faulty=False)
     s, res, _ = _run(FedAvg(), "shm://", "streaming", grid=grid, rounds=1)
     assert s.stats["replies_rejected"] == 1
-    assert s.stats["agg_streamed_rounds"] == 1 and s.stats["agg_rebuilds"] == 1
+    assert s.stats["agg_streamed_rounds"] == 1 and s.stats["agg_rebuilds"] == 0
+    assert s.stats["agg_eager_folds"] == 5  # nodes 102-106: never 101's upload
     assert "extra" not in res.arrays

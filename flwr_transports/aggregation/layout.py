@@ -186,6 +186,33 @@ def plan_payload(read, size: int) -> Plan:
     return plan
 
 
+def layout_of(plan: Plan) -> tuple:
+    """What must match the model the server sent: per array (name, Flower dtype,
+    shape, stype, stored dtype), in name order (fortran order may differ)."""
+    return tuple(sorted((a.name, a.dtype, a.shape, a.stype, a.in_dtype.str)
+                        for a in plan.arrays))
+
+
+def expected_layout(record) -> tuple | None:
+    """:func:`layout_of` for the replies to ``record`` (an ``ArrayRecord``: the model
+    the server sent), or None when it cannot be streamed. The streaming fold sizes its
+    accumulator only from an upload whose layout equals this: never from bytes that
+    no check has passed (a hostile upload of cap size in a narrower dtype would
+    otherwise allocate an accumulator many times the model's size)."""
+    out = []
+    try:
+        for name, arr in record.items():
+            if arr.stype != NPY_STYPE:
+                return None
+            data = memoryview(arr.data)
+            hl = _npy_header_len(bytes(data[:12]))
+            in_dtype, _, _, _ = _parse_npy(bytes(data[:hl]))
+            out.append((name, arr.dtype, tuple(arr.shape), arr.stype, in_dtype.str))
+    except (PayloadError, AttributeError, TypeError, ValueError):
+        return None
+    return tuple(sorted(out))
+
+
 def npy_header(dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> bytes:
     """The ``.npy`` header ``np.save`` (hence Flower's ``Array``) writes for an array."""
     bio = io.BytesIO()

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy.result import Result
 
 from .. import trace
 from ..aggregation.policy import streaming_decision
-from ..aggregation.round import RoundStream
+from ..aggregation.round import RoundStream, expected_layout
 from ..aggregation.train import streaming_aggregate_train
 from ..codec import check_digest, decode, encode, record_bytes
 from ..errors import RejectedInput
@@ -204,7 +204,7 @@ class Offloader:
         reusable = {}  # digest -> name of a held payload still fit to hand out
         for n in held:
             info = self._pub_info.get(n)
-            if info and now - info[4] < max_age:
+            if info and now - info[4] < max_age and not self._publish_failed(link, n):
                 reusable.setdefault(info[0], n)
         refs: dict[int, ArrayRecord] = {}  # id(original record) -> reference record
         names = self._published.setdefault((server_round, phase), [])
@@ -284,7 +284,10 @@ class Offloader:
                    slots=slots)
         if self.streaming and phase == "train":
             t.weight_key = self.inner.weighted_by_key
-            stream = self._streams.setdefault(server_round, RoundStream(server_round))
+            stream = self._streams.get(server_round)
+            if stream is None:  # folds only uploads laid out like the model sent
+                stream = self._streams[server_round] = RoundStream(
+                    server_round, expected_layout(msg.content))
             for i, slot in enumerate(slots):  # fold each upload as soon as it lands
                 link.on_upload(slot, functools.partial(stream.on_landed, (tid, i)))
         self._tickets[tid] = t
@@ -308,6 +311,15 @@ class Offloader:
         self._pub_info.pop(name, None)
         if self.link is not None:
             self.link.release(name)
+
+    def _publish_failed(self, link: ServerLink, name: str) -> bool:
+        """Whether the publish of ``name`` failed after ``publish`` returned (a
+        background upload): then it is never handed out again (published anew)."""
+        exc = link.publish_failed(name)
+        if exc is not None:
+            log.error("flwr-transports: the publish of %r failed (%s); it is not reused, "
+                      "the payload is published again", name, exc)
+        return exc is not None
 
     def _sent_again(self, server_round: int, phase: str) -> bool:
         """Whether this phase's outgoing payload will go out again next phase: an

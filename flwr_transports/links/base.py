@@ -256,6 +256,13 @@ class ServerLink(ABC):
     def publish(self, name: str, payload: EncodedPayload) -> dict[str, Any]:
         """Store a payload readable by clients; return its location descriptor."""
 
+    def publish_failed(self, name: str) -> BaseException | None:
+        """The error of a publish of ``name`` that failed after :meth:`publish`
+        returned (a background upload; waits for one still running), else None. The
+        offload wrapper asks before handing a published payload out again, and
+        publishes it anew on an error. Links that publish synchronously: None."""
+        return None
+
     @abstractmethod
     def release(self, name: str) -> None:
         """Remove a published payload (idempotent)."""

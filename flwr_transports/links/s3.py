@@ -300,6 +300,7 @@ class S3ServerLink(ServerLink):
         self.reuse_max_age = self.cfg.expires / 2
         self._hooks: dict[str, Any] = {}  # reply key -> landing hook (on_upload)
         self._uploading: dict[str, threading.Thread] = {}  # name -> background publish
+        self._failed: dict[str, BaseException] = {}  # name -> why its background publish failed
         self._hooked = threading.Event()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -429,7 +430,14 @@ class S3ServerLink(ServerLink):
         try:
             self._upload_parts(*args)
         except BaseException as exc:  # noqa: BLE001 - clients time out waiting; say why here
+            with self._lock:
+                self._failed[args[0]] = exc  # read by publish_failed: never handed out again
             log.error("s3: the upload of %s failed, clients will not find it: %s", args[0], exc)
+
+    def publish_failed(self, name: str) -> BaseException | None:
+        self.wait_published(name)
+        with self._lock:
+            return self._failed.get(name)
 
     def wait_published(self, name: str, timeout: float | None = None) -> bool:
         """Wait for a background upload of ``name`` (True when none is running)."""
@@ -468,6 +476,7 @@ class S3ServerLink(ServerLink):
         with self._lock:
             key = self._published.pop(name, None)
             self._uploading.pop(name, None)
+            self._failed.pop(name, None)
         if key:
             self._delete(key)
 

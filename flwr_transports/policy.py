@@ -18,7 +18,12 @@ setting             environment variable                default
 ``file_roots``      ``FLWR_TRANSPORTS_FILE_ROOTS``      any directory outside system ones
 ``max_payload``     ``FLWR_TRANSPORTS_MAX_PAYLOAD``     64 GiB
 ``allow_link_local`` ``FLWR_TRANSPORTS_ALLOW_LINK_LOCAL`` false
+``max_wait``        ``FLWR_TRANSPORTS_MAX_WAIT``        900 s
 ==================  ==================================  ======================================
+
+``max_wait`` caps how long a server may make this client wait for a payload to appear
+(s3:// ``wait``: the fields each link declares in ``ClientLink.WAIT_FIELDS``): the
+smaller of the server's value and the client's applies.
 
 ``hosts`` entries are host names (``store.example.org``), suffix patterns
 (``*.example.org``), addresses or networks (``10.0.0.0/8``, ``fd00::/8``); a name
@@ -47,11 +52,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .codec import parse_size
+from .options import parse_duration
 from .errors import ConfigError
 from .links.base import Endpoint
 from .refs import RefError
 
 DEFAULT_MAX_PAYLOAD = 64 * 2**30
+DEFAULT_MAX_WAIT = 900.0
 ENV = {
     "schemes": "FLWR_TRANSPORTS_ALLOWED_SCHEMES",
     "hosts": "FLWR_TRANSPORTS_ALLOWED_HOSTS",
@@ -59,6 +66,7 @@ ENV = {
     "file_roots": "FLWR_TRANSPORTS_FILE_ROOTS",
     "max_payload": "FLWR_TRANSPORTS_MAX_PAYLOAD",
     "allow_link_local": "FLWR_TRANSPORTS_ALLOW_LINK_LOCAL",
+    "max_wait": "FLWR_TRANSPORTS_MAX_WAIT",
 }
 #: never a legitimate place for a payload, whatever file_roots says by default
 SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
@@ -146,10 +154,12 @@ class ClientPolicy:
     file_roots: tuple[str, ...] | None = None
     max_payload: int = DEFAULT_MAX_PAYLOAD
     allow_link_local: bool = False
+    max_wait: float = DEFAULT_MAX_WAIT
 
     @classmethod
     def build(cls, *, schemes=None, hosts=None, ports=None, file_roots=None, max_payload=None,
-              allow_link_local=None, environ: dict[str, str] | None = None) -> ClientPolicy:
+              allow_link_local=None, max_wait=None,
+              environ: dict[str, str] | None = None) -> ClientPolicy:
         """Settings given here win; unset ones come from the environment, then defaults."""
         env = os.environ if environ is None else environ
 
@@ -162,6 +172,11 @@ class ClientPolicy:
         schemes, hosts = pick("schemes", schemes), pick("hosts", hosts)
         ports, roots = pick("ports", ports), pick("file_roots", file_roots)
         cap, ll = pick("max_payload", max_payload), pick("allow_link_local", allow_link_local)
+        wait = pick("max_wait", max_wait)
+        try:
+            wait_s = DEFAULT_MAX_WAIT if wait is None else float(parse_duration(wait))
+        except ValueError as exc:
+            raise ConfigError(f"client policy max_wait: {exc}") from None
         try:
             cap_n = DEFAULT_MAX_PAYLOAD if cap is None else parse_size(cap)
         except ValueError as exc:
@@ -183,6 +198,7 @@ class ClientPolicy:
             file_roots=roots_t,
             max_payload=cap_n,
             allow_link_local=False if ll is None else _bool(ll),
+            max_wait=wait_s,
         )
 
     # -- checks -------------------------------------------------------------------------
@@ -338,7 +354,11 @@ class ClientPolicy:
                 f"{what}: the {scheme}:// link does not declare what its references make "
                 "this client contact (ClientLink.endpoints), so this client's policy cannot "
                 "check it; refused (the link's author must implement endpoints())")
-        pins: dict[str, str] = {}
+        pins: dict[str, Any] = {}
+        for f in getattr(client_link(scheme), "WAIT_FIELDS", ()):  # the client's cap wins
+            w = desc.get(f) if isinstance(desc, dict) else None
+            if isinstance(w, int | float) and not isinstance(w, bool) and w > self.max_wait:
+                pins[f] = self.max_wait
         seen: dict[tuple, list[str]] = {}
         for ep in eps:
             k = (ep.kind, ep.field.split("[")[0], ep.host, ep.port, ep.path)

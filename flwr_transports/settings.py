@@ -48,6 +48,9 @@ _S = [
             "client policy: largest payload a client agrees to fetch"),
     Setting("FLWR_TRANSPORTS_ALLOW_LINK_LOCAL", "0", "client",
             "client policy: allow link-local and cloud metadata addresses"),
+    Setting("FLWR_TRANSPORTS_MAX_WAIT", "900", "client",
+            "client policy: a cap (seconds) on how long a server may make this client "
+            "wait for a payload to appear (s3:// `wait`); the smaller applies"),
     Setting("FLWR_TRANSPORTS_CACHE", "", "client",
             "where payload_mod keeps a payload the server will send again (a directory, "
             "`off`; empty: a private directory under the system temp dir)"),

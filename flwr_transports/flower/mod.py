@@ -29,7 +29,7 @@ from ..links import client_link
 from ..policy import ClientPolicy
 from ..refs import TICKET_KEY, Reference, RefError, Ticket, is_ref_record, parse_ref_record
 from ..trace import message_fields, record, span
-from .cache import PayloadCache, network_scheme, resolve_setting
+from .cache import PayloadCache, binding, network_scheme, resolve_setting, sweep_host
 
 log = logging.getLogger("flwr_transports")
 
@@ -63,9 +63,10 @@ def resolve_message(msg: Message, policy: ClientPolicy | None = None, *,
             loc = policy.check_location(ref.scheme, ref.loc, upload=False)
             kept = cache is not None and network_scheme(ref.scheme)
             rec = None
-            if kept:
+            if kept:  # bound to this run and the exact location the server published
+                bind = binding(msg.metadata.run_id, ref.scheme, ref.loc)
                 t0 = time.time()
-                rec = cache.take(ref.size, ref.digest)
+                rec = cache.take(ref.size, ref.digest, bind)
                 if rec is not None:  # a miss is not a fetch: only hits are traced
                     record("fetch", t0, time.time(), role="client", scheme=ref.scheme,
                            bytes=ref.size, cached=True, **fields)
@@ -75,7 +76,7 @@ def resolve_message(msg: Message, policy: ClientPolicy | None = None, *,
                           **fields), link.open(loc, ref.size) as src:
                     rec = decode(src.read, ref.size, ref.digest)
                 if kept and ref.keep:
-                    cache.keep(rec, ref.size, ref.digest)  # written while the app runs
+                    cache.keep(rec, ref.size, ref.digest, bind)  # written while the app runs
         new[key] = rec
     msg.content = new
     return ticket
@@ -156,8 +157,9 @@ class PayloadMod:
     :mod:`flwr_transports.policy`): ``schemes`` (allowed link schemes), ``hosts``
     (names, ``*.suffix`` patterns, addresses, networks), ``ports`` (ints or
     ``"9000-9100"``), ``file_roots`` (directories file:// payloads may live in),
-    ``max_payload`` (bytes or ``"8GiB"``), ``allow_link_local`` (169.254.0.0/16,
-    fe80::/10, fd00:ec2::254). A refused reference fails the message with an error
+    ``max_payload`` (bytes or ``"8GiB"``), ``allow_link_local`` (link-local and cloud
+    metadata addresses), ``max_wait`` (seconds a server may make this client wait for a
+    payload to appear; default 900). A refused reference fails the message with an error
     naming the setting to change. ``cache``: where to keep a payload the server will
     send again (evaluate -> next train round) instead of fetching it twice over a
     network link: a directory, ``False``/``"off"``, or None (``FLWR_TRANSPORTS_CACHE``,
@@ -167,12 +169,14 @@ class PayloadMod:
 
     def __init__(self, *, schemes: Any = None, hosts: Any = None, ports: Any = None,
                  file_roots: Any = None, max_payload: Any = None,
-                 allow_link_local: bool | None = None, cache: Any = None) -> None:
+                 allow_link_local: bool | None = None, max_wait: Any = None,
+                 cache: Any = None) -> None:
         self.settings = {"schemes": schemes, "hosts": hosts, "ports": ports,
                          "file_roots": file_roots, "max_payload": max_payload,
-                         "allow_link_local": allow_link_local}
+                         "allow_link_local": allow_link_local, "max_wait": max_wait}
         self.cache = cache
         self.policy()  # fail fast on invalid settings
+        self._swept = False
 
     def policy(self) -> ClientPolicy:
         """The effective policy (environment read now: it may change between runs)."""
@@ -182,6 +186,9 @@ class PayloadMod:
         policy = self.policy()
         fields = message_fields(msg)  # round/phase, for the trace (when it is on)
         cache_dir = resolve_setting(self.cache)
+        if cache_dir and not self._swept:  # stale payloads of every node of this host
+            self._swept = True
+            sweep_host(cache_dir)
         cache = PayloadCache(cache_dir, _node_id(ctx)) if cache_dir else None
         try:
             ticket = resolve_message(msg, policy, cache=cache) if msg.has_content() else None

@@ -320,6 +320,9 @@ class ClientLink(ABC):
     """Client (ClientApp) side of a link. Stateless; built from the scheme alone."""
 
     scheme: ClassVar[str]
+    #: descriptor fields holding seconds a server may make the client wait (the
+    #: client policy caps them at its ``max_wait``)
+    WAIT_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def open(self, loc: dict[str, Any], size: int) -> PayloadSource:

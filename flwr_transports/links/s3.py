@@ -847,6 +847,7 @@ class S3ClientLink(ClientLink):
     """Client side: plain HTTP with the presigned URLs from the reference / slot."""
 
     scheme = "s3"
+    WAIT_FIELDS = ("wait",)
 
     def __init__(self):
         self._http: HttpTransport | None = None

@@ -52,9 +52,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .codec import parse_size
-from .options import parse_duration
 from .errors import ConfigError
 from .links.base import Endpoint
+from .options import parse_duration
 from .refs import RefError
 
 DEFAULT_MAX_PAYLOAD = 64 * 2**30

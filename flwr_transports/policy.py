@@ -360,10 +360,17 @@ class ClientPolicy:
             if isinstance(w, int | float) and not isinstance(w, bool) and w > self.max_wait:
                 pins[f] = self.max_wait
         seen: dict[tuple, list[str]] = {}
+        urls: dict[str, str] = {}  # host name -> the address checked (URL endpoints)
         for ep in eps:
             k = (ep.kind, ep.field.split("[")[0], ep.host, ep.port, ep.path)
             addrs = seen[k] if k in seen else seen.setdefault(k, self.check_endpoint(what, ep))
             if (ep.kind == "hostport" and addrs and isinstance(desc, dict)
                     and isinstance(desc.get(ep.field), str) and ep.host != addrs[0]):
                 pins[ep.field] = addrs[0]
+            if ep.kind == "url" and addrs and ep.host != addrs[0]:
+                urls[ep.host] = addrs[0]
+        if isinstance(desc, dict) and (urls or "pinned" in desc):
+            # what a URL's host name connects to (the link hands it to its HTTP client);
+            # a server's own 'pinned' entry is never used
+            pins["pinned"] = urls
         return {**desc, **pins} if pins else desc

@@ -187,28 +187,24 @@ def plan_payload(read, size: int) -> Plan:
 
 
 def layout_of(plan: Plan) -> tuple:
-    """What must match the model the server sent: per array (name, Flower dtype,
-    shape, stype, stored dtype), in name order (fortran order may differ)."""
-    return tuple(sorted((a.name, a.dtype, a.shape, a.stype, a.in_dtype.str)
-                        for a in plan.arrays))
+    """What must match the model the server sent: per array (name, shape, stype), in
+    name order. The dtype may differ (FedAvg turns an int64 model into float64, and a
+    client may send its own dtype back): the accumulator is then at most 16 bytes per
+    element of the model the server sent, never sized by the upload."""
+    return tuple(sorted((a.name, a.shape, a.stype) for a in plan.arrays))
 
 
 def expected_layout(record) -> tuple | None:
     """:func:`layout_of` for the replies to ``record`` (an ``ArrayRecord``: the model
     the server sent), or None when it cannot be streamed. The streaming fold sizes its
     accumulator only from an upload whose layout equals this: never from bytes that
-    no check has passed (a hostile upload of cap size in a narrower dtype would
+    no check has passed (a hostile upload of cap size in a narrow dtype would
     otherwise allocate an accumulator many times the model's size)."""
-    out = []
     try:
-        for name, arr in record.items():
-            if arr.stype != NPY_STYPE:
-                return None
-            data = memoryview(arr.data)
-            hl = _npy_header_len(bytes(data[:12]))
-            in_dtype, _, _, _ = _parse_npy(bytes(data[:hl]))
-            out.append((name, arr.dtype, tuple(arr.shape), arr.stype, in_dtype.str))
-    except (PayloadError, AttributeError, TypeError, ValueError):
+        out = [(name, tuple(arr.shape), arr.stype) for name, arr in record.items()]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if any(stype != NPY_STYPE for _, _, stype in out):
         return None
     return tuple(sorted(out))
 

@@ -71,6 +71,7 @@ from .s3_http import (
     check_encryption,
     check_get_url,
     check_int,
+    check_pins,
     clamp_concurrency,
     compact_urls,
     expand_urls,
@@ -851,6 +852,7 @@ class S3ClientLink(ClientLink):
 
     def __init__(self):
         self._http: HttpTransport | None = None
+        self._pinned: dict[tuple, HttpTransport] = {}
         self._lock = threading.Lock()
 
     @property
@@ -859,6 +861,23 @@ class S3ClientLink(ClientLink):
             if self._http is None:
                 self._http = HttpTransport()
             return self._http
+
+    def _transport(self, desc: dict[str, Any]) -> HttpTransport:
+        """The transport for a descriptor: connections to a host name go to the address
+        the client policy checked (``pinned``, put there by the policy), if any."""
+        pins = check_pins(desc.get("pinned"))
+        if not pins:
+            return self.http
+        key = tuple(sorted(pins.items()))
+        base = self.http
+        with self._lock:
+            t = self._pinned.get(key)
+            if t is None:
+                if len(self._pinned) >= 8:  # a few stores at most; dropped, not closed
+                    self._pinned.pop(next(iter(self._pinned)))
+                t = self._pinned[key] = HttpTransport(pins=pins, retries=base.retries,
+                                                      backoff=base.backoff)
+            return t
 
     def endpoints(self, desc: dict[str, Any], *, upload: bool) -> list[Endpoint]:
         """``get`` (download); every part URL and ``done`` (upload)."""
@@ -879,7 +898,7 @@ class S3ClientLink(ClientLink):
         wait = loc.get("wait", 0)
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 86400:
             raise RefError("s3:// location has an invalid wait (0-86400 seconds)")
-        return RangedReader(self.http, url, size, enc, rng, conc, label,
+        return RangedReader(self._transport(loc), url, size, enc, rng, conc, label,
                             progress_enabled(loc.get("progress")), float(wait)).source()
 
     def upload(self, slot: dict[str, Any], payload: EncodedPayload) -> dict[str, Any]:
@@ -897,7 +916,8 @@ class S3ClientLink(ClientLink):
         done = slot.get("done")
         if done is not None:
             done = check_get_url(done)
-        etags = upload_parts(self.http, urls, payload, enc, part,
+        http = self._transport(slot)
+        etags = upload_parts(http, urls, payload, enc, part,
                              clamp_concurrency(slot.get("conc")), checksum == "md5", _label(key),
                              progress_enabled(slot.get("progress")))
         if done is not None:
@@ -905,7 +925,7 @@ class S3ClientLink(ClientLink):
             # it while this reply still travels through Flower. If this fails, the
             # ServerApp completes it when the reply arrives (as without "done").
             try:
-                self.http.complete(done, etags, f"completing the upload of {_label(key)}")
+                http.complete(done, etags, f"completing the upload of {_label(key)}")
             except (LinkError, RefError) as exc:
                 log.info("s3: could not complete the upload of %s (the ServerApp will): %s",
                          _label(key), exc)

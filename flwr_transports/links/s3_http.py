@@ -371,15 +371,38 @@ def explain(status: int, body: bytes, url: str, what: str) -> S3HttpError:
 
 
 # -- the HTTP transport ----------------------------------------------------------------------
-def _tuned_adapter(base):
+def _tuned_adapter(base, pins: dict[str, str] | None = None):
     """An HTTPAdapter whose connections ask for the chunk links' send buffer
     (:func:`flwr_transports.links.chunks.send_buffer_request`): a part upload over a
-    long fat pipe is one TCP stream, window-limited by the send buffer."""
+    long fat pipe is one TCP stream, window-limited by the send buffer. ``pins``
+    (host name -> address the client policy checked): connections to that name go to
+    that address (the Host header, TLS SNI and certificate check keep the name), so a
+    second DNS answer cannot send them elsewhere."""
     import socket
 
-    from urllib3.connection import HTTPConnection
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
     from .chunks.protocol import send_buffer_request
+
+    pinned: dict[str, type] = {}
+    if pins:
+        def pin(conn_cls):
+            class Pinned(conn_cls):
+                def __init__(self, host, *args, **kwargs):
+                    super().__init__(host, *args, **kwargs)
+                    ip = pins.get(str(host).strip("[]").rstrip(".").lower())
+                    if ip is not None:
+                        self._dns_host = ip  # what urllib3's _new_conn connects to
+            return Pinned
+
+        class Http(HTTPConnectionPool):
+            ConnectionCls = pin(HTTPConnection)
+
+        class Https(HTTPSConnectionPool):
+            ConnectionCls = pin(HTTPSConnection)
+
+        pinned = {"http": Http, "https": Https}
 
     class TunedAdapter(base):
         def init_poolmanager(self, *args, **kwargs):
@@ -388,9 +411,29 @@ def _tuned_adapter(base):
             if want:
                 opts.append((socket.SOL_SOCKET, socket.SO_SNDBUF, want))
             kwargs["socket_options"] = opts
-            return super().init_poolmanager(*args, **kwargs)
+            out = super().init_poolmanager(*args, **kwargs)
+            if pinned:
+                self.poolmanager.pool_classes_by_scheme = dict(pinned)
+            return out
 
     return TunedAdapter
+
+
+def check_pins(v: Any) -> dict[str, str]:
+    """The ``pinned`` entry the client policy puts in a descriptor it checked."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or len(v) > 16:
+        raise RefError("s3:// descriptor has an invalid pinned entry")
+    import ipaddress
+
+    out = {}
+    for host, ip in v.items():
+        try:
+            out[str(host)] = str(ipaddress.ip_address(ip))
+        except ValueError:
+            raise RefError("s3:// descriptor has an invalid pinned address") from None
+    return out
 
 
 class HttpTransport:
@@ -398,7 +441,7 @@ class HttpTransport:
 
     def __init__(self, *, retries: int = 5, backoff: float = 0.25, max_backoff: float = 8.0,
                  connect_timeout: float = 10.0, read_timeout: float = 120.0,
-                 pool: int = MAX_CONCURRENCY + 4):
+                 pool: int = MAX_CONCURRENCY + 4, pins: dict[str, str] | None = None):
         try:
             import requests
             from requests.adapters import HTTPAdapter
@@ -407,8 +450,8 @@ class HttpTransport:
                             "'flwr-transports[s3]')") from exc
         self._requests = requests
         self.session = requests.Session()
-        adapter = _tuned_adapter(HTTPAdapter)(pool_connections=4, pool_maxsize=pool,
-                                              max_retries=0)
+        adapter = _tuned_adapter(HTTPAdapter, pins)(pool_connections=4, pool_maxsize=pool,
+                                                    max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.retries = retries

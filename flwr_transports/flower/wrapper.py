@@ -48,6 +48,7 @@ from ..refs import (
 )
 from ..settings import raw as raw_setting
 from .cache import network_scheme
+from .receive import polls_replies, receive
 
 log = logging.getLogger("flwr_transports")
 
@@ -154,6 +155,8 @@ class Offloader:
             "replies_rejected": 0, "link_publishes": 0, "link_publishes_reused": 0,
             "agg_tail_s": [], "agg_train_s": [], "agg_streamed_rounds": 0, "agg_eager_folds": 0,
             "agg_settle_folds": 0, "agg_rebuilds": 0, "agg_fold_s": [],
+            # the receive loop (flower/receive.py): SuperLink pulls, total and per phase
+            "pulls": 0, "receive_pulls": [],
         }
 
     def close(self) -> None:
@@ -543,6 +546,8 @@ class OffloadStrategy(Offloader, Strategy):
                     evaluate_fn=evaluate_fn,
                 )
         self._num_rounds = num_rounds
+        if self.scheme is not None and polls_replies(grid):
+            grid = _ReceiveGrid(grid, self)  # our receive loop; the inner strategy sees grid
         try:
             return Strategy.start(
                 self, grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
@@ -555,7 +560,7 @@ class OffloadStrategy(Offloader, Strategy):
     # -- Strategy API --------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        msgs = self.inner.configure_train(server_round, arrays, config, grid)
+        msgs = self.inner.configure_train(server_round, arrays, config, _outer(grid))
         return self._prepare(msgs, server_round, "train", grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -580,13 +585,62 @@ class OffloadStrategy(Offloader, Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        msgs = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        msgs = self.inner.configure_evaluate(server_round, arrays, config, _outer(grid))
         return self._prepare(msgs, server_round, "evaluate", grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(
             server_round, self._resolve(replies, server_round, "evaluate"))
+
+
+class _ReceiveGrid(Grid):
+    """What :class:`OffloadStrategy` hands ``Strategy.start`` when the grid is Flower's
+    push-then-poll one: ``send_and_receive`` pushes through the grid and runs offload's
+    receive loop (flower/receive.py); everything else is the grid's own. The inner
+    strategy is handed the original grid (``_outer``)."""
+
+    def __init__(self, grid: Grid, offloader: Offloader):
+        self.grid = grid
+        self._off = offloader
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "grid":
+            raise AttributeError(name)
+        return getattr(self.grid, name)
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        fields = trace.message_fields(messages[0]) if messages else {}
+        ids = list(self.grid.push_messages(messages))
+        del messages
+        return receive(self.grid, ids, timeout, self._off.link, self._off.stats, fields)
+
+
+def _outer(grid: Grid) -> Grid:
+    """The grid the user passed to ``start`` (not offload's receive adapter)."""
+    return grid.grid if isinstance(grid, _ReceiveGrid) else grid
 
 
 def offload(strategy: Strategy, transport: str = "inband", **options: Any) -> OffloadStrategy:
@@ -748,9 +802,12 @@ class OffloadGrid(Offloader, Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        """Offload, then let the wrapped grid do its own push / wait / pull (its
-        timing and reply order are kept), then resolve the replies. The batch retires
-        when it returns: a reply arriving after ``timeout`` is rejected."""
+        """Offload, push, wait for the replies, then resolve them. On Flower's own
+        deployment grid (which pulls every 3 s) the wait is offload's receive loop
+        (flower/receive.py: a pull right after each upload lands on the link, short
+        backed-off polls otherwise; Flower's timeout and reply order); any other grid
+        does its own push / wait / pull. The batch retires when it returns: a reply
+        arriving after ``timeout`` is rejected."""
         messages = list(messages)
         if self.scheme is None:
             for m in messages:
@@ -763,7 +820,12 @@ class OffloadGrid(Offloader, Grid):
         batch, out = self._prepare_batch(messages)
         phases = {m.metadata.message_type for m in out}
         try:
-            replies = list(self.grid.send_and_receive(out, timeout=timeout))
+            if polls_replies(self.grid):  # Flower's 3 s poll: our receive loop instead
+                fields = trace.message_fields(out[0]) if out else {}
+                ids = list(self.grid.push_messages(out))
+                replies = receive(self.grid, ids, timeout, self.link, self.stats, fields)
+            else:
+                replies = list(self.grid.send_and_receive(out, timeout=timeout))
             return self._resolve_batch(
                 replies, [(batch if r.metadata.message_type in phases else 0,
                            r.metadata.message_type) for r in replies])

@@ -214,6 +214,8 @@ class ChunkServer:
         self.eager = True
         self._eager: ThreadPoolExecutor | None = None
         self.last_landed: float | None = None  # perf_counter() of the last complete upload
+        #: called (no arguments) right after last_landed changed: the link's notify_landed
+        self.on_landed: Callable[[], None] | None = None
         #: test hook: fault(op, oid, index, views) -> views (may raise to drop the connection)
         self.fault: Callable[[int, str, int, list[memoryview]], list[memoryview]] | None = None
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -504,6 +506,8 @@ class ChunkServer:
                     self.last_landed = time.perf_counter()
                 if start:
                     slot.readers += 1  # the decoder reads the buffer: keep it
+            if missing == 0 and self.on_landed is not None:
+                self.on_landed()
             if start and slot.hook is not None:
                 self._eager_pool().submit(self._run_hook, oid, slot)
             elif start:

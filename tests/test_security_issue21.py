@@ -422,7 +422,8 @@ def test_hostile_upload_never_sizes_the_accumulator(monkeypatch):
         return reply
 
     class DropsHostileReply(FaultyGrid):
-        def send_and_receive(self, messages, *, timeout=None):
+        def send_and_receive(self, messages, *, timeout=None):  # node 101 lands first
+            messages = sorted(messages, key=lambda m: m.metadata.dst_node_id)
             out = super().send_and_receive(messages, timeout=timeout)
             return [r for r in out if not (r.metadata.src_node_id == 101
                                            and r.metadata.message_type == "train")]

@@ -6,7 +6,8 @@ interleaved, ``--repeat`` times each; prints medians with ranges (MB/s = 1e6 byt
 
 Download: client ``open`` + read + decode of the whole payload (the ClientApp's path,
 zero-copy placement). Upload: client ``upload`` (chunks + commit). Default streams/chunk
-size (auto). The payload is random bytes (incompressible).
+size (auto). The payload is random bytes (incompressible). CPU = process time of the
+server process (its payload-server threads) plus the client process, per transfer.
 """
 
 from __future__ import annotations
@@ -33,16 +34,19 @@ c = TcpClientLink()
 print(json.dumps({"ready": payload.size}), flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     if cmd["op"] == "get":
         with c.open(cmd["loc"], cmd["size"]) as src:
             rec = decode(src.read, cmd["size"], cmd["digest"])
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - c0
         del rec
     else:
         back = c.upload(cmd["slot"], payload)
         dt = time.perf_counter() - t0
-    print(json.dumps({"t": dt, "stats": c.last_stats, "back": back if cmd["op"] == "put" else None}),
+        cpu = time.process_time() - c0
+    print(json.dumps({"t": dt, "cpu": cpu, "stats": c.last_stats, "back": back if cmd["op"] == "put" else None}),
           flush=True)
 """
 
@@ -70,11 +74,15 @@ def main() -> int:
                              stdout=subprocess.PIPE, text=True)
 
     def ask(cmd):
+        c0 = time.process_time()  # this process = the payload server's threads
         child.stdin.write(json.dumps(cmd) + "\n")
         child.stdin.flush()
-        return json.loads(child.stdout.readline())
+        out = json.loads(child.stdout.readline())
+        out["cpu"] += time.process_time() - c0
+        return out
 
     res: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     try:
         assert json.loads(child.stdout.readline())["ready"] == payload.size
         load0 = os.getloadavg()
@@ -93,6 +101,8 @@ def main() -> int:
                 if it:
                     res.setdefault((mode, "download"), []).append(r["t"])
                     res.setdefault((mode, "upload"), []).append(u["t"])
+                    cpu.setdefault((mode, "download"), []).append(r["cpu"])
+                    cpu.setdefault((mode, "upload"), []).append(u["cpu"])
                 print(f"# it {it} tls={mode}: download {r['t']:.3f} s "
                       f"(streams {r['stats'].get('streams')}, zero_copy "
                       f"{r['stats'].get('zero_copy')}), upload {u['t']:.3f} s", flush=True)
@@ -105,17 +115,23 @@ def main() -> int:
     mb = payload.size / 1e6
     print(f"payload {payload.size} bytes, host {args.host}, {args.repeat} runs each; "
           f"load avg before {load0[0]:.2f}, after {load1[0]:.2f}")
-    print("| direction | tls | median s | MB/s (median) | MB/s range |")
-    print("|---|---|---:|---:|---|")
+    gib = payload.size / 2**30
+    print("| direction | tls | median s | MB/s (median) | MB/s range | CPU s/GiB, both ends "
+          "(median, range) |")
+    print("|---|---|---:|---:|---|---|")
     for d in ("download", "upload"):
         for mode in ("off", "on"):
             ts = res[(mode, d)]
             med = statistics.median(ts)
+            cs = [x / gib for x in cpu[(mode, d)]]
             print(f"| {d} | {mode} | {med:.3f} | {mb / med:.0f} | {mb / max(ts):.0f}-"
-                  f"{mb / min(ts):.0f} |")
+                  f"{mb / min(ts):.0f} | {statistics.median(cs):.2f} ({min(cs):.2f}-"
+                  f"{max(cs):.2f}) |")
     for d in ("download", "upload"):
         off, on = (statistics.median(res[(m, d)]) for m in ("off", "on"))
-        print(f"{d}: tls=on takes {on / off:.2f}x the time of tls=off")
+        coff, con = (statistics.median(cpu[(m, d)]) for m in ("off", "on"))
+        print(f"{d}: tls=on takes {on / off:.2f}x the time and {con / coff:.2f}x the CPU "
+              "of tls=off")
     return 0
 
 

@@ -86,9 +86,10 @@ MAX_DECODED = 1 << 40
 #: element runs shorter than this are coded as plain bytes (itemsize 1)
 SMALL = 16 * 1024
 #: a byte plane whose estimated order-0 entropy is above this (bits per byte) is
-#: stored, not compressed: the mantissa planes of floats (the coder's time is spent
-#: only where it saves bytes; "speed wins" for lossless)
-ENTROPY_MAX = 7.2
+#: stored, not compressed: the mantissa planes of floats. ``lossless`` spends the
+#: coder's time only where it saves >= 10% of a plane (speed wins: it must not slow a
+#: LAN); ``delta``/``q8`` take every gain above ~2% (size wins)
+ENTROPY_MAX = {LOSSLESS: 7.2, DELTA: 7.85, Q8: 7.85}
 #: a compressed blob kept only if at most this fraction of the plane
 KEEP_RATIO = 0.95
 
@@ -432,22 +433,27 @@ def _entropy(sample: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def _put_blob(buf: bytearray, pos: int, plane: np.ndarray, try_zstd: bool) -> int:
-    """Write one blob (``plane``: a uint8 array, maybe strided) at ``pos``; return the
-    new position. ``buf`` has room for the plane stored."""
+def _put_blob(buf: np.ndarray, pos: int, plane: np.ndarray, hmax: float,
+              xor: np.ndarray | None = None) -> int:
+    """Write one blob (``plane``: a uint8 array, maybe strided; XORed with ``xor`` when
+    given) at ``pos``; return the new position. ``buf`` has room for the plane stored.
+    The plane is gathered into place first (stored as is unless it compresses), so a
+    compressed plane needs no scratch buffer."""
     n = plane.size
-    if try_zstd and n >= 64:
-        step = max(1, n // 16384)
-        sample = plane[::step]
-        if _entropy(sample) <= ENTROPY_MAX:
-            c = _compressor().compress(np.ascontiguousarray(plane))
+    dst = buf[pos + 4: pos + 4 + n]
+    if xor is None:
+        np.copyto(dst, plane)
+    else:
+        np.bitwise_xor(plane, xor, out=dst)
+    if hmax > 0 and n >= 64:
+        step = max(1, n // 4096)
+        if _entropy(dst[::step]) <= hmax:
+            c = _compressor().compress(dst)
             if len(c) <= KEEP_RATIO * n:
                 _U32.pack_into(buf, pos, len(c) | _ZBIT)
-                buf[pos + 4: pos + 4 + len(c)] = c
+                buf[pos + 4: pos + 4 + len(c)] = np.frombuffer(c, np.uint8)
                 return pos + 4 + len(c)
     _U32.pack_into(buf, pos, n)
-    dst = np.frombuffer(buf, np.uint8, n, pos + 4)
-    np.copyto(dst, plane)
     return pos + 4 + n
 
 
@@ -458,14 +464,14 @@ class _Job:
     src: SegmentReader
     base: Base | None
     feedback: _q8.ErrorFeedback | None
-    level: bool  # entropy-code the planes
+    hmax: float  # entropy-code planes estimated at most this many bits per byte
     q8_totals: dict[str, int]
     starts: list[int]  # of the runs
 
 
 def _encode_window(job: _Job, parts: list[_Part], w0: int, dlen: int) -> memoryview:
     bound = _WH.size + _PD.size * len(parts) + sum(4 * 17 + p.length for p in parts)
-    buf = bytearray(bound)
+    buf = np.empty(bound, np.uint8)  # not zeroed: every byte up to pos is written
     pos = _WH.size + _PD.size * len(parts)
     descs = []
     for p in parts:
@@ -487,15 +493,15 @@ def _encode_window(job: _Job, parts: list[_Part], w0: int, dlen: int) -> memoryv
                 bel = np.frombuffer(job.base.reader.view(p.base_off, p.length), np.uint8)
                 bel = bel.reshape(-1, isz)
             for i in range(isz):
-                plane = el[:, i]
-                if kind == K_XOR:
-                    plane = np.bitwise_xor(plane, bel[:, i])
-                pos = _put_blob(buf, pos, plane, job.level)
+                pos = _put_blob(buf, pos, el[:, i], job.hmax,
+                                bel[:, i] if kind == K_XOR else None)
         descs.append(_PD.pack(kind, p.itemsize,
                               p.qdtype if kind == K_Q8 else 0, 0, p.length, pos - p0, 0,
                               p.base_off if kind != K_PLANES else 0))
     _WH.pack_into(buf, 0, b"FW", len(parts), dlen, pos, 0)
-    buf[_WH.size: _WH.size + _PD.size * len(parts)] = b"".join(descs)
+    buf[_WH.size: _WH.size + _PD.size * len(parts)] = np.frombuffer(b"".join(descs), np.uint8)
+    if pos < bound // 2:  # do not keep a mostly empty window-sized buffer alive
+        return memoryview(buf[:pos].tobytes())
     return memoryview(buf)[:pos]
 
 
@@ -526,21 +532,23 @@ def _encode_q8(job: _Job, p: _Part, data: np.ndarray, buf: bytearray, pos: int) 
         return None
     if res is not None:
         res[:] = (x + res) - y_exact
-    pos = _put_blob(buf, pos, scales.view(np.uint8), False)
-    pos = _put_blob(buf, pos, codes.view(np.uint8), job.level)
+    pos = _put_blob(buf, pos, scales.view(np.uint8), 0.0)
+    pos = _put_blob(buf, pos, codes.view(np.uint8), job.hmax)
     return pos
 
 
 def encode(payload: EncodedPayload, codec: str, *, base: Base | None = None,
            feedback: _q8.ErrorFeedback | None = None, window: int = WINDOW,
-           threads: int | None = None, compress: bool = True) -> EncodedPayload:
+           threads: int | None = None, compress: bool = True,
+           digest: bool = True) -> EncodedPayload:
     """Encode a raw payload (as :func:`flwr_transports.codec.encode` made it) with
     ``codec``. ``raw`` returns ``payload`` itself. ``delta`` and ``q8`` need the
     ``base`` the receiver holds; arrays missing from it (or with another layout) are
     coded ``lossless``. ``q8`` updates ``feedback`` (the client's residuals) when given.
     The result's digest covers the encoded bytes (the bytes on the wire); the raw
     payload's digest travels in the stream header (``content``).
-    ``compress=False`` skips the entropy coder (byte planes and XOR only; for tests)."""
+    ``compress=False`` skips the entropy coder (byte planes and XOR only; for tests);
+    ``digest=False`` leaves the digest empty (to time the coder alone)."""
     if codec == RAW:
         return payload
     if codec not in CODEC_IDS:
@@ -555,7 +563,8 @@ def encode(payload: EncodedPayload, codec: str, *, base: Base | None = None,
         raise ValueError("payload size does not match its segments")
     head = read_header(src.read, size)
     runs = _plan(head, size, base, codec)
-    job = _Job(src, base if codec in (DELTA, Q8) else None, feedback, compress,
+    job = _Job(src, base if codec in (DELTA, Q8) else None, feedback,
+               ENTROPY_MAX[codec] if compress else 0.0,
                {a.name: math.prod(a.shape) for a in head.arrays}, [r.start for r in runs])
     nwin = -(-size // window)
     spans = [(k * window, min(size, (k + 1) * window)) for k in range(nwin)]
@@ -579,7 +588,8 @@ def encode(payload: EncodedPayload, codec: str, *, base: Base | None = None,
     hdr += struct.pack(f"<{nwin}I", *(len(f) for f in frames))
     segments: list[bytes | memoryview] = [bytes(hdr), *frames]
     return EncodedPayload(segments=segments, size=sum(len(s) for s in segments),
-                          digest=hash_segments(segments), n_arrays=payload.n_arrays)
+                          digest=hash_segments(segments) if digest else "",
+                          n_arrays=payload.n_arrays)
 
 
 # --------------------------------------------------------------------------- decode
@@ -967,7 +977,7 @@ def decode_record(dec: Decoder, *, threads: int | None = None, verify: bool = Fa
     hbuf = bytearray(head.raw)
     objs, views = [], [memoryview(hbuf)]
     for a in head.arrays:
-        obj, view = _membuf.alloc_bytes(a.end - a.start)
+        obj, view = _membuf.alloc_bytes(a.end - a.start, huge=True)
         objs.append(obj)
         views.append(view)
     writer = SegmentWriter(views)

@@ -355,3 +355,26 @@ def test_rdma_control_connection_uses_tls_and_says_the_data_is_clear(caplog):
         assert "UNENCRYPTED" in caplog.text and "control connection TLS" in caplog.text
     finally:
         link.close()
+
+
+def test_a_full_tls_server_makes_clients_back_off_not_fail(server):
+    """A TLS payload server at ``max_conns`` closes new connections before the
+    handshake (it cannot send BUSY in the clear to a TLS client): the client backs off
+    as for BUSY instead of spending ``retries`` (0 here) and gets the payload once a
+    connection is free."""
+    import threading
+
+    link = server(tls="on", max_conns=1)
+    rec, p = make_payload(200 * KiB)
+    loc = {**link.publish("r", p), "retries": 0, "streams": 1}
+    srv = link.server
+    with srv.lock:
+        srv.active["placeholder"] = None  # the server is full, nothing to evict
+    t = threading.Timer(1.0, lambda: srv.active.pop("placeholder", None))
+    t.start()
+    try:
+        assert same(fetch(loc, p), rec)
+    finally:
+        t.cancel()
+        srv.active.pop("placeholder", None)
+    assert srv.stats["busy"] >= 1

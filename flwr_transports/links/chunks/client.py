@@ -94,8 +94,12 @@ class Endpoint:
             if self.ssl_ctx is not None:
                 try:
                     sock = self.ssl_ctx.wrap_socket(sock, server_hostname=self.host)
-                except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-                    raise  # closed mid-handshake (a full server, a reset): retried
+                except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError) as exc:
+                    # accepted, then closed before any handshake byte: what a TLS
+                    # payload server does when it is full (it cannot send BUSY before a
+                    # handshake). Back off like BUSY instead of using up ``retries``.
+                    raise Busy(f"payload server closed the connection before the TLS "
+                               f"handshake ({exc}); it is probably full") from None
                 except ssl.SSLError as exc:
                     raise Refused(
                         f"TLS handshake with the payload server {self.host}:{self.port} "

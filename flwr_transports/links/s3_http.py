@@ -391,7 +391,7 @@ def _tuned_adapter(base, pins: dict[str, str] | None = None):
             class Pinned(conn_cls):
                 def __init__(self, host, *args, **kwargs):
                     super().__init__(host, *args, **kwargs)
-                    ip = pins.get(str(host).strip("[]").rstrip(".").lower())
+                    ip = pins.get(str(host).strip("[]").lower())
                     if ip is not None:
                         self._dns_host = ip  # what urllib3's _new_conn connects to
             return Pinned

@@ -4,6 +4,7 @@ feedback converging on a known quadratic objective."""
 
 from __future__ import annotations
 
+import json
 import struct
 import tracemalloc
 
@@ -525,3 +526,180 @@ def test_q8_error_feedback_converges_on_a_quadratic():
     assert rel(raw) < 1e-5
     assert rel(ef) < 2e-3 and rel(ef, ~stiff) < 1e-2, (rel(ef), rel(ef, ~stiff))
     assert rel(no_ef) > 10 * rel(ef) and rel(no_ef, ~stiff) > 0.5, (rel(no_ef), rel(ef))
+
+
+# ----------------------------------------------------------------- through offload()
+# the ServerApp's wrapper and the ClientApp's payload_mod, real links, the in-process
+# grid (tests/inproc.py); the real deployment: tests/integration/test_codecs_deployment.py
+
+
+def _offload_run(transport, codec, strategy=None, rounds=2, grid=None, **opts):
+    from apps_inproc import initial_arrays, make_app
+    from flwr.serverapp.strategy import FedAvg
+    from inproc import InProcessGrid
+
+    from flwr_transports import offload
+
+    s = offload(strategy or FedAvg(), transport=transport, codec=codec, aggregation="inner",
+                **opts)
+    g = grid or InProcessGrid(make_app())
+    res = s.start(g, initial_arrays(), num_rounds=rounds)
+    return s, res, g
+
+
+def _same_arrays(a: ArrayRecord, b: ArrayRecord) -> None:
+    assert list(a.keys()) == list(b.keys())
+    for x, y in zip(a.to_numpy_ndarrays(), b.to_numpy_ndarrays(), strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
+def _strategy_matrix():
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyServerSideFixedClipping,
+        FedAdam,
+        FedAvg,
+        FedProx,
+    )
+    return {
+        "fedavg": lambda: FedAvg(),
+        "fedprox": lambda: FedProx(proximal_mu=0.1),
+        "fedadam": lambda: FedAdam(eta=0.05),
+        "dp-fixed": lambda: DifferentialPrivacyServerSideFixedClipping(
+            FedAvg(), noise_multiplier=0.0, clipping_norm=1e6, num_sampled_clients=2),
+    }
+
+
+@pytest.mark.parametrize("name", list(_strategy_matrix()))
+def test_offload_lossless_and_delta_change_no_bit(name, tmp_path):
+    """The strategy matrix with codec=lossless and codec=delta: the same global model as
+    raw, to the bit; the links carried fewer bytes; nothing was rejected."""
+    mk = _strategy_matrix()[name]
+    for transport in ("shm://", f"file://{tmp_path}"):
+        s_raw, raw, _ = _offload_run(transport, "raw", mk())
+        for cname in ("lossless", "delta"):
+            s, res, grid = _offload_run(transport, cname, mk())
+            _same_arrays(raw.arrays, res.arrays)
+            assert s.stats["replies_rejected"] == 0
+            assert s.stats["link_bytes_sent"] < 0.95 * s_raw.stats["link_bytes_sent"]
+            assert s.stats["link_bytes_received"] < s_raw.stats["link_bytes_received"]
+            refs = [json.loads(m.content["arrays"]["__flwr_transports_ref__"].data)
+                    for m in grid.sent if m.metadata.message_type == "train"]
+            assert refs and all(r["codec"] == "lossless" for r in refs)  # downlink
+            tickets = [json.loads(m.content["flwr_transports.ticket"]["ticket"])
+                       for m in grid.sent if m.metadata.message_type == "train"]
+            assert all(t["codec"] == cname for t in tickets)
+    assert not list(tmp_path.iterdir())
+
+
+def test_offload_q8_is_close_and_keeps_residuals_in_context_state():
+    from flwr_transports.codecs.wire import FEEDBACK_STATE_KEY, load_feedback
+
+    s_raw, raw, _ = _offload_run("shm://", "raw", rounds=3)
+    s, res, grid = _offload_run("shm://", "q8", rounds=3)
+    assert s.stats["replies_rejected"] == 0
+    # replies are int8 updates: about a quarter of the float32 reply bytes
+    assert s.stats["link_bytes_received"] < 0.35 * s_raw.stats["link_bytes_received"]
+    for x, y in zip(raw.arrays.to_numpy_ndarrays(), res.arrays.to_numpy_ndarrays(),
+                    strict=True):
+        assert x.dtype == y.dtype
+        if x.dtype == np.float32:
+            # the updates are +0.25/+0.5 everywhere: within a block they are equal, so
+            # q8 carries them to float rounding
+            np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+        else:  # float64 and int64 are not quantised: exact (delta)
+            assert np.array_equal(x, y)
+    for ctx in grid.contexts.values():  # each client kept its residuals for the next round
+        assert FEEDBACK_STATE_KEY in ctx.state
+        assert len(load_feedback(ctx.state)) == 1  # the float32 array
+
+
+def test_codec_option_is_validated_and_streaming_needs_raw():
+    from flwr.serverapp.strategy import FedAvg
+
+    from flwr_transports import offload
+    from flwr_transports.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one of raw, lossless, delta, q8"):
+        offload(FedAvg(), "shm://?codec=zip")
+    with pytest.raises(ConfigError, match="streaming"):
+        offload(FedAvg(), "shm://", codec="lossless", aggregation="streaming")
+    s = offload(FedAvg(), "shm://?codec=DELTA")  # URL option, parsed once, any case
+    assert s.codec == "delta" and not s.streaming  # auto -> inner: replies are decoded first
+
+
+def test_a_coded_reply_in_a_raw_run_is_rejected():
+    from flwr_transports.refs import is_ref_record, parse_ref_record
+
+    def tamper(node, reply):
+        if reply.has_content() and is_ref_record(reply.content.get("arrays")):
+            ref = parse_ref_record(reply.content["arrays"])
+            ref.codec = "lossless"
+            reply.content["arrays"] = ref.to_record()
+        return reply
+
+    from apps_inproc import make_app
+    from inproc import InProcessGrid
+
+    s, _, _ = _offload_run("shm://", "raw", rounds=1,
+                           grid=InProcessGrid(make_app(), tamper=tamper))
+    assert s.stats["replies_rejected"] == 2
+
+
+def test_ticket_and_reference_codec_fields_are_checked():
+    from flwr.app import ConfigRecord
+
+    from flwr_transports.refs import Reference, RefError, Ticket
+
+    t = Ticket(id="x", scheme="shm", run=1, round=1, node=1, msg_type="train", max_size=10,
+               threshold=1, codec="delta")
+    assert Ticket.from_record(t.to_record()).codec == "delta"
+    doc = json.loads(t.to_record()["ticket"])
+    doc["codec"] = "zip9"
+    with pytest.raises(RefError, match="upgrade"):
+        Ticket.from_record(ConfigRecord({"ticket": json.dumps(doc)}))
+    r = Reference(scheme="shm", loc={}, size=5, digest="sha256t:" + "0" * 64, codec="q8")
+    assert Reference.from_json(r.to_json()).codec == "q8"
+    assert Reference.from_json(Reference("shm", {}, 5, r.digest).to_json()).codec == "raw"
+    bad = json.loads(r.to_json())
+    bad["codec"] = ["lossless"]
+    with pytest.raises(RefError):
+        Reference.from_json(json.dumps(bad).encode())
+
+
+def test_decode_from_wire_checks_digest_cap_and_base():
+    from flwr_transports.codecs.wire import ServerBases, decode_from_wire, encode_for_wire
+
+    rec = _record(0, 20_000)
+    p = _raw(rec)
+    bases = ServerBases()
+    bases.add("r1", p)
+    new = _raw(_trained(rec, 1, {"x_float32"}))
+    wire, codec = encode_for_wire(new, "delta", base=bases.lookup(p.digest))
+    assert codec == "delta"
+    buf = wire.to_bytes()
+
+    def read(off, n):
+        return buf[off: off + n]
+
+    out = decode_from_wire(read, len(buf), wire.digest, max_size=1 << 30,
+                           lookup_base=bases.lookup)
+    assert codec_digest(out) == new.digest
+    with pytest.raises(PayloadError, match="digest mismatch"):  # over the wire bytes
+        decode_from_wire(read, len(buf), p.digest, max_size=1 << 30, lookup_base=bases.lookup)
+    with pytest.raises(PayloadError, match="over the limit"):  # decoded size, before decoding
+        decode_from_wire(read, len(buf), wire.digest, max_size=new.size - 1,
+                         lookup_base=bases.lookup)
+    bases.drop("r1")  # a model the server no longer holds (or never sent)
+    with pytest.raises(PayloadError, match="no base is held here"):
+        decode_from_wire(read, len(buf), wire.digest, max_size=1 << 30,
+                         lookup_base=bases.lookup)
+    # a raw payload decodes as before; a stream that would not be smaller is not sent
+    assert codec_digest(decode_from_wire(lambda o, n: p.to_bytes()[o: o + n], p.size,
+                                         p.digest, max_size=1)) == p.digest
+    tiny = _raw(ArrayRecord({"r": Array(np.random.default_rng(0).integers(
+        0, 255, 5000).astype(np.uint8))}))
+    assert encode_for_wire(tiny, "lossless") == (tiny, "raw")
+
+
+def codec_digest(rec: ArrayRecord) -> str:
+    return codec.encode(rec).digest

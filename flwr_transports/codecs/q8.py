@@ -121,6 +121,10 @@ class ErrorFeedback:
         with self._lock:
             return float(np.sqrt(sum(float(np.dot(r, r)) for r in self._res.values())))
 
+    def items(self) -> list[tuple[str, np.ndarray]]:
+        with self._lock:
+            return list(self._res.items())
+
     def clear(self) -> None:
         with self._lock:
             self._res.clear()

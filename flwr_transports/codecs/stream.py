@@ -946,11 +946,14 @@ def decode_payload(buf: bytes | bytearray | memoryview, *, base: Base | None = N
     return dec.decode(threads=threads, verify=verify)
 
 
-def decode_record(dec: Decoder, *, threads: int | None = None, verify: bool = False):
+def decode_record(dec: Decoder, *, threads: int | None = None, verify: bool = False,
+                  with_base: bool = False):
     """Decode a stream straight into an ArrayRecord: each array's bytes are decoded into
     their final ``bytes`` object (no copy of the payload after decoding); the windows
     holding the payload header are decoded once to read it, then copied.
-    ``verify``: check the decoded payload against the stream's content digest."""
+    ``verify``: check the decoded payload against the stream's content digest.
+    ``with_base``: return ``(record, Base)``, the decoded payload as a base for a later
+    delta (its digest: the stream's content digest; its segments: the record's bytes)."""
     from flwr.app import Array, ArrayRecord
 
     from .. import _membuf
@@ -998,9 +1001,13 @@ def decode_record(dec: Decoder, *, threads: int | None = None, verify: bool = Fa
             raise PayloadError(f"decoded payload has digest {got}, its header says "
                                f"{dec.info.content_digest}")
     out = ArrayRecord()
+    datas = []
     for a, obj in zip(head.arrays, objs, strict=True):
-        out[a.name] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype,
-                            data=obj if isinstance(obj, bytes) else bytes(obj))
+        data = obj if isinstance(obj, bytes) else bytes(obj)
+        datas.append(data)
+        out[a.name] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=data)
+    if with_base:
+        return out, Base(dec.info.content_digest, [bytes(hbuf), *datas])
     return out
 
 

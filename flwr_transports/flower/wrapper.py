@@ -34,6 +34,13 @@ from ..aggregation.policy import streaming_decision
 from ..aggregation.round import RoundStream, expected_layout
 from ..aggregation.train import streaming_aggregate_train
 from ..codec import check_digest, decode, encode, record_bytes
+from ..codecs.wire import (
+    ServerBases,
+    check_codec,
+    decode_from_wire,
+    downlink_codec,
+    encode_for_wire,
+)
 from ..errors import RejectedInput
 from ..links import LinkError, ServerLink, link_classes, server_link, split_url
 from ..options import Option, choice, integer, optional, size, split_options
@@ -64,12 +71,17 @@ WRAPPER_OPTIONS = (
     Option("threshold", size(0), DEFAULT_THRESHOLD, "ArrayRecords of at least this many bytes "
            "go over the link; smaller ones stay in-band (small models never get slower)", shown="1MiB"),
     Option("max_reply_size", optional(size(1)), None, "cap on one reply payload, checked before "
-           "fetching (default: max(4x the largest outgoing payload, 64 MiB))", shown="auto"),
+           "fetching; with a codec, on its bytes on the wire and on its decoded size "
+           "(default: max(4x the largest outgoing payload, 64 MiB))", shown="auto"),
     Option("reply_slots", integer(0, 64), 2, "large reply records a client may offload per "
            "message (0: replies stay in-band)"),
     Option("fetch_workers", integer(1, 64), 4, "replies whose payloads are fetched, verified "
            "and decoded at the same time in aggregate_* (references are still checked "
            "against their tickets one by one)"),
+    Option("codec", check_codec, "raw", "raw, lossless, delta or q8: how payloads are coded on "
+           "the link (docs/codecs.md). lossless: byte planes + zstd, exact; delta: replies "
+           "as the XOR with the model sent, exact; q8: replies as int8 updates with error "
+           "feedback, LOSSY (changes the arithmetic). Clients follow the ticket"),
     Option("aggregation", choice("auto", "streaming", "inner"), "auto", "auto, streaming or "
            "inner: fold training replies into one running weighted sum as they land on the "
            "link (weighted-mean strategies; auto picks it where it applies), or hand the inner "
@@ -136,6 +148,10 @@ class Offloader:
         self.reply_slots = opts.reply_slots
         self.fetch_workers = opts.fetch_workers
         self.aggregation = opts.aggregation
+        self.codec = opts.codec
+        self._bases = ServerBases()  # raw payloads sent: the bases of delta/q8 replies
+        # name -> (size, digest, codec) of what went on the wire
+        self._wire_info: dict[str, tuple[int, str, str]] = {}
         self.streaming = False  # decided by OffloadStrategy, which knows the strategy
         self._streams: dict[int, RoundStream] = {}
         self.link: ServerLink | None = None
@@ -171,6 +187,8 @@ class Offloader:
         self._streams.clear()
         self._pub_info.clear()
         self._held.clear()
+        self._bases.clear()
+        self._wire_info.clear()
         if self.scheme:
             s = self.stats
             log.info(
@@ -237,33 +255,41 @@ class Offloader:
                         reused = name is not None
                         if reused:  # the same bytes are published already
                             loc = self._pub_info[name][1]
+                            wire_size, wire_digest, wire_codec = self._wire_info[name]
                             self.stats["link_publishes_reused"] += 1
                         else:
                             for n in list(reusable.values()):  # free them before uploading
                                 self._release_name(n)
                             reusable.clear()
                             name = f"r{server_round}-{phase}-{len(names)}"
-                            loc = link.publish(name, payload)
-                            self._pub_info[name] = (payload.digest, loc, payload.size,
+                            wire, wire_codec = encode_for_wire(payload,
+                                                               downlink_codec(self.codec))
+                            loc = link.publish(name, wire)
+                            wire_size, wire_digest, _ = self._wire_info[name] = (
+                                wire.size, wire.digest, wire_codec)
+                            del wire
+                            if self.codec in ("delta", "q8"):  # the base of the replies
+                                self._bases.add(name, payload)
+                            self._pub_info[name] = (payload.digest, loc, wire_size,
                                                     payload.n_arrays, time.monotonic())
                             self.stats["link_publishes"] += 1
                         names.append(name)
                         dt = time.perf_counter() - t0
                         trace.record("publish", time.time() - dt, time.time(), role="server",
-                                     round=server_round, phase=phase, bytes=payload.size,
+                                     round=server_round, phase=phase, bytes=wire_size,
                                      scheme=self.scheme, reused=reused)
                         self.stats["link_seconds_put"] += dt
                         self._largest_out = max(self._largest_out, payload.size)
                         ref_rec = Reference(
-                            scheme=self.scheme, loc=loc, size=payload.size,
-                            digest=payload.digest, n_arrays=payload.n_arrays,
-                            keep=self._sent_again(server_round, phase),
+                            scheme=self.scheme, loc=loc, size=wire_size,
+                            digest=wire_digest, n_arrays=payload.n_arrays,
+                            keep=self._sent_again(server_round, phase), codec=wire_codec,
                         ).to_record()
-                        ref_rec._ftx_size = payload.size
+                        ref_rec._ftx_size = wire_size
                         refs[id(rec)] = ref_rec
                         log.info("flwr-transports: round %d %s: published %r (%s, %d arrays) "
                                  "on %s:// in %.2fs", server_round, phase, key,
-                                 _mib(payload.size), payload.n_arrays, self.scheme, dt)
+                                 _mib(wire_size), payload.n_arrays, self.scheme, dt)
                     self.stats["link_bytes_sent"] += ref_rec._ftx_size
                     new[key] = ref_rec
                 else:
@@ -284,7 +310,7 @@ class Offloader:
         ]
         t = Ticket(id=tid, scheme=self.scheme, run=int(msg.metadata.run_id), round=server_round,
                    node=node, msg_type=phase, max_size=cap, threshold=self.threshold,
-                   slots=slots)
+                   slots=slots, codec=self.codec)
         if self.streaming and phase == "train":
             t.weight_key = self.inner.weighted_by_key
             stream = self._streams.get(server_round)
@@ -312,6 +338,8 @@ class Offloader:
 
     def _release_name(self, name: str) -> None:
         self._pub_info.pop(name, None)
+        self._wire_info.pop(name, None)
+        self._bases.drop(name)
         if self.link is not None:
             self.link.release(name)
 
@@ -451,7 +479,17 @@ class Offloader:
         try:
             with self.link.open_upload(slot, ref.loc, ref.size) as src:
                 pre = getattr(src, "predecoded", None)
-                if pre is not None:  # the link decoded it on arrival (tcp://)
+                if ref.codec != "raw":
+                    if self.codec == "raw":
+                        raise RefError(f"reply payload is coded {ref.codec!r}; this run "
+                                       "offered no codec")
+                    # an encoded reply: digest over the wire bytes, decoded size within
+                    # the reply cap, delta/q8 against the model this server sent
+                    arrays = decode_from_wire(
+                        src.read, ref.size, ref.digest, lookup_base=self._bases.lookup,
+                        max_size=self.max_reply_size or max(4 * self._largest_out,
+                                                            MIN_REPLY_CAP))
+                elif pre is not None:  # the link decoded it on arrival (tcp://)
                     arrays, got = pre()
                     check_digest(got, ref.digest)
                 else:
@@ -509,6 +547,13 @@ class OffloadStrategy(Offloader, Strategy):
         self.streaming, why = streaming_decision(strategy, self.aggregation)
         if self.streaming and self.scheme is None:
             self.streaming, why = False, "inner: transport inband (no link to stream from)"
+        if self.streaming and self.codec != "raw":
+            if self.aggregation == "streaming":
+                from ..errors import ConfigError
+                raise ConfigError(f"aggregation='streaming' folds raw payloads only; with "
+                                  f"codec={self.codec!r} use aggregation='auto' or 'inner'")
+            self.streaming, why = False, (f"inner: codec={self.codec} (replies are decoded, "
+                                          "then aggregated by the strategy)")
         if self.scheme is not None:
             log.info("flwr-transports: aggregation %s", why)
 

@@ -186,7 +186,9 @@ class WeightedSum:
                 self._check_pins(plan, p, mv)
                 continue
             acc = self.accs[k]
-            z, d = acc.plan.itemsize, acc.plan.data_start
+            # offsets from THIS payload's plan: another upload's header may be longer or
+            # shorter (its weight is written in it), shifting every array
+            z, d = acc.plan.itemsize, plan.arrays[k].data_start
             i0 = -(-(p - d) // z)  # first element starting in [p, q)
             i1 = (q - d) // z  # elements ending by q
             lead = min(d + i0 * z, q) - p

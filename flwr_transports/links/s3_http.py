@@ -710,6 +710,11 @@ class RangedReader:
                  label: str, progress: bool, appear_within: float = 0.0):
         self.t = transport
         self.url = url
+        #: enough for another process to read the same object the same way (the Ray
+        #: shard owners of aggregation=ray): presigned URL, sizes, encryption key
+        self.remote = {"url": url, "size": size, "enc": enc, "range_stored": range_stored,
+                       "concurrency": concurrency, "label": label,
+                       "retries": transport.retries, "read_timeout": transport.timeout[1]}
         self.appear_by = time.monotonic() + appear_within if appear_within > 0 else None
         self.layout = Layout(size, enc["chunk"] if enc else 0)
         self.plain_unit, self.stored_unit = self.layout.align(range_stored)
@@ -777,7 +782,9 @@ class RangedReader:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def source(self) -> PayloadSource:
-        return PayloadSource(self.read, self.layout.size, self.close)
+        src = PayloadSource(self.read, self.layout.size, self.close)
+        src.remote = self.remote
+        return src
 
 
 def clamp_concurrency(v: Any, default: int = 8) -> int:

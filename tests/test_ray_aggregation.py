@@ -11,6 +11,7 @@ Ray actor after the run.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import uuid
@@ -21,13 +22,13 @@ import pytest
 ray = pytest.importorskip("ray", reason="aggregation=ray needs the ray extra")
 pytest.importorskip("moto.server", reason="the s3:// runs need moto[server]")
 
-from flwr.app import Array, ArrayRecord  # noqa: E402
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian  # noqa: E402
-from test_aggregation import FaultyGrid, _app, _compare, _run  # noqa: E402
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
+from test_aggregation import FaultyGrid, _app, _compare
 
-from flwr_transports import offload  # noqa: E402
-from flwr_transports.aggregation.ray_shards import cut, windows_of  # noqa: E402
-from flwr_transports.codec import encode  # noqa: E402
+from flwr_transports import offload
+from flwr_transports.aggregation.ray_shards import cut, windows_of
+from flwr_transports.codec import encode
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -115,10 +116,10 @@ def test_cut_covers_every_element_once_and_every_window():
         for idx, a in enumerate(plan.arrays):  # each element owned by exactly one shard
             spans = sorted(s[idx] for s in shards if idx in s)
             assert spans[0][0] == 0 and spans[-1][1] == a.count
-            assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
+            assert all(x[1] == y[0] for x, y in itertools.pairwise(spans))
         wins = [windows_of(plan, shards, j) for j in range(len(shards))]
         assert wins[0][0] == 0 and wins[-1][1] == 3
-        assert all(x[1] >= y[0] for x, y in zip(wins, wins[1:]))  # no window unread
+        assert all(x[1] >= y[0] for x, y in itertools.pairwise(wins))  # no window unread
 
 
 # -- strategy level on Ray ---------------------------------------------------------------
@@ -162,7 +163,7 @@ def test_actor_killed_mid_round_is_replaced_and_refolded(cluster, bucket):
             killed.append(cl.names[1])
             ray.kill(cl.actors[1], no_restart=True)
 
-    s_st, r_st = _ray_run(FedAvg(), f"{url}&aggregation=streaming", _grid(3, faulty=False))
+    _, r_st = _ray_run(FedAvg(), f"{url}&aggregation=streaming", _grid(3, faulty=False))
     s_ray, r_ray = _ray_run(FedAvg(), f"{url}&aggregation=ray&ray_shards=2",
                             _grid(3, faulty=False), hook=kill)
     assert killed and s_ray._ray.restarts >= 1

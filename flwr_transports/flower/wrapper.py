@@ -43,7 +43,7 @@ from ..codecs.wire import (
 )
 from ..errors import RejectedInput
 from ..links import LinkError, ServerLink, link_classes, server_link, split_url
-from ..options import Option, choice, integer, optional, size, split_options
+from ..options import Option, choice, integer, optional, size, split_options, text
 from ..refs import (
     TICKET_KEY,
     Reference,
@@ -82,10 +82,16 @@ WRAPPER_OPTIONS = (
            "the link (docs/codecs.md). lossless: byte planes + zstd, exact; delta: replies "
            "as the XOR with the model sent, exact; q8: replies as int8 updates with error "
            "feedback, LOSSY (changes the arithmetic). Clients follow the ticket"),
-    Option("aggregation", choice("auto", "streaming", "inner"), "auto", "auto, streaming or "
-           "inner: fold training replies into one running weighted sum as they land on the "
-           "link (weighted-mean strategies; auto picks it where it applies), or hand the inner "
-           "strategy every decoded reply (offload() only; see docs/aggregation.md)"),
+    Option("aggregation", choice("auto", "streaming", "inner", "ray"), "auto", "auto, "
+           "streaming, inner or ray: fold training replies into one running weighted sum as "
+           "they land on the link (weighted-mean strategies; auto picks it where it applies), "
+           "hand the inner strategy every decoded reply, or (s3://) have Ray actors fold "
+           "shards of the model straight from the store (offload() only; see "
+           "docs/aggregation.md)"),
+    Option("ray_address", optional(text), None, "aggregation=ray: the Ray cluster (default: "
+           "RAY_ADDRESS, the Ray of Flower's Simulation runtime, else a local one)"),
+    Option("ray_shards", integer(0, 1024), 0, "aggregation=ray: shard actors (0: half the "
+           "cluster's CPUs, at least 2, at most one per 16 MiB of model)", shown="auto"),
 )
 
 
@@ -129,6 +135,8 @@ class Offloader:
 
     #: rounds follow each other (Strategy.start): a new round retires older ones
     _sequential_rounds = True
+    #: aggregation=ray: the run's Ray cluster and shard actors (OffloadStrategy sets it)
+    _ray = None
 
     def __init__(self, transport: str = "inband", **options: Any):
         self.transport = (transport or "inband").strip()
@@ -177,6 +185,8 @@ class Offloader:
 
     def close(self) -> None:
         """Remove everything this run created on the link (idempotent)."""
+        if self._ray is not None:  # aggregation=ray: no shard actor outlives the run
+            self._ray.close()
         if self.link is not None:
             try:
                 self.link.close()
@@ -315,12 +325,19 @@ class Offloader:
             t.weight_key = self.inner.weighted_by_key
             stream = self._streams.get(server_round)
             if stream is None:  # folds only uploads laid out like the model sent
-                stream = self._streams[server_round] = RoundStream(
+                stream = self._streams[server_round] = self._new_stream(
                     server_round, expected_layout(msg.content))
             for i, slot in enumerate(slots):  # fold each upload as soon as it lands
                 link.on_upload(slot, functools.partial(stream.on_landed, (tid, i)))
         self._tickets[tid] = t
         return t
+
+    def _new_stream(self, server_round: int, expected: tuple | None):
+        if self._ray is not None:  # aggregation=ray (aggregation/ray_shards.py)
+            from ..aggregation.ray_shards import RayRoundStream
+
+            return RayRoundStream(server_round, expected, self._ray)
+        return RoundStream(server_round, expected)
 
     def _release(self, server_round: int, phase: str, hold: bool = False) -> None:
         """Remove payloads published for (round, phase) and everything older. ``hold``:
@@ -554,6 +571,16 @@ class OffloadStrategy(Offloader, Strategy):
                                   f"codec={self.codec!r} use aggregation='auto' or 'inner'")
             self.streaming, why = False, (f"inner: codec={self.codec} (replies are decoded, "
                                           "then aggregated by the strategy)")
+        if self.streaming and self.aggregation == "ray":
+            if self.scheme != "s3":
+                why = (f"{why}; not on Ray: aggregation=ray folds s3:// uploads only "
+                       f"(streaming in the ServerApp instead)")
+            else:
+                from ..aggregation.ray_shards import RayCluster, import_ray
+
+                import_ray()  # the install hint now, not in round 1
+                self._ray = RayCluster(self.options.ray_address, self.options.ray_shards)
+                why = f"{why}; sharded over Ray actors (aggregation=ray)"
         if self.scheme is not None:
             log.info("flwr-transports: aggregation %s", why)
 

@@ -35,7 +35,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from apps_inproc import initial_arrays, make_app
 from inproc import InProcessGrid
 
-TRANSPORTS = ["shm://", "tcp://127.0.0.1:0"]
+
+def _rdma_here() -> bool:
+    try:
+        from flwr_transports.links import rdma
+
+        rdma.load_nixl()
+        return True
+    except Exception:  # noqa: BLE001 - NIXL missing: rdma:// is not tested here
+        return False
+
+
+TRANSPORTS = ["shm://", "tcp://127.0.0.1:0",
+              pytest.param("rdma://127.0.0.1:0?chunk_size=256KiB", marks=pytest.mark.skipif(
+                  not _rdma_here(), reason="NIXL is not installed"))]
 
 
 class PollGrid(InProcessGrid):
@@ -249,3 +262,19 @@ def test_wait_landed_wakes_on_a_landing(notify):
     t.start()
     assert link.wait_landed(1.0, 30.0) == 2.0  # woken (a timeout would return 1.0 late)
     t.join()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_uploads_fold_as_they_land_on_every_network_link(transport):
+    """The landing hook is there on each link: streaming aggregation folds every
+    upload when it lands (rdma:// too), and the result equals the in-band FedAvg."""
+    grid = PollGrid(make_app(), 2, delays={101: 0.2, 102: 0.2})
+    s = offload(FedAvg(), transport, aggregation="streaming")
+    res = s.start(grid, initial_arrays(), num_rounds=1)
+    grid.join()
+    assert s.stats["agg_eager_folds"] == 2 and s.stats["agg_rebuilds"] == 0
+    assert len(s.stats["agg_tail_s"]) == 1  # the link reported when the uploads landed
+    ref = offload(FedAvg(), "inband").start(InProcessGrid(make_app()), initial_arrays(),
+                                            num_rounds=1)
+    for a, b in zip(res.arrays.to_numpy_ndarrays(), ref.arrays.to_numpy_ndarrays(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

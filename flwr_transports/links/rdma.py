@@ -621,6 +621,7 @@ class RdmaServerConn(chunks.ServerConn):
                 start = not missing and not slot.complete and srv.eager
                 if not missing:
                     slot.complete = True
+                    srv.last_landed = time.perf_counter()
                 if start:
                     slot.readers += 1
             if peer is not None:
@@ -629,7 +630,11 @@ class RdmaServerConn(chunks.ServerConn):
                 rd.agent.unload(peer)
             if not clean:
                 rd.unclean += 1
-        if start:
+        if not missing and srv.on_landed is not None:
+            srv.on_landed()  # the receive loop pulls the reply now
+        if start and slot.hook is not None:  # streaming aggregation folds it now
+            srv._eager_pool().submit(srv._run_hook, oid, slot)
+        elif start:
             slot.pre = srv._eager_pool().submit(srv._predecode, oid, slot)
         if missing:
             why = f"{missing} of {n} chunks could not be read" + (f": {err}" if err else "")

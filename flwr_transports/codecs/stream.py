@@ -427,10 +427,15 @@ def _window_parts(runs: list[_Part], starts: list[int], w0: int, w1: int) -> lis
 # --------------------------------------------------------------------------- encode
 
 
+_SAMPLE = 4096
+_CLOGC = np.zeros(_SAMPLE + 2)
+_CLOGC[1:] = np.arange(1, _SAMPLE + 2) * np.log2(np.arange(1, _SAMPLE + 2))
+
+
 def _entropy(sample: np.ndarray) -> float:
-    counts = np.bincount(sample, minlength=256)
-    p = counts[counts > 0] / len(sample)
-    return float(-(p * np.log2(p)).sum())
+    """Order-0 entropy (bits per byte) of a sample of at most ``_SAMPLE + 1`` bytes."""
+    n = len(sample)
+    return float(np.log2(n) - _CLOGC[np.bincount(sample, minlength=256)].sum() / n)
 
 
 def _put_blob(buf: np.ndarray, pos: int, plane: np.ndarray, hmax: float,
@@ -445,14 +450,14 @@ def _put_blob(buf: np.ndarray, pos: int, plane: np.ndarray, hmax: float,
         np.copyto(dst, plane)
     else:
         np.bitwise_xor(plane, xor, out=dst)
-    if hmax > 0 and n >= 64:
-        step = max(1, n // 4096)
-        if _entropy(dst[::step]) <= hmax:
-            c = _compressor().compress(dst)
-            if len(c) <= KEEP_RATIO * n:
-                _U32.pack_into(buf, pos, len(c) | _ZBIT)
-                buf[pos + 4: pos + 4 + len(c)] = np.frombuffer(c, np.uint8)
-                return pos + 4 + len(c)
+    # small planes: just try (cheaper than estimating); large ones: estimate first
+    if hmax > 0 and n >= 64 and (
+            n <= 16384 or _entropy(dst[:: max(1, -(-n // _SAMPLE))]) <= hmax):
+        c = _compressor().compress(dst)
+        if len(c) <= KEEP_RATIO * n:
+            _U32.pack_into(buf, pos, len(c) | _ZBIT)
+            buf[pos + 4: pos + 4 + len(c)] = np.frombuffer(c, np.uint8)
+            return pos + 4 + len(c)
     _U32.pack_into(buf, pos, n)
     return pos + 4 + n
 

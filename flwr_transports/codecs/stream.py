@@ -126,8 +126,8 @@ def _compressor():
         z = _zstd()
         # A fast match finder with a tiny hash table: byte planes of weights have almost
         # no long matches, and their gain is in the literals' Huffman coding. On exponent
-        # planes this is ~4x faster than level 1 and compresses as well or better
-        # (benchmarks/codec_bench.py --zstd-params).
+        # planes this was ~4x faster than level 1 and compressed as well or better
+        # (0.89 vs 0.23 GB/s, 34.0% vs 36.9% on an N(0, 0.02) fp32 exponent plane).
         params = z.ZstdCompressionParameters(
             window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7,
             target_length=0, strategy=z.STRATEGY_FAST, write_content_size=True,

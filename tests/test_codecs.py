@@ -703,3 +703,29 @@ def test_decode_from_wire_checks_digest_cap_and_base():
 
 def codec_digest(rec: ArrayRecord) -> str:
     return codec.encode(rec).digest
+
+
+def test_inspect_lists_the_arrays_of_coded_payloads(tmp_path, capsys):
+    from flwr_transports.inspect import main as inspect_main
+
+    rec = _record(0, 2000)
+    p = _raw(rec)
+    base_file = tmp_path / "base.ftx"
+    base_file.write_bytes(p.to_bytes())
+    new = _raw(_trained(rec, 3, {"x_float32"}))
+    lossless = encode(new, "lossless")
+    delta = encode(new, "delta", base=Base.from_payload(p))
+    (tmp_path / "l.ftx").write_bytes(lossless.to_bytes())
+    (tmp_path / "d.ftx").write_bytes(delta.to_bytes())
+    assert inspect_main([str(tmp_path / "l.ftx"), "--digest", lossless.digest]) == 0
+    out = capsys.readouterr().out
+    assert "coded payload: codec lossless" in out and "digest OK" in out
+    assert f"{len(rec)} arrays" in out
+    assert inspect_main([str(tmp_path / "d.ftx")]) == 0
+    assert "pass --base FILE" in capsys.readouterr().out
+    assert inspect_main([str(tmp_path / "d.ftx"), "--base", str(base_file)]) == 0
+    assert f"{len(rec)} arrays" in capsys.readouterr().out
+    # against another base: refused
+    (tmp_path / "other.ftx").write_bytes(_raw(_record(9, 2000)).to_bytes())
+    assert inspect_main([str(tmp_path / "d.ftx"), "--base", str(tmp_path / "other.ftx")]) == 1
+    assert "no base is held here" in capsys.readouterr().out

@@ -7,7 +7,7 @@ pulled as soon as the uploads land (the backoff alone would wait 30 s here); Flo
 semantics stay: the timeout (no pull at or after it; ``timeout=0`` pulls nothing), a
 node that never answers, a late reply rejected, error replies passed on, replies in
 pull order; the inner strategy sees the user's grid; in-band runs keep the grid's own
-send_and_reply. The real deployment is tests/integration/test_receive_deployment.py.
+send_and_receive. The real deployment is tests/integration/test_receive_deployment.py.
 """
 
 from __future__ import annotations

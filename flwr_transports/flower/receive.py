@@ -82,17 +82,15 @@ def polls_replies(grid: Grid) -> bool:
 
 
 def receive(grid: Grid, msg_ids: Iterable[str], timeout: float | None, link: Any,
-            stats: dict[str, Any], fields: dict[str, Any] | None = None,
-            pull: Callable[[Iterable[str]], Iterable[Message]] | None = None
-            ) -> list[Message]:
+            stats: dict[str, Any], fields: dict[str, Any] | None = None) -> list[Message]:
     """Pull the replies to ``msg_ids`` (already pushed) until all are in or
     ``timeout`` has passed, waking at once when ``link`` reports a landed upload.
-    ``pull``: the function that pulls (default ``grid.pull_messages``). Returns the
+    Pulls with ``grid.pull_messages`` (the wrapped grid: no offload work). Returns the
     replies in the order the pulls returned them. Counts the pulls in
     ``stats["pulls"]`` (total) and ``stats["receive_pulls"]`` (per call); traces a
     ``receive`` event with ``pulls``, ``replies`` and ``landed_to_reply`` (seconds
     from the last upload landing to the pull that brought the last reply)."""
-    pull = pull or grid.pull_messages
+    pull = grid.pull_messages
     pending = set(msg_ids)
     t_start = time.time()
     end_time = t_start + (timeout if timeout is not None else 0.0)

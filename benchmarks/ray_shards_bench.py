@@ -18,6 +18,7 @@ phase, during the fold (``fold_peak_mib``) and including the mean
 folded (all actors together) and per actor.
 
     python benchmarks/ray_shards_bench.py --sizes 64,512 --clients 4 --shards 1,2
+    python benchmarks/ray_shards_bench.py --cpu-only   # one actor's fold, no store
 """
 
 from __future__ import annotations
@@ -157,13 +158,53 @@ def phase(link, uploads, mode: str, shards: int, cluster):
     return row
 
 
+def cpu_fold(mib: int = 256) -> list[dict]:
+    """What one shard owner can fold when the store is not the limit: read (one copy
+    per 16 MiB window, as from a ranged GET), hash and fold a ``mib`` payload from
+    memory, in this process (K=1: the whole payload; K=2: the first shard)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from flwr_transports.aggregation import WEIGHT_META, Source, plan_payload
+    from flwr_transports.aggregation.ray_shards import ShardSum, cut, windows_of
+    from flwr_transports.codec import DIGEST_CHUNK, encode
+
+    n = mib * MIB // 4
+    rec = ArrayRecord({"w": Array(np.random.default_rng(0).standard_normal(n, dtype=np.float32))})
+    buf = encode(rec, {WEIGHT_META: "10"}).to_bytes()
+    plan = plan_payload(lambda o, k: buf[o:o + k], len(buf))
+    mv = memoryview(buf)
+    src = Source(len(buf), read=lambda o, k: bytes(mv[o:o + k]))
+    rows = []
+    for k in (1, 2):
+        shards = cut(plan, k)
+        s = ShardSum(plan, shards[0])
+        t0, t1 = windows_of(plan, shards, 0)
+        s.fold_windows(src, plan, t0, t1, 10.0)  # warm-up (first fold: multiply only)
+        t = time.perf_counter()
+        for _ in range(3):
+            s.fold_windows(src, plan, t0, t1, 10.0)
+        dt = (time.perf_counter() - t) / 3
+        nb = min(len(buf), t1 * DIGEST_CHUNK) - t0 * DIGEST_CHUNK
+        rows.append({"mode": f"cpu fold, shard of K={k}", "shard_mib": round(nb / MIB),
+                     "fold_s": round(dt, 3), "gb_per_s_per_actor": round(nb / dt / 1e9, 2)})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="64,512", help="model sizes, MiB")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--shards", default="1,2")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--skip-streaming", action="store_true", help="only the ray modes")
+    ap.add_argument("--cpu-only", action="store_true", help="only the in-memory fold "
+                    "throughput of one shard owner (no store, no Ray)")
     args = ap.parse_args(argv)
+    if args.cpu_only:
+        for row in cpu_fold():
+            print(json.dumps(row), flush=True)
+        return 0
     os.environ.update(CREDS)
     import ray
 
@@ -197,8 +238,8 @@ def main(argv=None) -> int:
                         u["slot"] = slot
                         link.open_upload(slot, u["loc"], u["size"]).close()
                     print(f"# {mib} MiB x {args.clients}: uploaded in {t_up:.1f}s", flush=True)
-                    modes = [("streaming", 0)] + [("ray", int(k)) for k in
-                                                  args.shards.split(",")]
+                    modes = [] if args.skip_streaming else [("streaming", 0)]
+                    modes += [("ray", int(k)) for k in args.shards.split(",")]
                     for mode, k in modes:
                         row = {"model_mib": mib, "clients": args.clients,
                                **phase(link, uploads, mode, k, cluster)}

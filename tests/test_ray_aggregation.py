@@ -191,3 +191,21 @@ def test_ray_is_only_for_the_weighted_mean_and_s3(cluster, tmp_path, caplog):
 
 def _endpoint(s3) -> str:
     return s3.meta.endpoint_url
+
+
+def test_losing_the_cluster_fails_the_run_and_leaves_nothing(cluster, bucket):
+    """The ServerApp loses its Ray (here: its connection shut down mid-round): the run
+    fails with RayClusterError naming what happened, and the bucket is left empty.
+    (Last in the module: it ends the module's Ray.)"""
+    from flwr_transports.aggregation.ray_shards import RayClusterError
+
+    s3, b = bucket
+    url = f"s3://{b}/runs?endpoint_url={_endpoint(s3)}&aggregation=ray&ray_shards=2"
+
+    def lose(n, cl):
+        if n == 0:
+            ray.shutdown()
+
+    with pytest.raises(RayClusterError, match="Ray cluster"):
+        _ray_run(FedAvg(), url, _grid(2, faulty=False), hook=lose)
+    assert _leftovers(s3, b) == ([], [])

@@ -56,6 +56,7 @@ MAX_RESTARTS = 3
 #: seconds a new actor may take to answer its first call
 START_TIMEOUT = 120.0
 HEADER_UNIT = 1 << 20  # the ServerApp reads payload headers in units this small
+ASSEMBLY_CHUNK = 64 << 20  # the mean is fetched from the shard owners in pieces this big
 
 
 class RayClusterError(RuntimeError):
@@ -198,6 +199,7 @@ class ShardOwner:
     def __init__(self, j: int):
         self.j = j
         self.sum: ShardSum | None = None
+        self.out: dict[int, tuple[int, np.ndarray]] | None = None
         self._http = None
 
     def ping(self) -> int:
@@ -224,9 +226,18 @@ class ShardOwner:
         finally:
             reader.close()
 
-    def mean(self, total: float):
+    def finish(self, total: float) -> dict[int, tuple[int, int]]:
+        """Divide by the total weight; ``{array index: (lo, count)}`` of the result."""
         s, self.sum = self.sum, None
-        return s.shard_mean(total)
+        self.out = s.shard_mean(total)
+        return {k: (lo, len(arr)) for k, (lo, arr) in self.out.items()}
+
+    def piece(self, k: int, a: int, b: int) -> np.ndarray:
+        """Elements ``[a, b)`` (relative to the shard) of array ``k`` of the mean."""
+        return self.out[k][1][a:b]
+
+    def drop(self) -> None:
+        self.out = None
 
 
 _ACTOR = None
@@ -536,18 +547,15 @@ class RayRoundStream:
 
     # -- the mean ----------------------------------------------------------------------
     def assemble(self, plan: Plan, total: float) -> ArrayRecord:
-        """The mean as an ArrayRecord: each array's bytes allocated once, each shard's
-        slice copied in (the one time per round the ServerApp holds the model)."""
+        """The mean as an ArrayRecord: each array's bytes allocated once, the shards'
+        slices fetched ASSEMBLY_CHUNK bytes at a time (one ahead) and copied in (the one
+        time per round the ServerApp holds the model)."""
         cl = self.cluster
         ray = cl.ray
-        try:
-            refs = [a.mean.remote(float(total)) for a in cl.actors[:len(self.shards)]]
-            parts = ray.get(refs)
-        except Exception as exc:
-            raise RayClusterError(f"aggregation=ray: collecting the shards of round "
-                                  f"{self.round} failed: {exc}") from exc
+        actors = cl.actors[:len(self.shards)]
+        bodies = []
         out = ArrayRecord()
-        for k, a in enumerate(plan.arrays):
+        for a in plan.arrays:
             if a.kind == "bf16":
                 head, z, dtype = a.npy_header, 2, a.dtype
             else:
@@ -555,13 +563,32 @@ class RayRoundStream:
                 z, dtype = a.out_dtype.itemsize, str(a.out_dtype)
             obj, view = alloc_bytes(len(head) + a.count * z)
             view[:len(head)] = head
-            body = np.frombuffer(view, dtype=np.uint8, offset=len(head))
-            for part in parts:
-                if k in part:
-                    lo, arr = part[k]
-                    raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-                    body[lo * z:lo * z + len(raw)] = raw
+            bodies.append((obj, np.frombuffer(view, dtype=np.uint8, offset=len(head)), z))
+        try:
+            index = ray.get([x.finish.remote(float(total)) for x in actors])
+            jobs = []  # (actor, array, shard-relative start, end, array element offset)
+            for x, idx in zip(actors, index, strict=True):
+                for k, (lo, n) in idx.items():
+                    step = max(1, ASSEMBLY_CHUNK // bodies[k][2])
+                    jobs += [(x, k, e, min(n, e + step), lo + e) for e in range(0, n, step)]
+            ahead = None
+            for i, (x, k, e0, e1, at) in enumerate(jobs):
+                ref = ahead if ahead is not None else x.piece.remote(k, e0, e1)
+                ahead = (jobs[i + 1][0].piece.remote(*jobs[i + 1][1:4])
+                         if i + 1 < len(jobs) else None)
+                piece = ray.get(ref)
+                del ref
+                _, body, z = bodies[k]
+                raw = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+                body[at * z:at * z + len(raw)] = raw
+                del piece, raw
+            for x in actors:
+                x.drop.remote()
+        except Exception as exc:
+            raise RayClusterError(f"aggregation=ray: collecting the shards of round "
+                                  f"{self.round} failed: {exc}") from exc
+        for a, (obj, _body, _z) in zip(plan.arrays, bodies, strict=True):
+            dtype = a.dtype if a.kind == "bf16" else str(a.out_dtype)
             data = obj if isinstance(obj, bytes) else bytes(obj)
             out[a.name] = Array(dtype=dtype, shape=a.shape, stype=a.stype, data=data)
-        del parts
         return out

@@ -22,13 +22,19 @@ import os
 import sys
 from typing import Any
 
-_ZERO_COPY = os.environ.get("FLWR_TRANSPORTS_ZERO_COPY",
-                            os.environ.get("FLWR_TRANSPORTS_MPI_ZERO_COPY", "1")) != "0"
 ZC_MIN = 1 << 16  # below this a bytearray (and one small copy later) is simpler
 
 
+def _zero_copy_wanted() -> bool:
+    """FLWR_TRANSPORTS_ZERO_COPY (older name: ..._MPI_ZERO_COPY), read at each call."""
+    from .settings import raw
+
+    v = raw("FLWR_TRANSPORTS_ZERO_COPY") or raw("FLWR_TRANSPORTS_MPI_ZERO_COPY") or "1"
+    return v.strip() != "0"
+
+
 def _setup_zero_copy():
-    if not _ZERO_COPY or sys.implementation.name != "cpython":
+    if sys.implementation.name != "cpython":
         return None
     try:
         api = ctypes.pythonapi
@@ -66,7 +72,7 @@ _MADVISE = _setup_madvise()
 
 
 def zero_copy_available() -> bool:
-    return _ZC is not None
+    return _ZC is not None and _zero_copy_wanted()
 
 
 def madvise_range(addr: int, n: int, advice: int) -> bool:
@@ -101,7 +107,7 @@ def alloc_bytes(n: int, *, huge: bool = False) -> tuple[Any, memoryview]:
     FLWR_TRANSPORTS_ZERO_COPY=0, it is a bytearray (turn it into ``bytes`` later, one
     copy). ``huge`` asks for transparent huge pages (fewer faults where THP is cheap).
     """
-    if _ZC is not None and n >= ZC_MIN:
+    if _ZC is not None and n >= ZC_MIN and _zero_copy_wanted():
         new, ptr = _ZC
         obj = new(None, n)
         addr = ptr(obj)

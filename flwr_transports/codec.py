@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from flwr.app import Array, ArrayRecord
 
 from .errors import RejectedInput
-from .options import parse_size  # noqa: F401 - re-exported (one definition, in options)
 from .limits import loads_bounded
+from .options import parse_size  # noqa: F401 - re-exported (one definition, in options)
 
 FORMAT = "flwr-transports/1"
 CODEC_VERSION = 1
@@ -44,7 +44,7 @@ _POOL: ThreadPoolExecutor | None = None
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # a header above this is hostile
 _META_KEY = "flwr_transports"
 #: arrays one payload may hold, and nesting depth of its header
-MAX_ARRAYS = 1_000_000
+MAX_ARRAYS = 100_000
 MAX_HEADER_DEPTH = 8
 
 
@@ -178,13 +178,88 @@ class _NoHash:
         return ""
 
 
+@dataclass(frozen=True)
+class ArrayEntry:
+    """One array of a payload, as its header describes it (offsets are absolute)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    stype: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """A payload's validated header: ``raw`` is its first ``base`` bytes (length prefix
+    and JSON), ``meta`` the safetensors ``__metadata__``, ``arrays`` in payload order,
+    contiguous from ``base`` to the payload's end."""
+
+    base: int
+    raw: bytes
+    meta: dict
+    arrays: tuple[ArrayEntry, ...]
+
+
+def read_header(read: Reader, size: int, max_arrays: int = MAX_ARRAYS) -> Header:
+    """THE parser of a payload header (decode, the streaming fold's planner and the
+    links' header sniffing all use it). ``read(off, n)`` must return ``n`` bytes; only
+    the header is read. Bounded (size, depth, element count, array count) and fully
+    validated: the arrays must be contiguous, uniquely named and end exactly at
+    ``size``. Raises PayloadError."""
+    if size < 8:
+        raise PayloadError(f"payload too small ({size} bytes)")
+
+    def _read(off: int, n: int) -> bytes:
+        b = read(off, n)
+        if len(b) != n:
+            raise PayloadError(f"short read at offset {off}: wanted {n}, got {len(b)}")
+        return b
+
+    first = _read(0, 8)
+    (hlen,) = struct.unpack("<Q", first)
+    if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+        raise PayloadError(f"payload header length {hlen} is invalid for a {size}-byte payload")
+    raw = _read(8, hlen)
+    try:
+        hdr = loads_bounded(raw, what="payload header", max_bytes=MAX_HEADER_BYTES,
+                            max_depth=MAX_HEADER_DEPTH, max_items=8 * max_arrays + 16,
+                            error=PayloadError)
+        meta = hdr.pop("__metadata__")
+        if meta.get("format") != FORMAT:
+            raise PayloadError(f"unknown payload format {str(meta.get('format'))[:64]!r}")
+        entries = loads_bounded(meta[_META_KEY], what="payload array list",
+                                max_bytes=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH,
+                                max_items=8 * max_arrays + 16, error=PayloadError)
+    except PayloadError as exc:
+        raise PayloadError(f"malformed payload header: {exc}") from None
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise PayloadError(f"malformed payload header: {exc}") from None
+    if not isinstance(entries, list) or len(entries) != len(hdr) or len(entries) > max_arrays:
+        raise PayloadError("payload header array count mismatch")
+    base = 8 + hlen
+    pos = 0
+    names: set[str] = set()
+    out = []
+    for i, entry in enumerate(entries):
+        name, dtype, shape, stype = _validate_meta(entry)
+        begin, end = entry_offsets(hdr, i, name, pos, base, size)
+        if name in names:
+            raise PayloadError(f"duplicate array name {name!r}")
+        names.add(name)
+        out.append(ArrayEntry(name, dtype, shape, stype, base + begin, base + end))
+        pos = end
+    if base + pos != size:
+        raise PayloadError(f"payload has {size - base - pos} trailing bytes")
+    return Header(base=base, raw=first + raw, meta=meta, arrays=tuple(out))
+
+
 def decode_hashed(read: Reader, size: int, *, hashed: bool = True) -> tuple[ArrayRecord, str]:
     """Decode a payload and return it with the ``sha256t`` digest of exactly the bytes
     decoded (for links that decode before the expected digest is known; the caller
     must then :func:`check_digest` before trusting the record). ``hashed=False``
     (trusted data only) skips hashing and returns an empty digest."""
-    if size < 8:
-        raise PayloadError(f"payload too small ({size} bytes)")
     hasher = TreeHasher() if hashed else _NoHash()  # hashes exactly the bytes decoded, overlapping the reads
 
     def _read(off: int, n: int) -> bytes:
@@ -194,79 +269,35 @@ def decode_hashed(read: Reader, size: int, *, hashed: bool = True) -> tuple[Arra
         hasher.update(b)
         return b
 
-    (hlen,) = struct.unpack("<Q", _read(0, 8))
-    if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-        raise PayloadError(f"payload header length {hlen} is invalid for a {size}-byte payload")
-    try:
-        hdr = loads_bounded(_read(8, hlen), what="payload header", max_bytes=MAX_HEADER_BYTES,
-                            max_depth=MAX_HEADER_DEPTH, max_items=8 * MAX_ARRAYS + 16,
-                            error=PayloadError)
-        meta = hdr.pop("__metadata__")
-        if meta.get("format") != FORMAT:
-            raise PayloadError(f"unknown payload format {str(meta.get('format'))[:64]!r}")
-        entries = loads_bounded(meta[_META_KEY], what="payload array list",
-                                max_bytes=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH,
-                                max_items=8 * MAX_ARRAYS + 16, error=PayloadError)
-    except PayloadError as exc:
-        raise PayloadError(f"malformed payload header: {exc}") from None
-    except (ValueError, KeyError, AttributeError, TypeError) as exc:
-        raise PayloadError(f"malformed payload header: {exc}") from None
-    if not isinstance(entries, list) or len(entries) != len(hdr):
-        raise PayloadError("payload header array count mismatch")
-    base = 8 + hlen
-    pos = 0
+    head = read_header(_read, size)  # hashes the header bytes, in order
     out = ArrayRecord()
-    for i, entry in enumerate(entries):
-        name, dtype, shape, stype = _validate_meta(entry)
-        begin, end = entry_offsets(hdr, i, name, pos, base, size)
-        if name in out:
-            raise PayloadError(f"duplicate array name {name!r}")
-        data = _read(base + begin, end - begin)
-        out[name] = Array(dtype=dtype, shape=shape, stype=stype, data=data)
-        pos = end
-    if base + pos != size:
-        raise PayloadError(f"payload has {size - base - pos} trailing bytes")
+    for a in head.arrays:
+        out[a.name] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype,
+                            data=_read(a.start, a.end - a.start))
     return out, hasher.hexdigest()
 
 
-def data_ranges(prefix: bytes | bytearray | memoryview, size: int,
-                max_arrays: int = 100_000) -> tuple[int, list[tuple[int, int]]] | None:
+def data_ranges(prefix: bytes | bytearray | memoryview, size: int
+                ) -> tuple[int, list[tuple[int, int]]] | None:
     """Where each array's bytes lie in a ``size``-byte payload, from its first bytes.
 
     Returns ``(header_end, [(start, end), ...])`` with absolute offsets, in payload
-    order, when ``prefix`` holds the whole header and it describes contiguous
-    arrays that end exactly at ``size``; otherwise None. Used only to place received
-    bytes (each array straight into its own ``bytes`` object); :func:`decode`
-    still validates everything, so a lying header can at worst make the transfer
-    fall back to a plain buffer or fail its checks.
+    order, when ``prefix`` holds the whole header and it is valid (:func:`read_header`);
+    otherwise None. Used only to place received bytes (each array straight into its
+    own ``bytes`` object); :func:`decode` still validates everything and checks the
+    digest, so a lying header can at worst make the transfer fall back to a plain
+    buffer or fail its checks.
     """
     mv = memoryview(prefix).cast("B")
-    if len(mv) < 8 or size < 8:
-        return None
-    (hlen,) = struct.unpack("<Q", mv[:8])
-    if hlen > MAX_HEADER_BYTES or 8 + hlen > min(size, len(mv)):
-        return None
+
+    def read(off: int, n: int) -> bytes:
+        return bytes(mv[off : off + n])
+
     try:
-        hdr = loads_bounded(mv[8:8 + hlen], what="payload header", max_bytes=MAX_HEADER_BYTES,
-                            max_depth=MAX_HEADER_DEPTH, max_items=8 * max_arrays + 16,
-                            error=PayloadError)
-        n = len(hdr) - 1 if isinstance(hdr, dict) and "__metadata__" in hdr else -1
-        if not 0 <= n <= max_arrays:
-            return None
-        base = 8 + hlen
-        pos, out = 0, []
-        for i in range(n):
-            begin, end = hdr[f"a{i:08d}"]["data_offsets"]
-            if not (isinstance(begin, int) and isinstance(end, int) and begin == pos
-                    and end >= begin):
-                return None
-            out.append((base + begin, base + end))
-            pos = end
-    except (ValueError, KeyError, TypeError):
+        head = read_header(read, size)
+    except PayloadError:
         return None
-    if base + pos != size:
-        return None
-    return base, out
+    return head.base, [(a.start, a.end) for a in head.arrays]
 
 
 def decode_bytes(buf: bytes | bytearray | memoryview, digest: str | None) -> ArrayRecord:

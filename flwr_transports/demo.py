@@ -26,7 +26,9 @@ import numpy as np
 
 
 def find_example_app() -> Path:
-    env = os.environ.get("FLWR_TRANSPORTS_DEMO_APP")
+    from .settings import raw
+
+    env = raw("FLWR_TRANSPORTS_DEMO_APP")
     cands = [Path(env)] if env else []
     here = Path(__file__).resolve()
     cands += [here.parent.parent / "examples" / "quickstart-offload",

@@ -12,6 +12,7 @@ a 64 MiB header is checked in milliseconds. Every failure is raised as the calle
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from typing import Any
@@ -62,12 +63,20 @@ def loads_bounded(raw: bytes | bytearray | memoryview | str, *, what: str, max_b
         raise error(f"{what} is a {type(raw).__name__}, not JSON text")
     if len(raw) > max_bytes:
         raise error(f"{what} is {len(raw)} bytes (limit {max_bytes})")
+    # the scan reads UTF-8; json.loads(bytes) would itself detect UTF-16/32 (BOM or
+    # NUL-byte pattern), inside which the scan sees neither brackets nor commas
+    if raw.startswith(codecs.BOM_UTF8) or json.detect_encoding(raw) != "utf-8":
+        raise error(f"{what} is not UTF-8 JSON (a byte-order mark, or UTF-16/32); refused")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{what} is not valid UTF-8 text") from None
     depth, seps = json_shape(raw)
     if depth > max_depth:
         raise error(f"{what} is nested {depth} levels deep (limit {max_depth})")
     if seps > max_items:
         raise error(f"{what} has more than {max_items} elements")
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise error(f"{what} is not valid JSON: {str(exc)[:200]}") from None

@@ -18,14 +18,29 @@ setting             environment variable                default
 ``file_roots``      ``FLWR_TRANSPORTS_FILE_ROOTS``      any directory outside system ones
 ``max_payload``     ``FLWR_TRANSPORTS_MAX_PAYLOAD``     64 GiB
 ``allow_link_local`` ``FLWR_TRANSPORTS_ALLOW_LINK_LOCAL`` false
+``max_wait``        ``FLWR_TRANSPORTS_MAX_WAIT``        900 s
 ==================  ==================================  ======================================
+
+``max_wait`` caps how long a server may make this client wait for a payload to appear
+(s3:// ``wait``: the fields each link declares in ``ClientLink.WAIT_FIELDS``): the
+smaller of the server's value and the client's applies.
 
 ``hosts`` entries are host names (``store.example.org``), suffix patterns
 (``*.example.org``), addresses or networks (``10.0.0.0/8``, ``fd00::/8``); a name
 matches by name, or by every address it resolves to. Environment lists are comma
-separated. Link-local and cloud metadata addresses (169.254.0.0/16, fe80::/10,
-fd00:ec2::254) are refused unless ``allow_link_local`` is set or the address is
-listed in ``hosts`` explicitly. HTTP redirects are never followed (by either side).
+separated. Link-local and cloud metadata addresses (:data:`LINK_LOCAL`: 169.254.0.0/16,
+fe80::/10, fd00:ec2::254, fd20:ce::254, 100.100.100.200, 168.63.129.16, also written
+inside IPv6 as IPv4-mapped, IPv4-compatible or NAT64 ``64:ff9b::/96``) are refused
+unless ``allow_link_local`` is set or the address is listed in ``hosts`` explicitly: by
+its name, or by an address or network entry that lies inside those ranges (a
+``*.suffix`` pattern or a wider network never counts). HTTP redirects are never
+followed (by either side).
+
+What is checked is what each link declares (:meth:`ClientLink.endpoints
+<flwr_transports.links.base.ClientLink.endpoints>`): every URL, peer and file a
+reference or slot makes the client contact, parsed once by
+:class:`~flwr_transports.links.base.Endpoint` (a URL that the HTTP client would read
+differently is refused); a link that declares nothing is refused.
 """
 
 from __future__ import annotations
@@ -35,13 +50,15 @@ import os
 import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from .codec import parse_size
 from .errors import ConfigError
+from .links.base import Endpoint
+from .options import parse_duration
 from .refs import RefError
 
 DEFAULT_MAX_PAYLOAD = 64 * 2**30
+DEFAULT_MAX_WAIT = 900.0
 ENV = {
     "schemes": "FLWR_TRANSPORTS_ALLOWED_SCHEMES",
     "hosts": "FLWR_TRANSPORTS_ALLOWED_HOSTS",
@@ -49,12 +66,40 @@ ENV = {
     "file_roots": "FLWR_TRANSPORTS_FILE_ROOTS",
     "max_payload": "FLWR_TRANSPORTS_MAX_PAYLOAD",
     "allow_link_local": "FLWR_TRANSPORTS_ALLOW_LINK_LOCAL",
+    "max_wait": "FLWR_TRANSPORTS_MAX_WAIT",
 }
 #: never a legitimate place for a payload, whatever file_roots says by default
 SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
                "/root", "/run", "/sbin", "/sys", "/usr", "/var/lib", "/var/spool", "/var/run")
-LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"),
-              ipaddress.ip_network("fd00:ec2::254/128"))
+SHM_DIR = "/dev/shm"
+#: link-local and cloud metadata addresses: refused unless allowed explicitly.
+#: 169.254.0.0/16 holds the metadata service of AWS, GCP, Azure, OCI, DigitalOcean,
+#: OpenStack (169.254.169.254) and Tencent (169.254.0.23); fd00:ec2::254: AWS over
+#: IPv6; fd20:ce::254: GCP over IPv6; 100.100.100.200: Alibaba Cloud;
+#: 168.63.129.16: Azure's WireServer (host agent, never a payload store)
+LINK_LOCAL = tuple(ipaddress.ip_network(n) for n in (
+    "169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "fd20:ce::254/128",
+    "100.100.100.200/32", "168.63.129.16/32"))
+#: IPv6 prefixes whose last 32 bits are an IPv4 address a connection reaches
+#: (IPv4-compatible, NAT64 well-known and local-use /96 forms); ::ffff:0:0/96 is
+#: ``ipv4_mapped``
+_EMBEDS_V4 = tuple(ipaddress.ip_network(n) for n in ("::/96", "64:ff9b::/96",
+                                                      "64:ff9b:1::/96"))
+
+
+def _forms(a: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list:
+    """The address and the IPv4 address an IPv6 form of it reaches, if any."""
+    out = [a]
+    if a.version == 6:
+        if a.ipv4_mapped is not None:
+            out.append(a.ipv4_mapped)
+        elif any(a in n for n in _EMBEDS_V4) and int(a) & 0xFFFFFFFF > 1:
+            out.append(ipaddress.IPv4Address(int(a) & 0xFFFFFFFF))  # not :: or ::1
+    return out
+
+
+def _refused_address(a) -> bool:
+    return any(f in n for f in _forms(a) for n in LINK_LOCAL if f.version == n.version)
 
 
 class PolicyError(RefError):
@@ -109,10 +154,12 @@ class ClientPolicy:
     file_roots: tuple[str, ...] | None = None
     max_payload: int = DEFAULT_MAX_PAYLOAD
     allow_link_local: bool = False
+    max_wait: float = DEFAULT_MAX_WAIT
 
     @classmethod
     def build(cls, *, schemes=None, hosts=None, ports=None, file_roots=None, max_payload=None,
-              allow_link_local=None, environ: dict[str, str] | None = None) -> ClientPolicy:
+              allow_link_local=None, max_wait=None,
+              environ: dict[str, str] | None = None) -> ClientPolicy:
         """Settings given here win; unset ones come from the environment, then defaults."""
         env = os.environ if environ is None else environ
 
@@ -125,6 +172,11 @@ class ClientPolicy:
         schemes, hosts = pick("schemes", schemes), pick("hosts", hosts)
         ports, roots = pick("ports", ports), pick("file_roots", file_roots)
         cap, ll = pick("max_payload", max_payload), pick("allow_link_local", allow_link_local)
+        wait = pick("max_wait", max_wait)
+        try:
+            wait_s = DEFAULT_MAX_WAIT if wait is None else float(parse_duration(wait))
+        except ValueError as exc:
+            raise ConfigError(f"client policy max_wait: {exc}") from None
         try:
             cap_n = DEFAULT_MAX_PAYLOAD if cap is None else parse_size(cap)
         except ValueError as exc:
@@ -146,6 +198,7 @@ class ClientPolicy:
             file_roots=roots_t,
             max_payload=cap_n,
             allow_link_local=False if ll is None else _bool(ll),
+            max_wait=wait_s,
         )
 
     # -- checks -------------------------------------------------------------------------
@@ -162,11 +215,33 @@ class ClientPolicy:
                 f"payload of {size} bytes exceeds this client's limit of {self.max_payload} "
                 f"(raise it with {_setting_hint('max_payload')})")
 
-    def _host_listed(self, host: str, addrs: list) -> bool:
+    def _listed_by(self, host: str, addrs: list) -> list[str]:
+        """The ``hosts`` entries that allow ``host`` (resolved to ``addrs``)."""
+        out = []
         for entry in self.hosts or ():
             if entry.startswith("*."):
                 if host.endswith(entry[1:]):
-                    return True
+                    out.append(entry)
+                continue
+            try:
+                net = ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if host == entry:
+                    out.append(entry)
+                continue
+            if addrs and all(a in net for a in addrs):
+                out.append(entry)
+        return out
+
+    def _host_listed(self, host: str, addrs: list) -> bool:
+        return bool(self._listed_by(host, addrs))
+
+    def _explicit(self, host: str, bad: list) -> bool:
+        """Whether ``hosts`` names these link-local/metadata addresses explicitly: by
+        the host's own name, or by address/network entries inside the refused ranges
+        (never by a ``*.suffix`` pattern or a wider network such as 0.0.0.0/0)."""
+        for entry in self.hosts or ():
+            if entry.startswith("*."):
                 continue
             try:
                 net = ipaddress.ip_network(entry, strict=False)
@@ -174,7 +249,8 @@ class ClientPolicy:
                 if host == entry:
                     return True
                 continue
-            if addrs and all(a in net for a in addrs):
+            if all(a in net for a in bad) and any(
+                    net.version == n.version and net.subnet_of(n) for n in LINK_LOCAL):
                 return True
         return False
 
@@ -204,37 +280,34 @@ class ClientPolicy:
             raise PolicyError(
                 f"{what}: host {host!r} is not among the hosts this client's policy allows "
                 f"({', '.join(self.hosts) or 'none'}); add it with {_setting_hint('hosts')}")
-        bad = [a for a in addrs if any(a in n for n in LINK_LOCAL)
-               or (a.version == 6 and a.ipv4_mapped is not None
-                   and any(a.ipv4_mapped in n for n in LINK_LOCAL))]
-        explicit = listed and any(not e.startswith("*.") for e in self.hosts or ())
-        if bad and not (self.allow_link_local or explicit):
+        bad = [a for a in addrs if _refused_address(a)]
+        if bad and not (self.allow_link_local or self._explicit(host, bad)):
             raise PolicyError(
                 f"{what}: host {host!r} is a link-local or cloud metadata address "
                 f"({', '.join(map(str, bad))}); refused (allow it with "
-                f"{_setting_hint('allow_link_local')}, or list it in hosts)")
+                f"{_setting_hint('allow_link_local')}, or list it in hosts by name or "
+                "address; a *.suffix pattern does not count)")
         if self.ports is not None and port is not None and port not in self.ports:
             raise PolicyError(
                 f"{what}: port {port} of {host!r} is not allowed by this client's policy; "
                 f"change it with {_setting_hint('ports')}")
         return [str(a) for a in addrs]
 
-    def check_url(self, what: str, url: Any) -> None:
-        if not isinstance(url, str):
-            return  # the link rejects it with its own message
-        u = urlsplit(url)
-        if u.scheme not in ("http", "https"):
-            raise PolicyError(f"{what}: only http(s) URLs are followed, got {u.scheme!r}")
+    def check_url(self, what: str, url: Any) -> Endpoint:
+        """Check an http(s) URL; return the one parsed value (what to connect to)."""
         try:
-            port = u.port or (443 if u.scheme == "https" else 80)
-        except ValueError:
-            raise PolicyError(f"{what}: URL has an invalid port") from None
-        self.check_host(what, u.hostname or "", port)
+            ep = Endpoint.http(what, url)
+        except RefError as exc:
+            raise PolicyError(str(exc)) from None
+        self.check_host(what, ep.host, ep.port)
+        return ep
 
     def check_file(self, what: str, path: Any) -> None:
         if not isinstance(path, str) or "\x00" in path or not os.path.isabs(path):
             return  # the link rejects it
         d = os.path.realpath(os.path.dirname(os.path.normpath(path)))
+        if d == SHM_DIR:
+            return  # the shm:// link's one directory (segment names are checked there)
         if self.file_roots is None:
             if any(d == s or d.startswith(s + os.sep) for s in SYSTEM_DIRS):
                 raise PolicyError(
@@ -247,32 +320,57 @@ class ClientPolicy:
                 f"allows ({', '.join(self.file_roots) or 'none'}); change it with "
                 f"{_setting_hint('file_roots')}")
 
+    def check_endpoint(self, what: str, ep: Endpoint) -> list[str]:
+        """Check one declared endpoint; return the addresses a host resolved to."""
+        if not isinstance(ep, Endpoint):
+            raise PolicyError(f"{what}: the link declared {type(ep).__name__}, not an "
+                              "Endpoint; refused")
+        w = f"{what} ({ep.field})"
+        if ep.kind == "url":
+            if ep.scheme not in ("http", "https"):
+                raise PolicyError(f"{w}: only http(s) URLs are followed, got {ep.scheme!r}")
+            return self.check_host(w, ep.host, ep.port)
+        if ep.kind == "hostport":
+            return self.check_host(w, ep.host, ep.port)
+        if ep.kind == "file":
+            self.check_file(w, ep.path)
+            return []
+        raise PolicyError(f"{w}: unknown endpoint kind {ep.kind!r}; refused")
+
     def check_location(self, scheme: str, desc: Any, *, upload: bool) -> Any:
-        """Check a reference location (``upload=False``) or a ticket slot; return the
-        descriptor to hand to the link (tcp/rdma: the host pinned to the address that
-        was checked, so a second DNS answer cannot point elsewhere)."""
+        """Check a reference location (``upload=False``) or a ticket slot: every
+        endpoint its link declares (:meth:`ClientLink.endpoints
+        <flwr_transports.links.base.ClientLink.endpoints>`), the same way for every
+        link. Returns the descriptor to hand to the link: a ``hostport`` endpoint's
+        field is pinned to the address that was checked, so a second DNS answer cannot
+        point elsewhere. A link that declares nothing is refused."""
+        from .links import client_link
+
         self.check_scheme(scheme)
         what = f"{scheme}:// {'upload slot' if upload else 'payload location'}"
-        if not isinstance(desc, dict):
-            return desc  # the link rejects it
-        if scheme in ("tcp", "rdma"):
-            host, port = desc.get("host"), desc.get("port")
-            if isinstance(host, str) and isinstance(port, int):
-                addrs = self.check_host(what, host, port)
-                if addrs and host.strip("[]").lower() != addrs[0]:
-                    desc = {**desc, "host": addrs[0]}
-        elif scheme == "s3":
-            if upload:
-                put = desc.get("put")
-                self.check_url(what, put.get("base") if isinstance(put, dict) else None)
-            else:
-                self.check_url(what, desc.get("get"))
-        elif scheme == "file":
-            self.check_file(what, desc.get("path"))
-        return desc
-
-
-def default_policy() -> ClientPolicy:
-    """The policy from the environment alone (what ``payload_mod`` uses)."""
-    return ClientPolicy.build()
-
+        eps = client_link(scheme).endpoints(desc, upload=upload)
+        if eps is None:
+            raise PolicyError(
+                f"{what}: the {scheme}:// link does not declare what its references make "
+                "this client contact (ClientLink.endpoints), so this client's policy cannot "
+                "check it; refused (the link's author must implement endpoints())")
+        pins: dict[str, Any] = {}
+        for f in getattr(client_link(scheme), "WAIT_FIELDS", ()):  # the client's cap wins
+            w = desc.get(f) if isinstance(desc, dict) else None
+            if isinstance(w, int | float) and not isinstance(w, bool) and w > self.max_wait:
+                pins[f] = self.max_wait
+        seen: dict[tuple, list[str]] = {}
+        urls: dict[str, str] = {}  # host name -> the address checked (URL endpoints)
+        for ep in eps:
+            k = (ep.kind, ep.field.split("[")[0], ep.host, ep.port, ep.path)
+            addrs = seen[k] if k in seen else seen.setdefault(k, self.check_endpoint(what, ep))
+            if (ep.kind == "hostport" and addrs and isinstance(desc, dict)
+                    and isinstance(desc.get(ep.field), str) and ep.host != addrs[0]):
+                pins[ep.field] = addrs[0]
+            if ep.kind == "url" and addrs and ep.host != addrs[0]:
+                urls[ep.host] = addrs[0]
+        if isinstance(desc, dict) and (urls or "pinned" in desc):
+            # what a URL's host name connects to (the link hands it to its HTTP client);
+            # a server's own 'pinned' entry is never used
+            pins["pinned"] = urls
+        return {**desc, **pins} if pins else desc

@@ -63,6 +63,8 @@ class Reference:
     slot: int | None = None  # replies only
     key: str | None = None  # replies only: record key in the reply content
     keep: bool = False  # the server sends this payload again next phase: clients may keep it
+    #: "raw", or the codec of an encoded stream (flwr_transports.codecs): how to decode it
+    codec: str = "raw"
     v: int = CODEC_VERSION
 
     def to_json(self) -> bytes:
@@ -74,6 +76,8 @@ class Reference:
             d.update(ticket=self.ticket, slot=self.slot, key=self.key)
         if self.keep:
             d["keep"] = True
+        if self.codec != "raw":
+            d["codec"] = self.codec
         return json.dumps(d, separators=(",", ":")).encode()
 
     def to_record(self) -> ArrayRecord:
@@ -109,6 +113,12 @@ class Reference:
         ref = cls(scheme=scheme, loc=loc, size=size, digest=digest,
                   n_arrays=n if isinstance(n, int) and 0 <= n <= 2**31 else 0,
                   keep=d.get("keep") is True)
+        codec = d.get("codec", "raw")
+        from .codecs.stream import CODECS
+        if not (isinstance(codec, str) and codec in CODECS):
+            raise RefError(f"reference names payload codec {str(codec)[:20]!r}, which this "
+                           f"flwr-transports does not know ({', '.join(CODECS)}): upgrade it")
+        ref.codec = codec
         if "ticket" in d:
             t, s, k = d.get("ticket"), d.get("slot"), d.get("key")
             if not (isinstance(t, str) and len(t) <= 128):
@@ -149,6 +159,8 @@ class Ticket:
     slots: list[dict[str, Any]] = field(default_factory=list)
     #: streaming aggregation: the metric whose value the client states in its payload
     weight_key: str | None = None
+    #: the payload codec the client encodes its reply with (flwr_transports.codecs)
+    codec: str = "raw"
     used: set[int] = field(default_factory=set)  # server-side only
 
     def to_record(self) -> ConfigRecord:
@@ -159,6 +171,8 @@ class Ticket:
         }
         if self.weight_key is not None:
             doc["weight_key"] = self.weight_key
+        if self.codec != "raw":
+            doc["codec"] = self.codec
         return ConfigRecord({"ticket": json.dumps(doc, separators=(",", ":"))})
 
     @classmethod
@@ -194,6 +208,13 @@ class Ticket:
         if wk is not None and not (isinstance(wk, str) and 0 < len(wk) <= 256):
             raise RefError("malformed ticket weight_key")
         t.weight_key = wk
+        codec = d.get("codec", "raw")
+        from .codecs.stream import CODECS
+        if not (isinstance(codec, str) and codec in CODECS):
+            raise RefError(f"ticket asks for payload codec {str(codec)[:20]!r}, which this "
+                           f"flwr-transports does not know ({', '.join(CODECS)}): upgrade "
+                           "flwr-transports on this client")
+        t.codec = codec
         return t
 
 

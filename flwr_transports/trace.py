@@ -10,11 +10,16 @@ line per event to ``DIR/ftx-trace-<pid>.jsonl``::
 Times are wall-clock seconds (``time.time()``): comparable between processes of one
 host, and between hosts only as far as their clocks agree. Events:
 
-* server: ``publish`` (encode + put one outgoing payload on the link), ``resolve``
+* server: ``publish`` (encode + put one outgoing payload on the link), ``receive``
+  (offload's receive loop: push done -> every reply pulled or the timeout; with
+  ``pulls``, ``replies``, ``missing`` and ``landed_to_reply``, the seconds from the
+  last upload landing on the link to the pull that brought the last reply), ``resolve``
   (checking, fetching and decoding one phase's replies), ``aggregate`` (the inner
   strategy's ``aggregate_train``/``aggregate_evaluate``, streaming folds included);
 * client: ``fetch`` (open + read + verify + decode one payload), ``app`` (the
-  ClientApp's own function), ``upload`` (encode + upload one reply payload).
+  ClientApp's own function), ``upload`` (encode + upload one reply payload). Client
+  events carry ``proc_t0``, when their ClientApp process started (Flower starts one
+  per message), where /proc tells it.
 
 :func:`breakdown` turns the events of a run into a per-round critical path
 (``ftx-bench e2e --trace`` prints it). Tracing off costs one environment
@@ -39,7 +44,23 @@ _lock = threading.Lock()
 
 def trace_dir() -> str | None:
     """The trace directory, or None when tracing is off."""
-    return os.environ.get(ENV) or None
+    from .settings import raw
+
+    return raw(ENV)
+
+
+@functools.cache
+def _proc_start() -> float | None:
+    """Wall-clock time this process started (Linux /proc, ~10 ms), else None."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read(4096).rpartition(b")")[2].split()
+        with open("/proc/uptime", "rb") as f:
+            up = float(f.read(64).split()[0])
+        ticks = int(fields[19])  # field 22 of stat: starttime, clock ticks after boot
+        return time.time() - (up - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def record(ev: str, t0: float, t1: float, **fields: Any) -> None:
@@ -47,6 +68,8 @@ def record(ev: str, t0: float, t1: float, **fields: Any) -> None:
     d = trace_dir()
     if d is None:
         return
+    if fields.get("role") == "client" and "proc_t0" not in fields:
+        fields["proc_t0"] = _proc_start()
     line = json.dumps({"ev": ev, "t0": t0, "t1": t1, "pid": os.getpid(), **fields},
                       default=str)
     try:
@@ -129,12 +152,20 @@ def breakdown(events: list[dict[str, Any]], phase: str = "train") -> list[dict[s
     * ``publish``: the server encoding + publishing the outgoing payload(s);
     * ``to_clients``: publish done -> the first client starts fetching (Flower
       delivering the instructions: its polls);
+    * ``node_wait``: push done -> the slowest node's ClientApp process started (the
+      SuperNode's idle poll, every 3 s, and the SuperExec's task poll, every 1 s);
+      ``spawn``: that process's start -> its first payload event (interpreter and
+      ClientApp start-up, the message handed over); both need offload's receive loop
+      (the push time) and client events with ``proc_t0``;
     * ``fetch``: first fetch start -> last fetch end over all clients, with
       ``fetch_max`` (the slowest single fetch) and ``fetch_mib_s`` (bytes over the
       slowest fetch's time, per client);
     * ``app``: the longest ClientApp function; ``upload``: the longest reply upload;
     * ``to_server``: the last upload done -> the server starts resolving the replies
       (Flower carrying the replies back: its polls);
+    * ``receive``: offload's receive loop (push done -> replies in), with ``pulls``
+      (SuperLink pulls it made) and ``landed_to_reply`` (last upload landed -> the
+      pull that brought the last reply);
     * ``resolve``: the server's reply checking/fetching/decoding; ``aggregate``: the
       inner strategy's aggregation;
     * ``total``: first publish start -> aggregation end.
@@ -170,6 +201,26 @@ def breakdown(events: list[dict[str, Any]], phase: str = "train") -> list[dict[s
                    default=None)
         if up_end is not None and res0 is not None:
             row["to_server"] = res0 - up_end
+        rcv = ev.get("receive") or []
+        if rcv:
+            push = min(e["t0"] for e in rcv)
+            row["receive"] = sum(e["t1"] - e["t0"] for e in rcv)
+            row["pulls"] = sum(int(e.get("pulls") or 0) for e in rcv)
+            lr = [e["landed_to_reply"] for e in rcv
+                  if isinstance(e.get("landed_to_reply"), int | float)]
+            if lr:
+                row["landed_to_reply"] = max(lr)
+            # per ClientApp process: when it started, when its first payload event began
+            procs: dict[Any, tuple[float, float]] = {}
+            for name in ("fetch", "app", "upload"):
+                for e in ev.get(name) or []:
+                    p0 = e.get("proc_t0")
+                    if isinstance(p0, int | float) and p0 >= push - 1.0:
+                        first_ev = min(e["t0"], procs.get(e.get("pid"), (p0, e["t0"]))[1])
+                        procs[e.get("pid")] = (p0, first_ev)
+            if procs:
+                row["node_wait"] = max(max(p0 - push, 0.0) for p0, _ in procs.values())
+                row["spawn"] = max(t - p0 for p0, t in procs.values())
         if ev.get("resolve"):
             row["resolve"] = sum(e["t1"] - e["t0"] for e in ev["resolve"])
         if ev.get("aggregate"):
@@ -199,8 +250,8 @@ def _longest(ev: dict[str, list[dict[str, Any]]], name: str) -> float | None:
 
 def format_breakdown(rows: list[dict[str, Any]]) -> str:
     """A table of :func:`breakdown` rows (seconds; fetch rate in MiB/s)."""
-    cols = ["publish", "to_clients", "fetch", "app", "upload", "to_server", "resolve",
-            "aggregate", "total", "fetch_mib_s"]
+    cols = ["publish", "to_clients", "node_wait", "spawn", "fetch", "app", "upload",
+            "to_server", "receive", "pulls", "resolve", "aggregate", "total", "fetch_mib_s"]
     lines = ["round " + " ".join(f"{c:>11}" for c in cols)]
     for row in rows:
         cells = []

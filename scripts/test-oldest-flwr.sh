@@ -50,9 +50,9 @@ fi
 # 2 flower-supernode of this Flower release).
 export PATH="$PWD/$VENV/bin:$PATH"
 # This venv holds Flower + the s3/testing extras only: the tests of torch, rdma://, MPI,
-# radosgw and the docs site run in the main suite; here they are explicit opt-outs for the
+# radosgw, Ray and the docs site run in the main suite; here they are explicit opt-outs for the
 # skip check of tests/conftest.py.
-export FTX_TORCH=0 FTX_RDMA=0 FTX_MPI=0 FTX_RADOSGW=0 FTX_DOCS=0
+export FTX_TORCH=0 FTX_RDMA=0 FTX_MPI=0 FTX_RADOSGW=0 FTX_DOCS=0 FTX_RAY=0
 echo "oldest-flwr: flwr $got: unit tests + tests/integration/test_migrate.py"
 # tests/integration: all marked integration (deselected here) but collected, and some
 # skip at collection for what this venv lacks (Ray): test_migrate.py runs below.

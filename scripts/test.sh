@@ -19,7 +19,7 @@ VENV=${VENV:-.venv}
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # The library (editable) with every extra the tests use, and the benchmark harness
 # (benchmarks/: the ftx-bench project, not part of the wheel).
-"$VENV/bin/python" -m pip install -q -e ".[dev,s3,mpi,testing,docs,simulation]" -e benchmarks
+"$VENV/bin/python" -m pip install -q -e ".[dev,s3,mpi,testing,docs,simulation,ray]" -e benchmarks
 # torch, pinned. pip takes a local CPU wheel where the machine's pip configuration
 # offers one (find-links / a local index); elsewhere the package index's build (on PyPI
 # for Linux x86-64 that is a CUDA build of several GB: set FTX_TORCH=0 to opt out, and

@@ -116,8 +116,9 @@ ALLOWED_SKIPS: list[tuple[str, str]] = [
     (r"needs an RDMA NIC|this machine has RDMA", "RDMA hardware"),
     (r"\b(GPU|CUDA device)", "a GPU"),
     (r"apt-get/dpkg not found", "a host without apt-get/dpkg (radosgw)"),
-    (r"WAN emulation unavailable: .*(root|\bip\b|\btc\b|namespace)|needs root, ip and tc",
-     "network namespaces need root, ip and tc"),
+    (r"needs root|network namespace|\(iproute2\) not found|cannot create /var/run/netns",
+     "network namespaces need root and iproute2"),
+    (r"no /proc here", "no /proc on the host"),
     (r"no C compiler", "no C compiler on the host"),
     (r"no IPv6 loopback", "no IPv6 loopback on the host"),
 ]
@@ -128,6 +129,7 @@ OPT_OUTS: dict[str, str] = {
     "FTX_RADOSGW": r"radosgw|Ceph",
     "FTX_MPI": r"mpiexec|mpi4py|MPI not available",
     "FTX_DOCS": r"docs extra",
+    "FTX_RAY": r"\b[Rr]ay\b",
 }
 
 
@@ -185,4 +187,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for node, reason in bad:
         tr.line(f"{node}: {reason}", red=True)
     tr.line("scripts/test.sh installs what these need; an explicit opt-out is FTX_TORCH=0, "
-            "FTX_RDMA=0, FTX_RADOSGW=0, FTX_MPI=0 or FTX_DOCS=0 (FTX_ALLOW_SKIPS=1: no check)")
+            "FTX_RDMA=0, FTX_RADOSGW=0, FTX_MPI=0, FTX_DOCS=0 or FTX_RAY=0 "
+            "(FTX_ALLOW_SKIPS=1: no check)")

@@ -571,7 +571,8 @@ def test_fold_from_a_store_reads_each_window_once():
 
 def test_first_upload_with_another_layout_does_not_spoil_the_round():
     """Node 101 uploads FIRST with another layout (an extra array), then its reply is
-    refused: the sum is rebuilt laid out by the replies that count, still streamed."""
+    refused: its upload is never folded (the sum is laid out like the model the server
+    sent, issue 21), the round is still streamed, with no rebuild."""
 
     def extra_mod(msg, ctx, call_next):  # runs inside payload_mod: before the upload
         reply = call_next(msg, ctx)
@@ -593,5 +594,32 @@ def test_first_upload_with_another_layout_does_not_spoil_the_round():
     grid = ExtraArrayGrid(_app([extra_mod]), faulty=False)
     s, res, _ = _run(FedAvg(), "shm://", "streaming", grid=grid, rounds=1)
     assert s.stats["replies_rejected"] == 1
-    assert s.stats["agg_streamed_rounds"] == 1 and s.stats["agg_rebuilds"] == 1
+    assert s.stats["agg_streamed_rounds"] == 1 and s.stats["agg_rebuilds"] == 0
+    assert s.stats["agg_eager_folds"] == 5  # nodes 102-106: never 101's upload
     assert "extra" not in res.arrays
+
+
+def test_uploads_with_headers_of_different_lengths_fold_exactly():
+    """The weight is written in the payload header, so uploads of one round can have
+    headers of different lengths (weight 9 vs 10**9): every array then starts at
+    another offset. Each fold must use its own payload's offsets (it once used the
+    first upload's: a shifted read, an honest reply rejected or a wrong sum)."""
+    r = np.random.default_rng(0)
+    recs = [ArrayRecord({"w": Array(r.standard_normal(1001).astype(np.float32)),
+                         "b": Array(r.standard_normal(7))}) for _ in range(3)]
+    weights = [10**9, 9, 123456]
+    acc = None
+    starts = set()
+    for rec, w in zip(recs, weights, strict=True):
+        buf = encode(rec, {WEIGHT_META: json.dumps(w)}).to_bytes()
+        plan = plan_payload(lambda o, n, b=buf: b[o:o + n], len(buf))
+        starts.add(plan.arrays[0].data_start)
+        acc = acc or WeightedSum(plan)
+        acc.fold(Source.from_bytes(buf), plan, w)
+    assert len(starts) > 1  # the headers really differ in length
+    got = acc.mean()
+    want = aggregate_arrayrecords(
+        [RecordDict({"a": rec, "m": MetricRecord({"n": w})})
+         for rec, w in zip(recs, weights, strict=True)], "n")
+    for k in want:
+        np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=1e-6)

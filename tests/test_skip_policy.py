@@ -35,7 +35,7 @@ def _run(tmp_path, body: str, **env) -> subprocess.CompletedProcess:
     shutil.copy(CONFTEST, tmp_path / "conftest.py")
     (tmp_path / "test_x.py").write_text(body)
     full = {k: v for k, v in os.environ.items()
-            if k not in {"FTX_TORCH", "FTX_RDMA", "FTX_RADOSGW", "FTX_MPI", "FTX_DOCS",
+            if k not in {"FTX_TORCH", "FTX_RDMA", "FTX_RADOSGW", "FTX_MPI", "FTX_DOCS", "FTX_RAY",
                          "FTX_ALLOW_SKIPS", "PYTEST_ADDOPTS"}}
     full.update(env)
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -96,3 +96,37 @@ def test_message_fields():
                   message_type="query", group_id="")
     assert trace.message_fields(msg) == {"phase": "query"}
     assert trace.message_fields(object()) == {}
+
+
+def test_breakdown_of_the_receive_loop_and_the_nodes_start():
+    """offload's receive loop (push -> replies, pulls, landing -> reply) and, per
+    ClientApp process, when Flower started it (the SuperNode's and SuperExec's polls)
+    and how long it took to reach its first payload event."""
+    events = [
+        _ev("publish", 100.0, 100.1),
+        _ev("receive", 100.2, 106.0, pulls=9, landed_to_reply=0.4),
+        _ev("fetch", 104.0, 104.1, pid=1, proc_t0=102.5),  # node 1: 2.3 s, then 1.5 s
+        _ev("app", 104.1, 105.0, pid=1, proc_t0=102.5),
+        _ev("fetch", 103.0, 103.1, pid=2, proc_t0=101.2),  # node 2: 1.0 s, then 1.8 s
+        _ev("upload", 105.0, 105.6, pid=1, proc_t0=102.5),
+        _ev("aggregate", 106.0, 106.1),
+    ]
+    (row,) = trace.breakdown(events)
+    assert row["receive"] == pytest.approx(5.8) and row["pulls"] == 9
+    assert row["landed_to_reply"] == pytest.approx(0.4)
+    assert row["node_wait"] == pytest.approx(2.3)  # the slowest node's process start
+    assert row["spawn"] == pytest.approx(1.8)
+    assert "node_wait" in trace.format_breakdown([row]).splitlines()[0]
+
+
+def test_client_events_carry_their_process_start(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv(trace.ENV, str(tmp_path))
+    trace.record("app", 1.0, 2.0, role="client")
+    trace.record("publish", 1.0, 2.0, role="server")
+    app, pub = trace.read_events(tmp_path)
+    if app["proc_t0"] is None:
+        pytest.skip("no /proc here")
+    assert time.time() - 3600 < app["proc_t0"] <= time.time()  # this test process
+    assert "proc_t0" not in pub

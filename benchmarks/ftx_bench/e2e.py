@@ -396,7 +396,10 @@ def run_e2e_local(
                         say(f"[{k}/{n_runs}] {t:<10} {m:g} MiB round {row['round_s']:.2f} s  "
                             f"SuperLink peak {row['superlink_peak_rss_bytes'] / MiB:.0f} MiB  "
                             f"ServerApp peak {row['serverapp_peak_rss_bytes'] / MiB:.0f} MiB  "
-                            f"aggregation tail {_fmt_s(row.get('agg_tail_s'))}")
+                            f"aggregation tail {_fmt_s(row.get('agg_tail_s'))}"
+                            + (" (per round " + ", ".join(
+                                f"{x:.2f}" for x in row["agg_tail_per_round_s"]) + ")"
+                               if row.get("agg_tail_per_round_s") else ""))
                         if row.get("breakdown_mean"):
                             say("    where a round's seconds go (mean over rounds): " + ", ".join(
                                 f"{k} {v:.2f}" for k, v in row["breakdown_mean"].items()))
@@ -469,6 +472,10 @@ def _one(dep, app: Path, url: str, model_mib: float, rounds: int, repeat: int,
     if tails:
         row["agg_tail_s"] = statistics.mean(tails)
         row["agg_tail_max_s"] = max(tails)
+        row["agg_tail_per_round_s"] = tails  # the median repeat's rounds, in order
+    pulls = (summary.get("stats") or {}).get("receive_pulls") or []
+    if pulls:  # offload's receive loop: SuperLink pulls per train/evaluate phase
+        row["pulls_per_phase"] = pulls
     if breakdown:  # the train rounds' critical path, from every process's trace events
         row["breakdown"] = breakdown
         keys = [k for k in breakdown[0] if k not in ("round", "repeat")]

@@ -39,8 +39,13 @@ _TLS = threading.local()
 
 
 def fold_workers() -> int:
-    return max(1, min(8, int(os.environ.get("FLWR_TRANSPORTS_FOLD_WORKERS", "0"))
-                      or (os.cpu_count() or 1)))
+    from ..settings import text
+
+    try:
+        n = int(text("FLWR_TRANSPORTS_FOLD_WORKERS"))
+    except ValueError:
+        n = 0
+    return max(1, min(8, n or (os.cpu_count() or 1)))
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -181,7 +186,9 @@ class WeightedSum:
                 self._check_pins(plan, p, mv)
                 continue
             acc = self.accs[k]
-            z, d = acc.plan.itemsize, acc.plan.data_start
+            # offsets from THIS payload's plan: another upload's header may be longer or
+            # shorter (its weight is written in it), shifting every array
+            z, d = acc.plan.itemsize, plan.arrays[k].data_start
             i0 = -(-(p - d) // z)  # first element starting in [p, q)
             i1 = (q - d) // z  # elements ending by q
             lead = min(d + i0 * z, q) - p

@@ -21,22 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..codec import (
-    _META_KEY,
-    FORMAT,
-    MAX_HEADER_BYTES,
-    MAX_HEADER_DEPTH,
-    PayloadError,
-    _validate_meta,
-    entry_offsets,
-)
-from ..limits import loads_bounded
+from ..codec import MAX_ARRAYS, PayloadError, read_header  # noqa: F401 - MAX_ARRAYS re-exported
 
 #: payload metadata key of the weight the client claims (value of weighted_by_key)
 WEIGHT_META = "flwr_transports.weight"
 NPY_STYPE = "numpy.ndarray"
 MAX_NPY_HEADER = 64 * 1024
-MAX_ARRAYS = 100_000
 
 
 class Unfoldable(ValueError):
@@ -158,31 +148,8 @@ def plan_payload(read, size: int) -> Plan:
     Raises PayloadError for a malformed payload and :class:`Unfoldable` for a valid
     one the fold does not handle (non-numpy arrays, object or string dtypes, ...).
     """
-    if size < 8:
-        raise PayloadError(f"payload too small ({size} bytes)")
-    first = _read(read, 0, 8)
-    (hlen,) = struct.unpack("<Q", first)
-    if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-        raise PayloadError(f"payload header length {hlen} is invalid for a {size}-byte payload")
-    raw = _read(read, 8, hlen)
-    try:
-        # bounded like every parser of network input (depth, size, counts)
-        hdr = loads_bounded(raw, what="payload header", max_bytes=MAX_HEADER_BYTES,
-                            max_depth=MAX_HEADER_DEPTH, max_items=8 * MAX_ARRAYS + 16,
-                            error=PayloadError)
-        meta = hdr.pop("__metadata__")
-        if meta.get("format") != FORMAT:
-            raise PayloadError(f"unknown payload format {meta.get('format')!r}")
-        entries = loads_bounded(meta[_META_KEY], what="payload array list",
-                                max_bytes=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH,
-                                max_items=8 * MAX_ARRAYS + 16, error=PayloadError)
-        wraw = meta.get(WEIGHT_META)
-    except PayloadError:
-        raise
-    except (ValueError, KeyError, AttributeError, TypeError) as exc:
-        raise PayloadError(f"malformed payload header: {exc}") from None
-    if not isinstance(entries, list) or len(entries) != len(hdr) or len(entries) > MAX_ARRAYS:
-        raise PayloadError("payload header array count mismatch")
+    head = read_header(read, size)  # the one header parser (bounded, validated)
+    wraw = head.meta.get(WEIGHT_META)
     weight = None
     if wraw is not None:
         try:
@@ -192,26 +159,18 @@ def plan_payload(read, size: int) -> Plan:
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not (
                 math.isfinite(weight)):
             weight = None  # no usable claim: folded once the in-band weight is known
-    base = 8 + hlen
-    plan = Plan(size=size, base=base, arrays=[], weight=weight, pins={0: first + raw})
-    pos = 0
-    names = set()
-    for i, entry in enumerate(entries):
-        name, dtype, shape, stype = _validate_meta(entry)
-        begin, end = entry_offsets(hdr, i, name, pos, base, size)
-        if name in names:
-            raise PayloadError(f"duplicate array name {name!r}")
-        names.add(name)
-        pos = end
+    plan = Plan(size=size, base=head.base, arrays=[], weight=weight, pins={0: head.raw})
+    for e in head.arrays:
+        name, dtype, shape, stype, start, stop = (e.name, e.dtype, e.shape, e.stype,
+                                                  e.start, e.end)
         if stype != NPY_STYPE:
             raise Unfoldable(f"array {name!r} has stype {stype!r}")
-        start, stop = base + begin, base + end
-        head = _read(read, start, min(12, stop - start))
-        hl = _npy_header_len(head)
+        npy = _read(read, start, min(12, stop - start))
+        hl = _npy_header_len(npy)
         if hl > MAX_NPY_HEADER or start + hl > stop:
             raise PayloadError(f"array {name!r} has an invalid .npy header length")
-        head = _read(read, start, hl)
-        in_dtype, nshape, fortran, used = _parse_npy(head)
+        npy = _read(read, start, hl)
+        in_dtype, nshape, fortran, used = _parse_npy(npy)
         if used != hl:
             raise PayloadError(f"array {name!r}: .npy header length mismatch")
         if nshape != shape:
@@ -219,14 +178,35 @@ def plan_payload(read, size: int) -> Plan:
         if math.prod(shape) * in_dtype.itemsize != stop - start - hl:
             raise PayloadError(f"array {name!r}: data length does not match its shape")
         kind, acc, out = _fold_dtypes(in_dtype, dtype)
-        plan.pins[start] = head
+        plan.pins[start] = npy
         plan.arrays.append(ArrayPlan(
             name=name, dtype=dtype, shape=shape, stype=stype, start=start,
             data_start=start + hl, end=stop, in_dtype=in_dtype, fortran=fortran, kind=kind,
-            acc_dtype=acc, out_dtype=out, npy_header=head))
-    if base + pos != size:
-        raise PayloadError(f"payload has {size - base - pos} trailing bytes")
+            acc_dtype=acc, out_dtype=out, npy_header=npy))
     return plan
+
+
+def layout_of(plan: Plan) -> tuple:
+    """What must match the model the server sent: per array (name, shape, stype), in
+    name order. The dtype may differ (FedAvg turns an int64 model into float64, and a
+    client may send its own dtype back): the accumulator is then at most 16 bytes per
+    element of the model the server sent, never sized by the upload."""
+    return tuple(sorted((a.name, a.shape, a.stype) for a in plan.arrays))
+
+
+def expected_layout(record) -> tuple | None:
+    """:func:`layout_of` for the replies to ``record`` (an ``ArrayRecord``: the model
+    the server sent), or None when it cannot be streamed. The streaming fold sizes its
+    accumulator only from an upload whose layout equals this: never from bytes that
+    no check has passed (a hostile upload of cap size in a narrow dtype would
+    otherwise allocate an accumulator many times the model's size)."""
+    try:
+        out = [(name, tuple(arr.shape), arr.stype) for name, arr in record.items()]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if any(stype != NPY_STYPE for _, _, stype in out):
+        return None
+    return tuple(sorted(out))
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> bytes:

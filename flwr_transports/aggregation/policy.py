@@ -26,7 +26,7 @@ from ..errors import ConfigError
 
 #: class attribute by which a strategy declares (True) or refuses (False) streaming
 STREAMING_ATTR = "streaming_aggregation"
-MODES = ("auto", "streaming", "inner")
+MODES = ("auto", "streaming", "inner", "ray")
 
 
 def _weighted_mean_methods() -> set:
@@ -61,6 +61,8 @@ def streaming_decision(strategy: Strategy, mode: str) -> tuple[bool, str]:
     else:
         ok, why = False, (f"{name}'s aggregate_train is not FedAvg's weighted mean (set "
                           f"{STREAMING_ATTR} = True on the class if it is)")
+    if mode == "ray" and not ok:  # the shards reproduce the weighted-mean family only
+        why = f"{why}; aggregation=ray shards the weighted mean only"
     if mode == "streaming" and not ok:
         raise ConfigError(f"aggregation=streaming needs a weighted-mean strategy: {why}")
     if ok:

@@ -22,9 +22,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from ..codec import PayloadError
+from ..codec import DIGEST_CHUNK, PayloadError, TreeHasher
 from .fold import Source, WeightedSum
-from .layout import Unfoldable, plan_payload
+from .layout import Unfoldable, layout_of, plan_payload
+from .layout import expected_layout as _record_layout
 
 log = logging.getLogger("flwr_transports")
 
@@ -48,11 +49,32 @@ class Accepted:
     size: int
 
 
+def _digest_of(src, digest: str) -> None:
+    """Check the digest of a whole upload (window by window, bounded memory); raise
+    PayloadError if it is not ``digest``."""
+    h = TreeHasher()
+    for off in range(0, src.size, DIGEST_CHUNK):
+        h.update(src.read(off, min(DIGEST_CHUNK, src.size - off)))
+    got = h.hexdigest()
+    if got != digest:
+        raise PayloadError(f"digest mismatch: payload has {got}, reference says {digest}")
+
+
+def expected_layout(content) -> tuple | None:
+    """The layout a train reply must have to be folded: that of the one ArrayRecord
+    the server sends in ``content`` (a RecordDict), else None (nothing is folded)."""
+    records = list(content.array_records.values())
+    return _record_layout(records[0]) if len(records) == 1 else None
+
+
 class RoundStream:
     """Folds one round's uploads as they land; see the module docstring."""
 
-    def __init__(self, server_round: int):
+    def __init__(self, server_round: int, expected: tuple | None = None):
         self.round = server_round
+        #: the replies' layout, from the model the server sent (layout.expected_layout);
+        #: None: nothing is folded (the inner strategy aggregates decoded replies)
+        self.expected = expected
         self.lock = threading.Lock()  # one fold at a time; guards the state below
         self.sum: WeightedSum | None = None
         self.landed: dict[Any, Landed] = {}
@@ -73,11 +95,11 @@ class RoundStream:
                 return
             st = self.landed[key] = Landed()
             try:
-                plan = plan_payload(src.read, src.size)
+                plan = self._check(plan_payload(src.read, src.size))
                 if plan.weight is None:
                     st.status = "unweighted"  # folded at settle time with the in-band weight
                     return
-                if self.sum is None:
+                if self.sum is None:  # sized like the model sent, never by the upload
                     self.sum = WeightedSum(plan)
                 t0 = time.perf_counter()
                 st.digest = self.sum.fold(Source.of(src), plan, plan.weight, key)
@@ -88,6 +110,16 @@ class RoundStream:
                 st.status, st.error = "unfoldable", exc
             except Exception as exc:  # noqa: BLE001 - hostile payload / vanished file: decided at settle
                 st.status, st.error = "failed", exc
+
+    def _check(self, plan):
+        """The plan, if its layout is the one the server sent (else Unfoldable: the
+        round is aggregated from decoded replies, as Flower would)."""
+        if self.expected is None:
+            raise Unfoldable("no expected layout (the model sent cannot be streamed)")
+        if layout_of(plan) != self.expected:
+            raise Unfoldable("the reply's arrays differ from the model the server sent "
+                             "(names, dtypes or shapes)")
+        return plan
 
     def close(self) -> None:
         """No more folds on landing (waits for one in progress)."""
@@ -129,6 +161,9 @@ class RoundStream:
                 try:
                     with open_upload(a) as src:
                         plan = plan_payload(src.read, src.size)
+                        if layout_of(plan) != self.expected:
+                            _digest_of(src, a.digest)  # a lie: rejected; else Unfoldable
+                            self._check(plan)
                         if self.sum is None:
                             self.sum = WeightedSum(plan)
                         got = self.sum.fold(Source.of(src), plan, a.weight, a.key)

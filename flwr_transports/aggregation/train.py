@@ -4,7 +4,7 @@
    offloaded ArrayRecord and one MetricRecord holding a numeric weight) make the round
    take the ``inner`` path: decoded replies, Flower's own aggregation, same outcome
    (including the same exceptions) as without streaming.
-2. Every reference is checked against its ticket (the wrapper's ``_claim``), exactly
+2. Every reference is checked against its ticket (:meth:`FoldHost.claim_all`), exactly
    as on the ``inner`` path; a bad one turns its reply into an error reply.
 3. :meth:`RoundStream.settle` makes the running sum that of exactly the accepted
    replies (digest and weight checked; rebuilt from the link if anything folded does
@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.app import Array, ArrayRecord, Message
 
 from ..codec import PayloadError, decode
-from ..links import LinkError
+from ..links import LinkError, PayloadSource
 from ..refs import RefError, is_ref_record
 from .inject import NotStreamed, streamed_mean
 from .layout import Unfoldable
@@ -54,43 +54,84 @@ def _streamable(msg: Message, key: str) -> bool:
             and isinstance(w, int | float))
 
 
-def streaming_aggregate_train(wrapper, stream: RoundStream, server_round: int,
+class FoldHost(Protocol):
+    """What the streaming fold needs from the offload wrapper, and nothing more (the
+    wrapper hands one per training phase; the fold never reaches into the wrapper)."""
+
+    #: the wrapped strategy (its ``weighted_by_key`` and ``aggregate_train``)
+    inner: Any
+
+    def claim_all(self, replies: list[Message]) -> tuple[dict[int, list], dict[int, Exception]]:
+        """Check every reply's references against the tickets: (claims, failures)."""
+
+    def resolve(self, replies: list[Message]) -> list[Message]:
+        """The ``inner`` path: check, fetch, verify and decode every reply."""
+
+    def open_upload(self, slot: dict, loc: Any, size: int) -> PayloadSource:
+        """Open a claimed upload on the link (the link checks location and size)."""
+
+    def reject(self, msg: Message, exc: BaseException) -> Message:
+        """The error reply that replaces ``msg`` (counted and logged once per call)."""
+
+    def report(self, **counters: Any) -> None:
+        """Add to the wrapper's statistics (numbers are added, lists extended)."""
+
+    def finish(self) -> None:
+        """The phase's tickets are spent: remove slots, release its payloads."""
+
+
+def streaming_aggregate_train(host: FoldHost, stream: RoundStream, server_round: int,
                               replies: list[Message]):
-    inner, key = wrapper.inner, wrapper.inner.weighted_by_key
+    inner, key = host.inner, host.inner.weighted_by_key
     stream.close()
     if not all(m.has_error() or _streamable(m, key) for m in replies):
         log.info("flwr-transports: round %d: a reply cannot be streamed; the inner "
                  "strategy aggregates decoded replies", server_round)
-        return inner.aggregate_train(
-            server_round, wrapper._resolve(replies, server_round, "train"))
-    claims, failed = wrapper._claim_all(replies, server_round, "train")
+        return inner.aggregate_train(server_round, host.resolve(replies))
+    claims, failed = host.claim_all(replies)
     sources: dict[int, Any] = {}  # reply index -> the upload, opened ONCE (s3: one use)
     try:
-        return _settle_and_run(wrapper, stream, server_round, replies, claims, failed, sources)
+        return _settle_and_run(host, stream, server_round, replies, claims, failed, sources)
     finally:
         for src in sources.values():
             src.close()
-        wrapper._finish_phase(server_round, "train")
+        host.finish()
 
 
-def _decoded(wrapper, replies, claims, failed, sources) -> list[Message]:
+class _Rejections:
+    """Each failed reply turned into its error reply ONCE (so a fallback path that
+    needs them again neither logs nor counts them twice)."""
+
+    def __init__(self, host: FoldHost, replies: list[Message]):
+        self.host, self.replies, self.done = host, replies, {}
+
+    def __call__(self, k: int, exc: BaseException) -> Message:
+        if k not in self.done:
+            self.done[k] = self.host.reject(self.replies[k], exc)
+        return self.done[k]
+
+
+def _decoded(host, replies, claims, failed, sources, rejected) -> list[Message]:
     """The ``inner`` path from the uploads already open: decode, verify, hand over."""
     out = []
+    received = 0
     for k, msg in enumerate(replies):
         exc = failed.get(k)
         if exc is None and k in sources:
             (rkey, ref, _slot), = claims[k]
             try:
                 msg.content[rkey] = decode(sources[k].read, ref.size, ref.digest)
-                wrapper.stats["link_bytes_received"] += ref.size
+                received += ref.size
             except (PayloadError, LinkError, OSError) as e:
                 exc = e
-        out.append(msg if exc is None else wrapper._rejected(msg, exc))
+        out.append(msg if exc is None else rejected(k, exc))
+    host.report(link_bytes_received=received)
     return out
 
 
-def _settle_and_run(wrapper, stream, server_round, replies, claims, failed, sources):
-    inner, key = wrapper.inner, wrapper.inner.weighted_by_key
+def _settle_and_run(host, stream, server_round, replies, claims, failed, sources):
+    inner, key = host.inner, host.inner.weighted_by_key
+    rejected = _Rejections(host, replies)
     accepted: list[Accepted] = []
     index: dict[Any, int] = {}
     for k, cl in claims.items():
@@ -98,7 +139,7 @@ def _settle_and_run(wrapper, stream, server_round, replies, claims, failed, sour
             continue
         (rkey, ref, slot), = cl  # _streamable: exactly one reference
         try:  # the link's own checks of the claimed location and size
-            sources[k] = wrapper.link.open_upload(slot, ref.loc, ref.size)
+            sources[k] = host.open_upload(slot, ref.loc, ref.size)
         except (RefError, PayloadError, LinkError, OSError) as exc:
             failed[k] = exc
             continue
@@ -112,15 +153,15 @@ def _settle_and_run(wrapper, stream, server_round, replies, claims, failed, sour
         yield sources[index[a.key]]  # closed by the caller, after the round
 
     try:
-        total, rejected = stream.settle(accepted, open_upload)
+        total, rejects = stream.settle(accepted, open_upload)
         if total is not None and total.total == 0:
             raise Unfoldable("the weights add up to 0")  # Flower raises its own error
     except Unfoldable as exc:
         log.info("flwr-transports: round %d: %s; the inner strategy aggregates decoded "
                  "replies", server_round, exc)
         return inner.aggregate_train(
-            server_round, _decoded(wrapper, replies, claims, failed, sources))
-    failed.update(rejected)
+            server_round, _decoded(host, replies, claims, failed, sources, rejected))
+    failed.update(rejects)
     out: list[Message] = []
     originals: dict[int, tuple[str, ArrayRecord]] = {}
     placeholder = None
@@ -128,7 +169,7 @@ def _settle_and_run(wrapper, stream, server_round, replies, claims, failed, sour
         placeholder = {a.plan.name: (a.plan.dtype, a.plan.shape) for a in total.accs}
     for k, msg in enumerate(replies):
         if k in failed:
-            out.append(wrapper._rejected(msg, failed[k]))
+            out.append(rejected(k, failed[k]))
             continue
         if k in sources:
             (rkey, ref, _slot), = claims[k]
@@ -136,7 +177,6 @@ def _settle_and_run(wrapper, stream, server_round, replies, claims, failed, sour
             msg.content[rkey] = ArrayRecord({
                 n: Array(dtype=d, shape=sh, stype=PLACEHOLDER_STYPE, data=b"")
                 for n, (d, sh) in placeholder.items()})
-            wrapper.stats["link_bytes_received"] += ref.size
         out.append(msg)
     expected = [m.content for k, m in enumerate(replies) if k in originals]
     asked = []
@@ -160,15 +200,11 @@ def _settle_and_run(wrapper, stream, server_round, replies, claims, failed, sour
                     server_round, exc)
         for k, (rkey, rec) in originals.items():
             replies[k].content[rkey] = rec
-        stats = wrapper.stats
-        stats["replies_rejected"] -= len(failed)  # counted again below
-        stats["link_bytes_received"] -= sum(claims[k][0][1].size for k in originals)
         return inner.aggregate_train(
-            server_round, _decoded(wrapper, replies, claims, failed, sources))
-    stats = wrapper.stats
-    stats["agg_streamed_rounds"] += 1
-    stats["agg_eager_folds"] += stream.eager_folds
-    stats["agg_settle_folds"] += stream.settle_folds
-    stats["agg_rebuilds"] += stream.rebuilds
-    stats["agg_fold_s"].extend(stream.fold_s)
+            server_round, _decoded(host, replies, claims, failed, sources, rejected))
+    host.report(
+        link_bytes_received=sum(claims[k][0][1].size for k in originals),
+        agg_streamed_rounds=1, agg_eager_folds=stream.eager_folds,
+        agg_settle_folds=stream.settle_folds, agg_rebuilds=stream.rebuilds,
+        agg_fold_s=list(stream.fold_s))
     return result

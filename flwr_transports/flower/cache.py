@@ -9,19 +9,26 @@ fetched a ``keep`` payload over a network link writes it to its cache directory,
 the background while its app evaluates; the next reference with the same digest is
 read from there instead of the network (checked like any fetch: a regular file of
 exactly the size, owned by this user, no symlink, and the SHA-256 digest of exactly
-the bytes decoded) and the file is removed at once.
+the bytes decoded) and the file is removed at once. A kept payload is bound to the run
+(Flower's run id of the message) and to the exact location the server published it at
+(:func:`binding`): another run or another server on the same SuperNode that knows the
+digest neither gets it nor learns that this client holds it.
 
 Settings: ``PayloadMod(cache=...)`` or ``FLWR_TRANSPORTS_CACHE``: a directory, ``off``,
 or unset (``<tempdir>/flwr-transports-cache-<uid>``). Only payloads of network links
 (``tcp``, ``rdma``, ``s3``, third-party links not marked local) are kept: re-reading a
 shared-memory or shared-file payload is as cheap as a cache. Bounded: one payload at a
-time (a new one replaces the old), files older than :data:`MAX_AGE` seconds (a run that
-ended, crashed, or did not sample this client again) are removed whenever the cache is
-used. A full disk only costs the optimisation (logged once).
+time per node (a new one replaces the old), at most :data:`MAX_TOTAL` bytes and half the
+file system's free space for all nodes of this host together (the oldest kept payloads
+of other nodes go first), files older than :data:`MAX_AGE` seconds (a run that ended,
+crashed, or did not sample this client again) are removed when a ``PayloadMod`` starts
+and whenever the cache is used. A full disk only costs the optimisation (logged once).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -42,8 +49,11 @@ log = logging.getLogger("flwr_transports")
 CACHE_ENV = "FLWR_TRANSPORTS_CACHE"
 #: seconds after which a kept payload is stale and removed
 MAX_AGE = 1800.0
-_NAME = re.compile(r"^([0-9a-f]{64})\.ftx$")
-_TMP = re.compile(r"^\.[0-9a-f]{64}\.ftx\.tmp-[0-9a-f]{8}$")
+#: bytes kept by all nodes of this host together (also at most half the free space)
+MAX_TOTAL = 4 * 2**30
+_NAME = re.compile(r"^(?:[0-9a-f]{32}-)?([0-9a-f]{64})\.ftx$")
+_TMP = re.compile(r"^\.(?:[0-9a-f]{32}-)?[0-9a-f]{64}\.ftx\.tmp-[0-9a-f]{8}$")
+_NODE = re.compile(r"^node-[0-9]{1,20}$")
 _warned_full = False
 
 
@@ -58,6 +68,29 @@ def resolve_setting(setting: Any = None) -> str | None:
     if setting is True:
         return os.path.join(tempfile.gettempdir(), f"flwr-transports-cache-{os.getuid()}")
     return os.path.abspath(os.path.expanduser(str(setting)))
+
+
+def binding(run_id: Any, scheme: str, loc: Any) -> str:
+    """What a kept payload is bound to: the run (Flower's run id, set by the
+    SuperLink, not by the server's payload) and the exact location the server
+    published it at (the same publication is handed out again for the next round)."""
+    raw = json.dumps([str(run_id), scheme, loc], sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def sweep_host(directory: str, max_age: float = MAX_AGE) -> None:
+    """Remove stale kept payloads of every node under ``directory`` (and empty node
+    directories): run when a ``PayloadMod`` starts, so files of nodes that stopped do
+    not stay in a (often RAM-backed) temp directory until that node runs again."""
+    for node in _node_dirs(directory):
+        PayloadCache(directory, node[len("node-"):]).sweep(max_age=max_age)
+
+
+def _node_dirs(directory: str) -> list[str]:
+    try:
+        return [n for n in os.listdir(directory) if _NODE.match(n)]
+    except OSError:
+        return []
 
 
 def network_scheme(scheme: str) -> bool:
@@ -110,11 +143,13 @@ class PayloadCache:
             except OSError:
                 return
 
-    def path(self, digest: str) -> str | None:
+    def path(self, digest: str, bind: str = "") -> str | None:
         algo, _, hexd = digest.partition(":")
         if not re.fullmatch(r"[0-9a-f]{64}", hexd) or not algo:
             return None
-        return os.path.join(self.dir, f"{hexd}.ftx")
+        if bind and not re.fullmatch(r"[0-9a-f]{32}", bind):
+            return None
+        return os.path.join(self.dir, f"{bind}-{hexd}.ftx" if bind else f"{hexd}.ftx")
 
     def entries(self) -> list[str]:
         try:
@@ -140,10 +175,10 @@ class PayloadCache:
             self._tidy()
 
     # -- use -----------------------------------------------------------------------
-    def take(self, size: int, digest: str) -> ArrayRecord | None:
-        """The kept payload with this digest, decoded and verified, or None; the file
-        is removed either way (it is used once)."""
-        p = self.path(digest)
+    def take(self, size: int, digest: str, bind: str = "") -> ArrayRecord | None:
+        """The kept payload with this digest and :func:`binding`, decoded and
+        verified, or None; the file is removed either way (it is used once)."""
+        p = self.path(digest, bind)
         if p is None or not os.path.lexists(p):
             self.sweep()
             return None
@@ -157,11 +192,11 @@ class PayloadCache:
             _unlink(p)
             self.sweep()
 
-    def keep(self, record: ArrayRecord, size: int, digest: str) -> None:
+    def keep(self, record: ArrayRecord, size: int, digest: str, bind: str = "") -> None:
         """Write ``record``'s payload in the background (see :meth:`wait`), if it
         re-encodes to exactly the referenced bytes."""
         self.wait()
-        p = self.path(digest)
+        p = self.path(digest, bind)
         if p is None or not self._ready():
             return
         self._writer = threading.Thread(target=self._write, args=(record, size, digest, p),
@@ -177,12 +212,53 @@ class PayloadCache:
                           "not kept")
                 return
             self.sweep(keep=p)
+            if not self._room(size):
+                return
             atomic_write(p, payload)
         except Exception as exc:  # noqa: BLE001 - the cache is only an optimisation
             if not _warned_full:
                 _warned_full = True
                 log.warning("flwr-transports: cannot keep a payload in %s (%s); it will be "
                             "fetched again", self.dir, exc)
+
+    def _room(self, size: int) -> bool:
+        """Make room for ``size`` bytes within the host's bound (all nodes' kept
+        payloads under the base directory), evicting the oldest; False if it cannot."""
+        try:
+            st = os.statvfs(self.base)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            return False
+        total, files = self._total()
+        cap = min(MAX_TOTAL, (free + total) // 2)
+        if size > cap:
+            log.info("flwr-transports: payload of %d bytes not kept (the cache's bound on "
+                     "this host is %d bytes)", size, cap)
+            return False
+        for _, n, p in sorted(files):  # oldest first (writes in progress stay)
+            if total + size <= cap:
+                break
+            if _NAME.match(os.path.basename(p)):
+                _unlink(p)
+                total -= n
+        return total + size <= cap
+
+    def _total(self) -> tuple[int, list[tuple[float, int, str]]]:
+        files = []
+        for node in _node_dirs(self.base):
+            d = os.path.join(self.base, node)
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                if _NAME.match(name) or _TMP.match(name):
+                    try:
+                        st = os.lstat(os.path.join(d, name))
+                    except OSError:
+                        continue
+                    files.append((st.st_mtime, st.st_size, os.path.join(d, name)))
+        return sum(n for _, n, _ in files), files
 
     def wait(self) -> None:
         """Wait for a background write (call before the process may exit)."""

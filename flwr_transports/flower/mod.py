@@ -25,30 +25,27 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from ..aggregation.layout import WEIGHT_META
 from ..codec import decode, encode
+from ..codecs.wire import decode_from_wire, encode_for_wire, load_feedback, pick_base, save_feedback
 from ..links import client_link
-from ..policy import DEFAULT_MAX_PAYLOAD, ClientPolicy
+from ..policy import ClientPolicy
 from ..refs import TICKET_KEY, Reference, RefError, Ticket, is_ref_record, parse_ref_record
 from ..trace import message_fields, record, span
-from .cache import PayloadCache, network_scheme, resolve_setting
+from .cache import PayloadCache, binding, network_scheme, resolve_setting, sweep_host
 
 log = logging.getLogger("flwr_transports")
 
-#: Largest payload a client agrees to fetch (override with FLWR_TRANSPORTS_MAX_PAYLOAD).
-DEFAULT_CLIENT_MAX = DEFAULT_MAX_PAYLOAD
-
-
-def _client_max() -> int:
-    return ClientPolicy.build().max_payload
-
-
 def resolve_message(msg: Message, policy: ClientPolicy | None = None, *,
-                    cache: PayloadCache | None = None) -> Ticket | None:
+                    cache: PayloadCache | None = None,
+                    bases: dict[str, Any] | None = None) -> Ticket | None:
     """Fetch every referenced payload of ``msg`` in place; return the ticket, if any.
 
     Every reference is checked against ``policy`` (default: from the environment)
     before its link opens anything. With a ``cache``
     (:mod:`flwr_transports.flower.cache`), a payload kept from an earlier message is
-    read from there, and one the server marks ``keep`` is kept."""
+    read from there, and one the server marks ``keep`` is kept. An encoded payload
+    (``codec`` in the reference, :mod:`flwr_transports.codecs`) is decoded, its
+    decoded size within the policy's ``max_payload``; ``bases`` (record key -> base)
+    receives what was decoded, the base of a delta/q8 reply."""
     content = msg.content
     if TICKET_KEY not in content and not any(is_ref_record(r) for r in content.values()):
         return None
@@ -71,9 +68,10 @@ def resolve_message(msg: Message, policy: ClientPolicy | None = None, *,
             loc = policy.check_location(ref.scheme, ref.loc, upload=False)
             kept = cache is not None and network_scheme(ref.scheme)
             rec = None
-            if kept:
+            if kept:  # bound to this run and the exact location the server published
+                bind = binding(msg.metadata.run_id, ref.scheme, ref.loc)
                 t0 = time.time()
-                rec = cache.take(ref.size, ref.digest)
+                rec = cache.take(ref.size, ref.digest, bind)
                 if rec is not None:  # a miss is not a fetch: only hits are traced
                     record("fetch", t0, time.time(), role="client", scheme=ref.scheme,
                            bytes=ref.size, cached=True, **fields)
@@ -81,9 +79,16 @@ def resolve_message(msg: Message, policy: ClientPolicy | None = None, *,
                 link = client_link(ref.scheme)
                 with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,
                           **fields), link.open(loc, ref.size) as src:
-                    rec = decode(src.read, ref.size, ref.digest)
-                if kept and ref.keep:
-                    cache.keep(rec, ref.size, ref.digest)  # written while the app runs
+                    if ref.codec != "raw":
+                        rec, base = decode_from_wire(src.read, ref.size, ref.digest,
+                                                     max_size=policy.max_payload,
+                                                     with_base=True)
+                        if bases is not None and base is not None:
+                            bases[key] = base
+                    else:
+                        rec = decode(src.read, ref.size, ref.digest)
+                if kept and ref.keep and ref.codec == "raw":
+                    cache.keep(rec, ref.size, ref.digest, bind)  # written while the app runs
         new[key] = rec
     msg.content = new
     return ticket
@@ -103,16 +108,21 @@ def claimed_weight(content: RecordDict, key: str | None) -> dict[str, str] | Non
 
 
 def offload_reply(reply: Message, ticket: Ticket, policy: ClientPolicy | None = None, *,
-                  trace_fields: dict[str, Any] | None = None) -> None:
+                  trace_fields: dict[str, Any] | None = None,
+                  bases: dict[str, Any] | None = None, state: RecordDict | None = None
+                  ) -> None:
     """Upload the reply's large ArrayRecords with ``ticket``; references replace them.
     ``trace_fields``: round/phase for the trace (:mod:`flwr_transports.trace`), taken
-    from the instruction (default: what the reply itself says)."""
+    from the instruction (default: what the reply itself says). With a codec in the
+    ticket: ``bases`` are the payloads received (:func:`resolve_message`), ``state`` the
+    ClientApp's ``context.state`` (q8 keeps its residuals there between rounds)."""
     if not reply.has_content():
         return
     fields = message_fields(reply) if trace_fields is None else trace_fields
     policy = policy or ClientPolicy.build()
     content = reply.content
     meta = claimed_weight(content, ticket.weight_key)
+    feedback = load_feedback(state) if ticket.codec == "q8" else None
     slot = 0
     new = RecordDict()
     for key, rec in content.items():
@@ -123,33 +133,39 @@ def offload_reply(reply: Message, ticket: Ticket, policy: ClientPolicy | None = 
                             "%r stays in-band", key)
             else:
                 with span("upload", role="client", scheme=ticket.scheme, **fields) as tr:
-                    loc, payload = _upload_one(key, rec, meta, ticket, slot, policy)
+                    loc, payload, codec = _upload_one(key, rec, meta, ticket, slot, policy,
+                                                      pick_base(bases or {}, key), feedback)
                     tr["bytes"] = payload.size
                 rec = Reference(
                     scheme=ticket.scheme, loc=loc, size=payload.size, digest=payload.digest,
                     n_arrays=payload.n_arrays, ticket=ticket.id, slot=slot, key=key,
+                    codec=codec,
                 ).to_record()
                 slot += 1
         new[key] = rec
     reply.content = new
+    if feedback is not None:
+        save_feedback(state, feedback)
 
 
 def _upload_one(key: str, rec: ArrayRecord, meta: dict[str, str] | None, ticket: Ticket,
-                slot: int, policy: ClientPolicy) -> tuple[Any, Any]:
-    """Encode one reply record and upload it into the ticket's ``slot``: (location,
-    payload)."""
+                slot: int, policy: ClientPolicy, base: Any = None, feedback: Any = None
+                ) -> tuple[Any, Any, str]:
+    """Encode one reply record (with the ticket's codec) and upload it into the
+    ticket's ``slot``: (location, payload on the wire, its codec)."""
     payload = encode(rec, meta)
-    if payload.size > ticket.max_size:
+    if payload.size > ticket.max_size:  # the cap bounds the DECODED size
         raise RefError(
             f"reply record {key!r} is {payload.size} bytes, above the server's cap "
             f"of {ticket.max_size} (server: offload(..., max_reply_size=...))"
         )
+    payload, codec = encode_for_wire(payload, ticket.codec, base=base, feedback=feedback)
     issued = ticket.slots[slot]
     checked = policy.check_location(ticket.scheme, issued, upload=True)
     loc = client_link(ticket.scheme).upload(checked, payload)
     if checked is not issued and isinstance(loc, dict) and "host" in loc:
         loc = {**loc, "host": issued.get("host")}  # the name the server issued
-    return loc, payload
+    return loc, payload, codec
 
 
 def _node_id(ctx: Context) -> int | str:
@@ -164,8 +180,9 @@ class PayloadMod:
     :mod:`flwr_transports.policy`): ``schemes`` (allowed link schemes), ``hosts``
     (names, ``*.suffix`` patterns, addresses, networks), ``ports`` (ints or
     ``"9000-9100"``), ``file_roots`` (directories file:// payloads may live in),
-    ``max_payload`` (bytes or ``"8GiB"``), ``allow_link_local`` (169.254.0.0/16,
-    fe80::/10, fd00:ec2::254). A refused reference fails the message with an error
+    ``max_payload`` (bytes or ``"8GiB"``), ``allow_link_local`` (link-local and cloud
+    metadata addresses), ``max_wait`` (seconds a server may make this client wait for a
+    payload to appear; default 900). A refused reference fails the message with an error
     naming the setting to change. ``cache``: where to keep a payload the server will
     send again (evaluate -> next train round) instead of fetching it twice over a
     network link: a directory, ``False``/``"off"``, or None (``FLWR_TRANSPORTS_CACHE``,
@@ -175,12 +192,14 @@ class PayloadMod:
 
     def __init__(self, *, schemes: Any = None, hosts: Any = None, ports: Any = None,
                  file_roots: Any = None, max_payload: Any = None,
-                 allow_link_local: bool | None = None, cache: Any = None) -> None:
+                 allow_link_local: bool | None = None, max_wait: Any = None,
+                 cache: Any = None) -> None:
         self.settings = {"schemes": schemes, "hosts": hosts, "ports": ports,
                          "file_roots": file_roots, "max_payload": max_payload,
-                         "allow_link_local": allow_link_local}
+                         "allow_link_local": allow_link_local, "max_wait": max_wait}
         self.cache = cache
         self.policy()  # fail fast on invalid settings
+        self._swept = False
 
     def policy(self) -> ClientPolicy:
         """The effective policy (environment read now: it may change between runs)."""
@@ -190,13 +209,19 @@ class PayloadMod:
         policy = self.policy()
         fields = message_fields(msg)  # round/phase, for the trace (when it is on)
         cache_dir = resolve_setting(self.cache)
+        if cache_dir and not self._swept:  # stale payloads of every node of this host
+            self._swept = True
+            sweep_host(cache_dir)
         cache = PayloadCache(cache_dir, _node_id(ctx)) if cache_dir else None
+        bases: dict[str, Any] = {}  # payloads received: the bases of a delta/q8 reply
         try:
-            ticket = resolve_message(msg, policy, cache=cache) if msg.has_content() else None
+            ticket = (resolve_message(msg, policy, cache=cache, bases=bases)
+                      if msg.has_content() else None)
             with span("app", role="client", **fields):
                 reply = call_next(msg, ctx)
             if ticket is not None:
-                offload_reply(reply, ticket, policy, trace_fields=fields)
+                offload_reply(reply, ticket, policy, trace_fields=fields, bases=bases,
+                              state=getattr(ctx, "state", None))
         finally:
             if cache is not None:
                 cache.wait()  # a payload being kept is complete before the reply leaves

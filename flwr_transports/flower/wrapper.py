@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -32,12 +31,19 @@ from flwr.serverapp.strategy.result import Result
 
 from .. import trace
 from ..aggregation.policy import streaming_decision
-from ..aggregation.round import RoundStream
+from ..aggregation.round import RoundStream, expected_layout
 from ..aggregation.train import streaming_aggregate_train
 from ..codec import check_digest, decode, encode, record_bytes
+from ..codecs.wire import (
+    ServerBases,
+    check_codec,
+    decode_from_wire,
+    downlink_codec,
+    encode_for_wire,
+)
 from ..errors import RejectedInput
 from ..links import LinkError, ServerLink, link_classes, server_link, split_url
-from ..options import Option, choice, integer, optional, size, split_options
+from ..options import Option, choice, integer, optional, size, split_options, text
 from ..refs import (
     TICKET_KEY,
     Reference,
@@ -47,7 +53,9 @@ from ..refs import (
     is_ref_record,
     parse_ref_record,
 )
+from ..settings import raw as raw_setting
 from .cache import network_scheme
+from .receive import polls_replies, receive
 
 log = logging.getLogger("flwr_transports")
 
@@ -63,16 +71,27 @@ WRAPPER_OPTIONS = (
     Option("threshold", size(0), DEFAULT_THRESHOLD, "ArrayRecords of at least this many bytes "
            "go over the link; smaller ones stay in-band (small models never get slower)", shown="1MiB"),
     Option("max_reply_size", optional(size(1)), None, "cap on one reply payload, checked before "
-           "fetching (default: max(4x the largest outgoing payload, 64 MiB))", shown="auto"),
+           "fetching; with a codec, on its bytes on the wire and on its decoded size "
+           "(default: max(4x the largest outgoing payload, 64 MiB))", shown="auto"),
     Option("reply_slots", integer(0, 64), 2, "large reply records a client may offload per "
            "message (0: replies stay in-band)"),
     Option("fetch_workers", integer(1, 64), 4, "replies whose payloads are fetched, verified "
            "and decoded at the same time in aggregate_* (references are still checked "
            "against their tickets one by one)"),
-    Option("aggregation", choice("auto", "streaming", "inner"), "auto", "auto, streaming or "
-           "inner: fold training replies into one running weighted sum as they land on the "
-           "link (weighted-mean strategies; auto picks it where it applies), or hand the inner "
-           "strategy every decoded reply (offload() only; see docs/aggregation.md)"),
+    Option("codec", check_codec, "raw", "raw, lossless, delta or q8: how payloads are coded on "
+           "the link (docs/codecs.md). lossless: byte planes + zstd, exact; delta: replies "
+           "as the XOR with the model sent, exact; q8: replies as int8 updates with error "
+           "feedback, LOSSY (changes the arithmetic). Clients follow the ticket"),
+    Option("aggregation", choice("auto", "streaming", "inner", "ray"), "auto", "auto, "
+           "streaming, inner or ray: fold training replies into one running weighted sum as "
+           "they land on the link (weighted-mean strategies; auto picks it where it applies), "
+           "hand the inner strategy every decoded reply, or (s3://) have Ray actors fold "
+           "shards of the model straight from the store (offload() only; see "
+           "docs/aggregation.md)"),
+    Option("ray_address", optional(text), None, "aggregation=ray: the Ray cluster (default: "
+           "RAY_ADDRESS, the Ray of Flower's Simulation runtime, else a local one)"),
+    Option("ray_shards", integer(0, 1024), 0, "aggregation=ray: shard actors (0: half the "
+           "cluster's CPUs, at least 2, at most one per 16 MiB of model)", shown="auto"),
 )
 
 
@@ -98,7 +117,7 @@ def guard_reply(fn: Callable[..., Any], *args: Any) -> Any:
     except EXPECTED_REPLY_ERRORS as exc:
         return exc
     except Exception as exc:
-        if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+        if (raw_setting(STRICT_ENV) or "0") != "0":
             raise
         log.exception("flwr-transports: unexpected %s while handling a reply (a bug, "
                       "please report it); the reply is rejected", type(exc).__name__)
@@ -116,6 +135,8 @@ class Offloader:
 
     #: rounds follow each other (Strategy.start): a new round retires older ones
     _sequential_rounds = True
+    #: aggregation=ray: the run's Ray cluster and shard actors (OffloadStrategy sets it)
+    _ray = None
 
     def __init__(self, transport: str = "inband", **options: Any):
         self.transport = (transport or "inband").strip()
@@ -135,6 +156,10 @@ class Offloader:
         self.reply_slots = opts.reply_slots
         self.fetch_workers = opts.fetch_workers
         self.aggregation = opts.aggregation
+        self.codec = opts.codec
+        self._bases = ServerBases()  # raw payloads sent: the bases of delta/q8 replies
+        # name -> (size, digest, codec) of what went on the wire
+        self._wire_info: dict[str, tuple[int, str, str]] = {}
         self.streaming = False  # decided by OffloadStrategy, which knows the strategy
         self._streams: dict[int, RoundStream] = {}
         self.link: ServerLink | None = None
@@ -154,10 +179,14 @@ class Offloader:
             "replies_rejected": 0, "link_publishes": 0, "link_publishes_reused": 0,
             "agg_tail_s": [], "agg_train_s": [], "agg_streamed_rounds": 0, "agg_eager_folds": 0,
             "agg_settle_folds": 0, "agg_rebuilds": 0, "agg_fold_s": [],
+            # the receive loop (flower/receive.py): SuperLink pulls, total and per phase
+            "pulls": 0, "receive_pulls": [],
         }
 
     def close(self) -> None:
         """Remove everything this run created on the link (idempotent)."""
+        if self._ray is not None:  # aggregation=ray: no shard actor outlives the run
+            self._ray.close()
         if self.link is not None:
             try:
                 self.link.close()
@@ -168,6 +197,8 @@ class Offloader:
         self._streams.clear()
         self._pub_info.clear()
         self._held.clear()
+        self._bases.clear()
+        self._wire_info.clear()
         if self.scheme:
             s = self.stats
             log.info(
@@ -204,7 +235,7 @@ class Offloader:
         reusable = {}  # digest -> name of a held payload still fit to hand out
         for n in held:
             info = self._pub_info.get(n)
-            if info and now - info[4] < max_age:
+            if info and now - info[4] < max_age and not self._publish_failed(link, n):
                 reusable.setdefault(info[0], n)
         refs: dict[int, ArrayRecord] = {}  # id(original record) -> reference record
         names = self._published.setdefault((server_round, phase), [])
@@ -234,33 +265,41 @@ class Offloader:
                         reused = name is not None
                         if reused:  # the same bytes are published already
                             loc = self._pub_info[name][1]
+                            wire_size, wire_digest, wire_codec = self._wire_info[name]
                             self.stats["link_publishes_reused"] += 1
                         else:
                             for n in list(reusable.values()):  # free them before uploading
                                 self._release_name(n)
                             reusable.clear()
                             name = f"r{server_round}-{phase}-{len(names)}"
-                            loc = link.publish(name, payload)
-                            self._pub_info[name] = (payload.digest, loc, payload.size,
+                            wire, wire_codec = encode_for_wire(payload,
+                                                               downlink_codec(self.codec))
+                            loc = link.publish(name, wire)
+                            wire_size, wire_digest, _ = self._wire_info[name] = (
+                                wire.size, wire.digest, wire_codec)
+                            del wire
+                            if self.codec in ("delta", "q8"):  # the base of the replies
+                                self._bases.add(name, payload)
+                            self._pub_info[name] = (payload.digest, loc, wire_size,
                                                     payload.n_arrays, time.monotonic())
                             self.stats["link_publishes"] += 1
                         names.append(name)
                         dt = time.perf_counter() - t0
                         trace.record("publish", time.time() - dt, time.time(), role="server",
-                                     round=server_round, phase=phase, bytes=payload.size,
+                                     round=server_round, phase=phase, bytes=wire_size,
                                      scheme=self.scheme, reused=reused)
                         self.stats["link_seconds_put"] += dt
                         self._largest_out = max(self._largest_out, payload.size)
                         ref_rec = Reference(
-                            scheme=self.scheme, loc=loc, size=payload.size,
-                            digest=payload.digest, n_arrays=payload.n_arrays,
-                            keep=self._sent_again(server_round, phase),
+                            scheme=self.scheme, loc=loc, size=wire_size,
+                            digest=wire_digest, n_arrays=payload.n_arrays,
+                            keep=self._sent_again(server_round, phase), codec=wire_codec,
                         ).to_record()
-                        ref_rec._ftx_size = payload.size
+                        ref_rec._ftx_size = wire_size
                         refs[id(rec)] = ref_rec
                         log.info("flwr-transports: round %d %s: published %r (%s, %d arrays) "
                                  "on %s:// in %.2fs", server_round, phase, key,
-                                 _mib(payload.size), payload.n_arrays, self.scheme, dt)
+                                 _mib(wire_size), payload.n_arrays, self.scheme, dt)
                     self.stats["link_bytes_sent"] += ref_rec._ftx_size
                     new[key] = ref_rec
                 else:
@@ -281,14 +320,24 @@ class Offloader:
         ]
         t = Ticket(id=tid, scheme=self.scheme, run=int(msg.metadata.run_id), round=server_round,
                    node=node, msg_type=phase, max_size=cap, threshold=self.threshold,
-                   slots=slots)
+                   slots=slots, codec=self.codec)
         if self.streaming and phase == "train":
             t.weight_key = self.inner.weighted_by_key
-            stream = self._streams.setdefault(server_round, RoundStream(server_round))
+            stream = self._streams.get(server_round)
+            if stream is None:  # folds only uploads laid out like the model sent
+                stream = self._streams[server_round] = self._new_stream(
+                    server_round, expected_layout(msg.content))
             for i, slot in enumerate(slots):  # fold each upload as soon as it lands
                 link.on_upload(slot, functools.partial(stream.on_landed, (tid, i)))
         self._tickets[tid] = t
         return t
+
+    def _new_stream(self, server_round: int, expected: tuple | None):
+        if self._ray is not None:  # aggregation=ray (aggregation/ray_shards.py)
+            from ..aggregation.ray_shards import RayRoundStream
+
+            return RayRoundStream(server_round, expected, self._ray)
+        return RoundStream(server_round, expected)
 
     def _release(self, server_round: int, phase: str, hold: bool = False) -> None:
         """Remove payloads published for (round, phase) and everything older. ``hold``:
@@ -306,8 +355,19 @@ class Offloader:
 
     def _release_name(self, name: str) -> None:
         self._pub_info.pop(name, None)
+        self._wire_info.pop(name, None)
+        self._bases.drop(name)
         if self.link is not None:
             self.link.release(name)
+
+    def _publish_failed(self, link: ServerLink, name: str) -> bool:
+        """Whether the publish of ``name`` failed after ``publish`` returned (a
+        background upload): then it is never handed out again (published anew)."""
+        exc = link.publish_failed(name)
+        if exc is not None:
+            log.error("flwr-transports: the publish of %r failed (%s); it is not reused, "
+                      "the payload is published again", name, exc)
+        return exc is not None
 
     def _sent_again(self, server_round: int, phase: str) -> bool:
         """Whether this phase's outgoing payload will go out again next phase: an
@@ -436,7 +496,17 @@ class Offloader:
         try:
             with self.link.open_upload(slot, ref.loc, ref.size) as src:
                 pre = getattr(src, "predecoded", None)
-                if pre is not None:  # the link decoded it on arrival (tcp://)
+                if ref.codec != "raw":
+                    if self.codec == "raw":
+                        raise RefError(f"reply payload is coded {ref.codec!r}; this run "
+                                       "offered no codec")
+                    # an encoded reply: digest over the wire bytes, decoded size within
+                    # the reply cap, delta/q8 against the model this server sent
+                    arrays = decode_from_wire(
+                        src.read, ref.size, ref.digest, lookup_base=self._bases.lookup,
+                        max_size=self.max_reply_size or max(4 * self._largest_out,
+                                                            MIN_REPLY_CAP))
+                elif pre is not None:  # the link decoded it on arrival (tcp://)
                     arrays, got = pre()
                     check_digest(got, ref.digest)
                 else:
@@ -444,6 +514,38 @@ class Offloader:
         finally:
             self.link.discard_slot(slot)
         return arrays, time.perf_counter() - t0
+
+
+class _FoldHost:
+    """What streaming aggregation gets from the wrapper for one training phase (the
+    narrow interface :class:`~flwr_transports.aggregation.train.FoldHost`)."""
+
+    def __init__(self, wrapper: OffloadStrategy, server_round: int):
+        self._w, self._round = wrapper, server_round
+        self.inner = wrapper.inner
+
+    def claim_all(self, replies):
+        return self._w._claim_all(replies, self._round, "train")
+
+    def resolve(self, replies):
+        return self._w._resolve(replies, self._round, "train")
+
+    def open_upload(self, slot, loc, size):
+        return self._w.link.open_upload(slot, loc, size)
+
+    def reject(self, msg, exc):
+        return self._w._rejected(msg, exc)
+
+    def report(self, **counters):
+        stats = self._w.stats
+        for k, v in counters.items():
+            if isinstance(v, list):
+                stats[k].extend(v)
+            else:
+                stats[k] += v
+
+    def finish(self):
+        self._w._finish_phase(self._round, "train")
 
 
 class OffloadStrategy(Offloader, Strategy):
@@ -462,6 +564,23 @@ class OffloadStrategy(Offloader, Strategy):
         self.streaming, why = streaming_decision(strategy, self.aggregation)
         if self.streaming and self.scheme is None:
             self.streaming, why = False, "inner: transport inband (no link to stream from)"
+        if self.streaming and self.codec != "raw":
+            if self.aggregation == "streaming":
+                from ..errors import ConfigError
+                raise ConfigError(f"aggregation='streaming' folds raw payloads only; with "
+                                  f"codec={self.codec!r} use aggregation='auto' or 'inner'")
+            self.streaming, why = False, (f"inner: codec={self.codec} (replies are decoded, "
+                                          "then aggregated by the strategy)")
+        if self.streaming and self.aggregation == "ray":
+            if self.scheme != "s3":
+                why = (f"{why}; not on Ray: aggregation=ray folds s3:// uploads only "
+                       f"(streaming in the ServerApp instead)")
+            else:
+                from ..aggregation.ray_shards import RayCluster, import_ray
+
+                import_ray()  # the install hint now, not in round 1
+                self._ray = RayCluster(self.options.ray_address, self.options.ray_shards)
+                why = f"{why}; sharded over Ray actors (aggregation=ray)"
         if self.scheme is not None:
             log.info("flwr-transports: aggregation %s", why)
 
@@ -499,6 +618,8 @@ class OffloadStrategy(Offloader, Strategy):
                     evaluate_fn=evaluate_fn,
                 )
         self._num_rounds = num_rounds
+        if self.scheme is not None and polls_replies(grid):
+            grid = _ReceiveGrid(grid, self)  # our receive loop; the inner strategy sees grid
         try:
             return Strategy.start(
                 self, grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
@@ -511,7 +632,7 @@ class OffloadStrategy(Offloader, Strategy):
     # -- Strategy API --------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        msgs = self.inner.configure_train(server_round, arrays, config, grid)
+        msgs = self.inner.configure_train(server_round, arrays, config, _outer(grid))
         return self._prepare(msgs, server_round, "train", grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -521,7 +642,8 @@ class OffloadStrategy(Offloader, Strategy):
         w0 = time.time()
         try:
             if stream is not None:
-                return streaming_aggregate_train(self, stream, server_round, list(replies))
+                return streaming_aggregate_train(_FoldHost(self, server_round), stream,
+                                                 server_round, list(replies))
             return self.inner.aggregate_train(
                 server_round, self._resolve(replies, server_round, "train"))
         finally:  # the aggregation tail: last upload landed -> aggregate_train returns
@@ -535,13 +657,62 @@ class OffloadStrategy(Offloader, Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        msgs = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        msgs = self.inner.configure_evaluate(server_round, arrays, config, _outer(grid))
         return self._prepare(msgs, server_round, "evaluate", grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(
             server_round, self._resolve(replies, server_round, "evaluate"))
+
+
+class _ReceiveGrid(Grid):
+    """What :class:`OffloadStrategy` hands ``Strategy.start`` when the grid is Flower's
+    push-then-poll one: ``send_and_receive`` pushes through the grid and runs offload's
+    receive loop (flower/receive.py); everything else is the grid's own. The inner
+    strategy is handed the original grid (``_outer``)."""
+
+    def __init__(self, grid: Grid, offloader: Offloader):
+        self.grid = grid
+        self._off = offloader
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "grid":
+            raise AttributeError(name)
+        return getattr(self.grid, name)
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        fields = trace.message_fields(messages[0]) if messages else {}
+        ids = list(self.grid.push_messages(messages))
+        del messages
+        return receive(self.grid, ids, timeout, self._off.link, self._off.stats, fields)
+
+
+def _outer(grid: Grid) -> Grid:
+    """The grid the user passed to ``start`` (not offload's receive adapter)."""
+    return grid.grid if isinstance(grid, _ReceiveGrid) else grid
 
 
 def offload(strategy: Strategy, transport: str = "inband", **options: Any) -> OffloadStrategy:
@@ -718,9 +889,12 @@ class OffloadGrid(Offloader, Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        """Offload, then let the wrapped grid do its own push / wait / pull (its
-        timing and reply order are kept), then resolve the replies. The batch retires
-        when it returns: a reply arriving after ``timeout`` is rejected."""
+        """Offload, push, wait for the replies, then resolve them. On Flower's own
+        deployment grid (which pulls every 3 s) the wait is offload's receive loop
+        (flower/receive.py: a pull right after each upload lands on the link, short
+        backed-off polls otherwise; Flower's timeout and reply order); any other grid
+        does its own push / wait / pull. The batch retires when it returns: a reply
+        arriving after ``timeout`` is rejected."""
         messages = list(messages)
         if self.scheme is None:
             for m in messages:
@@ -733,7 +907,12 @@ class OffloadGrid(Offloader, Grid):
         batch, out = self._prepare_batch(messages)
         phases = {m.metadata.message_type for m in out}
         try:
-            replies = list(self.grid.send_and_receive(out, timeout=timeout))
+            if polls_replies(self.grid):  # Flower's 3 s poll: our receive loop instead
+                fields = trace.message_fields(out[0]) if out else {}
+                ids = list(self.grid.push_messages(out))
+                replies = receive(self.grid, ids, timeout, self.link, self.stats, fields)
+            else:
+                replies = list(self.grid.send_and_receive(out, timeout=timeout))
             return self._resolve_batch(
                 replies, [(batch if r.metadata.message_type in phases else 0,
                            r.metadata.message_type) for r in replies])

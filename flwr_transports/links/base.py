@@ -15,22 +15,145 @@ to each link.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
 from ..codec import EncodedPayload
 from ..errors import FlwrTransportsError
 from ..options import Option, Options, parse_bool, parse_options  # noqa: F401 - re-exported
+from ..refs import RefError
 
 NAME_PREFIX = "ftx-"  # every object a link creates starts with this (cleanup looks for it)
 
 
 class LinkError(FlwrTransportsError, RuntimeError):
     """A link could not do its job (with a message that says what to do)."""
+
+
+# -- what a client contacts: one parser, one value ------------------------------------
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]{0,15})://([^/?#]*)([^#]*)$")
+#: path and query: RFC 3986 pchar / "/" / "?" only (no space, quote, backslash, ...)
+_PATH_RE = re.compile(r"^(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*)?(?:\?[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*)?$")
+_AUTH_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]{2,45})\]|([A-Za-z0-9._-]{1,253}))(?::([0-9]{1,5}))?$")
+_LABEL_RE = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+_NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parse_host(host: Any) -> str:
+    """A host (name or address, IPv6 with or without brackets) in its one canonical
+    form: lower case, addresses compressed, no brackets. Raises ``RefError`` for
+    anything else: userinfo, percent-encoding, a zone id, IPv4 in a form other than
+    four decimal numbers (``0x7f.1``, ``2130706433``: resolvers read those as
+    addresses, humans do not), labels outside letters, digits, ``-`` and ``_``."""
+    if not isinstance(host, str) or not 0 < len(host) <= 255:
+        raise RefError(f"invalid host {str(host)[:100]!r}")
+    h = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in h:
+        try:
+            return str(ipaddress.IPv6Address(h))  # no zone id: '%' is refused here
+        except ValueError:
+            raise RefError(f"invalid IPv6 address {host[:100]!r}") from None
+    if h != host:
+        raise RefError(f"invalid host {host[:100]!r} (brackets around a non-IPv6 address)")
+    h = h.lower()
+    labels = h[:-1].split(".") if h.endswith(".") else h.split(".")
+    if len(h) > 253 or not all(_LABEL_RE.match(x) for x in labels):
+        raise RefError(f"invalid host name {host[:100]!r}")
+    if _NUMERIC_LABEL.match(labels[-1]):
+        try:
+            return str(ipaddress.IPv4Address(h))  # strict: dotted decimal only
+        except ValueError:
+            raise RefError(f"host {host[:100]!r} is an address in an ambiguous form; "
+                           "write it as four decimal numbers") from None
+    return h
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One thing a reference or slot makes a client contact (declared by its link,
+    checked by the client policy, :class:`~flwr_transports.policy.ClientPolicy`).
+
+    ``kind``: ``"url"`` (an http(s) request: ``scheme``, ``host``, ``port``, ``path``
+    and the exact ``url`` the link requests), ``"hostport"`` (a TCP peer: ``host``,
+    ``port``) or ``"file"`` (a local ``path``). ``field``: where in the descriptor it
+    came from (``"get"``, ``"put.base"``, ``"host"``, ...); for a ``hostport`` whose
+    ``field`` is a top-level key, the policy may pin that key to the checked address.
+    Build them with :meth:`http`, :meth:`peer`, :meth:`file`: they parse once, and
+    what they parse is what the link uses."""
+
+    kind: str
+    field: str
+    host: str = ""
+    port: int | None = None
+    scheme: str = ""
+    path: str = ""
+    url: str = ""
+
+    @classmethod
+    def http(cls, field: str, url: Any, *, max_len: int = 16384) -> Endpoint:
+        """Parse an http(s) URL strictly (RFC 3986, no userinfo, no backslash, no
+        fragment, printable ASCII only) and refuse it unless the HTTP client's own
+        parser (``urllib3.util.parse_url``) reads the same scheme, host and port."""
+        if not isinstance(url, str) or not 0 < len(url) <= max_len:
+            raise RefError(f"{field}: not a URL")
+        if not url.isascii() or not url.isprintable() or " " in url or "\\" in url:
+            raise RefError(f"{field}: URL {url[:200]!r} has a character outside RFC 3986 "
+                           "(space, control, backslash or non-ASCII)")
+        m = _URL_RE.match(url)
+        if not m:
+            raise RefError(f"{field}: {url[:200]!r} is not an absolute URL without fragment")
+        scheme, auth, rest = m.group(1).lower(), m.group(2), m.group(3)
+        if scheme not in DEFAULT_PORTS:
+            raise RefError(f"{field}: only http(s) URLs are followed, got {scheme!r}")
+        am = _AUTH_RE.match(auth)
+        if not am or not _PATH_RE.match(rest):
+            raise RefError(f"{field}: URL {url[:200]!r} has an invalid authority or path "
+                           "(userinfo, percent-encoding and other characters outside RFC "
+                           "3986 are refused)")
+        host = parse_host(f"[{am.group(1)}]" if am.group(1) is not None else am.group(2))
+        port = int(am.group(3)) if am.group(3) else DEFAULT_PORTS[scheme]
+        if not 0 < port < 65536:
+            raise RefError(f"{field}: URL {url[:200]!r} has an invalid port")
+        _same_as_urllib3(field, url, scheme, host, port)
+        path, _, _ = rest.partition("?")
+        return cls("url", field, host, port, scheme, path or "/", url)
+
+    @classmethod
+    def peer(cls, field: str, host: Any, port: Any) -> Endpoint:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise RefError(f"{field}: invalid port {port!r}")
+        return cls("hostport", field, parse_host(host), port)
+
+    @classmethod
+    def file(cls, field: str, path: Any) -> Endpoint:
+        if not isinstance(path, str) or "\x00" in path or not os.path.isabs(path):
+            raise RefError(f"{field}: not an absolute path")
+        return cls("file", field, path=path)
+
+
+def _same_as_urllib3(field: str, url: str, scheme: str, host: str, port: int) -> None:
+    """Refuse a URL that urllib3 (what requests connects with) reads differently."""
+    try:
+        from urllib3.util import parse_url
+    except ImportError:  # nothing in this process can connect through urllib3
+        return
+    try:
+        u = parse_url(url)
+        theirs = (u.scheme, parse_host(u.host or ""),
+                  u.port or DEFAULT_PORTS.get(u.scheme or "", 0), u.auth)
+    except (ValueError, RefError):
+        theirs = None
+    if theirs != (scheme, host, port, None):
+        raise RefError(f"{field}: URL {url[:200]!r} is read differently by the HTTP client "
+                       f"({theirs!r}); refused")
 
 
 class PayloadSource:
@@ -74,6 +197,45 @@ class ServerLink(ABC):
     OPTIONS: ClassVar[tuple[Option, ...]] = ()
     #: time.perf_counter() when the link last saw an upload complete (None: unknown)
     last_landed: float | None = None
+    #: how often :meth:`wait_landed` looks at ``last_landed`` when no
+    #: :meth:`notify_landed` wakes it (links that only set ``last_landed``)
+    LANDED_CHECK_S: ClassVar[float] = 0.02
+
+    def notify_landed(self) -> None:
+        """Wake :meth:`wait_landed` now: a link calls it right after it updated
+        ``last_landed`` (an upload completed). Optional: without it a landing is seen
+        within ``LANDED_CHECK_S``."""
+        cond = self._landed_cond()
+        with cond:
+            cond.notify_all()
+
+    def wait_landed(self, since: float | None, timeout: float) -> float | None:
+        """Wait until an upload lands after ``since`` (a ``last_landed`` value; None:
+        any landing), at most ``timeout`` seconds; return ``last_landed`` (unchanged
+        when nothing landed). The receive loop pulls Flower's reply right after a
+        landing instead of on a fixed timer. A link that cannot tell when uploads
+        land (``last_landed`` stays None) just waits out the timeout."""
+        import time
+
+        end = time.monotonic() + max(timeout, 0.0)
+        cond = self._landed_cond()
+        with cond:
+            while True:
+                cur = self.last_landed
+                if cur is not None and (since is None or cur > since):
+                    return cur
+                left = end - time.monotonic()
+                if left <= 0:
+                    return cur
+                cond.wait(min(left, self.LANDED_CHECK_S))
+
+    def _landed_cond(self):
+        import threading
+
+        cond = self.__dict__.get("_ftx_landed_cond")
+        if cond is None:  # setdefault: one Condition even when two threads race here
+            cond = self.__dict__.setdefault("_ftx_landed_cond", threading.Condition())
+        return cond
 
     def __init__(self, url: str, run_id: int | str, options: Options | dict[str, Any]):
         """``options``: parsed :class:`Options` (used as given), or raw keyword values,
@@ -93,6 +255,13 @@ class ServerLink(ABC):
     @abstractmethod
     def publish(self, name: str, payload: EncodedPayload) -> dict[str, Any]:
         """Store a payload readable by clients; return its location descriptor."""
+
+    def publish_failed(self, name: str) -> BaseException | None:
+        """The error of a publish of ``name`` that failed after :meth:`publish`
+        returned (a background upload; waits for one still running), else None. The
+        offload wrapper asks before handing a published payload out again, and
+        publishes it anew on an error. Links that publish synchronously: None."""
+        return None
 
     @abstractmethod
     def release(self, name: str) -> None:
@@ -151,6 +320,9 @@ class ClientLink(ABC):
     """Client (ClientApp) side of a link. Stateless; built from the scheme alone."""
 
     scheme: ClassVar[str]
+    #: descriptor fields holding seconds a server may make the client wait (the
+    #: client policy caps them at its ``max_wait``)
+    WAIT_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def open(self, loc: dict[str, Any], size: int) -> PayloadSource:
@@ -159,6 +331,16 @@ class ClientLink(ABC):
     @abstractmethod
     def upload(self, slot: dict[str, Any], payload: EncodedPayload) -> dict[str, Any]:
         """Write a reply payload into a server-issued slot; return its location."""
+
+    def endpoints(self, desc: dict[str, Any], *, upload: bool) -> list[Endpoint] | None:
+        """Every :class:`Endpoint` that ``open(desc)`` (``upload=False``) or
+        ``upload(desc)`` (``upload=True``) makes this client contact; ``[]`` when it
+        contacts nothing outside this process. Build each with ``Endpoint.http`` /
+        ``peer`` / ``file`` from exactly the values the link then uses, and raise
+        ``RefError`` for a malformed descriptor. The client policy checks exactly this
+        list before the link runs; a link that does not say (``None``, the default)
+        is refused: implement it in a third-party link."""
+        return None
 
 
 def pid_alive(pid: int) -> bool:

@@ -40,6 +40,7 @@ from ..refs import RefError
 from .base import (
     NAME_PREFIX,
     ClientLink,
+    Endpoint,
     LinkError,
     PayloadSource,
     ServerLink,
@@ -488,6 +489,12 @@ class _FsClientLink(ClientLink):
             raise RefError("ticket slot has an invalid mode") from None
         atomic_write(path, payload, mode=mode)
         return {k: v for k, v in slot.items() if k != "mode"}
+
+    def endpoints(self, desc: dict[str, Any], *, upload: bool) -> list[Endpoint]:
+        """The one file the location / slot names."""
+        if not isinstance(desc, dict):
+            raise RefError(f"{self.scheme}:// descriptor is not an object")
+        return [Endpoint.file("name" if self.scheme == "shm" else "path", self._resolve(desc))]
 
 
 class ShmClientLink(_FsClientLink):

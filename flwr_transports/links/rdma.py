@@ -66,7 +66,7 @@ from ..options import Option
 from ..refs import RefError
 from . import chunks
 from .base import LinkError, PayloadSource
-from .tcp import TcpClientLink, TcpServerLink, endpoint_from
+from .tcp import TcpClientLink, TcpServerLink, endpoint_from, is_loopback
 
 log = logging.getLogger("flwr_transports.links")
 
@@ -621,6 +621,7 @@ class RdmaServerConn(chunks.ServerConn):
                 start = not missing and not slot.complete and srv.eager
                 if not missing:
                     slot.complete = True
+                    srv.last_landed = time.perf_counter()
                 if start:
                     slot.readers += 1
             if peer is not None:
@@ -629,7 +630,11 @@ class RdmaServerConn(chunks.ServerConn):
                 rd.agent.unload(peer)
             if not clean:
                 rd.unclean += 1
-        if start:
+        if not missing and srv.on_landed is not None:
+            srv.on_landed()  # the receive loop pulls the reply now
+        if start and slot.hook is not None:  # streaming aggregation folds it now
+            srv._eager_pool().submit(srv._run_hook, oid, slot)
+        elif start:
             slot.pre = srv._eager_pool().submit(srv._predecode, oid, slot)
         if missing:
             why = f"{missing} of {n} chunks could not be read" + (f": {err}" if err else "")
@@ -693,6 +698,13 @@ class RdmaServerLink(TcpServerLink):
         self.server.rdma = rd
         self.server.pool = rd.pool  # upload buffers: registered once, reused
         self._regs: dict[str, Any] = {}
+        # the control connection follows tcp://'s TLS rule; UCX moves the data itself
+        (log.info if is_loopback(self.host) else log.warning)(
+            "rdma:// %s: control connection %s; the model bytes move over UCX (NIXL) "
+            "UNENCRYPTED (ucx_tls=%s): across a network, run it on a trusted fabric or "
+            "use tcp:// (TLS by default)", self.host,
+            "TLS (pinned certificate)" if self.tls else "plaintext",
+            self.rdma_opts["ucx_tls"] or "UCX's choice")
 
     def _desc(self, kind: str, oid: str) -> dict[str, Any]:
         d = super()._desc(kind, oid)

@@ -51,6 +51,7 @@ from ..refs import RefError
 from .base import (
     NAME_PREFIX,
     ClientLink,
+    Endpoint,
     LinkError,
     PayloadSource,
     ServerLink,
@@ -70,6 +71,7 @@ from .s3_http import (
     check_encryption,
     check_get_url,
     check_int,
+    check_pins,
     clamp_concurrency,
     compact_urls,
     expand_urls,
@@ -78,6 +80,7 @@ from .s3_http import (
     progress_enabled,
     run_all,
     upload_parts,
+    url_endpoints,
 )
 
 log = logging.getLogger("flwr_transports.s3")
@@ -257,6 +260,23 @@ def boto_error(exc: BaseException, what: str, cfg: S3Config) -> LinkError:
     return LinkError(f"{what}: {type(exc).__name__}: {exc}")
 
 
+def _note_plain_http(cfg: S3Config) -> None:
+    """Say so when model bytes will cross a network unencrypted: an ``http://``
+    endpoint that is not loopback, without ``encrypt=true``."""
+    from urllib.parse import urlsplit
+
+    from .tcp import is_loopback
+
+    u = urlsplit(cfg.endpoint_url or "")
+    if u.scheme.lower() != "http" or cfg.encrypt:
+        return
+    host = u.hostname or ""
+    (log.info if is_loopback(host) else log.warning)(
+        "s3:// endpoint %s is plain http: model bytes travel UNENCRYPTED between the store "
+        "and every node; set encrypt=true (AES-256-GCM, key sent in-band over Flower's "
+        "channel) or use an https:// endpoint", cfg.endpoint_url)
+
+
 class S3ServerLink(ServerLink):
     """Server side: holds the credentials, uploads the global model, issues slots."""
 
@@ -266,6 +286,7 @@ class S3ServerLink(ServerLink):
     def __init__(self, url: str, run_id: int | str, options):
         super().__init__(url, run_id, options)
         self.cfg = S3Config(url, self.options)
+        _note_plain_http(self.cfg)
         self.s3 = self.cfg.client()
         self._check_bucket()
         self.http = HttpTransport(retries=self.cfg.retries, read_timeout=self.cfg.timeout)
@@ -280,6 +301,7 @@ class S3ServerLink(ServerLink):
         self.reuse_max_age = self.cfg.expires / 2
         self._hooks: dict[str, Any] = {}  # reply key -> landing hook (on_upload)
         self._uploading: dict[str, threading.Thread] = {}  # name -> background publish
+        self._failed: dict[str, BaseException] = {}  # name -> why its background publish failed
         self._hooked = threading.Event()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -409,7 +431,14 @@ class S3ServerLink(ServerLink):
         try:
             self._upload_parts(*args)
         except BaseException as exc:  # noqa: BLE001 - clients time out waiting; say why here
+            with self._lock:
+                self._failed[args[0]] = exc  # read by publish_failed: never handed out again
             log.error("s3: the upload of %s failed, clients will not find it: %s", args[0], exc)
+
+    def publish_failed(self, name: str) -> BaseException | None:
+        self.wait_published(name)
+        with self._lock:
+            return self._failed.get(name)
 
     def wait_published(self, name: str, timeout: float | None = None) -> bool:
         """Wait for a background upload of ``name`` (True when none is running)."""
@@ -448,6 +477,7 @@ class S3ServerLink(ServerLink):
         with self._lock:
             key = self._published.pop(name, None)
             self._uploading.pop(name, None)
+            self._failed.pop(name, None)
         if key:
             self._delete(key)
 
@@ -818,9 +848,11 @@ class S3ClientLink(ClientLink):
     """Client side: plain HTTP with the presigned URLs from the reference / slot."""
 
     scheme = "s3"
+    WAIT_FIELDS = ("wait",)
 
     def __init__(self):
         self._http: HttpTransport | None = None
+        self._pinned: dict[tuple, HttpTransport] = {}
         self._lock = threading.Lock()
 
     @property
@@ -829,6 +861,27 @@ class S3ClientLink(ClientLink):
             if self._http is None:
                 self._http = HttpTransport()
             return self._http
+
+    def _transport(self, desc: dict[str, Any]) -> HttpTransport:
+        """The transport for a descriptor: connections to a host name go to the address
+        the client policy checked (``pinned``, put there by the policy), if any."""
+        pins = check_pins(desc.get("pinned"))
+        if not pins:
+            return self.http
+        key = tuple(sorted(pins.items()))
+        base = self.http
+        with self._lock:
+            t = self._pinned.get(key)
+            if t is None:
+                if len(self._pinned) >= 8:  # a few stores at most; dropped, not closed
+                    self._pinned.pop(next(iter(self._pinned)))
+                t = self._pinned[key] = HttpTransport(pins=pins, retries=base.retries,
+                                                      backoff=base.backoff)
+            return t
+
+    def endpoints(self, desc: dict[str, Any], *, upload: bool) -> list[Endpoint]:
+        """``get`` (download); every part URL and ``done`` (upload)."""
+        return url_endpoints(desc, upload=upload)
 
     def open(self, loc: dict[str, Any], size: int) -> PayloadSource:
         if not isinstance(loc, dict):
@@ -845,7 +898,7 @@ class S3ClientLink(ClientLink):
         wait = loc.get("wait", 0)
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 86400:
             raise RefError("s3:// location has an invalid wait (0-86400 seconds)")
-        return RangedReader(self.http, url, size, enc, rng, conc, label,
+        return RangedReader(self._transport(loc), url, size, enc, rng, conc, label,
                             progress_enabled(loc.get("progress")), float(wait)).source()
 
     def upload(self, slot: dict[str, Any], payload: EncodedPayload) -> dict[str, Any]:
@@ -863,7 +916,8 @@ class S3ClientLink(ClientLink):
         done = slot.get("done")
         if done is not None:
             done = check_get_url(done)
-        etags = upload_parts(self.http, urls, payload, enc, part,
+        http = self._transport(slot)
+        etags = upload_parts(http, urls, payload, enc, part,
                              clamp_concurrency(slot.get("conc")), checksum == "md5", _label(key),
                              progress_enabled(slot.get("progress")))
         if done is not None:
@@ -871,7 +925,7 @@ class S3ClientLink(ClientLink):
             # it while this reply still travels through Flower. If this fails, the
             # ServerApp completes it when the reply arrives (as without "done").
             try:
-                self.http.complete(done, etags, f"completing the upload of {_label(key)}")
+                http.complete(done, etags, f"completing the upload of {_label(key)}")
             except (LinkError, RefError) as exc:
                 log.info("s3: could not complete the upload of %s (the ServerApp will): %s",
                          _label(key), exc)

@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ..codec import EncodedPayload
 from ..refs import RefError
-from .base import LinkError, PayloadSource
+from .base import Endpoint, LinkError, PayloadSource
 from .chunks.protocol import SegmentView
 
 log = logging.getLogger("flwr_transports.s3")
@@ -237,14 +237,14 @@ def compact_urls(urls: list[str]) -> dict[str, Any]:
             "parts": ["&".join(p for p in ps if p not in cset) for ps in pieces]}
 
 
-def check_base_url(base: Any) -> str:
+def check_base_url(base: Any, field: str = "put.base") -> str:
+    """An object URL without query, parsed by the one parser the client policy uses
+    (:meth:`~flwr_transports.links.base.Endpoint.http`)."""
     if not isinstance(base, str) or len(base) > 4096:
         raise RefError("s3:// descriptor has no valid URL")
-    u = urlsplit(base)
-    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+    if "?" in base or "#" in base:
         raise RefError(f"s3:// descriptor URL {base[:200]!r} is not a plain http(s) URL")
-    if any(c in base for c in " \r\n\t\x00"):
-        raise RefError("s3:// descriptor URL contains whitespace or control characters")
+    Endpoint.http(f"s3:// {field}", base)
     return base
 
 
@@ -270,13 +270,28 @@ def expand_urls(desc: Any, max_parts: int = MAX_PARTS) -> list[str]:
     return [f"{base}?{c}&{_check_query(p)}".rstrip("&") for p in parts]
 
 
-def check_get_url(url: Any) -> str:
+def check_get_url(url: Any, field: str = "get") -> str:
     if not isinstance(url, str):
         raise RefError("s3:// location has no URL")
     base, _, q = url.partition("?")
-    check_base_url(base)
+    check_base_url(base, field)
     _check_query(q)
     return url
+
+
+def url_endpoints(desc: Any, *, upload: bool) -> list[Endpoint]:
+    """Every URL an s3:// location (download) or slot (upload) makes a client
+    request, parsed and validated exactly as :class:`S3ClientLink` then uses them."""
+    if not isinstance(desc, dict):
+        raise RefError("s3:// descriptor is not an object")
+    if not upload:
+        return [Endpoint.http("get", check_get_url(desc.get("get")))]
+    eps = [Endpoint.http(f"put.parts[{i}]", u) for i, u in enumerate(expand_urls(
+        desc.get("put")))]
+    done = desc.get("done")
+    if done is not None:
+        eps.append(Endpoint.http("done", check_get_url(done, "done")))
+    return eps
 
 
 def _expiry(url: str) -> datetime | None:
@@ -356,15 +371,38 @@ def explain(status: int, body: bytes, url: str, what: str) -> S3HttpError:
 
 
 # -- the HTTP transport ----------------------------------------------------------------------
-def _tuned_adapter(base):
+def _tuned_adapter(base, pins: dict[str, str] | None = None):
     """An HTTPAdapter whose connections ask for the chunk links' send buffer
     (:func:`flwr_transports.links.chunks.send_buffer_request`): a part upload over a
-    long fat pipe is one TCP stream, window-limited by the send buffer."""
+    long fat pipe is one TCP stream, window-limited by the send buffer. ``pins``
+    (host name -> address the client policy checked): connections to that name go to
+    that address (the Host header, TLS SNI and certificate check keep the name), so a
+    second DNS answer cannot send them elsewhere."""
     import socket
 
-    from urllib3.connection import HTTPConnection
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
     from .chunks.protocol import send_buffer_request
+
+    pinned: dict[str, type] = {}
+    if pins:
+        def pin(conn_cls):
+            class Pinned(conn_cls):
+                def __init__(self, host, *args, **kwargs):
+                    super().__init__(host, *args, **kwargs)
+                    ip = pins.get(str(host).strip("[]").lower())
+                    if ip is not None:
+                        self._dns_host = ip  # what urllib3's _new_conn connects to
+            return Pinned
+
+        class Http(HTTPConnectionPool):
+            ConnectionCls = pin(HTTPConnection)
+
+        class Https(HTTPSConnectionPool):
+            ConnectionCls = pin(HTTPSConnection)
+
+        pinned = {"http": Http, "https": Https}
 
     class TunedAdapter(base):
         def init_poolmanager(self, *args, **kwargs):
@@ -373,9 +411,29 @@ def _tuned_adapter(base):
             if want:
                 opts.append((socket.SOL_SOCKET, socket.SO_SNDBUF, want))
             kwargs["socket_options"] = opts
-            return super().init_poolmanager(*args, **kwargs)
+            out = super().init_poolmanager(*args, **kwargs)
+            if pinned:
+                self.poolmanager.pool_classes_by_scheme = dict(pinned)
+            return out
 
     return TunedAdapter
+
+
+def check_pins(v: Any) -> dict[str, str]:
+    """The ``pinned`` entry the client policy puts in a descriptor it checked."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or len(v) > 16:
+        raise RefError("s3:// descriptor has an invalid pinned entry")
+    import ipaddress
+
+    out = {}
+    for host, ip in v.items():
+        try:
+            out[str(host)] = str(ipaddress.ip_address(ip))
+        except ValueError:
+            raise RefError("s3:// descriptor has an invalid pinned address") from None
+    return out
 
 
 class HttpTransport:
@@ -383,7 +441,7 @@ class HttpTransport:
 
     def __init__(self, *, retries: int = 5, backoff: float = 0.25, max_backoff: float = 8.0,
                  connect_timeout: float = 10.0, read_timeout: float = 120.0,
-                 pool: int = MAX_CONCURRENCY + 4):
+                 pool: int = MAX_CONCURRENCY + 4, pins: dict[str, str] | None = None):
         try:
             import requests
             from requests.adapters import HTTPAdapter
@@ -392,8 +450,8 @@ class HttpTransport:
                             "'flwr-transports[s3]')") from exc
         self._requests = requests
         self.session = requests.Session()
-        adapter = _tuned_adapter(HTTPAdapter)(pool_connections=4, pool_maxsize=pool,
-                                              max_retries=0)
+        adapter = _tuned_adapter(HTTPAdapter, pins)(pool_connections=4, pool_maxsize=pool,
+                                                    max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.retries = retries
@@ -463,14 +521,12 @@ class HttpTransport:
                 if r.status_code == 404 and appear_by is not None:
                     if time.monotonic() < appear_by:
                         raise _NotYet
-                    body = r.raw.read(65536, decode_content=True)
-                    e = explain(r.status_code, body, url, what)
+                    e = explain(r.status_code, bounded_body(r), url, what)
                     raise S3HttpError(f"{e} (it did not appear in the store in time: the "
                                       "ServerApp's upload of it may have failed; see its log)",
                                       e.status, e.code)
                 if r.status_code not in (200, 206):
-                    body = r.raw.read(65536, decode_content=True)
-                    e = explain(r.status_code, body, url, what)
+                    e = explain(r.status_code, bounded_body(r), url, what)
                     if r.status_code in _RETRY_STATUS or e.code in _RETRY_CODES:
                         raise _Retryable(e)
                     raise e
@@ -506,10 +562,11 @@ class HttpTransport:
 
         def once() -> str:
             r = self.session.put(url, data=body, headers=headers, timeout=self.timeout,
-                                 allow_redirects=False)
+                                 allow_redirects=False, stream=True)
             try:
+                answer = bounded_body(r)  # a hostile store cannot make it big
                 if r.status_code not in (200, 201, 204):
-                    e = explain(r.status_code, r.content, url, what)
+                    e = explain(r.status_code, answer, url, what)
                     if r.status_code in _RETRY_STATUS or e.code in _RETRY_CODES:
                         raise _Retryable(e)
                     raise e
@@ -527,9 +584,9 @@ class HttpTransport:
 
         def once() -> None:
             r = self.session.post(url, data=body, timeout=self.timeout, allow_redirects=False,
-                                  headers={"Content-Type": "application/xml"})
+                                  headers={"Content-Type": "application/xml"}, stream=True)
             try:
-                content = r.content[:65536]
+                content = bounded_body(r)
                 if r.status_code != 200 or b"<Error>" in content:
                     e = explain(r.status_code if r.status_code != 200 else 500, content, url,
                                 what)
@@ -553,6 +610,18 @@ def complete_body(etags: list[str]) -> bytes:
                     for i, e in enumerate(etags, 1))
     return (f'<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
             f"{parts}</CompleteMultipartUpload>").encode()
+
+
+MAX_ANSWER = 65536  # bytes of an answer (or error body) the client reads, at most
+
+
+def bounded_body(r, limit: int = MAX_ANSWER) -> bytes:
+    """At most ``limit`` bytes of a streamed (``stream=True``) response body. A body
+    read to its end returns the connection to the pool; a longer one is cut (the
+    caller's ``r.close()`` then drops the connection). Not decompressed: a small
+    compressed answer cannot inflate past the limit."""
+    data = r.raw.read(limit + 1, decode_content=False)
+    return data[:limit]
 
 
 def _read_body(r, n: int) -> bytes | bytearray:
@@ -641,6 +710,11 @@ class RangedReader:
                  label: str, progress: bool, appear_within: float = 0.0):
         self.t = transport
         self.url = url
+        #: enough for another process to read the same object the same way (the Ray
+        #: shard owners of aggregation=ray): presigned URL, sizes, encryption key
+        self.remote = {"url": url, "size": size, "enc": enc, "range_stored": range_stored,
+                       "concurrency": concurrency, "label": label,
+                       "retries": transport.retries, "read_timeout": transport.timeout[1]}
         self.appear_by = time.monotonic() + appear_within if appear_within > 0 else None
         self.layout = Layout(size, enc["chunk"] if enc else 0)
         self.plain_unit, self.stored_unit = self.layout.align(range_stored)
@@ -708,7 +782,9 @@ class RangedReader:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def source(self) -> PayloadSource:
-        return PayloadSource(self.read, self.layout.size, self.close)
+        src = PayloadSource(self.read, self.layout.size, self.close)
+        src.remote = self.remote
+        return src
 
 
 def clamp_concurrency(v: Any, default: int = 8) -> int:

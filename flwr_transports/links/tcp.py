@@ -9,11 +9,21 @@ checked by CRC-32 (see :mod:`flwr_transports.links.chunks` for the protocol).
 
 URL options (query string or ``offload(...)`` keywords) are declared once, with their
 defaults and meaning, in :attr:`TcpServerLink.OPTIONS` (rendered in docs/links/tcp.md).
+
+TLS (option ``tls``, default ``auto``): on whenever ``HOST``, the address clients are
+told to dial, is not loopback. The server makes an ephemeral self-signed certificate
+(or loads ``tls_cert``/``tls_key``) and puts its SHA-256 fingerprint in every
+descriptor (``"tls": {"fp": ...}``); the descriptor travels over Flower's own
+authenticated channel, so no PKI is needed. A client then accepts exactly that
+certificate (no CA chain, no host name) and refuses a server that does not speak TLS.
+Plaintext only for a loopback ``HOST`` or with ``tls=off`` (logged).
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -22,15 +32,32 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..codec import EncodedPayload
-from ..options import Option, duration, integer, optional, parse_size, size, text
+from ..options import Option, choice, duration, integer, optional, parse_size, size, text
 from ..refs import RefError
 from . import chunks
-from .base import ClientLink, LinkError, PayloadSource, ServerLink
+from .base import ClientLink, Endpoint, LinkError, PayloadSource, ServerLink
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:-]{1,253}$")
 _TOKEN_RE = re.compile(r"^[0-9a-f]{64}$")
 _FP_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_PEM = 16 * 1024
+
+log = logging.getLogger("flwr_transports.links")
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (the address clients dial) surely stays on this machine: a
+    loopback address (127.0.0.0/8, ::1, ::ffff:127.x) or the name ``localhost``. Names
+    are not resolved: any other name may reach another host, so it counts as network."""
+    h = host.strip("[]").lower().rstrip(".")
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(h.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _chunk_size_opt(v: Any) -> int | None:
@@ -74,6 +101,10 @@ class TcpServerLink(ServerLink):
                "progress"),
         Option("max_conns", integer(1, 65536), 256, "concurrent connections the server accepts; "
                "beyond it clients are told to back off and retry"),
+        Option("tls", choice("auto", "on", "off"), "auto", "auto: TLS unless HOST (the "
+               "address clients dial) is loopback; on: always (loopback too); off: plaintext, "
+               "logged. The certificate is ephemeral (made per run) unless tls_cert is given; "
+               "clients pin its SHA-256 fingerprint from the reference"),
         Option("tls_cert", optional(text), None, "PEM certificate: serve TLS (clients pin its "
                "fingerprint from the reference)"),
         Option("tls_key", optional(text), None, "PEM private key for tls_cert"),
@@ -120,15 +151,14 @@ class TcpServerLink(ServerLink):
         self.retries = options.retries
         max_conns = options.max_conns
         self.tls: dict[str, str] | None = None
-        ssl_ctx = None
-        if options.tls_cert or options.tls_key:
-            ssl_ctx, self.tls = _server_tls(options.tls_cert, options.tls_key)
+        ssl_ctx = self._tls_setup(options)
         pool_cap = options.buffer_pool
         self.secret = secrets.token_bytes(32)
         self.server = chunks.ChunkServer(
             bind_host, bind_port, secret=self.secret, timeout=self.timeout,
             max_conns=max_conns, ssl_ctx=ssl_ctx, conn_cls=self.conn_cls, name=self.scheme,
             pool_cap=pool_cap)
+        self.server.on_landed = self.notify_landed  # wakes the receive loop at once
         # the advertised port: the URL's, or the one we got if the URL said 0
         self.port = port or self.server.port
         self._published: dict[str, str] = {}
@@ -136,6 +166,38 @@ class TcpServerLink(ServerLink):
 
     def setup(self) -> None:
         """Hook for wires that need more than the TCP server (rdma://)."""
+
+    def _tls_setup(self, options) -> ssl.SSLContext | None:
+        """Decide TLS from the ``tls`` option and the advertised host; set ``self.tls``
+        (what descriptors carry) and return the server context (None: plaintext)."""
+        mode = options.get("tls", "auto")
+        given = bool(options.tls_cert or options.tls_key)
+        loopback = is_loopback(self.host)
+        if mode == "off":
+            if given:
+                raise ValueError(f"{self.scheme}:// tls=off contradicts tls_cert/tls_key: "
+                                 "drop one of them")
+            if loopback:
+                log.info("%s:// payload server on loopback %s: plaintext (tls=off)",
+                         self.scheme, self.host)
+            else:
+                log.warning("%s:// payload server %s: tls=off, model bytes cross the network "
+                            "in the clear (drop tls=off to encrypt them)", self.scheme,
+                            self.host)
+            return None
+        if mode == "auto" and loopback and not given:
+            log.info("%s:// payload server on loopback %s: plaintext (nothing leaves this "
+                     "machine; tls=on forces TLS)", self.scheme, self.host)
+            return None
+        if given:
+            ctx, self.tls = _server_tls(options.tls_cert, options.tls_key)
+            what = f"certificate {options.tls_cert}"
+        else:
+            ctx, self.tls = _ephemeral_tls(self.host)
+            what = "an ephemeral self-signed certificate"
+        log.info("%s:// payload server %s: TLS with %s, SHA-256 %s... pinned in every "
+                 "reference", self.scheme, self.host, what, self.tls["fp"][:16])
+        return ctx
 
     # ids and descriptors
     def _oid(self, kind: str, name: str) -> str:
@@ -202,14 +264,19 @@ class TcpServerLink(ServerLink):
         self.server.close()
 
 
+def _server_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 def _server_tls(cert: str | None, key: str | None) -> tuple[ssl.SSLContext, dict[str, str]]:
     if not cert:
         raise ValueError("tls_key needs tls_cert (a PEM certificate file)")
     try:
         with open(cert, encoding="ascii") as f:
             text = f.read()
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx = _server_context()
         ctx.load_cert_chain(cert, key or None)
     except (OSError, ssl.SSLError, UnicodeDecodeError) as exc:
         raise LinkError(f"cannot load TLS certificate/key ({cert!r}, {key!r}): {exc}") from None
@@ -217,8 +284,77 @@ def _server_tls(cert: str | None, key: str | None) -> tuple[ssl.SSLContext, dict
     if not m:
         raise LinkError(f"{cert!r} holds no PEM certificate")
     pem = m.group(0) + "\n"
-    fp = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
-    return ctx, {"cert": pem, "fp": fp}
+    return ctx, {"fp": hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()}
+
+
+def _ephemeral_tls(host: str) -> tuple[ssl.SSLContext, dict[str, str]]:
+    """A fresh self-signed certificate (EC P-256, valid 30 days) and a server context
+    serving it. The private key never reaches a file system: it is handed to OpenSSL
+    through an anonymous memory file (``memfd``) where the platform has one, else
+    through a private temporary directory removed at once."""
+    import datetime
+
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:  # a core dependency (and Flower's): only a broken install
+        raise LinkError("tcp:// TLS needs the 'cryptography' package to make its "
+                        "certificate: pip install cryptography (or give tls_cert/tls_key, "
+                        "or tls=off on a trusted network)") from None
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flwr-transports payload server")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .sign(key, hashes.SHA256()))
+    pem = (cert.public_bytes(serialization.Encoding.PEM)
+           + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption()))
+    ctx = _server_context()
+    _load_pem_chain(ctx, pem)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return ctx, {"fp": hashlib.sha256(der).hexdigest()}
+
+
+def _load_pem_chain(ctx: ssl.SSLContext, pem: bytes) -> None:
+    """``ctx.load_cert_chain`` from bytes (OpenSSL's Python API takes only paths)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("ftx-tls", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            return
+        except OSError:
+            pass  # no /proc: fall through
+        finally:
+            os.close(fd)
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="ftx-tls-")  # mode 0700
+    try:
+        path = os.path.join(d, "chain.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        ctx.load_cert_chain(path)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+_CLIENT_CTX: list[ssl.SSLContext] = []
+
+
+def _client_context() -> ssl.SSLContext:
+    """The pinned-fingerprint client context, made once per process (reusable: it holds
+    no trust anchors, each connection checks its own fingerprint)."""
+    if not _CLIENT_CTX:
+        _CLIENT_CTX.append(chunks.pinned_client_context())
+    return _CLIENT_CTX[0]
 
 
 def endpoint_from(loc: dict[str, Any]) -> tuple[chunks.Endpoint, str, bytes, dict[str, int]]:
@@ -247,24 +383,17 @@ def endpoint_from(loc: dict[str, Any]) -> tuple[chunks.Endpoint, str, bytes, dic
     env_timeout = os.environ.get("FLWR_TRANSPORTS_TCP_TIMEOUT")
     if env_timeout:
         timeout = float(env_timeout)
+    # TLS: a "tls" entry makes it required, with exactly the pinned certificate. A
+    # descriptor without one is plaintext: the server's decision (tls=off, or a loopback
+    # HOST), and the server is the party that sent this descriptor over Flower's channel.
     ssl_ctx, fp = None, None
     tls = loc.get("tls")
     if tls is not None:
-        if not isinstance(tls, dict):
-            raise RefError("tcp:// location has an invalid tls entry")
-        pem, fp = tls.get("cert"), tls.get("fp")
-        if not (isinstance(pem, str) and len(pem) <= MAX_PEM and isinstance(fp, str)
-                and _FP_RE.match(fp)):
-            raise RefError("tcp:// location has an invalid pinned certificate")
-        ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ssl_ctx.check_hostname = False  # pinned: chain to THIS cert + fingerprint match
-        ssl_ctx.verify_mode = ssl.CERT_REQUIRED
-        ssl_ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-        try:
-            ssl_ctx.load_verify_locations(cadata=pem)
-        except (ssl.SSLError, ValueError) as exc:
-            raise RefError(f"tcp:// location has an unusable pinned certificate: {exc}") from None
+        fp = tls.get("fp") if isinstance(tls, dict) else None
+        if not (isinstance(fp, str) and _FP_RE.match(fp)):
+            raise RefError("tcp:// location requires TLS but has no valid pinned certificate "
+                           "fingerprint (tls.fp: 64 lowercase hex digits)")
+        ssl_ctx = _client_context()
     ep = chunks.Endpoint(host, port, timeout=float(timeout), ssl_ctx=ssl_ctx, fingerprint=fp)
     return ep, oid, bytes.fromhex(token), knobs
 
@@ -280,6 +409,13 @@ class TcpClientLink(ClientLink):
 
     def factory(self, ep: chunks.Endpoint, loc: dict[str, Any]):
         return lambda: self.conn_cls(ep)
+
+    def endpoints(self, desc: dict[str, Any], *, upload: bool) -> list[Endpoint]:
+        """The peer ``host``:``port`` (the client policy pins ``host`` to the address
+        it checked; the link connects to exactly that)."""
+        if not isinstance(desc, dict):
+            raise RefError(f"{self.scheme}:// descriptor is not an object")
+        return [Endpoint.peer("host", desc.get("host"), desc.get("port"))]
 
     def open(self, loc: dict[str, Any], size: int) -> PayloadSource:
         ep, oid, token, k = endpoint_from(loc)

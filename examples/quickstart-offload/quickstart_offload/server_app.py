@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from flwr_transports import offload
+from flwr_transports.flower.receive import polls_replies
 
 from .task import build_model
 
@@ -28,11 +29,21 @@ class TimedGrid(Grid):
     the end of this round's evaluate call: configure_train (where offloading puts
     the payload on its link), the train round trip, aggregate_train (where replies
     are fetched and verified), configure_evaluate and the evaluate round trip.
+
+    Offload runs its own receive loop through push_messages / pull_messages when the
+    grid underneath is Flower's deployment grid (``send_and_receive_polls``); a call
+    is then timed from its push to the last pull that waited for its replies.
     """
 
     def __init__(self, inner: Grid) -> None:
         self._inner = inner
         self.calls: list[dict] = []
+        self._by_id: dict[str, dict] = {}  # pushed message id -> its call (receive loop)
+
+    @property
+    def send_and_receive_polls(self) -> bool:
+        """This grid's send_and_receive is the inner grid's push + pull loop."""
+        return polls_replies(self._inner)
 
     def set_run(self, run) -> None:
         self._inner.set_run(run)
@@ -58,10 +69,28 @@ class TimedGrid(Grid):
         return self._inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._inner.push_messages(messages)
+        messages = list(messages)
+        t0 = time.perf_counter()
+        ids = list(self._inner.push_messages(messages))
+        call = {"type": messages[0].metadata.message_type if messages else "",
+                "sent": len(messages), "replies": 0, "errors": 0, "start": t0, "end": t0}
+        self.calls.append(call)
+        self._by_id.update(dict.fromkeys(ids, call))
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._inner.pull_messages(message_ids)
+        message_ids = list(message_ids)
+        replies = list(self._inner.pull_messages(message_ids))
+        t1 = time.perf_counter()
+        for mid in message_ids:
+            if mid in self._by_id:
+                self._by_id[mid]["end"] = t1
+        for r in replies:
+            call = self._by_id.pop(r.metadata.reply_to_message_id, None)
+            if call is not None:
+                call["replies"] += 1
+                call["errors"] += int(r.has_error())
+        return replies
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

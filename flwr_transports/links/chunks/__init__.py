@@ -73,6 +73,7 @@ from .client import (  # noqa: F401
     busy_pause,
     conn_rtt,
     download,
+    pinned_client_context,
     stream_window,
     upload,
 )
@@ -142,4 +143,5 @@ from .server import (  # noqa: F401
     ServerConn,
     UploadSlot,
     _Admission,
+    peer_group,
 )

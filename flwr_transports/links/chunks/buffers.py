@@ -207,12 +207,11 @@ class BufferPool:
 
 
 def _env_pool_cap() -> int:
-    import os
-
     from ...codec import parse_size
+    from ...settings import text
 
     try:
-        return parse_size(os.environ.get("FLWR_TRANSPORTS_BUFFER_POOL", "1GiB"))
+        return parse_size(text("FLWR_TRANSPORTS_BUFFER_POOL"))
     except ValueError:
         return 0
 

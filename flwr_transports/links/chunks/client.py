@@ -64,11 +64,26 @@ log = logging.getLogger("flwr_transports.links")
 
 
 # -- client side -----------------------------------------------------------------------
+def pinned_client_context() -> ssl.SSLContext:
+    """A TLS client context that trusts nothing by itself: the server's certificate is
+    accepted only by :meth:`Endpoint.connect`, when its SHA-256 fingerprint equals the
+    one pinned in the reference (no CA chain, no host name: the reference came over
+    Flower's authenticated channel). The handshake still proves that the server holds
+    the private key of the certificate it shows."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the fingerprint check below is the verification
+    return ctx
+
+
 class Endpoint:
     """Where and how a client connects (from a validated descriptor)."""
 
     def __init__(self, host: str, port: int, *, timeout: float = 60.0,
                  ssl_ctx: ssl.SSLContext | None = None, fingerprint: str | None = None):
+        if ssl_ctx is not None and not fingerprint:
+            raise ValueError("a TLS endpoint needs the server certificate's fingerprint")
         self.host, self.port, self.timeout = host, port, timeout
         self.ssl_ctx, self.fingerprint = ssl_ctx, fingerprint
 
@@ -77,12 +92,23 @@ class Endpoint:
         try:
             tune_socket(sock)  # no Nagle; a send buffer that fills a long fat pipe
             if self.ssl_ctx is not None:
-                sock = self.ssl_ctx.wrap_socket(sock, server_hostname=self.host)
-                if self.fingerprint:
-                    der = sock.getpeercert(binary_form=True) or b""
-                    if not hmac.compare_digest(hashlib.sha256(der).hexdigest(), self.fingerprint):
-                        raise Refused("payload server's TLS certificate does not match the "
-                                      "one pinned in the reference; refused")
+                try:
+                    sock = self.ssl_ctx.wrap_socket(sock, server_hostname=self.host)
+                except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError) as exc:
+                    # accepted, then closed before any handshake byte: what a TLS
+                    # payload server does when it is full (it cannot send BUSY before a
+                    # handshake). Back off like BUSY instead of using up ``retries``.
+                    raise Busy(f"payload server closed the connection before the TLS "
+                               f"handshake ({exc}); it is probably full") from None
+                except ssl.SSLError as exc:
+                    raise Refused(
+                        f"TLS handshake with the payload server {self.host}:{self.port} "
+                        f"failed ({exc.reason or exc}); the reference requires TLS, so a "
+                        "server that does not speak it is refused (no downgrade)") from None
+                der = sock.getpeercert(binary_form=True) or b""
+                if not hmac.compare_digest(hashlib.sha256(der).hexdigest(), self.fingerprint):
+                    raise Refused("payload server's TLS certificate does not match the "
+                                  "one pinned in the reference; refused")
         except BaseException:
             sock.close()
             raise

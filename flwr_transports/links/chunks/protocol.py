@@ -179,11 +179,26 @@ def tune_socket(sock) -> int:
         return 0
 
 
+_TLS_JOIN = 4096  # bytes: buffers up to this size are joined before a TLS send
+
+
 def send_views(sock, bufs: Sequence[bytes | memoryview]) -> None:
     """Send buffers back to back without joining them (``sendmsg`` gather I/O)."""
-    if isinstance(sock, ssl.SSLSocket):  # no sendmsg on TLS sockets
+    if isinstance(sock, ssl.SSLSocket):
+        # no sendmsg (gather I/O) on TLS sockets: OpenSSL encrypts each buffer into its
+        # own records, from the caller's memory (no copy besides the ciphertext). Small
+        # pieces (headers, ids) are joined first: one record and one segment, not three.
+        small: list[bytes | memoryview] = []
         for b in bufs:
+            if len(b) <= _TLS_JOIN:
+                small.append(b)
+                continue
+            if small:
+                sock.sendall(b"".join(small))
+                small = []
             sock.sendall(b)
+        if small:
+            sock.sendall(b"".join(small))
         return
     pending = [memoryview(b).cast("B") for b in bufs if len(b)]
     while pending:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import hmac
+import ipaddress
 import logging
 import mmap
 import socket
@@ -101,12 +102,31 @@ class UploadSlot:
                 self.buf = None
 
 
+def peer_group(peer: str) -> str:
+    """The download group of a connection from ``peer`` (``"ADDR:PORT"``): its IPv4
+    address (/32), or its IPv6 /64 network. One host usually holds a whole IPv6 /64
+    (SLAAC, privacy addresses, a delegated prefix), so grouping by address would let
+    it open ``max_per_group`` connections from each of 2**64 addresses; an IPv4-mapped
+    IPv6 address counts as its IPv4 address. A scope id (``%eth0``) is dropped."""
+    host = peer.rsplit(":", 1)[0].strip("[]").split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an IP (a UNIX socket in a test): its own group
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class _Admission:
     """What the server knows about one accepted connection, for its accounting.
 
     A connection starts unauthenticated; its first request with a valid token charges
     it to a *group*: the upload slot (one node's) or, for downloads, the published
-    object and the peer's address. ``idle_since`` is None while a request is served.
+    object and the peer's network (:func:`peer_group`: IPv4 /32, IPv6 /64).
+    ``idle_since`` is None while a request is served.
     """
 
     __slots__ = ("evicted", "group", "idle_since", "raw")
@@ -168,7 +188,8 @@ class ChunkServer:
     connection idle the longest (unauthenticated ones first; an authenticated one
     only after ``EVICT_IDLE`` s without a request), and only answered BUSY when every
     connection is busy. Authenticated connections are charged to their upload slot
-    (one node's), or to the downloaded object and peer address; a group may hold at
+    (one node's), or to the downloaded object and peer network (IPv4 /32, IPv6 /64:
+    :func:`peer_group`); a group may hold at
     most ``max_per_group`` connections (default ``max_conns // 4``, at least 8).
     """
 
@@ -193,6 +214,8 @@ class ChunkServer:
         self.eager = True
         self._eager: ThreadPoolExecutor | None = None
         self.last_landed: float | None = None  # perf_counter() of the last complete upload
+        #: called (no arguments) right after last_landed changed: the link's notify_landed
+        self.on_landed: Callable[[], None] | None = None
         #: test hook: fault(op, oid, index, views) -> views (may raise to drop the connection)
         self.fault: Callable[[int, str, int, list[memoryview]], list[memoryview]] | None = None
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -318,7 +341,7 @@ class ChunkServer:
         adm = conn.adm
         if adm is None or adm.group is not None:
             return True
-        group = (kind, oid) if kind == "put" else (kind, oid, conn.peer.rsplit(":", 1)[0])
+        group = (kind, oid) if kind == "put" else (kind, oid, peer_group(conn.peer))
         with self.lock:
             if self.groups[group] >= self.max_per_group and not self._evict_locked(group):
                 return False
@@ -483,6 +506,8 @@ class ChunkServer:
                     self.last_landed = time.perf_counter()
                 if start:
                     slot.readers += 1  # the decoder reads the buffer: keep it
+            if missing == 0 and self.on_landed is not None:
+                self.on_landed()
             if start and slot.hook is not None:
                 self._eager_pool().submit(self._run_hook, oid, slot)
             elif start:

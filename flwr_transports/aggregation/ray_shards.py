@@ -1,0 +1,594 @@
+"""``aggregation=ray``: the weighted mean folded by K Ray actors, straight from the store.
+
+The model's elements are cut into K contiguous shards on the 16 MiB windows of the
+``sha256t`` digest (cut once per round, on the first reply that counts, whose layout
+the wrapper has checked against the model the server SENT). Ray actor k owns shard k:
+its accumulator holds only those elements. For every accepted upload the ServerApp
+reads the payload header (a few KiB), and actor k reads the windows that hold its
+elements straight from the store (ranged GETs of the presigned URL the ServerApp
+issued: clients never hand over anything an actor reads with), hashes each window and
+folds exactly the bytes it hashed. The actors return their windows' leaf hashes; the
+ServerApp combines them into the payload's ``sha256t`` root (a window two shards share
+is read by both and must hash the same) and compares it with the reference. A reply
+counts only when the root matches; anything folded that does not count is excluded
+exactly: the shard sums are rebuilt from the store, never subtracted.
+
+An actor that dies is replaced and its shard re-folded from the store (the uploads
+stay there until the phase ends); a cluster that cannot be reached fails the run with
+:class:`RayClusterError` (the wrapper then removes everything from the bucket). The
+actors are killed when the run ends.
+
+The mean is assembled in the ServerApp from the shards once per round (Flower's
+``Strategy.start`` keeps the global model as an ``ArrayRecord`` between rounds, so the
+ServerApp holds the model, not the accumulators nor any upload); see
+docs/aggregation.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from concurrent.futures import wait
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from .._membuf import alloc_bytes
+from ..codec import DIGEST_ALGO, PayloadError
+from ..errors import ConfigError
+from .fold import WINDOW, Source, WeightedSum, _pool, _to_bf16
+from .layout import Plan, Unfoldable, layout_of, npy_header, plan_payload
+from .round import Accepted, _digest_of
+
+log = logging.getLogger("flwr_transports")
+
+INSTALL_HINT = "pip install 'flwr-transports[ray]'"
+#: CPUs each shard actor reserves: small, so that under Flower's Simulation runtime
+#: (which runs the ClientApps as Ray actors on the same cluster) they starve nobody
+ACTOR_CPUS = 0.1
+#: restarts of one shard actor per round before the round fails
+MAX_RESTARTS = 3
+#: seconds a new actor may take to answer its first call
+START_TIMEOUT = 120.0
+HEADER_UNIT = 1 << 20  # the ServerApp reads payload headers in units this small
+ASSEMBLY_CHUNK = 64 << 20  # the mean is fetched from the shard owners in pieces this big
+
+
+class RayClusterError(RuntimeError):
+    """The Ray cluster of ``aggregation=ray`` cannot be reached (or keeps losing the
+    shard actors): the run fails (nothing is left in the store)."""
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError(f"aggregation=ray needs Ray on the ServerApp and on the cluster "
+                          f"({INSTALL_HINT})") from exc
+    return ray
+
+
+# -- the cut ---------------------------------------------------------------------------
+def cut(plan: Plan, k: int) -> list[dict[int, tuple[int, int]]]:
+    """Per shard, ``{array index: (lo, hi)}``: the elements whose first byte lies in
+    that shard's windows of ``plan`` (at most ``k`` shards, each owning elements)."""
+    n_win = max(1, -(-plan.size // WINDOW))
+    k = max(1, min(k, n_win))
+    per = -(-n_win // k)
+    bounds = [min(plan.size, j * per * WINDOW) for j in range(k)] + [plan.size]
+    out = []
+    for j in range(k):
+        lo_b, hi_b = bounds[j], bounds[j + 1]
+        own = {}
+        for idx, a in enumerate(plan.arrays):
+            z, n = a.itemsize, a.count
+            if n == 0:
+                continue
+            lo = min(n, max(0, -(-(lo_b - a.data_start) // z)))
+            hi = min(n, max(0, -(-(hi_b - a.data_start) // z)))
+            if hi > lo:
+                own[idx] = (lo, hi)
+        if own:
+            out.append(own)
+    return out
+
+
+def windows_of(plan: Plan, shards: list[dict[int, tuple[int, int]]], j: int
+               ) -> tuple[int, int]:
+    """The windows ``[t0, t1)`` of THIS payload that shard ``j`` reads: those covering
+    the bytes from its first element (0 for the first shard: the header) to the next
+    shard's first element (the payload's end for the last)."""
+    def first_byte(s: dict[int, tuple[int, int]]) -> int:
+        idx = min(s)
+        a = plan.arrays[idx]
+        return a.data_start + s[idx][0] * a.itemsize
+
+    lo = 0 if j == 0 else first_byte(shards[j])
+    hi = plan.size if j == len(shards) - 1 else first_byte(shards[j + 1])
+    return lo // WINDOW, -(-hi // WINDOW)
+
+
+# -- the actor's side ------------------------------------------------------------------
+class _ShardAcc:
+    """The accumulator of one array's owned elements ``[lo, hi)``."""
+
+    def __init__(self, plan, lo: int, hi: int):
+        self.plan, self.lo, self.hi = plan, lo, hi
+        self.arr = np.empty(hi - lo, dtype=plan.acc_dtype)
+        self.data = None
+
+
+class ShardSum(WeightedSum):
+    """``sum_i w_i * x_i`` over the elements one shard owns (see :func:`cut`), folded
+    from the windows it reads: the fold and straddling-element logic of
+    :class:`~.fold.WeightedSum`, with every write clipped to the owned elements."""
+
+    def __init__(self, plan: Plan, own: dict[int, tuple[int, int]]):
+        self.signature = plan.signature()
+        self.accs = [_ShardAcc(a, *own.get(i, (0, 0))) for i, a in enumerate(plan.arrays)]
+        self.folded, self.total, self.dirty, self.done = [], 0, False, False
+
+    def _fold_into(self, acc, i, mv, m, w, first):  # clipped to the owned elements
+        a, b = max(i, acc.lo), min(i + m, acc.hi)
+        if a >= b:
+            return
+        z = acc.plan.itemsize
+        WeightedSum._fold_into(acc, a - acc.lo, mv[(a - i) * z:(b - i) * z], b - a, w, first)
+
+    def fold_windows(self, src: Source, plan: Plan, t0: int, t1: int, weight: float,
+                     ident: object = None) -> list[bytes]:
+        """Fold the owned elements of windows ``[t0, t1)``; return their leaf hashes."""
+        if not self.compatible(plan):
+            raise Unfoldable("payload layout differs from the other replies'")
+        if src.size != plan.size:
+            raise PayloadError(f"payload has {src.size} bytes, planned for {plan.size}")
+        first = not self.folded
+        segs = plan.segments()
+        w = float(weight)
+        try:
+            futs = [_pool().submit(self._window, src, plan, segs, t, w, first)
+                    for t in range(t0, t1)]
+            wait(futs)
+            parts = [f.result() for f in futs]
+            frags: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+            for _leaf, fr in parts:
+                for key, piece in fr:
+                    k, i = key
+                    acc = self.accs[k]
+                    if acc.lo <= i < acc.hi:  # an element this shard owns
+                        frags.setdefault(key, []).append(piece)
+            for (k, i), pieces in frags.items():
+                pieces.sort()
+                raw = b"".join(p for _, p in pieces)
+                acc = self.accs[k]
+                if len(raw) != acc.plan.itemsize:
+                    raise PayloadError("straddling element fragments do not add up")
+                self._fold_into(acc, i, memoryview(raw), 1, w, first)
+        except BaseException:
+            self.dirty = True
+            raise
+        self.folded.append((ident, weight))
+        self.total += weight
+        return [leaf for leaf, _ in parts]
+
+    def shard_mean(self, total: float) -> dict[int, tuple[int, np.ndarray]]:
+        """``{array index: (lo, mean of the owned elements in the output dtype)}``."""
+        out = {}
+        for k, acc in enumerate(self.accs):
+            if acc.hi <= acc.lo:
+                continue
+            a = acc.plan
+            np.divide(acc.arr, total, out=acc.arr)
+            if a.kind == "bf16":
+                out[k] = (acc.lo, np.frombuffer(_to_bf16(acc.arr), dtype="<u2"))
+            elif a.acc_dtype == a.out_dtype:
+                out[k] = (acc.lo, acc.arr)
+            else:
+                out[k] = (acc.lo, acc.arr.astype(a.out_dtype, casting="unsafe"))
+        return out
+
+
+class ShardOwner:
+    """The Ray actor that owns one shard (plain class; :func:`_actor_class` wraps it)."""
+
+    def __init__(self, j: int):
+        self.j = j
+        self.sum: ShardSum | None = None
+        self.out: dict[int, tuple[int, np.ndarray]] | None = None
+        self._http = None
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def reset(self, plan: Plan, own: dict[int, tuple[int, int]]) -> None:
+        self.sum = ShardSum(plan, own)
+
+    def fold(self, remote: dict[str, Any], plan: Plan, t0: int, t1: int, weight: float,
+             ident: Any = None) -> list[bytes]:
+        """Read windows ``[t0, t1)`` of the object ``remote`` describes (presigned GET
+        URL, sizes, encryption key: from the ServerApp), hash and fold them."""
+        from ..links.s3_http import HttpTransport, RangedReader
+
+        if self._http is None:
+            self._http = HttpTransport(retries=int(remote.get("retries", 5)),
+                                       read_timeout=float(remote.get("read_timeout", 120)))
+        reader = RangedReader(self._http, remote["url"], remote["size"], remote["enc"],
+                              remote["range_stored"], remote["concurrency"],
+                              f"{remote['label']} (shard {self.j})", False)
+        try:
+            return self.sum.fold_windows(Source(reader.layout.size, reader.read), plan,
+                                         t0, t1, weight, ident)
+        finally:
+            reader.close()
+
+    def finish(self, total: float) -> dict[int, tuple[int, int]]:
+        """Divide by the total weight; ``{array index: (lo, count)}`` of the result."""
+        s, self.sum = self.sum, None
+        self.out = s.shard_mean(total)
+        return {k: (lo, len(arr)) for k, (lo, arr) in self.out.items()}
+
+    def piece(self, k: int, a: int, b: int) -> np.ndarray:
+        """Elements ``[a, b)`` (relative to the shard) of array ``k`` of the mean."""
+        return self.out[k][1][a:b]
+
+    def drop(self) -> None:
+        self.out = None
+
+
+_ACTOR = None
+
+
+def _actor_class(ray):
+    global _ACTOR
+    if _ACTOR is None:
+        _ACTOR = ray.remote(ShardOwner)
+    return _ACTOR
+
+
+# -- the ServerApp's side --------------------------------------------------------------
+class RayCluster:
+    """The run's connection to Ray and its shard actors (one per shard, reused across
+    rounds; killed by :meth:`close`)."""
+
+    def __init__(self, address: str | None = None, shards: int = 0):
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.want = shards
+        self.ray = None
+        self.started = False  # this run called ray.init (and shuts it down at close)
+        self.actors: list[Any] = []
+        self.names: list[str] = []
+        self.history: list[str] = []  # every actor name this run created (tests)
+        self.restarts = 0
+        self._tag = secrets.token_hex(4)
+        self._lock = threading.Lock()
+        #: test hook: called with (upload number, cluster) after each upload's folds
+        #: were submitted (the fault tests kill an actor there)
+        self.after_submit = None
+
+    def connect(self):
+        if self.ray is not None:
+            return self.ray
+        ray = import_ray()
+        try:
+            if not ray.is_initialized():  # Flower's Simulation runtime: its Ray is reused
+                kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                      "configure_logging": False}
+                if self.address:
+                    ray.init(address=self.address, **kw)
+                else:
+                    log.info("flwr-transports: aggregation=ray: no RAY_ADDRESS / "
+                             "ray_address: starting a local Ray cluster (development)")
+                    ray.init(**kw)
+                self.started = True
+        except Exception as exc:
+            raise RayClusterError(
+                f"aggregation=ray cannot connect to the Ray cluster "
+                f"{self.address or '(local)'}: {exc}; start it (ray start --head) or set "
+                "RAY_ADDRESS / ray_address= to its address") from exc
+        self.ray = ray
+        return ray
+
+    def shard_count(self, n_win: int) -> int:
+        if self.want:
+            return self.want
+        try:
+            cpus = int(self.ray.cluster_resources().get("CPU", 2))
+        except Exception:  # noqa: BLE001 - a count is only a default
+            cpus = 2
+        return max(1, min(n_win, 64, max(2, cpus // 2)))
+
+    def _new_actor(self, j: int):
+        ray = self.ray
+        name = f"ftx-shard-{self._tag}-{j}-{self.restarts}"
+        actor = _actor_class(ray).options(
+            name=name, num_cpus=ACTOR_CPUS, max_restarts=0, max_concurrency=1,
+            scheduling_strategy="SPREAD").remote(j)
+        self.history.append(name)
+        try:
+            ray.get(actor.ping.remote(), timeout=START_TIMEOUT)
+        except Exception as exc:
+            self._kill(actor)
+            raise RayClusterError(f"aggregation=ray: a shard actor did not start on the "
+                                  f"Ray cluster {self.address or '(local)'}: {exc}") from exc
+        return actor, name
+
+    def ensure(self, k: int) -> None:
+        self.connect()
+        while len(self.actors) < k:
+            actor, name = self._new_actor(len(self.actors))
+            self.actors.append(actor)
+            self.names.append(name)
+
+    def replace(self, j: int) -> None:
+        self.restarts += 1
+        self._kill(self.actors[j])
+        self.actors[j], self.names[j] = self._new_actor(j)
+
+    def _kill(self, actor) -> None:
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception as exc:  # noqa: BLE001 - a dead actor / cluster: nothing to kill
+            log.debug("ray.kill: %s", exc)
+
+    def close(self) -> None:
+        if self.ray is None:
+            return
+        for a in self.actors:
+            self._kill(a)
+        self.actors, self.names = [], []
+        if self.started:
+            try:
+                self.ray.shutdown()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("ray.shutdown: %s", exc)
+        self.ray, self.started = None, False
+
+
+class RaySum:
+    """What :func:`~.train.streaming_aggregate_train` needs of a settled sum: ``total``,
+    ``accs[i].plan`` (names, dtypes, shapes) and ``mean()`` (assembled from the shards)."""
+
+    def __init__(self, settle: RayRoundStream, plan: Plan, total: float):
+        self._s, self.total = settle, total
+        self.accs = [_PlanOnly(a) for a in plan.arrays]
+        self.plan = plan
+
+    def mean(self) -> ArrayRecord:
+        return self._s.assemble(self.plan, self.total)
+
+
+class _PlanOnly:
+    def __init__(self, plan):
+        self.plan = plan
+
+
+class RayRoundStream:
+    """The ``RoundStream`` of ``aggregation=ray``: nothing is folded on landing (the
+    link's hook only notes the time); :meth:`settle` has the shard actors fold exactly
+    the accepted replies from the store."""
+
+    def __init__(self, server_round: int, expected: tuple | None, cluster: RayCluster):
+        self.round = server_round
+        self.expected = expected
+        self.cluster = cluster
+        self.lock = threading.Lock()
+        self.landed: dict[Any, Any] = {}
+        self.closed = False
+        self.last_landed: float | None = None
+        self.eager_folds = 0
+        self.settle_folds = 0
+        self.rebuilds = 0
+        self.fold_s: list[float] = []
+        self.shards: list[dict[int, tuple[int, int]]] = []
+        self.bytes_folded = 0  # bytes the actors read and folded (benchmarks)
+
+    def on_landed(self, key: Any, src) -> None:
+        with self.lock:
+            self.last_landed = time.perf_counter()
+            self.landed.setdefault(key, "landed")
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+
+    # -- settle ------------------------------------------------------------------------
+    def _plan(self, src, a: Accepted) -> tuple[Plan, dict]:
+        remote = getattr(src, "remote", None)
+        if remote is None:
+            raise Unfoldable("aggregation=ray folds uploads of the s3:// link only")
+        from ..links.s3_http import HttpTransport, RangedReader
+
+        http = HttpTransport(retries=int(remote["retries"]),
+                             read_timeout=float(remote["read_timeout"]))
+        small = RangedReader(http, remote["url"], remote["size"], remote["enc"],
+                             HEADER_UNIT, 1, remote["label"], False)
+        try:
+            plan = plan_payload(small.read, remote["size"])
+        finally:
+            small.close()
+            http.session.close()
+        if self.expected is None:
+            raise Unfoldable("no expected layout (the model sent cannot be streamed)")
+        if layout_of(plan) != self.expected:
+            _digest_of(src, a.digest)  # a lie: rejected; else Unfoldable
+            raise Unfoldable("the reply's arrays differ from the model the server sent "
+                             "(names, dtypes or shapes)")
+        return plan, remote
+
+    def settle(self, accepted: list[Accepted], open_upload):
+        """As :meth:`~.round.RoundStream.settle`: the sum of exactly the accepted
+        replies (None if nothing counts) and ``{reply index: reason}`` of those
+        rejected here. Raises Unfoldable (the round falls back to decoded replies) and
+        :class:`RayClusterError`."""
+        self.close()
+        rejected: dict[int, Exception] = {}
+        jobs: list[tuple[Accepted, Plan, dict]] = []
+        for a in accepted:
+            try:
+                with open_upload(a) as src:
+                    plan, remote = self._plan(src, a)
+            except Unfoldable:
+                raise
+            except (PayloadError, OSError, ValueError, RuntimeError) as exc:
+                rejected[a.index] = exc
+                continue
+            if jobs and plan.signature() != jobs[0][1].signature():
+                raise Unfoldable("payload layout differs from the other replies'")
+            jobs.append((a, plan, remote))
+        if not jobs:
+            return None, rejected
+        first = jobs[0][1]
+        cl = self.cluster
+        cl.connect()
+        self.shards = cut(first, cl.shard_count(-(-first.size // WINDOW)))
+        if not self.shards:
+            raise Unfoldable("the model has no elements to average")
+        cl.ensure(len(self.shards))
+        while True:
+            t0 = time.perf_counter()
+            bad = self._fold_pass(jobs, rejected)
+            self.fold_s.append(round(time.perf_counter() - t0, 4))
+            if not bad:
+                break
+            log.info("flwr-transports: round %d: rebuilding the shard sums from the store "
+                     "(a folded upload does not count)", self.round)
+            self.rebuilds += 1
+            jobs = [j for j in jobs if j[0].index not in rejected]
+            if not jobs:
+                return None, rejected
+        return RaySum(self, first, sum(float(a.weight) for a, _, _ in jobs)), rejected
+
+    def _fold_pass(self, jobs, rejected) -> bool:
+        """Reset the shards and fold every job; True if one was rejected (the shard
+        sums then hold it: the caller rebuilds without it). A shard whose actor died
+        is re-folded, from the store, by a new actor."""
+        cl = self.cluster
+        ray = cl.ray
+        first = jobs[0][1]
+        k = len(self.shards)
+        spans = [[windows_of(p, self.shards, j) for j in range(k)] for _, p, _ in jobs]
+        results: dict[tuple[int, int], Any] = {}
+        todo = list(range(k))
+        for attempt in range(MAX_RESTARTS + 1):
+            dead: set[int] = set()
+            try:
+                for j in todo:
+                    cl.actors[j].reset.remote(first, self.shards[j])
+                futs = {}
+                for n, (a, plan, remote) in enumerate(jobs):
+                    for j in todo:
+                        futs[(n, j)] = cl.actors[j].fold.remote(
+                            remote, plan, *spans[n][j], float(a.weight), a.key)
+                    if cl.after_submit is not None:
+                        cl.after_submit(n, cl)
+                for (n, j), f in futs.items():
+                    try:
+                        results[(n, j)] = ray.get(f)
+                    except ray.exceptions.RayActorError:
+                        dead.add(j)
+                    except ray.exceptions.RayTaskError as exc:
+                        cause = getattr(exc, "cause", None)
+                        if isinstance(cause, Unfoldable):
+                            raise cause from None
+                        if not isinstance(cause, PayloadError | OSError | ValueError):
+                            raise
+                        results[(n, j)] = cause  # this upload cannot be read: rejected
+            except (RayClusterError, Unfoldable):
+                raise
+            except Exception as exc:
+                raise RayClusterError(f"aggregation=ray: the Ray cluster failed during "
+                                      f"round {self.round}: {exc}") from exc
+            if not dead:
+                break
+            if attempt == MAX_RESTARTS:
+                raise RayClusterError(f"aggregation=ray: shard actors keep dying in round "
+                                      f"{self.round} ({MAX_RESTARTS} restarts); is the Ray "
+                                      "cluster healthy?")
+            for j in sorted(dead):
+                log.warning("flwr-transports: round %d: shard actor %d died; a new one "
+                            "re-folds its shard from the store", self.round, j)
+                cl.replace(j)
+            todo = sorted(dead)
+        self.settle_folds += len(jobs)
+        self.bytes_folded += sum(p.size for _, p, _ in jobs)
+        bad = False
+        for n, (a, plan, _remote) in enumerate(jobs):
+            err = self._verify(a, plan, [(spans[n][j][0], results[(n, j)]) for j in range(k)])
+            if err is not None:
+                rejected[a.index] = err
+                bad = True
+        return bad
+
+    @staticmethod
+    def _verify(a: Accepted, plan: Plan, parts) -> Exception | None:
+        """The reply counts only if the shards' leaf hashes make its ``sha256t`` root."""
+        leaves: dict[int, bytes] = {}
+        for t0, got in parts:
+            if isinstance(got, Exception):
+                return got
+            for t, leaf in enumerate(got, t0):
+                if leaves.setdefault(t, leaf) != leaf:
+                    return PayloadError("the payload changed while it was read (a window "
+                                        "hashed differently by two shards)")
+        n_win = max(1, -(-plan.size // WINDOW))
+        if sorted(leaves) != list(range(n_win)):
+            return PayloadError("not every window of the payload was read")
+        root = hashlib.sha256(b"".join(leaves[t] for t in range(n_win))).hexdigest()
+        got_digest = f"{DIGEST_ALGO}:{root}"
+        if got_digest != a.digest:
+            return PayloadError(f"digest mismatch: payload has {got_digest}, reference "
+                                f"says {a.digest}")
+        return None
+
+    # -- the mean ----------------------------------------------------------------------
+    def assemble(self, plan: Plan, total: float) -> ArrayRecord:
+        """The mean as an ArrayRecord: each array's bytes allocated once, the shards'
+        slices fetched ASSEMBLY_CHUNK bytes at a time (one ahead) and copied in (the one
+        time per round the ServerApp holds the model)."""
+        cl = self.cluster
+        ray = cl.ray
+        actors = cl.actors[:len(self.shards)]
+        bodies = []
+        out = ArrayRecord()
+        for a in plan.arrays:
+            if a.kind == "bf16":
+                head, z, dtype = a.npy_header, 2, a.dtype
+            else:
+                head = npy_header(a.out_dtype, a.shape, a.fortran)
+                z, dtype = a.out_dtype.itemsize, str(a.out_dtype)
+            obj, view = alloc_bytes(len(head) + a.count * z)
+            view[:len(head)] = head
+            bodies.append((obj, np.frombuffer(view, dtype=np.uint8, offset=len(head)), z))
+        try:
+            index = ray.get([x.finish.remote(float(total)) for x in actors])
+            jobs = []  # (actor, array, shard-relative start, end, array element offset)
+            for x, idx in zip(actors, index, strict=True):
+                for k, (lo, n) in idx.items():
+                    step = max(1, ASSEMBLY_CHUNK // bodies[k][2])
+                    jobs += [(x, k, e, min(n, e + step), lo + e) for e in range(0, n, step)]
+            ahead = None
+            for i, (x, k, e0, e1, at) in enumerate(jobs):
+                ref = ahead if ahead is not None else x.piece.remote(k, e0, e1)
+                ahead = (jobs[i + 1][0].piece.remote(*jobs[i + 1][1:4])
+                         if i + 1 < len(jobs) else None)
+                piece = ray.get(ref)
+                del ref
+                _, body, z = bodies[k]
+                raw = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+                body[at * z:at * z + len(raw)] = raw
+                del piece, raw
+            for x in actors:
+                x.drop.remote()
+        except Exception as exc:
+            raise RayClusterError(f"aggregation=ray: collecting the shards of round "
+                                  f"{self.round} failed: {exc}") from exc
+        for a, (obj, _body, _z) in zip(plan.arrays, bodies, strict=True):
+            dtype = a.dtype if a.kind == "bf16" else str(a.out_dtype)
+            data = obj if isinstance(obj, bytes) else bytes(obj)
+            out[a.name] = Array(dtype=dtype, shape=a.shape, stype=a.stype, data=data)
+        return out

@@ -134,6 +134,7 @@ def phase(link, uploads, mode: str, shards: int, cluster):
         cluster.ensure(shards)  # actor start-up is not the phase's cost
     gc.collect()
     base = _status("VmRSS")
+    base_anon, base_shm = _status("RssAnon"), _status("RssShmem")
     _reset_peak()
     t0 = time.perf_counter()
     total, rejected = stream.settle(acc, open_upload)
@@ -144,6 +145,9 @@ def phase(link, uploads, mode: str, shards: int, cluster):
     mean = total.mean()
     t_mean = time.perf_counter() - t0 - t_fold
     mean_peak = max(fold_peak, _status("VmHWM") - base)
+    # of the RSS right after the mean: private memory vs pages of Ray's object store
+    # (shared memory, mapped when the shards' pieces are read; they count in VmHWM)
+    anon, shm = _status("RssAnon") - base_anon, _status("RssShmem") - base_shm
     for s in opened.values():
         s.close()
     del mean, total
@@ -152,6 +156,7 @@ def phase(link, uploads, mode: str, shards: int, cluster):
     row = {"mode": mode if mode == "streaming" else f"ray K={shards}",
            "fold_s": round(t_fold, 2), "mean_s": round(t_mean, 2),
            "fold_peak_mib": round(fold_peak / MIB), "mean_peak_mib": round(mean_peak / MIB),
+           "anon_after_mean_mib": round(anon / MIB), "shmem_after_mean_mib": round(shm / MIB),
            "gb_per_s": round(nbytes / t_fold / 1e9, 3)}
     if mode != "streaming":
         row["gb_per_s_per_actor"] = round(nbytes / t_fold / 1e9 / shards, 3)

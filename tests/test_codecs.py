@@ -613,7 +613,7 @@ def test_offload_q8_is_close_and_keeps_residuals_in_context_state():
         assert len(load_feedback(ctx.state)) == 1  # the float32 array
 
 
-def test_codec_option_is_validated_and_streaming_needs_raw():
+def test_codec_option_is_validated():
     from flwr.serverapp.strategy import FedAvg
 
     from flwr_transports import offload
@@ -621,10 +621,35 @@ def test_codec_option_is_validated_and_streaming_needs_raw():
 
     with pytest.raises(ConfigError, match="one of raw, lossless, delta, q8"):
         offload(FedAvg(), "shm://?codec=zip")
-    with pytest.raises(ConfigError, match="streaming"):
-        offload(FedAvg(), "shm://", codec="lossless", aggregation="streaming")
     s = offload(FedAvg(), "shm://?codec=DELTA")  # URL option, parsed once, any case
-    assert s.codec == "delta" and not s.streaming  # auto -> inner: replies are decoded first
+    assert s.codec == "delta" and s.streaming  # auto: the coded uploads are folded
+
+
+@pytest.mark.parametrize("cname", ["lossless", "delta", "q8"])
+@pytest.mark.parametrize("transport", ["shm", "file", "tcp"])
+def test_streaming_folds_coded_uploads(cname, transport, tmp_path):
+    """Streaming aggregation folds the decoded uploads window by window (eagerly on
+    landing where the link reports it): the same model as the inner strategy on the
+    same codec (within the float rounding of a running sum), no reply rejected."""
+    url = {"shm": "shm://", "file": f"file://{tmp_path}",
+           "tcp": "tcp://127.0.0.1:0"}[transport]
+    _, r_in, _ = _offload_run(url, cname, rounds=2)
+    from apps_inproc import initial_arrays, make_app
+    from flwr.serverapp.strategy import FedAvg
+    from inproc import InProcessGrid
+
+    from flwr_transports import offload
+
+    s = offload(FedAvg(), transport=url, codec=cname, aggregation="streaming")
+    res = s.start(InProcessGrid(make_app()), initial_arrays(), num_rounds=2)
+    assert s.stats["agg_streamed_rounds"] == 2 and s.stats["replies_rejected"] == 0
+    assert s.stats["agg_eager_folds"] + s.stats["agg_settle_folds"] == 4
+    assert s.stats["agg_rebuilds"] == 0
+    for x, y in zip(r_in.arrays.to_numpy_ndarrays(), res.arrays.to_numpy_ndarrays(),
+                    strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6)
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_coded_reply_in_a_raw_run_is_rejected():
@@ -729,3 +754,38 @@ def test_inspect_lists_the_arrays_of_coded_payloads(tmp_path, capsys):
     (tmp_path / "other.ftx").write_bytes(_raw(_record(9, 2000)).to_bytes())
     assert inspect_main([str(tmp_path / "d.ftx"), "--base", str(tmp_path / "other.ftx")]) == 1
     assert "no base is held here" in capsys.readouterr().out
+
+
+def test_streaming_falls_back_to_decoded_coded_uploads():
+    """Replies laid out unlike the model sent cannot be folded: the round is aggregated
+    from the coded uploads already open, decoded (wire digest checked)."""
+    from apps_inproc import initial_arrays
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp.strategy import FedAvg
+    from inproc import InProcessGrid
+
+    from flwr_transports import offload, payload_mod
+
+    app = ClientApp(mods=[payload_mod])
+
+    @app.train()
+    def _train(msg, ctx):
+        arrs = [a + 0.5 for a in msg.content["arrays"].to_numpy_ndarrays()]
+        arrs.append(np.ones(10, np.float32))  # one array more than the model sent
+        return Message(RecordDict({"arrays": ArrayRecord(arrs),
+                                   "metrics": MetricRecord({"num-examples": 3})}),
+                       reply_to=msg)
+
+    @app.evaluate()
+    def _evaluate(msg, ctx):
+        return Message(RecordDict({"metrics": MetricRecord({"loss": 1.0, "num-examples": 1})}),
+                       reply_to=msg)
+
+    out = {}
+    for agg in ("inner", "streaming"):
+        s = offload(FedAvg(), transport="shm://", codec="delta", aggregation=agg)
+        out[agg] = (s, s.start(InProcessGrid(app), initial_arrays(), num_rounds=1))
+    s, res = out["streaming"]
+    assert s.stats["replies_rejected"] == 0 and s.stats["agg_streamed_rounds"] == 0
+    _same_arrays(out["inner"][1].arrays, res.arrays)

@@ -51,13 +51,24 @@ class Accepted:
 
 def _digest_of(src, digest: str) -> None:
     """Check the digest of a whole upload (window by window, bounded memory); raise
-    PayloadError if it is not ``digest``."""
-    h = TreeHasher()
-    for off in range(0, src.size, DIGEST_CHUNK):
-        h.update(src.read(off, min(DIGEST_CHUNK, src.size - off)))
-    got = h.hexdigest()
+    PayloadError if it is not ``digest``. A coded upload (codecs.wire.CodedSource)
+    knows the digest of its bytes on the wire."""
+    got = getattr(src, "wire_digest", None)
+    if got is None:
+        h = TreeHasher()
+        for off in range(0, src.size, DIGEST_CHUNK):
+            h.update(src.read(off, min(DIGEST_CHUNK, src.size - off)))
+        got = h.hexdigest()
     if got != digest:
         raise PayloadError(f"digest mismatch: payload has {got}, reference says {digest}")
+
+
+def _claimed(src, folded: str) -> str:
+    """The digest a reference must state for what was folded: the digest of the bytes
+    folded, or for a coded upload the digest of its bytes on the wire (when what was
+    folded is the payload the stream holds)."""
+    fn = getattr(src, "digest_for", None)
+    return fn(folded) if fn is not None else folded
 
 
 def expected_layout(content) -> tuple | None:
@@ -102,7 +113,8 @@ class RoundStream:
                 if self.sum is None:  # sized like the model sent, never by the upload
                     self.sum = WeightedSum(plan)
                 t0 = time.perf_counter()
-                st.digest = self.sum.fold(Source.of(src), plan, plan.weight, key)
+                st.digest = _claimed(src, self.sum.fold(Source.of(src), plan, plan.weight,
+                                                        key))
                 st.status, st.weight = "folded", plan.weight
                 self.eager_folds += 1
                 self.fold_s.append(round(time.perf_counter() - t0, 4))
@@ -166,7 +178,8 @@ class RoundStream:
                             self._check(plan)
                         if self.sum is None:
                             self.sum = WeightedSum(plan)
-                        got = self.sum.fold(Source.of(src), plan, a.weight, a.key)
+                        got = _claimed(src, self.sum.fold(Source.of(src), plan, a.weight,
+                                                          a.key))
                     self.settle_folds += 1
                 except Unfoldable:
                     raise

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from flwr.app import Array, ArrayRecord, Message
 
-from ..codec import PayloadError, decode
+from ..codec import PayloadError, check_digest, decode
 from ..links import LinkError, PayloadSource
 from ..refs import RefError, is_ref_record
 from .inject import NotStreamed, streamed_mean
@@ -120,7 +120,13 @@ def _decoded(host, replies, claims, failed, sources, rejected) -> list[Message]:
         if exc is None and k in sources:
             (rkey, ref, _slot), = claims[k]
             try:
-                msg.content[rkey] = decode(sources[k].read, ref.size, ref.digest)
+                src = sources[k]
+                wire = getattr(src, "wire_digest", None)
+                if wire is not None:  # a coded upload (codecs.wire.CodedSource): its wire
+                    check_digest(wire, ref.digest)  # bytes verified, read it decoded
+                    msg.content[rkey] = decode(src.read, src.size, None)
+                else:
+                    msg.content[rkey] = decode(src.read, ref.size, ref.digest)
                 received += ref.size
             except (PayloadError, LinkError, OSError) as e:
                 exc = e

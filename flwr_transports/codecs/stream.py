@@ -14,7 +14,8 @@ Stream header (:data:`STREAM_HEADER` = 88 bytes, then the window table)::
     window  u32  a power of two, 64 KiB .. 16 MiB
     nwin    u32  ceil(size / window)
     size    u64  decoded payload size (the caller's limit applies: max_size)
-    content 32s  sha256t of the decoded payload (its id when it later serves as a base)
+    content 32s  sha256t of the payload encoded (its id when it later serves as a base;
+                 = the decoded payload for lossless/delta; q8 decodes to another one)
     base    32s  sha256t of the base payload (delta, q8), zeros otherwise
     table   nwin x u32: encoded length of each window frame, in order
 

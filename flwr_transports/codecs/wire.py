@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Self
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -122,6 +123,75 @@ def _base_for(mv: memoryview, size: int, lookup: Callable[[str], Base | None] | 
     return lookup(info.base_digest)
 
 
+class CodedSource:
+    """A link's PayloadSource of a coded upload, seen as its decoded payload: what the
+    streaming fold reads (``read``, ``size``; no ``view``/``readinto``, so the fold
+    makes one read per 16 MiB window, and each such read decodes exactly one window).
+    The wire bytes are read once and their digest kept (:attr:`wire_digest`); the fold
+    reports the digest of the bytes it folded, which :meth:`digest_for` turns into the
+    wire digest when they are the payload the stream says it holds (its content digest),
+    so the reply's reference (digest over the wire bytes) is checked as for a raw
+    upload. Memory: the compressed upload plus one decoded window at a time."""
+
+    view = None
+    readinto = None
+
+    def __init__(self, src, *, lookup_base: Callable[[str], Base | None] | None,
+                 max_size: int) -> None:
+        self._src = src
+        wire = src.read(0, src.size)
+        if len(wire) != src.size:
+            from ..codec import PayloadError
+            raise PayloadError(f"short read of an encoded payload: {len(wire)} of {src.size}")
+        self.wire_digest = hash_segments([wire])
+        mv = memoryview(wire)
+        self._dec = Decoder(lambda off, n: mv[off: off + n], src.size, max_size=max_size,
+                            base=_base_for(mv, src.size, lookup_base))
+        self.size = self._dec.size
+        self.content_digest = self._dec.info.content_digest
+        self._cached = self._dec.reader()
+
+    def read(self, off: int, n: int):
+        w = self._dec.info.window
+        if off % w == 0 and n == min(w, self.size - off):  # the fold's window reads
+            return self._dec.decode_window(off // w)
+        return self._cached(off, n)
+
+    def digest_for(self, folded: str) -> str:
+        # lossless/delta: what was folded must be the payload the stream names (a check
+        # against codec bugs: the decoded bytes are a function of the verified wire
+        # bytes, read once into memory). q8 decodes to another payload than the one the
+        # client encoded (its content digest), by design.
+        if folded == self.content_digest or self._dec.info.codec == Q8:
+            return self.wire_digest
+        return folded
+
+    def close(self) -> None:
+        close = getattr(self._src, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def coded_source(src, *, lookup_base: Callable[[str], Base | None] | None, max_size: int):
+    """``src`` itself for a raw upload, else a :class:`CodedSource` over it (which
+    closes ``src`` when closed; ``src`` is closed here if the stream is refused)."""
+    if not peek_encoded(src.read, src.size):
+        return src
+    try:
+        return CodedSource(src, lookup_base=lookup_base, max_size=max_size)
+    except BaseException:
+        close = getattr(src, "close", None)
+        if close is not None:
+            close()
+        raise
+
+
 class ServerBases:
     """The raw payloads the server sent, by publication name, as bases of the replies'
     deltas (thread-safe: replies are decoded in parallel)."""
@@ -190,6 +260,7 @@ def save_feedback(state: RecordDict | None, fb: ErrorFeedback) -> None:
 
 
 __all__ = [
-    "FEEDBACK_STATE_KEY", "ServerBases", "check_codec", "decode_from_wire", "downlink_codec",
+    "FEEDBACK_STATE_KEY", "CodedSource", "ServerBases", "check_codec", "coded_source",
+    "decode_from_wire", "downlink_codec",
     "encode_for_wire", "load_feedback", "peek_encoded", "pick_base", "save_feedback",
 ]

@@ -37,6 +37,7 @@ from ..codec import check_digest, decode, encode, record_bytes
 from ..codecs.wire import (
     ServerBases,
     check_codec,
+    coded_source,
     decode_from_wire,
     downlink_codec,
     encode_for_wire,
@@ -309,10 +310,14 @@ class Offloader:
             m.content = new
             self.stats["inband_bytes_sent"] += record_bytes(new)
 
+    def _reply_cap(self) -> int:
+        """The cap on one reply payload (on its wire size and, coded, its decoded size)."""
+        return self.max_reply_size or max(4 * self._largest_out, MIN_REPLY_CAP)
+
     def _issue_ticket(self, link: ServerLink, msg: Message, server_round: int,
                       phase: str) -> Ticket:
         node = msg.metadata.dst_node_id
-        cap = self.max_reply_size or max(4 * self._largest_out, MIN_REPLY_CAP)
+        cap = self._reply_cap()
         tid = secrets.token_hex(16)
         slots = [
             link.issue_slot(f"r{server_round}-{phase}-n{node}-s{i}-{tid[:8]}", cap)
@@ -328,7 +333,10 @@ class Offloader:
                 stream = self._streams[server_round] = self._new_stream(
                     server_round, expected_layout(msg.content))
             for i, slot in enumerate(slots):  # fold each upload as soon as it lands
-                link.on_upload(slot, functools.partial(stream.on_landed, (tid, i)))
+                fold = functools.partial(stream.on_landed, (tid, i))
+                if self.codec != "raw":  # fold the decoded payload, window by window
+                    fold = functools.partial(_fold_coded, fold, self._bases.lookup, cap)
+                link.on_upload(slot, fold)
         self._tickets[tid] = t
         return t
 
@@ -502,10 +510,9 @@ class Offloader:
                                        "offered no codec")
                     # an encoded reply: digest over the wire bytes, decoded size within
                     # the reply cap, delta/q8 against the model this server sent
-                    arrays = decode_from_wire(
-                        src.read, ref.size, ref.digest, lookup_base=self._bases.lookup,
-                        max_size=self.max_reply_size or max(4 * self._largest_out,
-                                                            MIN_REPLY_CAP))
+                    arrays = decode_from_wire(src.read, ref.size, ref.digest,
+                                              lookup_base=self._bases.lookup,
+                                              max_size=self._reply_cap())
                 elif pre is not None:  # the link decoded it on arrival (tcp://)
                     arrays, got = pre()
                     check_digest(got, ref.digest)
@@ -531,7 +538,11 @@ class _FoldHost:
         return self._w._resolve(replies, self._round, "train")
 
     def open_upload(self, slot, loc, size):
-        return self._w.link.open_upload(slot, loc, size)
+        src = self._w.link.open_upload(slot, loc, size)
+        if self._w.codec == "raw":
+            return src
+        return coded_source(src, lookup_base=self._w._bases.lookup,  # decoded, windowed
+                            max_size=self._w._reply_cap())
 
     def reject(self, msg, exc):
         return self._w._rejected(msg, exc)
@@ -564,13 +575,6 @@ class OffloadStrategy(Offloader, Strategy):
         self.streaming, why = streaming_decision(strategy, self.aggregation)
         if self.streaming and self.scheme is None:
             self.streaming, why = False, "inner: transport inband (no link to stream from)"
-        if self.streaming and self.codec != "raw":
-            if self.aggregation == "streaming":
-                from ..errors import ConfigError
-                raise ConfigError(f"aggregation='streaming' folds raw payloads only; with "
-                                  f"codec={self.codec!r} use aggregation='auto' or 'inner'")
-            self.streaming, why = False, (f"inner: codec={self.codec} (replies are decoded, "
-                                          "then aggregated by the strategy)")
         if self.streaming and self.aggregation == "ray":
             if self.scheme != "s3":
                 why = (f"{why}; not on Ray: aggregation=ray folds s3:// uploads only "
@@ -708,6 +712,17 @@ class _ReceiveGrid(Grid):
         ids = list(self.grid.push_messages(messages))
         del messages
         return receive(self.grid, ids, timeout, self._off.link, self._off.stats, fields)
+
+
+def _fold_coded(fold: Callable[[Any], None], lookup_base, cap: int, src) -> None:
+    """A link's landing hook for a coded upload: fold its decoded payload (a refused
+    stream is not folded; the reply is then re-read, and rejected, when it arrives)."""
+    try:
+        s = coded_source(src, lookup_base=lookup_base, max_size=cap)
+    except EXPECTED_REPLY_ERRORS as exc:
+        log.debug("flwr-transports: a coded upload could not be opened for folding: %s", exc)
+        return
+    fold(s)  # the link closes src after its hook
 
 
 def _outer(grid: Grid) -> Grid:

@@ -35,7 +35,7 @@ def test_ray_deployment_equals_streaming(tmp_path, quickstart_app):
     moto_server = pytest.importorskip("moto.server", reason="the s3:// run needs moto[server]")
     import boto3
 
-    from flwr_transports.bench.deploy import LocalDeployment
+    from flwr_transports.testing import LocalDeployment
 
     srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     srv.start()

@@ -24,9 +24,11 @@ def _grid():
     ("shm://", {"aggregation": "inner"}),
     ("inband", {"aggregation": "auto"}),
     ("tcp://127.0.0.1:0?threshold=4MiB&aggregation=inner", {}),
+    ("shm://?ray_shards=4", {}),
+    ("shm://", {"ray_address": "auto"}),
 ])
 def test_offload_grid_refuses_aggregation(transport, kw):
-    with pytest.raises(ConfigError, match=r"'aggregation' option applies to offload\(strategy"):
+    with pytest.raises(ConfigError, match=r"'(aggregation|ray_\w+)'.* apply to offload\(strategy"):
         offload_grid(_grid(), transport, **kw)
 
 

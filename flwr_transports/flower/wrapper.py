@@ -96,6 +96,10 @@ WRAPPER_OPTIONS = (
 )
 
 
+#: options about aggregating replies: offload(strategy) only (offload_grid refuses them)
+STRATEGY_ONLY_OPTIONS = frozenset({"aggregation", "ray_address", "ray_shards"})
+
+
 #: what one reply can legitimately cause while it is checked, fetched and decoded
 EXPECTED_REPLY_ERRORS: tuple[type[BaseException], ...] = (
     RejectedInput, LinkError, OSError, MemoryError)
@@ -780,13 +784,15 @@ class OffloadGrid(Offloader, Grid):
         super().__init__(transport, **options)
         given = set(self._raw_options) | (set(split_url(self.transport)[3]) if self.scheme
                                           else set())
-        if "aggregation" in given and self._refuse_aggregation:  # nothing aggregates here
+        misplaced = sorted(given & STRATEGY_ONLY_OPTIONS) if self._refuse_aggregation else []
+        if misplaced:  # parsed, but nothing aggregates in a Grid wrapper
             from ..errors import ConfigError
 
+            names = ", ".join(repr(n) for n in misplaced)
             raise ConfigError(
-                "offload_grid(): the 'aggregation' option applies to offload(strategy, ...) "
-                "only: a wrapped Grid hands every reply to your own code, nothing aggregates "
-                f"there. Remove it from the transport URL or keywords ({self.transport!r})")
+                f"offload_grid(): {names} apply to offload(strategy, ...) only: a wrapped "
+                "Grid hands every reply to your own code, nothing aggregates there. Remove "
+                f"them from the transport URL or keywords ({self.transport!r})")
         if self.scheme and _is_mpi_grid(grid):
             log.info("flwr-transports: under the MPI runtime payloads already move as MPI "
                      "buffers; offload_grid(%s) is a pass-through", self.transport)
@@ -963,7 +969,8 @@ def offload_grid(grid: Grid, transport: str = "inband", **options: Any) -> Offlo
     several messages is encoded once) and replaced by references plus a ticket; every
     pulled reply is checked against its ticket, fetched and digest-verified, and handed
     back as a normal ArrayRecord, or becomes an error reply (code 0x4654). Same options
-    as :func:`offload`. Use it as a context manager (or call ``close()``) so the run's
+    as :func:`offload` except ``aggregation``, ``ray_address`` and ``ray_shards``, which
+    are refused (nothing aggregates in a Grid wrapper). Use it as a context manager (or call ``close()``) so the run's
     objects on the link are removed::
 
         with offload_grid(grid, context.run_config["transport"]) as grid:

@@ -95,9 +95,9 @@ def _gone(names, timeout=20.0) -> bool:
 
 
 def _big() -> ArrayRecord:
-    """~37 MiB: three 16 MiB windows, arrays straddling them, every fold kind."""
+    """~21 MiB: two 16 MiB windows, an array straddling them, every fold kind."""
     r = np.random.default_rng(7)
-    return ArrayRecord({"w": Array(r.standard_normal((3000, 3001)).astype(np.float32)),
+    return ArrayRecord({"w": Array(r.standard_normal((2300, 2301)).astype(np.float32)),
                         "b": Array(r.standard_normal(1001)),
                         "h": Array(r.standard_normal(3000).astype(np.float16)),
                         "steps": Array(np.arange(6, dtype=np.int64))})
@@ -112,13 +112,13 @@ def test_cut_covers_every_element_once_and_every_window():
     plan = plan_payload(lambda o, n: plan_src[o:o + n], len(plan_src))
     for k in (1, 2, 3, 7):
         shards = cut(plan, k)
-        assert 1 <= len(shards) <= min(k, 3)
+        assert 1 <= len(shards) <= min(k, 2)
         for idx, a in enumerate(plan.arrays):  # each element owned by exactly one shard
             spans = sorted(s[idx] for s in shards if idx in s)
             assert spans[0][0] == 0 and spans[-1][1] == a.count
             assert all(x[1] == y[0] for x, y in itertools.pairwise(spans))
         wins = [windows_of(plan, shards, j) for j in range(len(shards))]
-        assert wins[0][0] == 0 and wins[-1][1] == 3
+        assert wins[0][0] == 0 and wins[-1][1] == 2
         assert all(x[1] >= y[0] for x, y in itertools.pairwise(wins))  # no window unread
 
 
@@ -131,6 +131,9 @@ def _ray_run(strategy, url, grid, hook=None):
     s = offload(strategy, transport=url)
     if hook is not None:
         s._ray.after_submit = hook
+    # each reply waits until its upload landed on the link (and went to the shard
+    # owners), as in a deployment where Flower takes seconds to deliver it
+    grid.stream = lambda: s._streams.get(grid.round)
     import random
 
     random.seed(1234)
@@ -144,13 +147,16 @@ def test_ray_equals_streaming_with_hostile_replies(cluster, bucket):
     s3, b = bucket
     url = f"s3://{b}/runs?endpoint_url={_endpoint(s3)}"
     s_st, r_st = _ray_run(FedAvg(), f"{url}&aggregation=streaming", _grid())
-    s_ray, r_ray = _ray_run(FedAvg(), f"{url}&aggregation=ray&ray_shards=3", _grid())
+    s_ray, r_ray = _ray_run(FedAvg(), f"{url}&aggregation=ray&ray_shards=2", _grid())
     assert s_ray._ray is not None and s_ray.stats["agg_streamed_rounds"] == 2
     assert s_ray.stats["replies_rejected"] == s_st.stats["replies_rejected"] == 1
-    assert s_ray.stats["agg_rebuilds"] == 1  # the digest lie was folded, then excluded
+    # uploads were folded by the shard owners as they landed; round 2's (a digest lie,
+    # an error reply, a lost node, a weight lie) do not all count: ONE rebuild
+    assert s_ray.stats["agg_eager_folds"] >= 5
+    assert s_ray.stats["agg_rebuilds"] == 1
     _compare(r_st, r_ray)
     assert _leftovers(s3, b) == ([], [])
-    assert len(s_ray._ray.history) == 3 and _gone(s_ray._ray.history)
+    assert len(s_ray._ray.history) == 2 and _gone(s_ray._ray.history)
 
 
 def test_actor_killed_mid_round_is_replaced_and_refolded(cluster, bucket):

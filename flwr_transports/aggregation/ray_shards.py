@@ -272,6 +272,11 @@ class RayCluster:
 
     def connect(self):
         if self.ray is not None:
+            if not self.ray.is_initialized():  # never a new Ray behind the user's back
+                raise RayClusterError(
+                    f"aggregation=ray lost its connection to the Ray cluster "
+                    f"{self.address or '(local)'}; the run stops (its objects are removed "
+                    "from the store)")
             return self.ray
         ray = import_ray()
         try:
@@ -303,7 +308,7 @@ class RayCluster:
         return max(1, min(n_win, 64, max(2, cpus // 2)))
 
     def _new_actor(self, j: int):
-        ray = self.ray
+        ray = self.connect()
         name = f"ftx-shard-{self._tag}-{j}-{self.restarts}"
         actor = _actor_class(ray).options(
             name=name, num_cpus=ACTOR_CPUS, max_restarts=0, max_concurrency=1,
@@ -338,8 +343,9 @@ class RayCluster:
     def close(self) -> None:
         if self.ray is None:
             return
-        for a in self.actors:
-            self._kill(a)
+        if self.ray.is_initialized():  # (a call on a lost connection would start a Ray)
+            for a in self.actors:
+                self._kill(a)
         self.actors, self.names = [], []
         if self.started:
             try:
@@ -386,14 +392,75 @@ class RayRoundStream:
         self.fold_s: list[float] = []
         self.shards: list[dict[int, tuple[int, int]]] = []
         self.bytes_folded = 0  # bytes the actors read and folded (benchmarks)
+        #: key -> (plan, remote, weight folded, spans, futures) of each eager fold, in
+        #: the order the actors received them
+        self.eager: dict[Any, tuple] = {}
+        self._pending = 0  # landings being planned / submitted
+        self._idle = threading.Condition(self.lock)
+        self._signature: tuple | None = None
+        self._cut_plan: Plan | None = None
 
     def on_landed(self, key: Any, src) -> None:
+        """An upload landed (the link's hook, a background thread): the shard owners
+        start folding it now, with the weight its payload claims (nothing is trusted
+        yet: :meth:`settle` keeps the eager folds only if exactly they count)."""
         with self.lock:
             self.last_landed = time.perf_counter()
-            self.landed.setdefault(key, "landed")
+            if self.closed or key in self.landed:
+                return
+            self.landed[key] = "landed"
+            self._pending += 1
+        try:
+            self._on_landed(key, src)
+        finally:
+            with self.lock:
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def _on_landed(self, key: Any, src) -> None:
+        remote = getattr(src, "remote", None)
+        if remote is None or self.expected is None:
+            return
+        try:
+            plan = self._plan_remote(remote)
+        except Exception as exc:  # noqa: BLE001 - hostile / vanished: decided at settle
+            log.debug("aggregation=ray: planning a landed upload failed: %s", exc)
+            return
+        if plan.weight is None or layout_of(plan) != self.expected:
+            return  # folded at settle time (or not at all)
+        try:
+            with self.lock:
+                if self.closed:
+                    return
+                cl = self.cluster
+                cl.connect()  # (a lost connection: no Ray started behind the user's back)
+                if not self.shards:  # the cut: sized like the model sent (layout checked)
+                    self.shards = cut(plan, cl.shard_count(-(-plan.size // WINDOW)))
+                    if not self.shards:
+                        return
+                    cl.ensure(len(self.shards))
+                    self._signature = plan.signature()
+                    for j in range(len(self.shards)):
+                        cl.actors[j].reset.remote(plan, self.shards[j])
+                    self._cut_plan = plan
+                if plan.signature() != self._signature:
+                    return
+                spans = [windows_of(plan, self.shards, j) for j in range(len(self.shards))]
+                futs = [self.cluster.actors[j].fold.remote(remote, plan, *spans[j],
+                                                           float(plan.weight), key)
+                        for j in range(len(self.shards))]
+                self.eager[key] = (plan, remote, plan.weight, spans, futs)
+                self.landed[key] = "folding"
+                if self.cluster.after_submit is not None:
+                    self.cluster.after_submit(len(self.eager) - 1, self.cluster)
+        except Exception as exc:  # noqa: BLE001 - the cluster: settle folds it all again
+            log.warning("aggregation=ray: folding a landed upload on the shard owners "
+                        "failed (%s); it is folded when the replies arrive", exc)
 
     def close(self) -> None:
+        """No more folds on landing (those that landed before are submitted first)."""
         with self.lock:
+            self._idle.wait_for(lambda: self._pending == 0, timeout=60)
             self.closed = True
 
     # -- settle ------------------------------------------------------------------------
@@ -401,17 +468,7 @@ class RayRoundStream:
         remote = getattr(src, "remote", None)
         if remote is None:
             raise Unfoldable("aggregation=ray folds uploads of the s3:// link only")
-        from ..links.s3_http import HttpTransport, RangedReader
-
-        http = HttpTransport(retries=int(remote["retries"]),
-                             read_timeout=float(remote["read_timeout"]))
-        small = RangedReader(http, remote["url"], remote["size"], remote["enc"],
-                             HEADER_UNIT, 1, remote["label"], False)
-        try:
-            plan = plan_payload(small.read, remote["size"])
-        finally:
-            small.close()
-            http.session.close()
+        plan = self._plan_remote(remote)
         if self.expected is None:
             raise Unfoldable("no expected layout (the model sent cannot be streamed)")
         if layout_of(plan) != self.expected:
@@ -419,6 +476,21 @@ class RayRoundStream:
             raise Unfoldable("the reply's arrays differ from the model the server sent "
                              "(names, dtypes or shapes)")
         return plan, remote
+
+    @staticmethod
+    def _plan_remote(remote: dict) -> Plan:
+        """The payload's plan from its header only (ranged GETs of 1 MiB units)."""
+        from ..links.s3_http import HttpTransport, RangedReader
+
+        http = HttpTransport(retries=int(remote["retries"]),
+                             read_timeout=float(remote["read_timeout"]))
+        small = RangedReader(http, remote["url"], remote["size"], remote["enc"],
+                             HEADER_UNIT, 1, remote["label"], False)
+        try:
+            return plan_payload(small.read, remote["size"])
+        finally:
+            small.close()
+            http.session.close()
 
     def settle(self, accepted: list[Accepted], open_upload):
         """As :meth:`~.round.RoundStream.settle`: the sum of exactly the accepted
@@ -441,10 +513,26 @@ class RayRoundStream:
                 raise Unfoldable("payload layout differs from the other replies'")
             jobs.append((a, plan, remote))
         if not jobs:
+            self._drain_eager()
+            return None, rejected
+        if self.eager:
+            self.cluster.connect()
+        if self._keep_eager(jobs, rejected):
+            first = self._cut_plan
+            jobs = [j for j in jobs if j[0].index not in rejected]
+            return RaySum(self, first, sum(float(a.weight) for a, _, _ in jobs)), rejected
+        if self.eager:  # something folded on landing does not count
+            log.info("flwr-transports: round %d: rebuilding the shard sums from the store "
+                     "(an upload folded on landing does not count)", self.round)
+            self.rebuilds += 1
+        jobs = [j for j in jobs if j[0].index not in rejected]
+        if not jobs:
             return None, rejected
         first = jobs[0][1]
         cl = self.cluster
         cl.connect()
+        # a new cut, laid out by the first reply that counts (not by whichever upload
+        # happened to land first)
         self.shards = cut(first, cl.shard_count(-(-first.size // WINDOW)))
         if not self.shards:
             raise Unfoldable("the model has no elements to average")
@@ -463,6 +551,80 @@ class RayRoundStream:
                 return None, rejected
         return RaySum(self, first, sum(float(a.weight) for a, _, _ in jobs)), rejected
 
+    def _drain_eager(self) -> None:
+        """Wait for the eager folds still running (their results are not used)."""
+        ray = self.cluster.ray
+        for _plan, _remote, _w, _spans, futs in self.eager.values():
+            for f in futs:
+                try:
+                    ray.get(f)
+                except Exception as exc:  # noqa: BLE001 - only waiting
+                    log.debug("aggregation=ray: an unused eager fold failed: %s", exc)
+
+    def _keep_eager(self, jobs, rejected) -> bool:
+        """True when the eager folds are exactly the replies that count (each with its
+        in-band weight, its root matching the reference): then the replies not folded
+        yet are added and the sums kept. Else False, with digest liars found among the
+        eager folds added to ``rejected``: the caller rebuilds from the store."""
+        if not self.eager:
+            return False
+        ray = self.cluster.ray
+        by_key = {a.key: (a, plan, remote) for a, plan, remote in jobs}
+        ok = True
+        for key, (plan, _remote, weight, spans, futs) in self.eager.items():
+            parts, dead = [], False
+            for (t0, _t1), f in zip(spans, futs, strict=True):
+                try:
+                    parts.append((t0, ray.get(f)))
+                except ray.exceptions.RayActorError:
+                    dead = True
+                except ray.exceptions.RayTaskError as exc:
+                    parts.append((t0, getattr(exc, "cause", None) or exc))
+            job = by_key.get(key)
+            if dead or job is None:
+                ok = False  # a dead owner, or an upload that does not count
+                continue
+            a = job[0]
+            err = self._verify(a, plan, parts)
+            if isinstance(err, PayloadError) and "digest mismatch" in str(err):
+                rejected[a.index] = err  # a lie: never counted
+                ok = False
+            elif err is not None or float(weight) != float(a.weight) or (
+                    plan.signature() != job[1].signature()):
+                ok = False  # refolded from the store at settle time, with its weight
+        if not ok:
+            return False
+        rest = [j for j in jobs if j[0].key not in self.eager and j[0].index not in rejected]
+        if any(p.signature() != self._signature for _, p, _ in rest):
+            return False
+        if rest:
+            cl = self.cluster
+            k = len(self.shards)
+            bad = False
+            for a, plan, remote in rest:
+                spans = [windows_of(plan, self.shards, j) for j in range(k)]
+                futs = [cl.actors[j].fold.remote(remote, plan, *spans[j], float(a.weight),
+                                                 a.key) for j in range(k)]
+                parts = []
+                for (t0, _t1), f in zip(spans, futs, strict=True):
+                    try:
+                        parts.append((t0, ray.get(f)))
+                    except ray.exceptions.RayActorError:
+                        return False
+                    except ray.exceptions.RayTaskError as exc:
+                        parts.append((t0, getattr(exc, "cause", None) or exc))
+                err = self._verify(a, plan, parts)
+                if err is not None:
+                    rejected[a.index] = err
+                    bad = True
+                self.settle_folds += 1
+            if bad:
+                return False
+        self.eager_folds += len(self.eager)
+        self.bytes_folded += sum(p.size for p, *_ in self.eager.values())
+        self.bytes_folded += sum(p.size for _, p, _ in rest)
+        return True
+
     def _fold_pass(self, jobs, rejected) -> bool:
         """Reset the shards and fold every job; True if one was rejected (the shard
         sums then hold it: the caller rebuilds without it). A shard whose actor died
@@ -476,6 +638,7 @@ class RayRoundStream:
         todo = list(range(k))
         for attempt in range(MAX_RESTARTS + 1):
             dead: set[int] = set()
+            cl.connect()
             try:
                 for j in todo:
                     cl.actors[j].reset.remote(first, self.shards[j])
@@ -551,7 +714,7 @@ class RayRoundStream:
         slices fetched ASSEMBLY_CHUNK bytes at a time (one ahead) and copied in (the one
         time per round the ServerApp holds the model)."""
         cl = self.cluster
-        ray = cl.ray
+        ray = cl.connect()
         actors = cl.actors[:len(self.shards)]
         bodies = []
         out = ArrayRecord()

@@ -4,7 +4,9 @@ One ``flower-superlink`` + 2 ``flower-supernode`` processes on 127.0.0.1 and one
 ``flwr run`` of examples/quickstart-offload (2 rounds, ~8 MiB float32 model, clients
 add 0.001 x (partition + 1) to every value) per configuration: ``shm://`` raw, then
 ``codec=lossless`` over ``shm://`` and ``tcp://``, ``codec=delta`` and ``codec=q8`` over
-``tcp://``. The clients are configured with nothing: the codec comes in the ticket.
+``tcp://`` (the exact ones aggregated by the inner FedAvg; q8 by streaming aggregation,
+which folds the decoded uploads as they land). The clients are configured with
+nothing: the codec comes in the ticket.
 
 Checked: lossless and delta give a final model bit-identical to raw; q8 (lossy) is
 within float rounding of it (every update of a block is the same value here); the
@@ -21,9 +23,10 @@ import pytest
 
 RUNS = {
     "shm-raw": "shm://?aggregation=inner",
-    "shm-lossless": "shm://?codec=lossless",
-    "tcp-lossless": "tcp://127.0.0.1:0?codec=lossless",
-    "tcp-delta": "tcp://127.0.0.1:0?codec=delta",
+    "shm-lossless": "shm://?codec=lossless&aggregation=inner",
+    "tcp-lossless": "tcp://127.0.0.1:0?codec=lossless&aggregation=inner",
+    "tcp-delta": "tcp://127.0.0.1:0?codec=delta&aggregation=inner",
+    # streaming aggregation (auto) folds the decoded q8 uploads as they land
     "tcp-q8": "tcp://127.0.0.1:0?codec=q8",
 }
 
@@ -70,7 +73,8 @@ def test_q8_is_close_to_raw(runs):
     got, _ = runs
     raw, q8 = got["shm-raw"][0], got["tcp-q8"][0]
     for k in raw:
-        if raw[k].dtype == np.float32:
+        assert raw[k].dtype == q8[k].dtype and raw[k].shape == q8[k].shape
+        if raw[k].dtype.kind == "f":  # float32 quantised; float64 exact but streamed
             np.testing.assert_allclose(q8[k], raw[k], rtol=1e-5, atol=1e-5)
         else:
             assert raw[k].tobytes() == q8[k].tobytes()
@@ -90,6 +94,7 @@ def test_codecs_moved_fewer_bytes_and_rejected_nothing(runs):
     assert stats["tcp-delta"]["link_bytes_received"] < raw["link_bytes_received"]
     # int8 updates: about a quarter of the float32 reply
     assert stats["tcp-q8"]["link_bytes_received"] < 0.35 * raw["link_bytes_received"]
+    assert stats["tcp-q8"]["agg_streamed_rounds"] == 2  # folded, not handed over decoded
 
 
 @pytest.mark.integration

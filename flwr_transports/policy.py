@@ -161,13 +161,10 @@ class ClientPolicy:
               allow_link_local=None, max_wait=None,
               environ: dict[str, str] | None = None) -> ClientPolicy:
         """Settings given here win; unset ones come from the environment, then defaults."""
-        env = os.environ if environ is None else environ
+        from .settings import raw
 
         def pick(name: str, value: Any) -> Any:
-            if value is not None:
-                return value
-            raw = env.get(ENV[name], "")
-            return raw if raw.strip() else None
+            return value if value is not None else raw(ENV[name], environ)
 
         schemes, hosts = pick("schemes", schemes), pick("hosts", hosts)
         ports, roots = pick("ports", ports), pick("file_roots", file_roots)

@@ -1,5 +1,5 @@
 """Structural rules of the library (issue 23), checked on its source: no import circle;
-every environment variable declared in ``flwr_transports.settings``."""
+environment variables read only through ``flwr_transports.settings``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,32 @@ def test_the_cycle_finder_finds_a_circle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+_ENV_READ = re.compile(r"os\.environ|os\.getenv|getenv\(")
+
+
+def test_environment_is_read_only_in_settings():
+    """Every FLWR_TRANSPORTS_* variable goes through flwr_transports.settings; other
+    environment access is limited to a link handing variables to its engine, the engine's
+    own variables, and the test deployment passing the environment on."""
+    allowed = {
+        "settings.py",
+        # a link handing variables to its engine, or the engine's own variable
+        "links/rdma.py",  # UCX_*, NIXL_LOG_LEVEL
+        "mpi/launcher.py",  # MPIR_CVAR_*
+        "aggregation/ray_shards.py",  # RAY_ADDRESS
+        "testing/deploy.py",  # the environment handed to the processes it starts
+    }
+    offenders = []
+    for p in LIB.rglob("*.py"):
+        rel = p.relative_to(LIB).as_posix()
+        if rel in allowed:
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if _ENV_READ.search(line):
+                offenders.append(f"{rel}:{i}: {line.strip()}")
+    assert offenders == []
+
+
 def test_every_setting_mentioned_in_the_library_is_declared():
     from flwr_transports.settings import SETTINGS
 
@@ -91,3 +117,23 @@ def test_every_setting_mentioned_in_the_library_is_declared():
     for p in LIB.rglob("*.py"):
         names.update(re.findall(r"FLWR_TRANSPORTS_[A-Z0-9_]+", p.read_text()))
     assert sorted(names - set(SETTINGS)) == []
+
+
+def test_a_client_cap_is_never_raised_by_the_server(monkeypatch):
+    """Precedence (settings.py): a client-side cap from the environment bounds what a
+    server's descriptor asks for, and never raises it."""
+    from flwr_transports.links.s3_http import clamp_concurrency
+    from flwr_transports.links.tcp import endpoint_from
+
+    monkeypatch.delenv("FLWR_TRANSPORTS_S3_CONCURRENCY", raising=False)
+    assert clamp_concurrency(32) == 32
+    monkeypatch.setenv("FLWR_TRANSPORTS_S3_CONCURRENCY", "4")
+    assert clamp_concurrency(32) == 4  # the server asked for more: the cap wins
+    assert clamp_concurrency(2) == 2  # the server asked for less: never raised
+    loc = {"host": "127.0.0.1", "port": 9, "id": "a" * 32, "token": "b" * 64,
+           "timeout": 600}
+    monkeypatch.delenv("FLWR_TRANSPORTS_TCP_TIMEOUT", raising=False)
+    assert endpoint_from(loc)[0].timeout == 600
+    monkeypatch.setenv("FLWR_TRANSPORTS_TCP_TIMEOUT", "30")
+    assert endpoint_from(loc)[0].timeout == 30
+    assert endpoint_from({**loc, "timeout": 5})[0].timeout == 5

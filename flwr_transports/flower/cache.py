@@ -43,6 +43,7 @@ from flwr.app import ArrayRecord
 from ..codec import EncodedPayload, decode, encode
 from ..errors import FlwrTransportsError
 from ..links.fs import _unlink, atomic_write, open_payload
+from ..settings import raw as raw_setting
 
 log = logging.getLogger("flwr_transports")
 
@@ -62,7 +63,7 @@ def resolve_setting(setting: Any = None) -> str | None:
     environment variable, else the default directory; ``False`` or ``"off"`` = no
     cache; a path = that directory."""
     if setting is None:
-        setting = os.environ.get(CACHE_ENV) or True
+        setting = raw_setting(CACHE_ENV) or True
     if setting is False or str(setting).strip().lower() in ("off", "0", "false", "no", ""):
         return None
     if setting is True:

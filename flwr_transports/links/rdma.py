@@ -145,7 +145,16 @@ _ENV_LOCK = threading.Lock()
 #: a busy loop that costs a CPU core per process (measured here: 0.24-0.5 core while
 #: idle); 100 us costs ~2% and adds at most that much latency to a software-emulated
 #: (UCX tcp) READ served by this process.
-PROGRESS_DELAY_US = int(os.environ.get("FLWR_TRANSPORTS_NIXL_PROGRESS_US", "100"))
+def _progress_delay_us() -> int:
+    from ..settings import text
+
+    try:
+        return int(text("FLWR_TRANSPORTS_NIXL_PROGRESS_US"))
+    except ValueError:
+        return 100
+
+
+PROGRESS_DELAY_US = _progress_delay_us()
 
 
 def _new_nixl_agent(nixl, name: str, cfg):

@@ -37,6 +37,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ..codec import EncodedPayload
 from ..refs import RefError
+from ..settings import flag as setting_flag
+from ..settings import raw as raw_setting
 from .base import Endpoint, LinkError, PayloadSource
 from .chunks.protocol import SegmentView
 
@@ -182,9 +184,9 @@ def build_part(reader: SegmentReader, layout: Layout, cipher: Cipher | None,
 
 # -- progress ----------------------------------------------------------------------------
 def progress_enabled(flag: Any) -> bool:
-    env = os.environ.get("FLWR_TRANSPORTS_PROGRESS")
-    if env is not None and env.strip() != "":
-        return env.strip().lower() in {"1", "true", "yes", "on"}
+    env = setting_flag("FLWR_TRANSPORTS_PROGRESS")
+    if env is not None:
+        return env
     return bool(flag is True)
 
 
@@ -788,13 +790,19 @@ class RangedReader:
 
 
 def clamp_concurrency(v: Any, default: int = 8) -> int:
-    env = os.environ.get("FLWR_TRANSPORTS_S3_CONCURRENCY")
-    if env:
-        v = env
+    """The concurrency a client uses for what the server asked (``v``): within
+    1..MAX_CONCURRENCY, and never above the client's own cap
+    (FLWR_TRANSPORTS_S3_CONCURRENCY): a local cap wins over a server's value."""
     try:
         n = int(v)
     except (TypeError, ValueError):
         n = default
+    cap = raw_setting("FLWR_TRANSPORTS_S3_CONCURRENCY")
+    if cap is not None:
+        try:
+            n = min(n, int(cap))
+        except ValueError:
+            log.warning("ignoring FLWR_TRANSPORTS_S3_CONCURRENCY=%r: give an integer", cap)
     return max(1, min(MAX_CONCURRENCY, n))
 
 

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 from ..codec import EncodedPayload
 from ..options import Option, choice, duration, integer, optional, parse_size, size, text
 from ..refs import RefError
+from ..settings import raw as raw_setting
 from . import chunks
 from .base import ClientLink, Endpoint, LinkError, PayloadSource, ServerLink
 
@@ -380,9 +381,12 @@ def endpoint_from(loc: dict[str, Any]) -> tuple[chunks.Endpoint, str, bytes, dic
     timeout = loc.get("timeout", 60)
     if not (isinstance(timeout, int | float) and 0.05 <= timeout <= 86400):
         raise RefError(f"tcp:// location has an invalid timeout {timeout!r}")
-    env_timeout = os.environ.get("FLWR_TRANSPORTS_TCP_TIMEOUT")
-    if env_timeout:
-        timeout = float(env_timeout)
+    cap = raw_setting("FLWR_TRANSPORTS_TCP_TIMEOUT")  # a client-side cap: the smaller wins
+    if cap is not None:
+        try:
+            timeout = min(timeout, max(0.05, float(cap)))
+        except ValueError:
+            log.warning("ignoring FLWR_TRANSPORTS_TCP_TIMEOUT=%r: give seconds", cap)
     # TLS: a "tls" entry makes it required, with exactly the pinned certificate. A
     # descriptor without one is plaintext: the server's decision (tls=off, or a loopback
     # HOST), and the server is the party that sent this descriptor over Flower's channel.

@@ -149,11 +149,10 @@ def send_buffer_request() -> int:
     ``auto`` asks for ``wmem_max`` when that beats autotuning's cap, else leaves the
     socket alone (a host tuned for WANs keeps its own setting). Override with
     ``FLWR_TRANSPORTS_SNDBUF`` (bytes, e.g. ``16MiB``, or ``0``)."""
-    import os
-
     from ...codec import parse_size
+    from ...settings import text as setting
 
-    text = os.environ.get(SNDBUF_ENV, "auto").strip().lower()
+    text = setting(SNDBUF_ENV).strip().lower()
     if text != "auto":
         try:
             return max(0, parse_size(text))

@@ -159,7 +159,12 @@ def test_ray_equals_streaming_with_hostile_replies(cluster, bucket):
     assert len(s_ray._ray.history) == 2 and _gone(s_ray._ray.history)
 
 
-def test_actor_killed_mid_round_is_replaced_and_refolded(cluster, bucket):
+def test_actor_killed_mid_round_is_replaced_and_refolded(cluster, bucket, monkeypatch):
+    """Round 1: shard owner 1 is killed while the uploads are being folded; round 2:
+    owner 0 is killed right before the mean is collected. Each is replaced and its
+    shard re-folded from the store: the same model as streaming."""
+    from flwr_transports.aggregation.ray_shards import RayRoundStream
+
     s3, b = bucket
     url = f"s3://{b}/runs?endpoint_url={_endpoint(s3)}"
     killed = []
@@ -169,10 +174,20 @@ def test_actor_killed_mid_round_is_replaced_and_refolded(cluster, bucket):
             killed.append(cl.names[1])
             ray.kill(cl.actors[1], no_restart=True)
 
+    assemble = RayRoundStream.assemble
+
+    def kill_then_assemble(self, plan, total):
+        if self.round == 2:
+            killed.append(self.cluster.names[0])
+            ray.kill(self.cluster.actors[0], no_restart=True)
+        return assemble(self, plan, total)
+
+    monkeypatch.setattr(RayRoundStream, "assemble", kill_then_assemble)
+
     _, r_st = _ray_run(FedAvg(), f"{url}&aggregation=streaming", _grid(3, faulty=False))
     s_ray, r_ray = _ray_run(FedAvg(), f"{url}&aggregation=ray&ray_shards=2",
                             _grid(3, faulty=False), hook=kill)
-    assert killed and s_ray._ray.restarts >= 1
+    assert len(killed) == 2 and s_ray._ray.restarts >= 2
     _compare(r_st, r_ray)
     assert _leftovers(s3, b) == ([], [])
     assert _gone(s_ray._ray.history)

@@ -220,6 +220,9 @@ class ShardOwner:
         reader = RangedReader(self._http, remote["url"], remote["size"], remote["enc"],
                               remote["range_stored"], remote["concurrency"],
                               f"{remote['label']} (shard {self.j})", False)
+        # read ahead within this shard's windows only (not into the next shard's)
+        end = min(reader.layout.size, t1 * WINDOW)
+        reader.n = min(reader.n, -(-end // reader.plain_unit))
         try:
             return self.sum.fold_windows(Source(reader.layout.size, reader.read), plan,
                                          t0, t1, weight, ident)
@@ -382,6 +385,10 @@ class RayRoundStream:
         self.round = server_round
         self.expected = expected
         self.cluster = cluster
+        # connect (or start a local Ray) HERE, in the ServerApp's round loop, never in the
+        # link's landing threads: Ray's processes die with the thread that started them
+        # (PR_SET_PDEATHSIG), i.e. a few seconds later
+        cluster.connect()
         self.lock = threading.Lock()
         self.landed: dict[Any, Any] = {}
         self.closed = False
@@ -398,6 +405,9 @@ class RayRoundStream:
         self._pending = 0  # landings being planned / submitted
         self._idle = threading.Condition(self.lock)
         self._signature: tuple | None = None
+        #: (the plan the shards were reset with, the jobs that count): what a new
+        #: owner re-folds if one dies while the mean is collected
+        self._final: tuple | None = None
         self._cut_plan: Plan | None = None
 
     def on_landed(self, key: Any, src) -> None:
@@ -433,6 +443,8 @@ class RayRoundStream:
                 if self.closed:
                     return
                 cl = self.cluster
+                if cl.ray is None:  # never ray.init() here: see __init__
+                    return
                 cl.connect()  # (a lost connection: no Ray started behind the user's back)
                 if not self.shards:  # the cut: sized like the model sent (layout checked)
                     self.shards = cut(plan, cl.shard_count(-(-plan.size // WINDOW)))
@@ -520,6 +532,7 @@ class RayRoundStream:
         if self._keep_eager(jobs, rejected):
             first = self._cut_plan
             jobs = [j for j in jobs if j[0].index not in rejected]
+            self._final = (first, jobs)
             return RaySum(self, first, sum(float(a.weight) for a, _, _ in jobs)), rejected
         if self.eager:  # something folded on landing does not count
             log.info("flwr-transports: round %d: rebuilding the shard sums from the store "
@@ -549,6 +562,7 @@ class RayRoundStream:
             jobs = [j for j in jobs if j[0].index not in rejected]
             if not jobs:
                 return None, rejected
+        self._final = (first, jobs)
         return RaySum(self, first, sum(float(a.weight) for a, _, _ in jobs)), rejected
 
     def _drain_eager(self) -> None:
@@ -728,25 +742,20 @@ class RayRoundStream:
             view[:len(head)] = head
             bodies.append((obj, np.frombuffer(view, dtype=np.uint8, offset=len(head)), z))
         try:
-            index = ray.get([x.finish.remote(float(total)) for x in actors])
-            jobs = []  # (actor, array, shard-relative start, end, array element offset)
-            for x, idx in zip(actors, index, strict=True):
-                for k, (lo, n) in idx.items():
-                    step = max(1, ASSEMBLY_CHUNK // bodies[k][2])
-                    jobs += [(x, k, e, min(n, e + step), lo + e) for e in range(0, n, step)]
-            ahead = None
-            for i, (x, k, e0, e1, at) in enumerate(jobs):
-                ref = ahead if ahead is not None else x.piece.remote(k, e0, e1)
-                ahead = (jobs[i + 1][0].piece.remote(*jobs[i + 1][1:4])
-                         if i + 1 < len(jobs) else None)
-                piece = ray.get(ref)
-                del ref
-                _, body, z = bodies[k]
-                raw = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-                body[at * z:at * z + len(raw)] = raw
-                del piece, raw
-            for x in actors:
-                x.drop.remote()
+            for j in range(len(actors)):
+                for attempt in range(MAX_RESTARTS + 1):
+                    try:
+                        self._collect_shard(j, float(total), bodies)
+                        break
+                    except ray.exceptions.RayActorError:
+                        if attempt == MAX_RESTARTS:
+                            raise
+                        log.warning("flwr-transports: round %d: shard actor %d died while "
+                                    "the mean was collected; a new one re-folds its shard "
+                                    "from the store", self.round, j)
+                        self._refold(j)
+        except RayClusterError:
+            raise
         except Exception as exc:
             raise RayClusterError(f"aggregation=ray: collecting the shards of round "
                                   f"{self.round} failed: {exc}") from exc
@@ -755,3 +764,36 @@ class RayRoundStream:
             data = obj if isinstance(obj, bytes) else bytes(obj)
             out[a.name] = Array(dtype=dtype, shape=a.shape, stype=a.stype, data=data)
         return out
+
+    def _collect_shard(self, j: int, total: float, bodies) -> None:
+        """Copy shard ``j`` of the mean into ``bodies``, ASSEMBLY_CHUNK bytes at a time
+        (one piece in flight ahead)."""
+        ray = self.cluster.ray
+        x = self.cluster.actors[j]
+        idx = ray.get(x.finish.remote(total))
+        jobs = []  # (array, shard-relative start, end, array element offset)
+        for k, (lo, n) in idx.items():
+            step = max(1, ASSEMBLY_CHUNK // bodies[k][2])
+            jobs += [(k, e, min(n, e + step), lo + e) for e in range(0, n, step)]
+        ahead = None
+        for i, (k, e0, e1, at) in enumerate(jobs):
+            ref = ahead if ahead is not None else x.piece.remote(k, e0, e1)
+            ahead = x.piece.remote(*jobs[i + 1][:3]) if i + 1 < len(jobs) else None
+            piece = ray.get(ref)
+            del ref
+            _, body, z = bodies[k]
+            raw = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+            body[at * z:at * z + len(raw)] = raw
+            del piece, raw
+        x.drop.remote()
+
+    def _refold(self, j: int) -> None:
+        """A new owner for shard ``j``, its sum re-folded from the store."""
+        cl = self.cluster
+        ray = cl.connect()
+        cl.replace(j)
+        x = cl.actors[j]
+        first, jobs = self._final
+        x.reset.remote(first, self.shards[j])
+        ray.get([x.fold.remote(remote, plan, *windows_of(plan, self.shards, j),
+                               float(a.weight), a.key) for a, plan, remote in jobs])

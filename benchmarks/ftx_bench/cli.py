@@ -12,6 +12,8 @@
                               [--streams 1,4] [--size 64MiB] [--relay auto|c|python]
     ftx-bench wan --cleanup                     # remove namespaces of dead runs
     ftx-bench plot DIR/e2e.json DIR2/e2e.json --out e2e-profiles.png
+    ftx-bench reproduce TABLE|all [--repeat 3] [--quick]   # a published table, with repeats
+    ftx-bench render [--check]                  # the figure blocks in README.md and docs/
     ftx-bench plot --x nodes N2/e2e.json N4/e2e.json N8/e2e.json --out nodes.png
 """
 
@@ -156,6 +158,24 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--x", choices=("profile", "nodes"), default="profile",
                     help="profile: bars per transport and WAN profile (default); nodes: round "
                          "time vs number of SuperNodes, a line per transport and uplink")
+    from .reproduce import TABLES
+
+    r = sub.add_parser("reproduce", help="regenerate one published table with repeats "
+                                         "(JSON in docs/bench-data/repro-TABLE.json)")
+    r.add_argument("table", choices=[*TABLES, "all"])
+    r.add_argument("--repeat", type=int, default=None,
+                   help="repeats per point (default 3; 1 with --quick)")
+    r.add_argument("--quick", action="store_true",
+                   help="tiny sizes, for CI (writes bench-results/repro-TABLE-quick.json)")
+    r.add_argument("--out", type=Path, default=None, help="JSON path (one table only)")
+    r.add_argument("--max-retries", type=int, default=3,
+                   help="re-runs of a repeat whose load before it exceeded the core count")
+    r.add_argument("--pause", type=float, default=60.0,
+                   help="seconds to wait before such a re-run (default 60)")
+    rd = sub.add_parser("render", help="regenerate the figure blocks in README.md and "
+                                       "docs/*.md from docs/bench-data")
+    rd.add_argument("--check", action="store_true",
+                    help="change nothing; exit 1 when a block differs from its data")
     return ap
 
 
@@ -373,6 +393,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_e2e(args)
         if args.cmd == "plot":
             return cmd_plot(args)
+        if args.cmd == "reproduce":
+            from .reproduce import main as reproduce_main
+
+            return reproduce_main(args, ["ftx-bench", *argv])
+        if args.cmd == "render":
+            from .render import main as render_main
+
+            return render_main(check=args.check)
         return cmd_wan(args)
     except ValueError as exc:
         _say(f"ftx-bench: {exc}")

@@ -1,0 +1,314 @@
+"""``ftx-bench reproduce TABLE``: regenerate one published table, with repeats.
+
+Every table is a list of driver invocations (``ftx-bench e2e``, ``ftx-bench p2p``, the
+standalone scripts). Each repeat runs the whole invocation once, so the in-band run and
+the link runs of one repeat happen back to back; ratios are computed per repeat and the
+table reports their median with min-max, next to the median (min-max) of every point.
+
+Each JSON records the code's commit (and whether the tree was dirty), Flower's version,
+the command line, and the load average before and after every run. A run whose
+1-minute load before it already exceeded the core count is run again (at most
+``--max-retries`` times, after a pause); the discarded attempts stay in the JSON.
+
+    ftx-bench reproduce loopback-e2e [--repeat 3] [--quick] [--out FILE]
+    ftx-bench reproduce all
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+#: The one floor definition, used by every table and stated once in docs/benchmarks.md.
+FLOOR_DEFINITION = (
+    "floor = the round time of a 0.01 MiB model (it stays in-band whatever the "
+    "transport), measured once per repeat right before that repeat's model runs; "
+    "overhead = round time - floor; ratio = in-band overhead / transport overhead of "
+    "the same repeat; a figure is the median over the repeats, with min-max")
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
+
+
+@dataclass
+class Invocation:
+    """One driver command (without --out); ``key`` names its points in the JSON."""
+
+    key: str
+    argv: list[str]
+    kind: str  # "e2e" | "p2p" | "text" | "json"
+    needs_root: bool = False
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    full: list[Invocation]
+    quick: list[Invocation]
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _e2e(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ftx_bench", "e2e", "--floor-once", "--repeat", "1",
+            "--no-plots", *args]
+
+
+def _p2p(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ftx_bench", "p2p", "--repeat", "1", "--warmup", "1",
+            "--no-plots", *args]
+
+
+_STAR = ("--wan", "geo-distributed", "--topology", "star")
+_RGW = "inband,tcp://,s3://?store=radosgw"
+
+TABLES: dict[str, Table] = {t.name: t for t in [
+    Table("loopback-e2e", "End to end, loopback, 500 MiB, 2 SuperNodes",
+          [Invocation("500MiB", _e2e("--sizes", "500MiB", "--transports",
+                                     "inband,shm://,tcp://", "--rounds", "2"), "e2e")],
+          [Invocation("4MiB", _e2e("--sizes", "4MiB", "--transports", "inband,shm://",
+                                   "--rounds", "1"), "e2e")]),
+    Table("wan-e2e", "End to end across 100 ms RTT, 5 Gbit/s (star: radosgw in the "
+                     "server's region)",
+          [Invocation("500MiB", _e2e(*_STAR, "--sizes", "500MiB", "--transports", _RGW,
+                                     "--nodes", "2", "--rounds", "2"), "e2e", True)],
+          [Invocation("8MiB", _e2e(*_STAR, "--sizes", "8MiB", "--transports",
+                                   "inband,tcp://", "--nodes", "2", "--rounds", "1"),
+                      "e2e", True)]),
+    Table("n-sweep", "N SuperNodes behind a 1 Gbit/s server uplink, 64 MiB",
+          [Invocation(f"N{n}", _e2e(*_STAR, "--server-rate", "1gbit", "--sizes", "64MiB",
+                                    "--transports", _RGW, "--nodes", str(n),
+                                    "--rounds", "2"), "e2e", True) for n in (2, 4, 8)],
+          [Invocation(f"N{n}", _e2e(*_STAR, "--server-rate", "1gbit", "--sizes", "2MiB",
+                                    "--transports", "inband,tcp://", "--nodes", str(n),
+                                    "--rounds", "1"), "e2e", True) for n in (2, 4)]),
+    Table("p2p-link", "Point to point: link throughput vs raw TCP",
+          [Invocation("lo", _p2p("--sizes", "1MB,10MB,100MB,1GB", "--backends",
+                                 "raw-tcp,link-tcp,link-shm,link-file,link-s3",
+                                 "--concurrency", "1,4"), "p2p"),
+           Invocation("geo-distributed", _p2p("--wan", "geo-distributed", "--sizes",
+                                              "100MB,1GB", "--backends",
+                                              "raw-tcp,link-tcp", "--concurrency", "1"),
+                      "p2p", True)],
+          [Invocation("lo", _p2p("--sizes", "1MB", "--backends", "raw-tcp,link-tcp",
+                                 "--concurrency", "1"), "p2p")]),
+    Table("memory", "Memory vs N: streaming vs inner aggregation (shm://)",
+          [Invocation(f"{mib}MiB-N{n}", _e2e("--sizes", f"{mib}MiB", "--transports",
+                                             "shm://?aggregation=streaming,"
+                                             "shm://?aggregation=inner",
+                                             "--nodes", str(n), "--rounds", "2",
+                                             "--floor-mib", "0"), "e2e")
+           for mib, n in ((500, 2), (256, 4), (128, 8))],
+          [Invocation("4MiB-N2", _e2e("--sizes", "4MiB", "--transports",
+                                      "shm://?aggregation=streaming,"
+                                      "shm://?aggregation=inner",
+                                      "--nodes", "2", "--rounds", "1", "--floor-mib", "0"),
+                      "e2e")]),
+    Table("mpi", "MPI runtime vs a Flower deployment (in-band and tcp://), 500 MiB",
+          [Invocation("mpi", [sys.executable, str(BENCH / "mpi_bench.py"), "--mib", "500",
+                              "--rounds", "2", "--reps", "1", "--skip-p2p"], "text"),
+           Invocation("deployment", _e2e("--sizes", "500MiB", "--transports",
+                                         "inband,tcp://", "--rounds", "2"), "e2e")],
+          [Invocation("mpi", [sys.executable, str(BENCH / "mpi_bench.py"), "--mib", "4",
+                              "--rounds", "1", "--reps", "1", "--skip-p2p"], "text")],
+          notes="mpi_bench.py prints text: its output is kept per repeat, not parsed"),
+    Table("fda-bytes", "FDA: accuracy vs bytes",
+          [Invocation("fda", [sys.executable, str(BENCH / "fda_bench.py")], "json")],
+          [Invocation("fda", [sys.executable, str(BENCH / "fda_bench.py"), "--steps", "10",
+                              "--clients", "2", "--per-client", "100"], "json")]),
+]}
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def provenance(argv: list[str]) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        flwr = version("flwr")
+    except PackageNotFoundError:
+        flwr = None
+    return {
+        "commit": _git("rev-parse", "HEAD") or None,
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "flwr_version": flwr,
+        "command": " ".join(shlex.quote(a) for a in argv),
+        "cpus": os.cpu_count(),
+        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "floor_definition": FLOOR_DEFINITION,
+    }
+
+
+def _stats(xs: list[float]) -> dict[str, Any]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
+            "values": xs}
+
+
+def e2e_points(doc: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per point (``transport@size``): round, overhead above this run's floor, peak
+    RSS; and in-band/transport overhead ratios. One e2e.json = one repeat."""
+    rows = doc.get("results", [])
+    floors = [r["round_s"] for r in rows if r.get("kind") == "floor" and "round_s" in r]
+    floor = statistics.median(floors) if floors else None
+    pts: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r.get("kind") == "floor" or "round_s" not in r:
+            continue
+        key = f"{r['transport']}@{r['model_mib']:g}MiB"
+        pts[key] = {"round_s": r["round_s"],
+                    "superlink_peak_rss_mib": r.get("superlink_peak_rss_bytes", 0) / 2**20,
+                    "serverapp_peak_rss_mib": r.get("serverapp_peak_rss_bytes", 0) / 2**20}
+        if floor is not None:
+            pts[key]["floor_s"] = floor
+            pts[key]["overhead_s"] = r["round_s"] - floor
+    ratios: dict[str, float] = {}
+    for key, p in pts.items():
+        t, size = key.split("@")
+        base = pts.get(f"inband@{size}")
+        if t == "inband" or base is None or "overhead_s" not in p:
+            continue
+        if p["overhead_s"] > 0:
+            ratios[f"inband/{t}@{size} overhead"] = base["overhead_s"] / p["overhead_s"]
+        ratios[f"inband/{t}@{size} round"] = base["round_s"] / p["round_s"]
+    return pts, ratios
+
+
+def p2p_points(doc: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    pts: dict[str, dict[str, float]] = {}
+    for r in doc.get("results", []):
+        if "throughput_Gbps" in r:
+            pts[f"{r['backend']}@{r['size_bytes']}B/k{r['k']}"] = {
+                "throughput_Gbps": r["throughput_Gbps"]}
+    ratios = {}
+    for key, p in pts.items():
+        b, rest = key.split("@")
+        raw = pts.get(f"raw-tcp@{rest}")
+        if b != "raw-tcp" and raw and raw["throughput_Gbps"] > 0:
+            ratios[f"{b}/raw-tcp@{rest} throughput"] = p["throughput_Gbps"] / raw["throughput_Gbps"]
+    return pts, ratios
+
+
+def run_once(inv: Invocation, out_dir: Path, timeout: float) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    argv = list(inv.argv)
+    if inv.kind in ("e2e", "p2p"):
+        argv += ["--out", str(out_dir)]
+    elif inv.kind == "json":
+        argv += ["--json", str(out_dir / "out.json")]
+    rec: dict[str, Any] = {"argv": argv, "load_before": list(os.getloadavg())}
+    t0 = time.perf_counter()
+    try:
+        cp = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        rec["rc"], out = cp.returncode, cp.stdout + cp.stderr
+    except subprocess.TimeoutExpired as exc:
+        rec["rc"], out = "timeout", f"timed out after {timeout} s: {exc}"
+    rec["wall_s"] = time.perf_counter() - t0
+    rec["load_after"] = list(os.getloadavg())
+    rec["output_tail"] = out[-2000:]
+    if inv.kind in ("e2e", "p2p"):
+        path = out_dir / f"{inv.kind}.json"
+        if path.exists():
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            pts, ratios = (e2e_points if inv.kind == "e2e" else p2p_points)(doc)
+            rec.update(points=pts, ratios=ratios, driver_json=str(path))
+    elif inv.kind == "json" and (out_dir / "out.json").exists():
+        rec["driver_json"] = str(out_dir / "out.json")
+    return rec
+
+
+def aggregate(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    pts: dict[str, dict[str, list[float]]] = {}
+    rat: dict[str, list[float]] = {}
+    for rep in repeats:
+        for key, p in rep.get("points", {}).items():
+            for m, v in p.items():
+                pts.setdefault(key, {}).setdefault(m, []).append(v)
+        for key, v in rep.get("ratios", {}).items():
+            rat.setdefault(key, []).append(v)
+    return {"points": {k: {m: _stats(v) for m, v in ms.items()} for k, ms in pts.items()},
+            "ratios": {k: _stats(v) for k, v in rat.items()}}
+
+
+def reproduce(table: Table, repeat: int, quick: bool, out: Path, argv: list[str],
+              max_retries: int = 3, pause_s: float = 60.0, timeout: float = 3600.0,
+              progress: Callable[[str], None] = print) -> dict[str, Any]:
+    cores = os.cpu_count() or 1
+    doc: dict[str, Any] = {"kind": "reproduce", "table": table.name, "title": table.title,
+                           "quick": quick, "repeat": repeat, "notes": table.notes,
+                           **provenance(argv), "invocations": {}}
+    work = out.with_suffix("")
+    ok = True
+    for inv in (table.quick if quick else table.full):
+        if inv.needs_root and os.geteuid() != 0:
+            doc["invocations"][inv.key] = {"skipped": "needs root (network namespaces)"}
+            progress(f"{table.name}/{inv.key}: skipped, needs root")
+            ok = False
+            continue
+        reps, discarded = [], []
+        for i in range(repeat):
+            for attempt in range(max_retries + 1):
+                progress(f"{table.name}/{inv.key}: repeat {i + 1}/{repeat}"
+                         + (f" (retry {attempt})" if attempt else ""))
+                rec = run_once(inv, work / inv.key / f"rep{i}-try{attempt}", timeout)
+                rec["repeat"], rec["attempt"] = i, attempt
+                if rec["load_before"][0] > cores and attempt < max_retries:
+                    rec["discarded"] = (f"1-min load {rec['load_before'][0]:.2f} > "
+                                        f"{cores} cores before the run")
+                    discarded.append(rec)
+                    time.sleep(pause_s)
+                    continue
+                if rec["load_before"][0] > cores:
+                    rec["load_warning"] = "load above the core count after every retry"
+                reps.append(rec)
+                break
+            ok = ok and reps[-1].get("rc") == 0
+        doc["invocations"][inv.key] = {"command": " ".join(shlex.quote(a) for a in inv.argv),
+                                       "kind": inv.kind, "repeats": reps,
+                                       "rerun_for_load": discarded, **aggregate(reps)}
+    doc["ok"] = ok
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return doc
+
+
+def default_out(name: str, quick: bool) -> Path:
+    if quick:
+        return REPO / "bench-results" / f"repro-{name}-quick.json"
+    return REPO / "docs" / "bench-data" / f"repro-{name}.json"
+
+
+def main(args, argv: list[str]) -> int:
+    names = list(TABLES) if args.table == "all" else [args.table]
+    if args.repeat is not None and args.repeat < 1:
+        print("--repeat must be >= 1", file=sys.stderr)
+        return 2
+    repeat = args.repeat or (1 if args.quick else 3)
+    rc = 0
+    for name in names:
+        out = args.out if (args.out and len(names) == 1) else default_out(name, args.quick)
+        doc = reproduce(TABLES[name], repeat, args.quick, out, argv,
+                        max_retries=args.max_retries,
+                        pause_s=5.0 if args.quick else args.pause,
+                        progress=lambda m: print(m, file=sys.stderr, flush=True))
+        print(out)
+        rc = rc or (0 if doc["ok"] else 1)
+    return rc

@@ -168,8 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true",
                    help="tiny sizes, for CI (writes bench-results/repro-TABLE-quick.json)")
     r.add_argument("--out", type=Path, default=None, help="JSON path (one table only)")
-    r.add_argument("--max-retries", type=int, default=3,
-                   help="re-runs of a repeat whose load before it exceeded the core count")
+    r.add_argument("--max-retries", type=int, default=None,
+                   help="re-runs of a repeat whose load before it exceeded the core count "
+                        "(default 3; 1 with --quick)")
     r.add_argument("--pause", type=float, default=60.0,
                    help="seconds to wait before such a re-run (default 60)")
     rd = sub.add_parser("render", help="regenerate the figure blocks in README.md and "

@@ -25,7 +25,7 @@ from .reproduce import FLOOR_DEFINITION, REPO
 
 BLOCK = re.compile(
     r"(<!-- figures:begin (?P<name>[\w.-]+) \(generated from (?P<files>[^)]+?) by "
-    r"ftx-bench render\) -->\n)(?P<body>.*?)(<!-- figures:end -->)", re.S)
+    r"ftx-bench render\) -->\n)(?P<body>.*?)(<!-- figures:end -->)", re.DOTALL)
 
 DOC_FILES = ("README.md", "docs/*.md", "docs/links/*.md")
 
@@ -92,13 +92,16 @@ def _legacy_e2e(doc: dict[str, Any], src: str) -> list[str]:
                f"{env.get('time_utc', '?')[:10]}, {cpus} cores; load average before "
                f"{_load(lb)}, after {_load(la)}"
                + (" (**above the core count before the run**)"
-                  if lb and cpus and lb[0] > cpus else "") + ".")
+                  if lb and cpus and lb[0] > cpus else "")
+               + (" (**above the core count after the run**)"
+                  if la and cpus and la[0] > cpus and not (lb and lb[0] > cpus) else "")
+               + ".")
     out.append(f"Command (from the JSON's meta): `{_e2e_command(m)}`; "
                f"data: `{src}`.")
     out.append("")
     out.append("| transport | model | round time | overhead above the floor | "
-               "in-band overhead / this | SuperLink peak RSS |")
-    out.append("|---|---:|---:|---:|---:|---:|")
+               "in-band overhead / this | SuperLink peak RSS | ServerApp peak RSS |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
     base = {r["model_mib"]: reps(r) for r in models if r["transport"] == "inband"}
     for r in models:
         rr = reps(r)
@@ -111,7 +114,8 @@ def _legacy_e2e(doc: dict[str, Any], src: str) -> list[str]:
         out.append(f"| {_label(r['transport'])} | {r['model_mib']:g} MiB | "
                    f"{_rng(rr, '.1f', ' s')} | "
                    f"{_rng(ov, '.1f', ' s') if ov else '—'} | {ratio} | "
-                   f"{r.get('superlink_peak_rss_bytes', 0) / 2**20:.0f} MiB |")
+                   f"{r.get('superlink_peak_rss_bytes', 0) / 2**20:.0f} MiB | "
+                   f"{r.get('serverapp_peak_rss_bytes', 0) / 2**20:.0f} MiB |")
     if floor_i:
         out.append("")
         out.append(f"Floor: {_rng(floor_i, '.1f', ' s')}.")

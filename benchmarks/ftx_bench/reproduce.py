@@ -24,9 +24,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: The one floor definition, used by every table and stated once in docs/benchmarks.md.
 FLOOR_DEFINITION = (
@@ -131,7 +132,7 @@ TABLES: dict[str, Table] = {t.name: t for t in [
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+        return subprocess.run(["git", *args], check=False, cwd=REPO, capture_output=True, text=True,
                               timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -150,7 +151,7 @@ def provenance(argv: list[str]) -> dict[str, Any]:
         "flwr_version": flwr,
         "command": " ".join(shlex.quote(a) for a in argv),
         "cpus": os.cpu_count(),
-        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "floor_definition": FLOOR_DEFINITION,
     }
 
@@ -217,7 +218,8 @@ def run_once(inv: Invocation, out_dir: Path, timeout: float) -> dict[str, Any]:
     rec: dict[str, Any] = {"argv": argv, "load_before": list(os.getloadavg())}
     t0 = time.perf_counter()
     try:
-        cp = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        cp = subprocess.run(argv, check=False, cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout)
         rec["rc"], out = cp.returncode, cp.stdout + cp.stderr
     except subprocess.TimeoutExpired as exc:
         rec["rc"], out = "timeout", f"timed out after {timeout} s: {exc}"
@@ -306,7 +308,8 @@ def main(args, argv: list[str]) -> int:
     for name in names:
         out = args.out if (args.out and len(names) == 1) else default_out(name, args.quick)
         doc = reproduce(TABLES[name], repeat, args.quick, out, argv,
-                        max_retries=args.max_retries,
+                        max_retries=(args.max_retries if args.max_retries is not None
+                                     else 1 if args.quick else 3),
                         pause_s=5.0 if args.quick else args.pause,
                         progress=lambda m: print(m, file=sys.stderr, flush=True))
         print(out)

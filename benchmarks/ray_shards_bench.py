@@ -222,8 +222,10 @@ def main(argv=None) -> int:
 
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        ray_tmp = tempfile.mkdtemp(prefix="ftx-ray-bench-")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, object_store_memory=1200 * MIB)
+                 configure_logging=False, object_store_memory=1200 * MIB,
+                 _temp_dir=ray_tmp)
         cluster = RayCluster()
         try:
             for mib in [int(x) for x in args.sizes.split(",")]:
@@ -255,6 +257,9 @@ def main(argv=None) -> int:
         finally:
             cluster.close()
             ray.shutdown()
+            import shutil
+
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -35,12 +35,17 @@ CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """One local Ray cluster for the module (Ray starts slowly)."""
+def cluster(tmp_path_factory):
+    """One local Ray cluster for the module (Ray starts slowly); its session files are
+    removed with it."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=200 * 2**20, configure_logging=False)
+             object_store_memory=200 * 2**20, configure_logging=False, _temp_dir=str(tmp))
     yield ray
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

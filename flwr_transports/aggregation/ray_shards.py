@@ -30,6 +30,8 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from concurrent.futures import wait
@@ -268,6 +270,7 @@ class RayCluster:
         self.history: list[str] = []  # every actor name this run created (tests)
         self.restarts = 0
         self._tag = secrets.token_hex(4)
+        self._temp: str | None = None  # the session dir of a Ray this run started
         self._lock = threading.Lock()
         #: test hook: called with (upload number, cluster) after each upload's folds
         #: were submitted (the fault tests kill an actor there)
@@ -291,7 +294,9 @@ class RayCluster:
                 else:
                     log.info("flwr-transports: aggregation=ray: no RAY_ADDRESS / "
                              "ray_address: starting a local Ray cluster (development)")
-                    ray.init(**kw)
+                    # its session files go with it (not left in /tmp/ray)
+                    self._temp = tempfile.mkdtemp(prefix="ftx-ray-")
+                    ray.init(_temp_dir=self._temp, **kw)
                 self.started = True
         except Exception as exc:
             raise RayClusterError(
@@ -355,6 +360,9 @@ class RayCluster:
                 self.ray.shutdown()
             except Exception as exc:  # noqa: BLE001
                 log.debug("ray.shutdown: %s", exc)
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._temp = None
         self.ray, self.started = None, False
 
 

@@ -126,7 +126,9 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
     out = [f"**{doc['repeat']} repeat(s) per point** (median, min-max), commit "
            f"`{(doc.get('commit') or '?')[:7]}`" + (" (dirty tree)" if doc.get("dirty") else "")
            + f", Flower {doc.get('flwr_version')}, {doc.get('time_utc', '?')[:10]}, "
-           f"{doc.get('cpus')} cores" + (", **quick mode**" if doc.get("quick") else "") + ".",
+           f"{doc.get('cpus')} cores"
+           + (", **quick mode** (tiny sizes, not a published figure)" if doc.get("quick")
+              else "") + ".",
            f"Command: `{doc['command']}`; data: `{src}`.", ""]
     for key, inv in doc["invocations"].items():
         if "skipped" in inv:

@@ -217,12 +217,23 @@ def run_once(inv: Invocation, out_dir: Path, timeout: float) -> dict[str, Any]:
         argv += ["--json", str(out_dir / "out.json")]
     rec: dict[str, Any] = {"argv": argv, "load_before": list(os.getloadavg())}
     t0 = time.perf_counter()
+    # SIGTERM, not SIGKILL, on a timeout or an interrupt: the drivers turn it into
+    # their own clean-up (SuperLink, SuperNodes, namespaces, /dev/shm segments)
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
-        cp = subprocess.run(argv, check=False, cwd=REPO, capture_output=True, text=True,
-                            timeout=timeout)
-        rec["rc"], out = cp.returncode, cp.stdout + cp.stderr
-    except subprocess.TimeoutExpired as exc:
-        rec["rc"], out = "timeout", f"timed out after {timeout} s: {exc}"
+        out, _ = proc.communicate(timeout=timeout)
+        rec["rc"] = proc.returncode
+    except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        rec["rc"], out = "timeout", f"{out}\ntimed out after {timeout} s"
     rec["wall_s"] = time.perf_counter() - t0
     rec["load_after"] = list(os.getloadavg())
     rec["output_tail"] = out[-2000:]

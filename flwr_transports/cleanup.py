@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 
-from .links import LinkError, link_classes, schemes, split_url
+from .errors import ConfigError
+from .links import LinkError, link_classes, schemes
+from .options import split_transport
 
 
 def cleanup(url: str, *, dry_run: bool = False, all_: bool = False) -> list[str]:
-    scheme = split_url(url)[0]
-    srv, _ = link_classes(scheme)
-    return srv.cleanup(url, dry_run=dry_run, all_=all_)
+    spec = split_transport(url)  # parsed once; the link reads its location from it
+    if spec.scheme is None:
+        raise ConfigError("'inband' leaves nothing on a link to clean up: give a link URL")
+    srv, _ = link_classes(spec.scheme)
+    return srv.cleanup(spec, dry_run=dry_run, all_=all_)
 
 
 def default_urls() -> list[str]:

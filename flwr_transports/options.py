@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
@@ -52,13 +52,23 @@ class Option:
 
 
 class Options(dict):
-    """Parsed options (every declared name present); also readable as attributes."""
+    """Parsed options (every declared name present); also readable as attributes.
+    Immutable: parsed once, then only read."""
 
     def __getattr__(self, name: str) -> Any:
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+    def _readonly(self, *_a: Any, **_k: Any) -> None:
+        raise TypeError("parsed options are immutable (parse again with the new values)")
+
+    __setitem__ = __delitem__ = _readonly  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return id(self)
 
 
 # -- parsers ---------------------------------------------------------------------------
@@ -183,7 +193,7 @@ def parse_options(spec: Iterable[Option], raw: Mapping[str, Any], *, what: str) 
     if unknown:
         raise ConfigError(f"unknown option(s) for {what}: {', '.join(unknown)} "
                           f"(known: {', '.join(o.name for o in spec) or 'none'})")
-    out = Options()
+    out: dict[str, Any] = {}
     for o in spec:
         if o.name in raw:
             try:
@@ -194,7 +204,7 @@ def parse_options(spec: Iterable[Option], raw: Mapping[str, Any], *, what: str) 
                 raise ConfigError(f"option {o.name}={raw[o.name]!r} of {what}: {exc}") from None
         else:
             out[o.name] = o.default
-    return out
+    return Options(out)
 
 
 def split_options(raw: Mapping[str, Any], wrapper_spec: Iterable[Option],
@@ -227,3 +237,96 @@ def markdown_table(spec: Iterable[Option]) -> str:
     for o in spec:
         rows.append(f"| `{o.name}` | `{o.default_text()}` | {o.doc} |")
     return "\n".join(rows)
+
+
+# -- the transport URL -------------------------------------------------------------------
+
+#: transport values meaning "no link: payloads stay in Flower's messages"
+INBAND = frozenset({"inband", "in-band", "none", ""})
+
+
+@dataclass(frozen=True)
+class TransportSpec:
+    """A transport URL and its options, parsed ONCE (:func:`parse_transport`) where the
+    user gives them (``offload()``, ``offload_grid()``, ``flwr-transports cleanup``);
+    everything downstream (the wrapper, the link, a second wrapper for a strategy with
+    its own loop) receives this value, never the raw string.
+
+    ``host``/``port`` are the URL's authority read as ``host:port`` (``None`` where
+    there is none); ``wrapper`` and ``link`` the typed options of each owner, with
+    defaults filled in; ``given`` the option names set explicitly (URL or keyword),
+    ``keywords`` those given as keywords (they win over the URL's)."""
+
+    url: str
+    scheme: str | None
+    netloc: str = ""
+    path: str = ""
+    fragment: str = ""
+    host: str | None = None
+    port: int | None = None
+    query: Mapping[str, str] = field(default_factory=dict)
+    wrapper: Options = field(default_factory=lambda: Options({}))
+    link: Options = field(default_factory=lambda: Options({}))
+    given: frozenset[str] = frozenset()
+    keywords: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def inband(self) -> bool:
+        return self.scheme is None
+
+    def __str__(self) -> str:  # the URL as given (logs, messages, older link code)
+        return self.url
+
+    def source(self, name: str) -> str:
+        """Where an option's value came from: ``keyword``, ``url`` or ``default``."""
+        if name in self.keywords:
+            return "keyword"
+        return "url" if name in self.query else "default"
+
+    def describe(self) -> str:
+        """One log line: every option set explicitly, and where it was set."""
+        parts = [f"{n}={v!r} ({self.source(n)})" for owner in (self.wrapper, self.link)
+                 for n, v in owner.items() if n in self.given]
+        return ", ".join(parts) or "defaults only"
+
+
+def split_transport(url: str) -> TransportSpec:
+    """THE one place a transport URL is split: scheme, authority, path, query (options
+    not parsed yet; :func:`parse_transport` does that). ``inband`` and its aliases give
+    ``scheme=None``."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    url = (url or "inband").strip()
+    if url.lower() in INBAND:
+        return TransportSpec(url=url, scheme=None)
+    u = urlsplit(url)
+    if not u.scheme:
+        raise ConfigError(f"transport {url!r} is not a URL (e.g. 'shm://', 'tcp://host:0', "
+                          "'s3://bucket/prefix') and not 'inband'")
+    try:
+        port = u.port
+    except ValueError:
+        raise ConfigError(f"transport URL {url!r} has an invalid port") from None
+    query = dict(parse_qsl(u.query, keep_blank_values=True))
+    return TransportSpec(url=url, scheme=u.scheme.lower(), netloc=u.netloc, path=u.path,
+                         fragment=u.fragment, host=u.hostname, port=port, query=query)
+
+
+def parse_transport(url: str | TransportSpec, *, wrapper_spec: Iterable[Option] = (),
+                    link_spec: Iterable[Option] | Callable[[str], Iterable[Option]] = (),
+                    keywords: Mapping[str, Any] | None = None) -> TransportSpec:
+    """Split ``url`` and parse its query merged with ``keywords`` (keywords win) against
+    the wrapper's and the link's declared options: one owner per name, an unknown name
+    is a ``ConfigError`` naming both lists. ``link_spec``: the link's options, or a
+    function of the scheme that returns them (the link registry)."""
+    base = url if isinstance(url, TransportSpec) else split_transport(url)
+    kw = dict(keywords or {})
+    raw = {**base.query, **kw} if base.scheme else dict(kw)
+    lspec = (tuple(link_spec(base.scheme)) if callable(link_spec) else tuple(link_spec)
+             ) if base.scheme else ()
+    wopts, lopts = split_options(raw, wrapper_spec, lspec, scheme=base.scheme)
+    return TransportSpec(
+        url=base.url, scheme=base.scheme, netloc=base.netloc, path=base.path,
+        fragment=base.fragment, host=base.host, port=base.port, query=dict(base.query),
+        wrapper=wopts, link=lopts, given=frozenset(raw), keywords=kw)
+

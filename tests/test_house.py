@@ -7,6 +7,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 import flwr_transports
 
 LIB = Path(flwr_transports.__file__).resolve().parent
@@ -137,3 +139,40 @@ def test_a_client_cap_is_never_raised_by_the_server(monkeypatch):
     monkeypatch.setenv("FLWR_TRANSPORTS_TCP_TIMEOUT", "30")
     assert endpoint_from(loc)[0].timeout == 30
     assert endpoint_from({**loc, "timeout": 5})[0].timeout == 5
+
+
+def test_a_transport_url_is_parsed_once(monkeypatch, tmp_path):
+    """offload() parses the URL once; the link (and a second wrapper for a strategy
+    with its own loop) receive the parsed value, never the string."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from flwr_transports import offload, options
+    from flwr_transports.flower.wrapper import _StrategyGrid
+    from flwr_transports.options import TransportSpec
+
+    calls = []
+    real = options.split_transport
+
+    def counting(url):
+        calls.append(url)
+        return real(url)
+
+    monkeypatch.setattr(options, "split_transport", counting)
+    s = offload(FedAvg(), f"file://{tmp_path}?threshold=1&mode=640", reply_slots=1)
+    assert isinstance(s.spec, TransportSpec) and s.spec.link.mode == 0o640
+    assert s.spec.source("mode") == "url" and s.spec.source("reply_slots") == "keyword"
+    link = s._ensure_link(object())  # a grid without a run: run id 0
+    try:
+        assert link.spec is s.spec and link.root == str(tmp_path.resolve())
+    finally:
+        s.close()
+    from flwr_transports.flower.wrapper import Offloader
+
+    g = _StrategyGrid.__new__(_StrategyGrid)
+    Offloader.__init__(g, s.spec)  # what OffloadStrategy.start hands its grid wrapper
+    assert g.spec is s.spec
+    assert len(calls) == 1, calls
+    with pytest.raises(TypeError, match="parsed TransportSpec"):
+        Offloader.__init__(g, s.spec, threshold=5)
+    with pytest.raises(TypeError):
+        s.spec.link["mode"] = 0o600  # parsed options are immutable

@@ -97,7 +97,7 @@ def receive(grid: Grid, msg_ids: Iterable[str], timeout: float | None, link: Any
     ret: list[Message] = []
     pulls = 0
     wait = MIN_WAIT
-    landed = landed0 = getattr(link, "last_landed", None) if link is not None else None
+    landed = landed0 = link.last_landed if link is not None else None
     busy_until = 0.0  # monotonic: short waits until then (a landing or a reply)
     last_reply_at: float | None = None  # perf_counter of the pull that brought the last
     while timeout is None or time.time() < end_time:
@@ -127,7 +127,7 @@ def receive(grid: Grid, msg_ids: Iterable[str], timeout: float | None, link: Any
     stats["pulls"] = stats.get("pulls", 0) + pulls
     stats.setdefault("receive_pulls", []).append(pulls)
     extra: dict[str, Any] = {"pulls": pulls, "replies": len(ret), "missing": len(pending)}
-    landed = getattr(link, "last_landed", None) if link is not None else None
+    landed = link.last_landed if link is not None else None
     if (landed is not None and landed != landed0 and last_reply_at is not None
             and last_reply_at >= landed):  # an upload of this call landed, then its reply
         extra["landed_to_reply"] = round(last_reply_at - landed, 4)
@@ -137,8 +137,7 @@ def receive(grid: Grid, msg_ids: Iterable[str], timeout: float | None, link: Any
 
 def _wait_landed(link: Any, since: float | None, timeout: float) -> float | None:
     """``link.wait_landed(since, timeout)`` where the link has it, else a plain sleep."""
-    fn = getattr(link, "wait_landed", None) if link is not None else None
-    if fn is None:
+    if link is None:
         time.sleep(max(timeout, 0.0))
         return since
-    return fn(since, timeout)
+    return link.wait_landed(since, timeout)

@@ -43,8 +43,9 @@ from ..codecs.wire import (
     encode_for_wire,
 )
 from ..errors import RejectedInput
-from ..links import LinkError, ServerLink, link_classes, server_link, split_url
-from ..options import Option, choice, integer, optional, size, split_options, text
+from ..links import LinkError, ServerLink, server_link
+from ..links import parse as parse_transport
+from ..options import Option, TransportSpec, choice, integer, optional, size, text
 from ..refs import (
     TICKET_KEY,
     Reference,
@@ -143,18 +144,20 @@ class Offloader:
     #: aggregation=ray: the run's Ray cluster and shard actors (OffloadStrategy sets it)
     _ray = None
 
-    def __init__(self, transport: str = "inband", **options: Any):
-        self.transport = (transport or "inband").strip()
-        self.scheme = None if self.transport.lower() in {"inband", "in-band", "none", ""} else (
-            split_url(self.transport)[0]
-        )
-        raw: dict[str, Any] = dict(split_url(self.transport)[3]) if self.scheme else {}
-        raw.update(options)
-        self._raw_options = dict(options)
-        link_spec = link_classes(self.scheme)[0].OPTIONS if self.scheme else ()
-        # parsed ONCE: the wrapper keeps its keys, the link gets the rest (typed)
-        opts, self.link_options = split_options(raw, WRAPPER_OPTIONS, link_spec,
-                                                scheme=self.scheme)
+    def __init__(self, transport: str | TransportSpec = "inband", **options: Any):
+        if isinstance(transport, TransportSpec):  # parsed already (a second wrapper)
+            if options:
+                raise TypeError("options come with the parsed TransportSpec")
+            spec = transport
+        else:  # parsed ONCE: the wrapper keeps its keys, the link gets the rest (typed)
+            spec = parse_transport(transport, WRAPPER_OPTIONS, **options)
+        self.spec = spec
+        self.transport = spec.url
+        self.scheme = spec.scheme
+        self.link_options = spec.link
+        opts = spec.wrapper
+        if spec.given:
+            log.info("flwr-transports: %s options: %s", spec.url, spec.describe())
         self.options = opts
         self.threshold = opts.threshold
         self.max_reply_size = opts.max_reply_size
@@ -220,8 +223,8 @@ class Offloader:
                 run_id = grid.run.run_id
             except Exception:  # noqa: BLE001 - grid without a run (tests, custom grids)
                 run_id = 0
-            # link_options were parsed once (wrapper keys taken out): used as given
-            self.link = server_link(self.transport, run_id, self.link_options)
+            # the transport was parsed once (wrapper keys taken out): used as given
+            self.link = server_link(self.spec, run_id)
         return self.link
 
     # -- outgoing ------------------------------------------------------------------
@@ -236,7 +239,7 @@ class Offloader:
         self._release(server_round, phase)
         held, self._held = self._held, []
         now = time.monotonic()
-        max_age = min(REUSE_MAX_AGE, getattr(link, "reuse_max_age", REUSE_MAX_AGE))
+        max_age = min(REUSE_MAX_AGE, link.reuse_max_age or REUSE_MAX_AGE)
         reusable = {}  # digest -> name of a held payload still fit to hand out
         for n in held:
             info = self._pub_info.get(n)
@@ -507,7 +510,7 @@ class Offloader:
         t0 = time.perf_counter()
         try:
             with self.link.open_upload(slot, ref.loc, ref.size) as src:
-                pre = getattr(src, "predecoded", None)
+                pre = src.predecoded
                 if ref.codec != "raw":
                     if self.codec == "raw":
                         raise RefError(f"reply payload is coded {ref.codec!r}; this run "
@@ -618,7 +621,7 @@ class OffloadStrategy(Offloader, Strategy):
     ) -> Result:
         if type(self.inner).start is not Strategy.start:
             # a strategy with its own round loop: offload at the grid, same machinery
-            with _StrategyGrid(grid, self.transport, **self._raw_options) as ogrid:
+            with _StrategyGrid(grid, self.spec) as ogrid:
                 self.stats = ogrid.stats
                 return self.inner.start(
                     ogrid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
@@ -774,7 +777,7 @@ class OffloadGrid(Offloader, Grid):
     #: offload_grid() refuses offload()'s ``aggregation`` option (nothing aggregates here)
     _refuse_aggregation = True
 
-    def __init__(self, grid: Grid, transport: str = "inband", **options: Any):
+    def __init__(self, grid: Grid, transport: str | TransportSpec = "inband", **options: Any):
         if isinstance(grid, OffloadGrid):
             raise TypeError("grid is already wrapped by offload_grid()")
         if not isinstance(grid, Grid):
@@ -782,8 +785,7 @@ class OffloadGrid(Offloader, Grid):
                             f"{type(grid).__name__}")
         self.grid = grid
         super().__init__(transport, **options)
-        given = set(self._raw_options) | (set(split_url(self.transport)[3]) if self.scheme
-                                          else set())
+        given = self.spec.given
         misplaced = sorted(given & STRATEGY_ONLY_OPTIONS) if self._refuse_aggregation else []
         if misplaced:  # parsed, but nothing aggregates in a Grid wrapper
             from ..errors import ConfigError

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..options import TransportSpec, parse_transport
 from .base import ClientLink, LinkError, PayloadSource, ServerLink, split_url
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "ServerLink",
     "client_link",
     "link_classes",
+    "link_options",
+    "parse",
     "register_link",
     "schemes",
     "server_link",
@@ -197,14 +200,29 @@ def link_classes(scheme: str) -> tuple[type[ServerLink], type[ClientLink]]:
     return srv, cli
 
 
-def server_link(url: str, run_id: int | str, options: dict[str, Any] | None = None) -> ServerLink:
-    """Build the server side of the link named by ``url``.
+def link_options(scheme: str) -> tuple:
+    """The options the ``scheme://`` link declares (its server class's ``OPTIONS``)."""
+    return tuple(link_classes(scheme)[0].OPTIONS)
 
-    ``options``: raw keyword options, merged over the URL's query (parsed once against
-    the link's declared ``OPTIONS``), or an already parsed ``Options``.
-    """
-    srv, _ = link_classes(split_url(url)[0])
-    return srv(url, run_id, options if options is not None else {})
+
+def parse(url: str | TransportSpec, wrapper_spec: tuple = (), **keywords: Any
+          ) -> TransportSpec:
+    """Parse a transport URL and keyword options ONCE against the wrapper's options
+    and the link's declared ones (:func:`flwr_transports.options.parse_transport`)."""
+    return parse_transport(url, wrapper_spec=wrapper_spec, link_spec=link_options,
+                           keywords=keywords)
+
+
+def server_link(url: str | TransportSpec, run_id: int | str,
+                options: dict[str, Any] | None = None) -> ServerLink:
+    """Build the server side of the link named by ``url``: a parsed
+    :class:`~flwr_transports.options.TransportSpec` (used as given), or a URL string
+    with raw keyword ``options`` merged over its query (parsed once here)."""
+    spec = url if isinstance(url, TransportSpec) else parse(url, **(options or {}))
+    if spec.scheme is None:
+        raise ConfigError("transport 'inband' has no link")
+    srv, _ = link_classes(spec.scheme)
+    return srv(spec, run_id, spec.link)  # 3 arguments: links written before TransportSpec
 
 
 _CLIENTS: dict[str, ClientLink] = {}

@@ -21,13 +21,20 @@ import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, urlsplit
 
 from ..codec import EncodedPayload
 from ..errors import FlwrTransportsError
-from ..options import Option, Options, parse_bool, parse_options  # noqa: F401 - re-exported
+from ..options import (  # noqa: F401 - Option, parse_bool, parse_options re-exported
+    Option,
+    Options,
+    TransportSpec,
+    parse_bool,
+    parse_options,
+    parse_transport,
+    split_transport,
+)
 from ..refs import RefError
 
 NAME_PREFIX = "ftx-"  # every object a link creates starts with this (cleanup looks for it)
@@ -157,7 +164,15 @@ def _same_as_urllib3(field: str, url: str, scheme: str, host: str, port: int) ->
 
 
 class PayloadSource:
-    """A fetched (or fetchable) payload: ``read(offset, n) -> bytes`` and ``close()``."""
+    """A fetched (or fetchable) payload: ``read(offset, n) -> bytes`` and ``close()``.
+
+    Optional hooks a link may set (the wrapper reads only these, declared here):
+    ``predecoded``: ``(timeout=None) -> (ArrayRecord, digest)`` when the link already
+    decoded the payload while it landed (the caller still checks the digest);
+    ``wire_digest``: the digest of the bytes read, when the link computed it."""
+
+    predecoded: Callable[..., Any] | None = None
+    wire_digest: str | None = None
 
     def __init__(self, read: Callable[[int, int], bytes], size: int, close=None):
         self.read = read
@@ -177,10 +192,15 @@ class PayloadSource:
 
 
 def split_url(url: str) -> tuple[str, str, str, dict[str, str]]:
-    """Return (scheme, netloc, path, query options) of a transport URL."""
-    parts = urlsplit(url)
-    opts = dict(parse_qsl(parts.query, keep_blank_values=True))
-    return parts.scheme.lower(), parts.netloc, parts.path, opts
+    """Return (scheme, netloc, path, query options) of a transport URL (a view of
+    :func:`~flwr_transports.options.split_transport`, the one URL parser)."""
+    t = split_transport(url)
+    return t.scheme or "", t.netloc, t.path, dict(t.query)
+
+
+def as_spec(url: TransportSpec | str) -> TransportSpec:
+    """The parsed transport (options not parsed) of ``url``; a spec is returned as is."""
+    return url if isinstance(url, TransportSpec) else split_transport(url)
 
 
 def new_run_prefix(run_id: int | str) -> str:
@@ -197,6 +217,9 @@ class ServerLink(ABC):
     OPTIONS: ClassVar[tuple[Option, ...]] = ()
     #: time.perf_counter() when the link last saw an upload complete (None: unknown)
     last_landed: float | None = None
+    #: seconds a published payload may be handed out again (kept from an evaluate phase
+    #: for the next train round); None: the wrapper's default. s3: half the URLs' life
+    reuse_max_age: float | None = None
     #: how often :meth:`wait_landed` looks at ``last_landed`` when no
     #: :meth:`notify_landed` wakes it (links that only set ``last_landed``)
     LANDED_CHECK_S: ClassVar[float] = 0.02
@@ -237,14 +260,22 @@ class ServerLink(ABC):
             cond = self.__dict__.setdefault("_ftx_landed_cond", threading.Condition())
         return cond
 
-    def __init__(self, url: str, run_id: int | str, options: Options | dict[str, Any]):
-        """``options``: parsed :class:`Options` (used as given), or raw keyword values,
-        merged over the URL's query and parsed here, once."""
-        if not isinstance(options, Options):
-            options = parse_options(self.OPTIONS, {**split_url(url)[3], **options},
-                                    what=f"the {self.scheme}:// link")
-        self.options = options
-        self.url = url
+    def __init__(self, transport: TransportSpec | str, run_id: int | str,
+                 options: Options | dict[str, Any] | None = None):
+        """``transport``: the :class:`~flwr_transports.options.TransportSpec` parsed once
+        by ``offload()`` (its link options used as given), or a URL string with raw
+        keyword ``options``, merged over the URL's query and parsed here, once.
+        ``self.spec`` holds the parsed value (``netloc``, ``host``, ``port``, ``path``):
+        a link reads its location from there, never from the string again."""
+        if isinstance(transport, TransportSpec):
+            spec = transport
+        elif isinstance(options, Options):  # already parsed (by an older caller)
+            spec = replace(split_transport(transport), link=options)
+        else:
+            spec = parse_transport(transport, link_spec=self.OPTIONS, keywords=options or {})
+        self.spec = spec
+        self.options = spec.link
+        self.url = spec.url
         self.run_id = run_id
         self.prefix = new_run_prefix(run_id)
 
@@ -297,8 +328,11 @@ class ServerLink(ABC):
         """Remove everything this link created for the run."""
 
     @classmethod
-    def cleanup(cls, url: str, *, dry_run: bool = False, all_: bool = False) -> list[str]:
-        """Find (and unless dry_run remove) leftovers of crashed runs under ``url``."""
+    def cleanup(cls, url: TransportSpec | str, *, dry_run: bool = False,
+                all_: bool = False) -> list[str]:
+        """Find (and unless dry_run remove) leftovers of crashed runs under ``url``
+        (``flwr-transports cleanup`` passes the parsed :class:`TransportSpec`; read its
+        ``netloc``/``path``/``query``, or :func:`as_spec` it when given a string)."""
         return []
 
     #: URL ``flwr-transports cleanup`` scans when called without URLs (None: needs one)

@@ -44,9 +44,10 @@ from .base import (
     LinkError,
     PayloadSource,
     ServerLink,
+    TransportSpec,
+    as_spec,
     owner_pid,
     pid_alive,
-    split_url,
 )
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,7 @@ class _FsServerLink(ServerLink):
                "before Flower hands over the reply"),
     )
 
-    def __init__(self, url: str, run_id, options, root: str):
+    def __init__(self, url: TransportSpec | str, run_id, options, root: str):
         super().__init__(url, run_id, options)
         options = self.options
         self.root = os.path.realpath(root)
@@ -421,13 +422,14 @@ class ShmServerLink(_FsServerLink):
     def local_url(cls, workdir: str, host: str = "127.0.0.1") -> str | None:
         return "shm://"
 
-    def __init__(self, url: str, run_id, options: dict[str, Any]):
-        _, netloc, path, _ = split_url(url)
+    def __init__(self, url: TransportSpec | str, run_id, options: dict[str, Any] | None = None):
+        t = as_spec(url)
+        netloc, path, url = t.netloc, t.path, t.url
         if netloc or path.strip("/"):
             raise ValueError(f"shm:// takes no host or path (got {url!r}); use 'shm://'")
         if not os.path.isdir(SHM_DIR):
             raise LinkError(f"{SHM_DIR} is missing: shm:// needs Linux POSIX shared memory; use file://")
-        super().__init__(url, run_id, options, SHM_DIR)
+        super().__init__(t, run_id, options, SHM_DIR)
         self.fsync = False
 
     def _desc(self, path: str) -> dict[str, Any]:
@@ -437,7 +439,8 @@ class ShmServerLink(_FsServerLink):
         return _shm_path(loc)
 
     @classmethod
-    def cleanup(cls, url: str, *, dry_run: bool = False, all_: bool = False) -> list[str]:
+    def cleanup(cls, url: TransportSpec | str, *, dry_run: bool = False,
+                all_: bool = False) -> list[str]:
         return cls._cleanup_root(SHM_DIR, dry_run, all_)
 
 
@@ -448,8 +451,9 @@ def _shm_path(loc: dict[str, Any]) -> str:
     return os.path.join(SHM_DIR, name)
 
 
-def _file_root(url: str) -> str:
-    _, netloc, path, _ = split_url(url)
+def _file_root(url: TransportSpec | str) -> str:
+    t = as_spec(url)
+    netloc, path, url = t.netloc, t.path, t.url
     if netloc not in ("", "localhost"):
         raise ValueError(f"file:// URLs name a local or mounted directory, not host {netloc!r}")
     if not path or not os.path.isabs(path):
@@ -466,11 +470,12 @@ class FileServerLink(_FsServerLink):
     def local_url(cls, workdir: str, host: str = "127.0.0.1") -> str | None:
         return f"file://{os.path.abspath(workdir)}"
 
-    def __init__(self, url: str, run_id, options: dict[str, Any]):
+    def __init__(self, url: TransportSpec | str, run_id, options: dict[str, Any] | None = None):
         super().__init__(url, run_id, options, _file_root(url))
 
     @classmethod
-    def cleanup(cls, url: str, *, dry_run: bool = False, all_: bool = False) -> list[str]:
+    def cleanup(cls, url: TransportSpec | str, *, dry_run: bool = False,
+                all_: bool = False) -> list[str]:
         return cls._cleanup_root(os.path.realpath(_file_root(url)), dry_run, all_)
 
 

@@ -692,7 +692,7 @@ class RdmaServerLink(TcpServerLink):
     )
     conn_cls = RdmaServerConn
 
-    def __init__(self, url: str, run_id, options):
+    def __init__(self, url, run_id, options=None):
         load_nixl()  # fail at offload(), with the install line, before anything starts
         super().__init__(url, run_id, options)
 

@@ -55,7 +55,8 @@ from .base import (
     LinkError,
     PayloadSource,
     ServerLink,
-    split_url,
+    TransportSpec,
+    as_spec,
 )
 from .s3_http import (
     MAX_PART,
@@ -147,8 +148,9 @@ OPTIONS = (
 class S3Config:
     """Parsed ``s3://`` URL + options (server side)."""
 
-    def __init__(self, url: str, options: Options):
-        scheme, bucket, path, _ = split_url(url)
+    def __init__(self, url: TransportSpec | str, options: Options):
+        t = as_spec(url)
+        scheme, bucket, path, url = t.scheme, t.netloc, t.path, t.url
         if scheme != "s3":
             raise ConfigError(f"not an s3:// URL: {url!r}")
         if not bucket or not _BUCKET_RE.match(bucket):
@@ -283,9 +285,9 @@ class S3ServerLink(ServerLink):
     scheme = "s3"
     OPTIONS = OPTIONS
 
-    def __init__(self, url: str, run_id: int | str, options):
+    def __init__(self, url: TransportSpec | str, run_id: int | str, options=None):
         super().__init__(url, run_id, options)
-        self.cfg = S3Config(url, self.options)
+        self.cfg = S3Config(self.spec, self.options)
         _note_plain_http(self.cfg)
         self.s3 = self.cfg.client()
         self._check_bucket()
@@ -717,15 +719,17 @@ class S3ServerLink(ServerLink):
         self.http.close()
 
     @classmethod
-    def cleanup(cls, url: str, *, dry_run: bool = False, all_: bool = False) -> list[str]:
+    def cleanup(cls, url: TransportSpec | str, *, dry_run: bool = False,
+                all_: bool = False) -> list[str]:
         """Remove ``ftx-`` objects and multipart uploads under the URL's prefix.
 
         Without ``all_`` only those older than ``older_than`` (URL option, default 1h:
         the default presigned-URL lifetime, after which nobody can use them) go.
         """
-        _, _, _, q = split_url(url)
+        t = as_spec(url)
+        q = dict(t.query)
         older = int(parse_duration(q.pop("older_than", 3600)))
-        cfg = S3Config(url, parse_options(cls.OPTIONS, q, what="s3:// cleanup"))
+        cfg = S3Config(t, parse_options(cls.OPTIONS, q, what="s3:// cleanup"))
         s3 = cfg.client()
         return _sweep(s3, cfg, cfg.prefix + NAME_PREFIX, older_than=None if all_ else older,
                       dry_run=dry_run)

@@ -118,17 +118,13 @@ class TcpServerLink(ServerLink):
     def local_url(cls, workdir: str, host: str = "127.0.0.1") -> str | None:
         return f"{cls.scheme}://{host}:0"
 
-    def __init__(self, url: str, run_id, options):
+    def __init__(self, url, run_id, options=None):
         super().__init__(url, run_id, options)
-        options = self.options
-        u = urlsplit(url)
-        if u.path.strip("/") or u.fragment:
+        options, t = self.options, self.spec
+        url = t.url
+        if t.path.strip("/") or t.fragment:
             raise ValueError(f"{self.scheme}:// takes HOST:PORT only, got {url!r}")
-        try:
-            port = u.port
-        except ValueError:
-            raise ValueError(f"{url!r} has an invalid port") from None
-        host = u.hostname
+        port, host = t.port, t.host
         if not host or port is None:
             raise ValueError(f"{self.scheme}:// needs HOST:PORT, e.g. {self.scheme}://"
                              f"server.example.org:0 (PORT 0 picks a free port), got {url!r}")

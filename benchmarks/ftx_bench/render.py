@@ -136,9 +136,12 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
             continue
         loads = [r["load_before"][0] for r in inv["repeats"]]
         reruns = len(inv.get("rerun_for_load", []))
+        still = sum(1 for r in inv["repeats"] if r.get("load_warning"))
         out.append(f"{key}: load before each repeat {', '.join(f'{x:.2f}' for x in loads)}"
                    + (f"; {reruns} run(s) repeated because the load exceeded the cores"
-                      if reruns else "") + ".")
+                      if reruns else "")
+                   + (f"; **{still} repeat(s) still above the core count after every "
+                      "retry**" if still else "") + ".")
         out.append("")
         if inv["kind"] not in ("e2e", "p2p"):
             out.append(f"(driver output kept in the JSON, {len(inv['repeats'])} repeat(s))")
@@ -162,7 +165,7 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
             for rk, st in inv["ratios"].items():
                 out.append(f"| {rk} | {_rng(st['values'], '.2f', 'x')} |")
         out.append("")
-    out.append(f"Floor: {FLOOR_DEFINITION}.")
+    out.append(f"Floor definition: {FLOOR_DEFINITION}.")
     return out
 
 

@@ -31,6 +31,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -50,13 +51,15 @@ from .round import Accepted, _digest_of
 log = logging.getLogger("flwr_transports")
 
 INSTALL_HINT = "pip install 'flwr-transports[ray]'"
-#: CPUs each shard actor reserves: small, so that under Flower's Simulation runtime
-#: (which runs the ClientApps as Ray actors on the same cluster) they starve nobody
+#: CPUs each shard actor reserves on a cluster of its own: small. Under Flower's
+#: Simulation runtime (its ClientApps are Ray actors that take the CPUs) none: the
+#: actors neither starve the ClientApps nor wait for them
 ACTOR_CPUS = 0.1
 #: restarts of one shard actor per round before the round fails
 MAX_RESTARTS = 3
 #: seconds a new actor may take to answer its first call
 START_TIMEOUT = 120.0
+SIMULATION_WAIT = 60.0  # seconds the ServerApp waits for the Simulation runtime's Ray
 HEADER_UNIT = 1 << 20  # the ServerApp reads payload headers in units this small
 ASSEMBLY_CHUNK = 64 << 20  # the mean is fetched from the shard owners in pieces this big
 
@@ -64,6 +67,12 @@ ASSEMBLY_CHUNK = 64 << 20  # the mean is fetched from the shard owners in pieces
 class RayClusterError(RuntimeError):
     """The Ray cluster of ``aggregation=ray`` cannot be reached (or keeps losing the
     shard actors): the run fails (nothing is left in the store)."""
+
+
+def in_flower_simulation() -> bool:
+    """Whether this process runs Flower's Simulation runtime (its ClientApps are Ray
+    actors holding the cluster's CPUs: shard actors then reserve none)."""
+    return "flwr.server.superlink.fleet.vce" in sys.modules
 
 
 def import_ray():
@@ -285,6 +294,12 @@ class RayCluster:
                     "from the store)")
             return self.ray
         ray = import_ray()
+        if not self.address and not ray.is_initialized() and in_flower_simulation():
+            # Flower's Simulation runtime starts the ServerApp's thread, THEN its Ray:
+            # wait for that Ray rather than race it with a second one
+            t0 = time.monotonic()
+            while not ray.is_initialized() and time.monotonic() - t0 < SIMULATION_WAIT:
+                time.sleep(0.1)
         try:
             if not ray.is_initialized():  # Flower's Simulation runtime: its Ray is reused
                 kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
@@ -318,8 +333,9 @@ class RayCluster:
     def _new_actor(self, j: int):
         ray = self.connect()
         name = f"ftx-shard-{self._tag}-{j}-{self.restarts}"
+        cpus = 0 if in_flower_simulation() else ACTOR_CPUS
         actor = _actor_class(ray).options(
-            name=name, num_cpus=ACTOR_CPUS, max_restarts=0, max_concurrency=1,
+            name=name, num_cpus=cpus, max_restarts=0, max_concurrency=1,
             scheduling_strategy="SPREAD").remote(j)
         self.history.append(name)
         try:

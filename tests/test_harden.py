@@ -416,7 +416,7 @@ def test_tcp_flood_does_not_starve_an_honest_node(mode):
 
 def test_tcp_client_retries_busy_beyond_its_retry_count(monkeypatch):
     from flwr_transports.links import chunks
-    from flwr_transports.links.chunks import Busy, _first_request
+    from flwr_transports.links.chunks import Busy, first_request
 
     monkeypatch.setattr(chunks.client, "busy_pause", lambda n: 0.01)
 
@@ -432,8 +432,8 @@ def test_tcp_client_retries_busy_beyond_its_retry_count(monkeypatch):
             raise Busy("payload server busy")
         return "ok"
 
-    _conn, got = _first_request(lambda: Conn(), fn, retries=2, busy_for=30)
+    _conn, got = first_request(lambda: Conn(), fn, retries=2, busy_for=30)
     assert got == "ok" and len(calls) == 12
     with pytest.raises(Exception, match="stayed busy"):
-        _first_request(lambda: Conn(), lambda c: (_ for _ in ()).throw(Busy("x")), retries=2,
+        first_request(lambda: Conn(), lambda c: (_ for _ in ()).throw(Busy("x")), retries=2,
                        busy_for=0.3)

@@ -631,7 +631,7 @@ def test_auto_streams_follow_the_measured_rtt(monkeypatch):
     monkeypatch.setenv(ch.SNDBUF_ENV, "4MiB")  # a known send buffer: 8 MiB granted
     window = ch.stream_window()
     assert window == min(int(ch.SEND_BUFFER_PAYLOAD * 8 * MiB),
-                         ch._sysctl_max("tcp_rmem", 6 << 20) // 2)
+                         ch.client._sysctl_max("tcp_rmem", 6 << 20) // 2)
     assert ch.auto_streams(_FakeSock(100), 1000) == ch.AUTO_MIN_STREAMS  # LAN / loopback
     far = ch.auto_streams(_FakeSock(100_000), 1000)  # 100 ms
     want = -(-int(ch.AUTO_TARGET_RATE * 0.1) // window)

@@ -476,7 +476,7 @@ class RegisteredPool(chunks.BufferPool):
             entry = self.regs.pop(id(m), None)
         if entry is not None:
             self.agent.deregister(entry[1])
-        chunks._close_map(m)
+        chunks.close_map(m)
 
     def put(self, m) -> None:
         if m.closed:
@@ -772,7 +772,7 @@ def _client_opts(loc: dict[str, Any]) -> str | None:
 
 def _control(ep: chunks.Endpoint, retries: int, fn):
     """Run ``fn(conn)`` on a fresh control connection, retrying transient failures."""
-    conn, out = chunks._first_request(lambda: chunks.ClientConn(ep), fn, retries)
+    conn, out = chunks.first_request(lambda: chunks.ClientConn(ep), fn, retries)
     conn.close()
     return out
 
@@ -796,7 +796,7 @@ class RdmaClientLink(TcpClientLink):
             c.request(chunks.OP_RDMA_GET, oid, token)
             st, _, _, n, _ = c.response()
             if st != chunks.OK:
-                chunks._raise_status(c, st, n, f"object {oid!r}")
+                chunks.raise_status(c, st, n, f"object {oid!r}")
             return c.body(n, GET_HEAD.size + MAX_MD + SEG.size * MAX_SEGS + chunks.table_limit(
                 max(size, 1)))
 
@@ -847,7 +847,7 @@ class RdmaClientLink(TcpClientLink):
             while (st := agent.state(h)) == "PROC" and time.monotonic() < deadline:
                 time.sleep(2e-5)
             if st == "PROC" and not agent.release(h):
-                chunks._KEEP_ALIVE.append(buf)  # may still be written: never reuse it
+                chunks.keep_forever(buf)  # may still be written: never reuse it
                 return False
             agent.release(h)
             return st == "DONE"
@@ -860,9 +860,9 @@ class RdmaClientLink(TcpClientLink):
     def _download(self, agent: Agent, peer: str, layout: RemoteLayout, cs: int,
                   table: list[int], size: int, window: int, timeout: float) -> PayloadSource:
         placement = self._sniff(agent, peer, layout, size, timeout)
-        dest = (chunks._ScatterDest(size, *placement) if placement is not None
-                else chunks._FlatDest(size, None))
-        views = ([p[3] for p in dest.pieces] if isinstance(dest, chunks._ScatterDest)
+        dest = (chunks.ScatterDest(size, *placement) if placement is not None
+                else chunks.FlatDest(size, None))
+        views = ([p[3] for p in dest.pieces] if isinstance(dest, chunks.ScatterDest)
                  else [dest.mv])
         reg = agent.register(views)  # the placement, registered once for all its chunks
         n = len(table)
@@ -935,7 +935,7 @@ class RdmaClientLink(TcpClientLink):
                     if st != chunks.OK:
                         if st == chunks.INCOMPLETE:  # the server gave up reading: no retry
                             raise chunks.Refused(f"rdma:// upload failed: {c.error_text(st, n)}")
-                        chunks._raise_status(c, st, n, f"an upload of {sv.size} bytes")
+                        chunks.raise_status(c, st, n, f"an upload of {sv.size} bytes")
 
                 _control(ep, k["retries"], put)
             finally:

@@ -149,7 +149,7 @@ def alloc_buffer(size: int) -> mmap.mmap:
         return mmap.mmap(-1, max(size, 1))
 
 
-def _close_map(m: mmap.mmap) -> None:
+def close_map(m: mmap.mmap) -> None:
     try:
         m.close()
     except BufferError:  # a view is still alive (a stuck thread): the GC unmaps it later
@@ -192,18 +192,18 @@ class BufferPool:
         if m.closed:
             return
         if len(m) > self.cap:
-            _close_map(m)
+            close_map(m)
             return
         with self.lock:
             self.free.append(m)
             while sum(len(x) for x in self.free) > self.cap:
-                _close_map(self.free.pop(0))
+                close_map(self.free.pop(0))
 
     def clear(self) -> None:
         with self.lock:
             free, self.free = self.free, []
         for m in free:
-            _close_map(m)
+            close_map(m)
 
 
 def _env_pool_cap() -> int:

@@ -21,7 +21,7 @@ from ... import _membuf
 from ...codec import EncodedPayload
 from ...codec import data_ranges as codec_data_ranges
 from ..base import LinkError, PayloadSource
-from .buffers import CLIENT_POOL, INFLIGHT, BufferPool, ChunkScheduler, _close_map, alloc_buffer
+from .buffers import CLIENT_POOL, INFLIGHT, BufferPool, ChunkScheduler, close_map, alloc_buffer
 from .protocol import (
     BAD_CRC,
     BAD_REQUEST,
@@ -179,7 +179,7 @@ ConnFactory = Callable[[], ClientConn]
 _FATAL = {DENIED, NOT_FOUND, BAD_REQUEST, TOO_BIG}
 
 
-def _raise_status(conn: ClientConn, status: int, n: int, what: str) -> None:
+def raise_status(conn: ClientConn, status: int, n: int, what: str) -> None:
     text = conn.error_text(status, n)
     if status == BUSY:
         raise Busy(f"payload server busy: {text}")
@@ -197,7 +197,7 @@ def busy_pause(n_busy: int) -> float:
     return random.uniform(0.5, 1.0) * min(0.05 * 2 ** min(n_busy, 8), 2.0)
 
 
-def _first_request(factory: ConnFactory, fn, retries: int, busy_for: float = BUSY_RETRY_FOR):
+def first_request(factory: ConnFactory, fn, retries: int, busy_for: float = BUSY_RETRY_FOR):
     """Open a connection and run ``fn`` on it, retrying transient failures.
 
     BUSY answers (the server is full, e.g. during a connection flood) do not use up
@@ -372,7 +372,7 @@ def auto_streams(sock, n_chunks_left: int) -> int:
     return max(1, min(max(k, AUTO_MIN_STREAMS), AUTO_MAX_STREAMS, max(n_chunks_left, 1)))
 
 
-class _FlatDest:
+class FlatDest:
     """Received bytes land in one buffer; reads copy out of it."""
 
     scatter = False
@@ -393,7 +393,7 @@ class _FlatDest:
         if self.pool is not None and writers_gone:
             self.pool.put(self.buf)  # no thread can still write into it
         else:
-            _close_map(self.buf)
+            close_map(self.buf)
 
 
 MAX_SNIFF_HEADER = 16 << 20  # a payload header above this is placed without zero copy
@@ -403,7 +403,15 @@ MAX_SNIFF_HEADER = 16 << 20  # a payload header above this is placed without zer
 # whose threads are all gone are dropped at the next insert, so this stays bounded by
 # the number of transfers with live stuck threads.
 _KEEP_ALIVE: list[tuple[list[threading.Thread], Any]] = []
+_KEEP_FOREVER: list[Any] = []  # see keep_forever
 _KEEP_LOCK = threading.Lock()
+
+
+def keep_forever(obj: Any) -> None:
+    """Never free ``obj``: a buffer an engine may still write into (an RDMA READ that
+    could not be cancelled) must outlive every later allocation."""
+    with _KEEP_LOCK:
+        _KEEP_FOREVER.append(obj)
 
 
 def _keep_alive(threads: list[threading.Thread], obj: Any) -> None:
@@ -414,7 +422,7 @@ def _keep_alive(threads: list[threading.Thread], obj: Any) -> None:
             _KEEP_ALIVE.append((live, obj))
 
 
-class _ScatterDest:
+class ScatterDest:
     """Received bytes land directly in the final objects: the payload header in a
     bytearray, each array's bytes in its own fresh ``bytes`` object
     (:func:`flwr_transports._membuf.alloc_bytes`) that ``read`` hands to the decoder
@@ -475,21 +483,21 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
             c.request(OP_GET, oid, token, a=0)
         st, _, _, n, _ = c.response()
         if st != OK:
-            _raise_status(c, st, n, f"object {oid!r}")
+            raise_status(c, st, n, f"object {oid!r}")
         return unpack_table(c.body(n, table_limit(size)), size)
 
-    conn, (cs, table) = _first_request(factory, info, retries)
+    conn, (cs, table) = first_request(factory, info, retries)
     n_total = len(table)
     sniff = scatter[0] and n_total > 0
-    holder: list[_FlatDest | _ScatterDest | None] = [None]
+    holder: list[FlatDest | ScatterDest | None] = [None]
     dest_lock = threading.Lock()
     ready = threading.Event()
 
-    def set_dest(layout) -> _FlatDest | _ScatterDest:
+    def set_dest(layout) -> FlatDest | ScatterDest:
         with dest_lock:  # the first placement decided wins; any placement is correct
             if holder[0] is None:
-                holder[0] = (_ScatterDest(size, *layout) if layout is not None
-                             else _FlatDest(size, pool))
+                holder[0] = (ScatterDest(size, *layout) if layout is not None
+                             else FlatDest(size, pool))
                 ready.set()
             return holder[0]
 
@@ -551,7 +559,7 @@ def download(factory: ConnFactory, oid: str, token: bytes, size: int, *, streams
                 i = inflight[0]
                 st, fl, a, n, _ = c.response()
                 if st != OK:
-                    _raise_status(c, st, n, f"chunk {i} of {oid!r}")
+                    raise_status(c, st, n, f"chunk {i} of {oid!r}")
                 want = chunk_len(i, size, cs)
                 if a != i or n != want:
                     raise ProtocolError(f"asked for chunk {i} ({want} bytes), got chunk {a} "
@@ -627,13 +635,13 @@ def upload(factory: ConnFactory, oid: str, token: bytes, payload: EncodedPayload
         c.request(OP_PUT_OPEN, oid, token, a=cs, b=size)
         st, _, _, blen, _ = c.response()
         if st != OK:
-            _raise_status(c, st, blen, f"an upload of {size} bytes")
+            raise_status(c, st, blen, f"an upload of {size} bytes")
         have = c.body(blen, n + 1)
         if len(have) != n:
             raise ProtocolError("upload bitmap does not match the chunk count")
         return have
 
-    conn, have = _first_request(factory, open_, retries)
+    conn, have = first_request(factory, open_, retries)
     todo = [i for i in range(n) if not have[i]]
     if streams <= 0:
         streams = auto_streams(conn.sock, len(todo))
@@ -664,7 +672,7 @@ def upload(factory: ConnFactory, oid: str, token: bytes, payload: EncodedPayload
                     sched.corrupted(i, "server saw a CRC mismatch")
                 else:
                     inflight.appendleft(i)
-                    _raise_status(c, st, blen, f"chunk {i} upload")
+                    raise_status(c, st, blen, f"chunk {i} upload")
         finally:
             for i in inflight:
                 sched.requeue(i)
@@ -690,9 +698,9 @@ def upload(factory: ConnFactory, oid: str, token: bytes, payload: EncodedPayload
         c.request(OP_PUT_DONE, oid, token)
         st, _, _, blen, _ = c.response()
         if st != OK:
-            _raise_status(c, st, blen, "upload commit")
+            raise_status(c, st, blen, "upload commit")
 
-    c, _ = _first_request(factory, commit, retries)
+    c, _ = first_request(factory, commit, retries)
     c.close()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ...codec import EncodedPayload, decode_hashed
 from ..base import LinkError, PayloadSource
-from .buffers import BufferPool, _close_map
+from .buffers import BufferPool, close_map
 from .protocol import (
     BAD_CRC,
     BAD_REQUEST,
@@ -98,7 +98,7 @@ class UploadSlot:
                 if pool is not None and not self.claimed:  # no PUT is writing into it
                     pool.put(self.buf)
                 else:
-                    _close_map(self.buf)
+                    close_map(self.buf)
                 self.buf = None
 
 

@@ -22,6 +22,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -130,6 +131,19 @@ def guard_reply(fn: Callable[..., Any], *args: Any) -> Any:
         return exc
 
 
+@dataclass(frozen=True)
+class Published:
+    """One payload the wrapper published, under one name, for as long as it is there."""
+
+    digest: str  # of the raw payload (what a held payload is matched by for reuse)
+    loc: Any  # the link's location descriptor
+    n_arrays: int
+    at: float  # time.monotonic() of the publish
+    wire_size: int  # bytes on the link (after the downlink codec)
+    wire_digest: str
+    wire_codec: str
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -166,15 +180,13 @@ class Offloader:
         self.aggregation = opts.aggregation
         self.codec = opts.codec
         self._bases = ServerBases()  # raw payloads sent: the bases of delta/q8 replies
-        # name -> (size, digest, codec) of what went on the wire
-        self._wire_info: dict[str, tuple[int, str, str]] = {}
         self.streaming = False  # decided by OffloadStrategy, which knows the strategy
         self._streams: dict[int, RoundStream] = {}
         self.link: ServerLink | None = None
         self._tickets: dict[str, Ticket] = {}
         self._published: dict[tuple[int, str], list[str]] = {}
-        # name -> (digest, loc, size, n_arrays, publish time) of what is published now
-        self._pub_info: dict[str, tuple[str, Any, int, int, float]] = {}
+        # name -> what is published now under that name
+        self._pub_info: dict[str, Published] = {}
         # payloads of the last evaluate phase, kept until the next phase is prepared: the
         # next train round sends the same global model, which then is not uploaded again
         self._held: list[str] = []
@@ -206,7 +218,6 @@ class Offloader:
         self._pub_info.clear()
         self._held.clear()
         self._bases.clear()
-        self._wire_info.clear()
         if self.scheme:
             s = self.stats
             log.info(
@@ -243,9 +254,10 @@ class Offloader:
         reusable = {}  # digest -> name of a held payload still fit to hand out
         for n in held:
             info = self._pub_info.get(n)
-            if info and now - info[4] < max_age and not self._publish_failed(link, n):
-                reusable.setdefault(info[0], n)
-        refs: dict[int, ArrayRecord] = {}  # id(original record) -> reference record
+            if info and now - info.at < max_age and not self._publish_failed(link, n):
+                reusable.setdefault(info.digest, n)
+        # id(original record) -> (its reference record, bytes it puts on the link)
+        refs: dict[int, tuple[ArrayRecord, int]] = {}
         names = self._published.setdefault((server_round, phase), [])
         try:
             self._prepare_records(messages, link, server_round, phase, refs, names, reusable)
@@ -256,7 +268,8 @@ class Offloader:
         return messages
 
     def _prepare_records(self, messages: list[Message], link: ServerLink, server_round: int,
-                         phase: str, refs: dict[int, ArrayRecord], names: list[str],
+                         phase: str, refs: dict[int, tuple[ArrayRecord, int]],
+                         names: list[str],
                          reusable: dict[str, str]) -> None:
         for m in messages:
             content = m.content
@@ -265,15 +278,14 @@ class Offloader:
                 if isinstance(rec, ArrayRecord) and not is_ref_record(rec) and (
                     rec.count_bytes() >= self.threshold
                 ):
-                    ref_rec = refs.get(id(rec))
-                    if ref_rec is None:
+                    got = refs.get(id(rec))
+                    if got is None:
                         t0 = time.perf_counter()
                         payload = encode(rec)
                         name = reusable.pop(payload.digest, None)
                         reused = name is not None
                         if reused:  # the same bytes are published already
-                            loc = self._pub_info[name][1]
-                            wire_size, wire_digest, wire_codec = self._wire_info[name]
+                            pub = self._pub_info[name]
                             self.stats["link_publishes_reused"] += 1
                         else:
                             for n in list(reusable.values()):  # free them before uploading
@@ -283,32 +295,31 @@ class Offloader:
                             wire, wire_codec = encode_for_wire(payload,
                                                                downlink_codec(self.codec))
                             loc = link.publish(name, wire)
-                            wire_size, wire_digest, _ = self._wire_info[name] = (
-                                wire.size, wire.digest, wire_codec)
+                            pub = self._pub_info[name] = Published(
+                                digest=payload.digest, loc=loc, n_arrays=payload.n_arrays,
+                                at=time.monotonic(), wire_size=wire.size,
+                                wire_digest=wire.digest, wire_codec=wire_codec)
                             del wire
                             if self.codec in ("delta", "q8"):  # the base of the replies
                                 self._bases.add(name, payload)
-                            self._pub_info[name] = (payload.digest, loc, wire_size,
-                                                    payload.n_arrays, time.monotonic())
                             self.stats["link_publishes"] += 1
                         names.append(name)
                         dt = time.perf_counter() - t0
                         trace.record("publish", time.time() - dt, time.time(), role="server",
-                                     round=server_round, phase=phase, bytes=wire_size,
+                                     round=server_round, phase=phase, bytes=pub.wire_size,
                                      scheme=self.scheme, reused=reused)
                         self.stats["link_seconds_put"] += dt
                         self._largest_out = max(self._largest_out, payload.size)
-                        ref_rec = Reference(
-                            scheme=self.scheme, loc=loc, size=wire_size,
-                            digest=wire_digest, n_arrays=payload.n_arrays,
-                            keep=self._sent_again(server_round, phase), codec=wire_codec,
-                        ).to_record()
-                        ref_rec._ftx_size = wire_size
-                        refs[id(rec)] = ref_rec
+                        got = refs[id(rec)] = (Reference(
+                            scheme=self.scheme, loc=pub.loc, size=pub.wire_size,
+                            digest=pub.wire_digest, n_arrays=payload.n_arrays,
+                            keep=self._sent_again(server_round, phase), codec=pub.wire_codec,
+                        ).to_record(), pub.wire_size)
                         log.info("flwr-transports: round %d %s: published %r (%s, %d arrays) "
                                  "on %s:// in %.2fs", server_round, phase, key,
-                                 _mib(wire_size), payload.n_arrays, self.scheme, dt)
-                    self.stats["link_bytes_sent"] += ref_rec._ftx_size
+                                 _mib(pub.wire_size), payload.n_arrays, self.scheme, dt)
+                    ref_rec, sent = got
+                    self.stats["link_bytes_sent"] += sent
                     new[key] = ref_rec
                 else:
                     new[key] = rec
@@ -370,7 +381,6 @@ class Offloader:
 
     def _release_name(self, name: str) -> None:
         self._pub_info.pop(name, None)
-        self._wire_info.pop(name, None)
         self._bases.drop(name)
         if self.link is not None:
             self.link.release(name)

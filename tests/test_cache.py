@@ -18,6 +18,7 @@ from inproc import InProcessGrid
 from flwr_transports import offload
 from flwr_transports.codec import encode
 from flwr_transports.flower import cache as C
+from flwr_transports.links import network_scheme
 from flwr_transports.links.tcp import TcpClientLink
 from flwr_transports.refs import Reference
 
@@ -147,9 +148,9 @@ def test_settings(monkeypatch, tmp_path):
     assert C.resolve_setting(None) == str(tmp_path)
     assert C.resolve_setting(False) is None and C.resolve_setting("off") is None
     assert C.resolve_setting(str(tmp_path / "x")) == str(tmp_path / "x")
-    assert C.network_scheme("tcp") and C.network_scheme("s3")
-    assert not C.network_scheme("shm") and not C.network_scheme("file")
-    assert not C.network_scheme("nope")
+    assert network_scheme("tcp") and network_scheme("s3")
+    assert not network_scheme("shm") and not network_scheme("file")
+    assert not network_scheme("nope")
 
 
 def test_reference_keep_flag():

@@ -99,12 +99,13 @@ def test_environment_is_read_only_in_settings():
         "links/rdma.py",  # UCX_*, NIXL_LOG_LEVEL
         "mpi/launcher.py",  # MPIR_CVAR_*
         "aggregation/ray_shards.py",  # RAY_ADDRESS
-        "testing/deploy.py",  # the environment handed to the processes it starts
     }
+    # the test harness hands the environment on to the processes it starts
+    allowed_dirs = ("testing/",)
     offenders = []
     for p in LIB.rglob("*.py"):
         rel = p.relative_to(LIB).as_posix()
-        if rel in allowed:
+        if rel in allowed or rel.startswith(allowed_dirs):
             continue
         for i, line in enumerate(p.read_text().splitlines(), 1):
             if _ENV_READ.search(line):

@@ -7,9 +7,9 @@ training round's uploads, and :mod:`.inject` is the one place that hands the str
 mean to the inner strategy.
 """
 
+from .choice import STREAMING_ATTR, streaming_decision
 from .fold import Source, WeightedSum
 from .layout import WEIGHT_META, Plan, Unfoldable, plan_payload
-from .policy import STREAMING_ATTR, streaming_decision
 
 __all__ = ["STREAMING_ATTR", "WEIGHT_META", "Plan", "Source", "Unfoldable", "WeightedSum",
            "plan_payload", "streaming_decision"]

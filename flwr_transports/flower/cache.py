@@ -42,7 +42,7 @@ from flwr.app import ArrayRecord
 
 from ..codec import EncodedPayload, decode, encode
 from ..errors import FlwrTransportsError
-from ..links.fs import _unlink, atomic_write, open_payload
+from ..links.fs import atomic_write, open_payload, remove_path
 from ..settings import raw as raw_setting
 
 log = logging.getLogger("flwr_transports")
@@ -92,16 +92,6 @@ def _node_dirs(directory: str) -> list[str]:
         return [n for n in os.listdir(directory) if _NODE.match(n)]
     except OSError:
         return []
-
-
-def network_scheme(scheme: str) -> bool:
-    """True for links that cross a network (worth keeping a payload of)."""
-    from ..links import link_spec
-
-    try:
-        return not link_spec(scheme).local_only
-    except FlwrTransportsError:
-        return False
 
 
 class PayloadCache:
@@ -171,7 +161,7 @@ class PayloadCache:
             except OSError:
                 continue
             if old or (keep is not None and _NAME.match(name)):
-                _unlink(p)
+                remove_path(p)
         if keep is None:
             self._tidy()
 
@@ -190,7 +180,7 @@ class PayloadCache:
             log.warning("flwr-transports: kept payload %s not used (%s); fetching it", p, exc)
             return None
         finally:
-            _unlink(p)
+            remove_path(p)
             self.sweep()
 
     def keep(self, record: ArrayRecord, size: int, digest: str, bind: str = "") -> None:
@@ -240,7 +230,7 @@ class PayloadCache:
             if total + size <= cap:
                 break
             if _NAME.match(os.path.basename(p)):
-                _unlink(p)
+                remove_path(p)
                 total -= n
         return total + size <= cap
 

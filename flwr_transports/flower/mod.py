@@ -26,11 +26,11 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from ..aggregation.layout import WEIGHT_META
 from ..codec import decode, encode
 from ..codecs.wire import decode_from_wire, encode_for_wire, load_feedback, pick_base, save_feedback
-from ..links import client_link
+from ..links import client_link, network_scheme
 from ..policy import ClientPolicy
 from ..refs import TICKET_KEY, Reference, RefError, Ticket, is_ref_record, parse_ref_record
 from ..trace import message_fields, record, span
-from .cache import PayloadCache, binding, network_scheme, resolve_setting, sweep_host
+from .cache import PayloadCache, binding, resolve_setting, sweep_host
 
 log = logging.getLogger("flwr_transports")
 

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
 from .. import trace
-from ..aggregation.policy import streaming_decision
+from ..aggregation.choice import streaming_decision
 from ..aggregation.round import RoundStream, expected_layout
 from ..aggregation.train import streaming_aggregate_train
 from ..codec import check_digest, decode, encode, record_bytes
@@ -44,7 +44,7 @@ from ..codecs.wire import (
     encode_for_wire,
 )
 from ..errors import RejectedInput
-from ..links import LinkError, ServerLink, server_link
+from ..links import LinkError, ServerLink, network_scheme, server_link
 from ..links import parse as parse_transport
 from ..options import Option, TransportSpec, choice, integer, optional, size, text
 from ..refs import (
@@ -57,7 +57,6 @@ from ..refs import (
     parse_ref_record,
 )
 from ..settings import raw as raw_setting
-from .cache import network_scheme
 from .receive import polls_replies, receive
 
 log = logging.getLogger("flwr_transports")

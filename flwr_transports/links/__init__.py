@@ -38,6 +38,7 @@ __all__ = [
     "client_link",
     "link_classes",
     "link_options",
+    "network_scheme",
     "parse",
     "register_link",
     "schemes",
@@ -223,6 +224,15 @@ def server_link(url: str | TransportSpec, run_id: int | str,
         raise ConfigError("transport 'inband' has no link")
     srv, _ = link_classes(spec.scheme)
     return srv(spec, run_id, spec.link)  # 3 arguments: links written before TransportSpec
+
+
+def network_scheme(scheme: str) -> bool:
+    """True for links that cross a network (a payload is worth keeping on a client
+    for the next round); False for host-local links and unknown schemes."""
+    try:
+        return not link_spec(scheme).local_only
+    except ConfigError:
+        return False
 
 
 _CLIENTS: dict[str, ClientLink] = {}

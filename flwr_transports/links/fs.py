@@ -86,7 +86,7 @@ def atomic_write(path: str, payload: EncodedPayload, *, mode: int = 0o600,
             os.close(fd)
         os.rename(tmp, path)
     except OSError as exc:
-        _unlink(tmp)
+        remove_path(tmp)
         if exc.errno == errno.ENOSPC:
             free = shutil.disk_usage(d).free
             raise LinkError(
@@ -96,11 +96,11 @@ def atomic_write(path: str, payload: EncodedPayload, *, mode: int = 0o600,
             ) from None
         raise
     except BaseException:
-        _unlink(tmp)
+        remove_path(tmp)
         raise
 
 
-def _unlink(path: str) -> bool:
+def remove_path(path: str) -> bool:
     """Remove whatever is at ``path`` (file, FIFO, socket, symlink, or a directory a
     client put there); True if something was removed. Never raises: a failure is
     logged and cleanup of the other names goes on."""
@@ -322,7 +322,7 @@ class _FsServerLink(ServerLink):
         return {"path": path}
 
     def _claimed_path(self, loc: dict[str, Any]) -> str:
-        p = loc.get("path")
+        p = loc.get("path") if isinstance(loc, dict) else None
         if not isinstance(p, str) or "\x00" in p or not os.path.isabs(p):
             raise RefError("reply location is not an absolute path")
         return p
@@ -336,7 +336,7 @@ class _FsServerLink(ServerLink):
     def release(self, name: str) -> None:
         path = self._published.pop(name, None)
         if path:
-            _unlink(path)
+            remove_path(path)
 
     def issue_slot(self, name: str, max_size: int) -> dict[str, Any]:
         path = self._path(name)
@@ -374,7 +374,7 @@ class _FsServerLink(ServerLink):
         path = self._claimed_path(slot)
         if self._eager is not None:
             self._eager.drop(path)
-        _unlink(path)
+        remove_path(path)
 
     def close(self) -> None:
         if self._eager is not None:
@@ -387,7 +387,7 @@ class _FsServerLink(ServerLink):
             return
         for e in entries:  # slots, temporaries, anything else of this run
             if e.lstrip(".").startswith(self.prefix):
-                _unlink(os.path.join(self.root, e))
+                remove_path(os.path.join(self.root, e))
 
     @classmethod
     def _cleanup_root(cls, root: str, dry_run: bool, all_: bool) -> list[str]:
@@ -407,7 +407,7 @@ class _FsServerLink(ServerLink):
                 continue
             # whatever it is (a file, or a directory/FIFO/link a client put at its
             # slot path): ftx- names are ours; removal never follows a link
-            if dry_run or _unlink(path):
+            if dry_run or remove_path(path):
                 found.append(path)
         return found
 
@@ -445,7 +445,7 @@ class ShmServerLink(_FsServerLink):
 
 
 def _shm_path(loc: dict[str, Any]) -> str:
-    name = loc.get("name")
+    name = loc.get("name") if isinstance(loc, dict) else None
     if not isinstance(name, str) or not _NAME_RE.match(name) or name in {".", ".."}:
         raise RefError(f"invalid shm:// segment name {name!r}")
     return os.path.join(SHM_DIR, name)
@@ -513,7 +513,7 @@ class FileClientLink(_FsClientLink):
     scheme = "file"
 
     def _resolve(self, loc: dict[str, Any]) -> str:
-        p = loc.get("path")
+        p = loc.get("path") if isinstance(loc, dict) else None
         if not isinstance(p, str) or "\x00" in p or not os.path.isabs(p):
             raise RefError("file:// location is not an absolute path")
         if os.path.normpath(p) != p or not _NAME_RE.match(os.path.basename(p)):

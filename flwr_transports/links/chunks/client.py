@@ -21,7 +21,7 @@ from ... import _membuf
 from ...codec import EncodedPayload
 from ...codec import data_ranges as codec_data_ranges
 from ..base import LinkError, PayloadSource
-from .buffers import CLIENT_POOL, INFLIGHT, BufferPool, ChunkScheduler, close_map, alloc_buffer
+from .buffers import CLIENT_POOL, INFLIGHT, BufferPool, ChunkScheduler, alloc_buffer, close_map
 from .protocol import (
     BAD_CRC,
     BAD_REQUEST,

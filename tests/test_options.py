@@ -136,8 +136,7 @@ def test_docs_option_tables_are_generated_from_the_code():
 
 
 def test_register_link_validates_and_refuses_duplicates():
-    sys.path.insert(0, str(Path(__file__).parent / "plugins"))
-    from ftx_memlink import MemServerLink
+    from flwr_transports.testing.memlink import MemServerLink
 
     with pytest.raises(ConfigError, match="already registered"):
         register_link("shm", MemServerLink)
@@ -172,9 +171,7 @@ def test_missing_dependency_names_the_extra():
 def test_cleanup_and_doctor_iterate_the_registry(capsys):
     from flwr_transports import doctor
     from flwr_transports.cleanup import default_urls
-
-    sys.path.insert(0, str(Path(__file__).parent / "plugins"))
-    from ftx_memlink import MemServerLink
+    from flwr_transports.testing.memlink import MemServerLink
 
     register_link("memd", MemServerLink)
     try:

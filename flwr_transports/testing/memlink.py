@@ -1,14 +1,22 @@
-"""A tiny third-party link for the registry tests: ``mem://`` (and ``memep://`` through
-an entry point). Payloads live in a dict of this process, so it only works in-process
-(the link contract suite); it is written the way a plugin author would write one, with
-the same checks the contract suite demands."""
+"""An in-memory reference link, ``mem://`` (as httpx ships ``MockTransport``): payloads
+live in a dict of this process (``STORE``), so it works in one process only (unit tests
+of code that takes a link, the link contract suite). Not registered by default::
+
+    from flwr_transports.links import register_link
+    from flwr_transports.testing.memlink import MemClientLink, MemServerLink
+
+    register_link("mem", MemServerLink, MemClientLink)
+
+It is written the way a plugin author writes a link, with every check the contract suite
+(:mod:`flwr_transports.testing.link_contract`) demands. ``memep://`` is the same link
+under another scheme (the tests install it through an entry point)."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-from flwr_transports.links.base import (
+from ..links.base import (
     NAME_PREFIX,
     ClientLink,
     LinkError,
@@ -17,8 +25,8 @@ from flwr_transports.links.base import (
     owner_pid,
     pid_alive,
 )
-from flwr_transports.options import Option, parse_bool
-from flwr_transports.refs import RefError
+from ..options import Option, parse_bool
+from ..refs import RefError
 
 STORE: dict[str, bytes] = {}
 _LOCK = threading.Lock()

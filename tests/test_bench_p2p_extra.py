@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import pytest
+from conftest import radosgw_cannot_install
 from ftx_bench import cli
 from ftx_bench.p2p import (
     ALL_BACKENDS,
@@ -158,15 +159,18 @@ def _assert_nothing_left(before: set[str], zombies: set[int]) -> None:
 @pytest.fixture(scope="module")
 def rgw_packages():
     """Unpack the Ceph packages first (as tests/test_s3_radosgw.py does), so that a
-    fresh clone runs these tests instead of skipping them; skip only if that fails."""
+    fresh clone runs these tests instead of skipping them; skip only on a host that cannot
+    install them (no apt-get/dpkg), fail on any other error."""
     if os.environ.get("FTX_RADOSGW") == "0":
         pytest.skip("link-s3-radosgw: radosgw not downloaded (FTX_RADOSGW=0)")
     from ftx_bench import radosgw as script
 
     try:
         script.fetch(quiet=True)
-    except Exception as exc:  # noqa: BLE001 - any failure: skip with the reason
-        pytest.skip(f"link-s3-radosgw: Ceph packages unavailable here: {exc}")
+    except script.RadosgwError as exc:
+        if not radosgw_cannot_install(exc):
+            raise  # a download or unpack that broke is a failure, not a skip
+        pytest.skip(f"link-s3-radosgw: Ceph radosgw cannot be installed here: {exc}")
     why = backend_unavailable("link-s3-radosgw")
     if why is not None:
         pytest.skip(f"link-s3-radosgw: {why}")

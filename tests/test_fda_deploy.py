@@ -20,7 +20,8 @@ APP = Path(__file__).parent / "apps" / "fda_app"
 
 @pytest.mark.integration
 def test_fda_mod_keeps_local_model_across_rounds_in_deployment(tmp_path):
-    pytest.importorskip("psutil", reason="the deployment harness needs psutil")
+    import psutil
+
     from flwr_transports.testing import LocalDeployment
 
     out = tmp_path / "fda-result.json"
@@ -61,7 +62,6 @@ def test_fda_mod_keeps_local_model_across_rounds_in_deployment(tmp_path):
     assert st["syncs"] == 2 and st["steps"] == 5
     assert st["monitor_bytes_up"] < st["sync_bytes_up"]
     # every process of the deployment is gone (the harness kills the whole tree)
-    import psutil
 
     assert leftover
     for pid in leftover:

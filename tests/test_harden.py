@@ -118,9 +118,8 @@ def test_attack_is_a_rejected_reply_and_the_round_goes_on(monkeypatch, filedir, 
 
 @pytest.fixture(scope="module")
 def moto_bucket():
-    pytest.importorskip("boto3", reason="s3:// needs the s3 extra")
-    moto_server = pytest.importorskip("moto.server", reason="s3:// tests need moto[server]")
     import boto3
+    from moto import server as moto_server
 
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
              "AWS_DEFAULT_REGION": "us-east-1"}

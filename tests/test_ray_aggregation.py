@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray", reason="aggregation=ray needs the ray extra")
-pytest.importorskip("moto.server", reason="the s3:// runs need moto[server]")
-
+import moto.server  # noqa: F401 - a dev dependency: missing is a failure
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
 from test_aggregation import FaultyGrid, _app, _compare

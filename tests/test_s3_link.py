@@ -19,12 +19,10 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import boto3
+import moto  # noqa: F401 - a dev dependency: missing is a failure
 import numpy as np
 import pytest
-
-pytest.importorskip("boto3")
-pytest.importorskip("moto")
-
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
@@ -64,8 +62,6 @@ def moto_endpoint():
 
 @pytest.fixture
 def s3(moto_endpoint):
-    import boto3
-
     return boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
 
 
@@ -678,7 +674,6 @@ def test_random_reads_and_progress(moto_endpoint, s3, bucket, capfd, monkeypatch
     ("https://s3.example.org", "path", "tok")])
 def test_fast_part_presigning_matches_botocore(endpoint, style, token):
     """Part URLs signed by _QuerySigner are byte-identical to botocore's (same second)."""
-    import boto3
     from botocore.config import Config
 
     from flwr_transports.links.s3 import _QuerySigner

@@ -12,10 +12,9 @@ import sys
 import time
 import uuid
 
+import boto3  # noqa: F401 - a dev dependency: missing is a failure
 import numpy as np
 import pytest
-
-pytest.importorskip("boto3")
 
 from flwr_transports.codec import decode
 from flwr_transports.links import LinkError, server_link

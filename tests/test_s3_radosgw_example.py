@@ -16,9 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+import boto3  # noqa: F401 - a dev dependency: missing is a failure
 import pytest
 
-pytest.importorskip("boto3")
 pytest.importorskip("torch", reason="the llm-offload example needs torch")
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -38,7 +38,7 @@ def _example():
 
 
 def test_llm_example_through_radosgw(rgw, tmp_path):  # noqa: F811 - fixture
-    pytest.importorskip("psutil", reason="the deployment harness needs psutil")
+    import psutil  # noqa: F401 - a dev dependency: missing is a failure
     ex = _example()
     cfg = {**TINY, "num-server-rounds": ROUNDS}
     _, summary, out = ex.run_example(rgw["endpoint"], rgw["access_key"], rgw["secret_key"],

@@ -33,7 +33,8 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, quickstart_app, ftx_names):
-    pytest.importorskip("psutil", reason="the deployment harness needs psutil")
+    import psutil  # noqa: F401 - a dev dependency: missing is a failure
+
     from flwr_transports.testing import LocalDeployment
 
     base = tmp_path_factory.mktemp("codecs")

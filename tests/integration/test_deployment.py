@@ -97,15 +97,15 @@ def _load_task(app: Path):
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
-    psutil = pytest.importorskip("psutil", reason="the deployment harness needs psutil")
+    import psutil
+
     from flwr_transports.testing import LocalDeployment
 
     base = tmp_path_factory.mktemp("deployment")
     file_dir = base / "file-link"
     file_dir.mkdir()
-    pytest.importorskip("boto3", reason="the s3:// run needs the s3 extra")
-    moto_server = pytest.importorskip("moto.server", reason="the s3:// run needs moto[server]")
     import boto3
+    from moto import server as moto_server
 
     s3srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     s3srv.start()
@@ -369,7 +369,8 @@ def test_run_config_toml_quotes_and_validates():
 
 
 def test_startup_failure_raises_with_log_tail(tmp_path, monkeypatch):
-    pytest.importorskip("psutil", reason="the deployment harness needs psutil")
+    import psutil  # noqa: F401 - a dev dependency: missing is a failure
+
     from flwr_transports.testing import deploy
 
     fake = tmp_path / "fake-superlink"

@@ -25,8 +25,8 @@ def _dead_owner(names) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, ftx_names):
-    pytest.importorskip("psutil", reason="the deployment harness needs psutil")
     import boto3
+    import psutil  # noqa: F401 - a dev dependency: missing is a failure
     from moto.server import ThreadedMotoServer
 
     from flwr_transports.testing import LocalDeployment

@@ -53,10 +53,9 @@ def _honest_fedavg(rounds: int) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def hostile_runs(tmp_path_factory, ftx_names):
-    psutil = pytest.importorskip("psutil", reason="the deployment harness needs psutil")
-    pytest.importorskip("boto3", reason="the s3:// run needs the s3 extra")
-    moto_server = pytest.importorskip("moto.server", reason="the s3:// run needs moto[server]")
     import boto3
+    import psutil
+    from moto import server as moto_server
 
     from flwr_transports.testing import LocalDeployment
 

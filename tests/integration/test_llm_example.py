@@ -30,7 +30,8 @@ RUN_CONFIG = {**TINY, "transport": "shm://?threshold=0", "num-server-rounds": RO
 @pytest.fixture(scope="module")
 def llm_run(tmp_path_factory, ftx_names):
     """Run the example once; (result dir, summary.json, shm names it left behind)."""
-    pytest.importorskip("psutil", reason="the deployment harness needs psutil")
+    import psutil  # noqa: F401 - a dev dependency: missing is a failure
+
     from flwr_transports.testing import LocalDeployment
 
     base = tmp_path_factory.mktemp("llm")

@@ -41,7 +41,8 @@ def _load(path: Path) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, ftx_names) -> Runs:
-    pytest.importorskip("psutil", reason="the deployment harness needs psutil")
+    import psutil  # noqa: F401 - a dev dependency: missing is a failure
+
     from flwr_transports.testing import LocalDeployment
 
     base = tmp_path_factory.mktemp("migrate")

@@ -30,10 +30,10 @@ def _ray_pids(psutil) -> set[int]:
 
 
 def test_ray_deployment_equals_streaming(tmp_path, quickstart_app):
-    psutil = pytest.importorskip("psutil", reason="the deployment harness needs psutil")
+    import psutil
     pytest.importorskip("ray", reason="aggregation=ray needs the ray extra")
-    moto_server = pytest.importorskip("moto.server", reason="the s3:// run needs moto[server]")
     import boto3
+    from moto import server as moto_server
 
     from flwr_transports.testing import LocalDeployment
 

@@ -17,7 +17,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ray = pytest.importorskip("ray", reason="the Simulation runtime needs Ray")
-moto_server = pytest.importorskip("moto.server", reason="the s3:// run needs moto[server]")
+from moto import server as moto_server
 
 CREDS = {"AWS_ACCESS_KEY_ID": "sim", "AWS_SECRET_ACCESS_KEY": "sim",
          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}

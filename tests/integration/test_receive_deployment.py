@@ -28,7 +28,8 @@ FLOWER_PULL_S = 3.0  # HttpGrid.send_and_receive: time.sleep(3) between pulls
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, quickstart_app):
-    pytest.importorskip("psutil", reason="the deployment harness needs psutil")
+    import psutil  # noqa: F401 - a dev dependency: missing is a failure
+
     from flwr_transports.testing import LocalDeployment
 
     base = tmp_path_factory.mktemp("receive")

@@ -28,7 +28,7 @@ import pytest
 from migrate_doc import migrate
 
 pytest.importorskip("ray", reason="the Simulation runtime needs Ray: pip install 'flwr[simulation]'")
-psutil = pytest.importorskip("psutil", reason="stopping the local SuperLink needs psutil")
+import psutil
 
 ROUNDS = 1
 

@@ -387,7 +387,7 @@ def test_tcp_flood_does_not_starve_an_honest_node(mode):
     its own valid download token); an honest node still downloads and uploads."""
 
     from flwr_transports.links import client_link, server_link
-    from flwr_transports.links.chunks import OP_INFO, REQ
+    from flwr_transports.links.chunks import EVICT_IDLE, OP_INFO, REQ
 
     link = server_link("tcp://127.0.0.1:0?max_conns=16", 1, {})
     rec = ArrayRecord([np.arange(400_000, dtype=np.float32)])
@@ -399,8 +399,14 @@ def test_tcp_flood_does_not_starve_an_honest_node(mode):
             req = REQ.pack(b"FTXQ", OP_INFO, 0, len(oid), bytes.fromhex(hostile["token"]),
                            0, 0, 0) + oid
         flood = _idle_socks(link.port, 40, req)
-        time.sleep(0.8)  # authenticated ones become evictable (idle)
-        assert len(link.server.active) >= (16 if mode == "idle" else 4)
+        want = 16 if mode == "idle" else 4
+        deadline = time.monotonic() + 10  # until the server has admitted the flood
+        while len(link.server.active) < want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(link.server.active) >= want
+        # time must pass here (not synchronisation): an admitted connection becomes
+        # evictable only after EVICT_IDLE s without a request
+        time.sleep(EVICT_IDLE + 0.1)
         t0 = time.monotonic()
         _tcp_roundtrip(link, client_link("tcp"), "honest", rec)
         assert time.monotonic() - t0 < 15

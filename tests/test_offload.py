@@ -296,7 +296,10 @@ def test_eager_decode_keeps_the_bytes_that_match_the_claimed_digest(filedir):
         # an oversized file is not decoded eagerly (the slot's cap bounds the work)
         small = link.issue_slot("r1-n2-s0", 1024)
         client_link("file").upload(small, payload)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10  # until the watcher has seen (and skipped) it
+        while small["path"] in link._eager.watch and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert small["path"] not in link._eager.watch
         assert small["path"] not in link._eager.results
         link.discard_slot(slot)
         link.discard_slot(small)

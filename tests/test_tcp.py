@@ -518,7 +518,8 @@ def test_server_close_stops_threads_and_port():
     link = TcpServerLink("tcp://127.0.0.1:0", 1, {})
     port = link.server.port
     link.close()
-    time.sleep(0.1)
+    for t in [t for t in threading.enumerate() if t.name.startswith("ftx-tcp")]:
+        t.join(10)  # close() told them to stop: each one ends (joined, not slept on)
     assert not [t for t in threading.enumerate() if t.name.startswith("ftx-tcp")]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()

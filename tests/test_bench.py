@@ -304,10 +304,12 @@ def test_cli_p2p_wan_sigterm_mid_run_leaves_nothing(tmp_path):
         while not any(n.startswith(tag) for n in list_namespaces()):
             assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
             time.sleep(0.2)
-        time.sleep(3)  # into the transfers
-        kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.pid)], capture_output=True,
-                              text=True, check=False).stdout.split()
-        assert kids  # relay + workers
+        kids: list[str] = []
+        while len(kids) < 2:  # into the transfers: the relay and a worker are running
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+            time.sleep(0.2)
+            kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.pid)],
+                                  capture_output=True, text=True, check=False).stdout.split()
         p.terminate()
         _, err = p.communicate(timeout=60)
     finally:
@@ -317,7 +319,9 @@ def test_cli_p2p_wan_sigterm_mid_run_leaves_nothing(tmp_path):
     assert p.returncode == 130, err
     assert "interrupted" in err
     assert not [n for n in list_namespaces() if n.startswith(tag)]
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10  # until every child has exited and been reaped
+    while [k for k in kids if os.path.exists(f"/proc/{k}")] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not [k for k in kids if os.path.exists(f"/proc/{k}")]
     assert not (tmp_path / "out").exists()
 

@@ -371,7 +371,8 @@ def test_close_leaves_nothing(ftx_names):
     c.upload(slot, p)
     link.close()
     link.close()  # idempotent
-    time.sleep(0.1)
+    for t in [t for t in threading.enumerate() if t.name.startswith("ftx-rdma")]:
+        t.join(10)  # told to stop by close(): joined, not slept on
     assert not [t for t in threading.enumerate() if t.name.startswith("ftx-rdma")]
     assert link.server.rdma is None and not link._regs
     with pytest.raises(OSError):

@@ -58,6 +58,7 @@ from ..refs import (
 )
 from ..settings import raw as raw_setting
 from .receive import polls_replies, receive
+from .stats import OffloadStats
 
 log = logging.getLogger("flwr_transports")
 
@@ -191,16 +192,7 @@ class Offloader:
         self._held: list[str] = []
         self._num_rounds: int | None = None  # known to OffloadStrategy.start
         self._largest_out = 0
-        self.stats: dict[str, int | float] = {
-            "inband_bytes_sent": 0, "inband_bytes_received": 0,
-            "link_bytes_sent": 0, "link_bytes_received": 0,
-            "link_seconds_put": 0.0, "link_seconds_get": 0.0,
-            "replies_rejected": 0, "link_publishes": 0, "link_publishes_reused": 0,
-            "agg_tail_s": [], "agg_train_s": [], "agg_streamed_rounds": 0, "agg_eager_folds": 0,
-            "agg_settle_folds": 0, "agg_rebuilds": 0, "agg_fold_s": [],
-            # the receive loop (flower/receive.py): SuperLink pulls, total and per phase
-            "pulls": 0, "receive_pulls": [],
-        }
+        self.stats = OffloadStats()  # typed: flower/stats.py declares every entry
 
     def close(self) -> None:
         """Remove everything this run created on the link (idempotent)."""

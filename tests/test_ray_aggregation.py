@@ -12,12 +12,12 @@ Ray actor after the run.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 import uuid
 
 import numpy as np
 import pytest
+from moto_store import moto_endpoint as _moto
 
 ray = pytest.importorskip("ray", reason="aggregation=ray needs the ray extra")
 import moto.server  # noqa: F401 - a dev dependency: missing is a failure
@@ -49,20 +49,8 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def store():
-    from moto.server import ThreadedMotoServer
-
-    old = {k: os.environ.get(k) for k in CREDS}
-    os.environ.update(CREDS)
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    yield f"http://{host}:{port}"
-    srv.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with _moto() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

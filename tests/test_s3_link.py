@@ -26,6 +26,7 @@ import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
+from moto_store import moto_endpoint as _moto
 
 from flwr_transports import offload, payload_mod
 from flwr_transports.codec import decode, encode
@@ -44,20 +45,8 @@ CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 # -- fixtures ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    old = {k: os.environ.get(k) for k in CREDS}
-    os.environ.update(CREDS)
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    yield f"http://{host}:{port}"
-    srv.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with _moto() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

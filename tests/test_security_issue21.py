@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from moto_store import moto_endpoint as _moto
 
 from flwr_transports.codec import PayloadError, decode, encode
 from flwr_transports.errors import RejectedInput
@@ -134,24 +135,8 @@ def test_url_the_http_client_reads_differently_is_refused(url, connections):
 # -- 2. the slot's done URL is checked --------------------------------------------------------
 @pytest.fixture(scope="module")
 def moto_endpoint():
-    import boto3  # noqa: F401 - a dev dependency: missing is a failure
-    import moto  # noqa: F401 - a dev dependency: missing is a failure
-    from moto.server import ThreadedMotoServer
-
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    old = {k: os.environ.get(k) for k in creds}
-    os.environ.update(creds)
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    yield f"http://{host}:{port}"
-    srv.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with _moto() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -148,17 +148,7 @@ class WeightedSum:
                         for t in range(n_win)]
                 wait(futs)  # every window is done (none still writes) before we go on
                 parts = [f.result() for f in futs]
-            frags: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
-            for _leaf, fr in parts:
-                for key, piece in fr:
-                    frags.setdefault(key, []).append(piece)
-            for (k, i), pieces in frags.items():
-                pieces.sort()
-                raw = b"".join(p for _, p in pieces)
-                acc = self.accs[k]
-                if len(raw) != acc.plan.itemsize:
-                    raise PayloadError("straddling element fragments do not add up")
-                self._fold_into(acc, i, memoryview(raw), 1, w, first)
+            self._fold_fragments(parts, w, first)
         except BaseException:
             self.dirty = True
             raise
@@ -166,6 +156,26 @@ class WeightedSum:
         self.total += weight
         leaves = b"".join(leaf for leaf, _ in parts)
         return f"{DIGEST_ALGO}:{hashlib.sha256(leaves).hexdigest()}"
+
+    def _owns(self, k: int, i: int) -> bool:
+        """Whether element ``i`` of array ``k`` is this sum's (all of them here)."""
+        return True
+
+    def _fold_fragments(self, parts, w: float, first: bool) -> None:
+        """Fold the elements that straddle a window boundary: each window returned its
+        pieces of them, joined here in order (every piece is hashed already)."""
+        frags: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+        for _leaf, fr in parts:
+            for key, piece in fr:
+                if self._owns(*key):
+                    frags.setdefault(key, []).append(piece)
+        for (k, i), pieces in frags.items():
+            pieces.sort()
+            raw = b"".join(p for _, p in pieces)
+            acc = self.accs[k]
+            if len(raw) != acc.plan.itemsize:
+                raise PayloadError("straddling element fragments do not add up")
+            self._fold_into(acc, i, memoryview(raw), 1, w, first)
 
     def _window(self, src: Source, plan: Plan, segs, t: int, w: float, first: bool):
         a, b = t * WINDOW, min(plan.size, (t + 1) * WINDOW)

@@ -144,6 +144,10 @@ class ShardSum(WeightedSum):
         self.accs = [_ShardAcc(a, *own.get(i, (0, 0))) for i, a in enumerate(plan.arrays)]
         self.folded, self.total, self.dirty, self.done = [], 0, False, False
 
+    def _owns(self, k: int, i: int) -> bool:  # a straddling element this shard owns
+        acc = self.accs[k]
+        return acc.lo <= i < acc.hi
+
     def _fold_into(self, acc, i, mv, m, w, first):  # clipped to the owned elements
         a, b = max(i, acc.lo), min(i + m, acc.hi)
         if a >= b:
@@ -166,20 +170,7 @@ class ShardSum(WeightedSum):
                     for t in range(t0, t1)]
             wait(futs)
             parts = [f.result() for f in futs]
-            frags: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
-            for _leaf, fr in parts:
-                for key, piece in fr:
-                    k, i = key
-                    acc = self.accs[k]
-                    if acc.lo <= i < acc.hi:  # an element this shard owns
-                        frags.setdefault(key, []).append(piece)
-            for (k, i), pieces in frags.items():
-                pieces.sort()
-                raw = b"".join(p for _, p in pieces)
-                acc = self.accs[k]
-                if len(raw) != acc.plan.itemsize:
-                    raise PayloadError("straddling element fragments do not add up")
-                self._fold_into(acc, i, memoryview(raw), 1, w, first)
+            self._fold_fragments(parts, w, first)
         except BaseException:
             self.dirty = True
             raise

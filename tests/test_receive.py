@@ -12,6 +12,7 @@ send_and_receive. The real deployment is tests/integration/test_receive_deployme
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -172,7 +173,9 @@ def test_timeout_zero_pulls_nothing_as_flower_does():
     with OffloadGrid(grid, "shm://") as og:
         assert list(og.send_and_receive(_msgs(og), timeout=0)) == []
         assert grid.pull_starts == [] and og.stats["receive_pulls"] == [0]
-    grid.join()
+        grid.join()  # the clients' uploads land before close() sweeps the run's names
+        prefix = og.link.prefix
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
 
 
 def test_error_replies_pass_through_in_pull_order():

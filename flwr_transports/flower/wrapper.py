@@ -678,20 +678,14 @@ class OffloadStrategy(Offloader, Strategy):
             server_round, self._resolve(replies, server_round, "evaluate"))
 
 
-class _ReceiveGrid(Grid):
-    """What :class:`OffloadStrategy` hands ``Strategy.start`` when the grid is Flower's
-    push-then-poll one: ``send_and_receive`` pushes through the grid and runs offload's
-    receive loop (flower/receive.py); everything else is the grid's own. The inner
-    strategy is handed the original grid (``_outer``)."""
-
-    def __init__(self, grid: Grid, offloader: Offloader):
-        self.grid = grid
-        self._off = offloader
+class _GridProxy(Grid):
+    """A Grid that hands every call to the grid it wraps (``self.grid``), including the
+    wrapped grid's own extras; subclasses override what they change."""
 
     def __getattr__(self, name: str) -> Any:
         if name == "grid":
             raise AttributeError(name)
-        return getattr(self.grid, name)
+        return getattr(self.grid, name)  # the wrapped grid's own extras
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -707,11 +701,29 @@ class _ReceiveGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
 
+    def get_nodes(self):
+        return self.grid.get_nodes()
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class _ReceiveGrid(_GridProxy):
+    """What :class:`OffloadStrategy` hands ``Strategy.start`` when the grid is Flower's
+    push-then-poll one: ``send_and_receive`` pushes through the grid and runs offload's
+    receive loop (flower/receive.py); everything else is the grid's own. The inner
+    strategy is handed the original grid (``_outer``)."""
+
+    def __init__(self, grid: Grid, offloader: Offloader):
+        self.grid = grid
+        self._off = offloader
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -768,7 +780,7 @@ def _is_mpi_grid(grid: Grid) -> bool:
     return mod is not None and isinstance(grid, mod.MpiGrid)
 
 
-class OffloadGrid(Offloader, Grid):
+class OffloadGrid(Offloader, _GridProxy):
     """Wraps a ServerApp's Grid so large ArrayRecords travel over a link; see
     :func:`offload_grid`."""
 
@@ -809,29 +821,6 @@ class OffloadGrid(Offloader, Grid):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "grid":
-            raise AttributeError(name)
-        return getattr(self.grid, name)  # the wrapped grid's own extras
-
-    # -- Grid API: delegated ---------------------------------------------------------
-    def set_run(self, run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self):
-        return self.grid.get_nodes()
 
     # -- Grid API: offloaded ---------------------------------------------------------
     def _prepare_batch(self, messages: list[Message]) -> tuple[int, list[Message]]:

@@ -40,7 +40,7 @@ fi
 BASE_PATH=$PATH
 export PATH="$PWD/$VENV/bin:$PATH"
 rc=0
-"$VENV/bin/python" -m pytest -ra "$@" || rc=$?
+"$VENV/bin/python" -m pytest -ra --durations=30 "$@" || rc=$?
 # A full run (no pytest arguments) also
 # - tests the oldest supported Flower release in a venv of its own: unit tests + one real
 #   deployment (scripts/test-oldest-flwr.sh, docs/flower-versions.md);

@@ -1,5 +1,5 @@
 """Offload's receive loop in a REAL deployment (SuperLink + 2 SuperNodes on loopback,
-the quickstart example, 3 rounds, a 2 MiB model: above the 1 MiB threshold, so it
+the quickstart example, 2 rounds, a 2 MiB model: above the 1 MiB threshold, so it
 travels over the link). Asserted from the trace's timestamps, not from wall time:
 
 * over tcp:// and shm://, the loop returns before Flower's fixed pull would have: a
@@ -21,7 +21,7 @@ import pytest
 from flwr_transports import trace
 from flwr_transports.flower import receive as R
 
-ROUNDS = 3
+ROUNDS = 2
 MODEL_MIB = 2.0
 FLOWER_PULL_S = 3.0  # HttpGrid.send_and_receive: time.sleep(3) between pulls
 

@@ -19,6 +19,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .reproduce import FLOOR_DEFINITION, REPO
@@ -63,18 +64,42 @@ def _e2e_command(m: dict[str, Any]) -> str:
             if m.get("server_rate_mbit") and m.get("server_rate_mbit") != m.get(
                     "client_rate_mbit"):
                 parts.append(f"--server-rate {m['server_rate_mbit'] / 1000:g}gbit")
+    if m.get("floor_mib") is not None and m["floor_mib"] != 0.01:
+        parts.append(f"--floor-mib {m['floor_mib']:g}")
     if m.get("floor_once"):
         parts.append("--floor-once")
     return " ".join(parts)
 
 
+def _e2e_nrep(doc: dict[str, Any]) -> int:
+    return max(len(r.get("round_s_all_repeats") or [r["round_s"]]) for r in doc["results"]
+               if "round_s" in r)
+
+
+def _e2e_header(doc: dict[str, Any], src: str) -> list[str]:
+    """Runs, commit, Flower, date, cores, load before/after, command and data file."""
+    m, env = doc["meta"], doc.get("environment", {})
+    nrep = _e2e_nrep(doc)
+    cpus = env.get("cpus")
+    lb, la = m.get("load_before"), m.get("load_after") or env.get("loadavg")
+    runs = "one run" if nrep == 1 else f"{nrep} runs (median, min-max)"
+    return [f"**{runs}**, commit `{env.get('git_commit', '?')}` (older code version), "
+            f"Flower {env.get('versions', {}).get('flwr', '?')}, "
+            f"{env.get('time_utc', '?')[:10]}, {cpus} cores; load average before "
+            f"{_load(lb)}, after {_load(la)}"
+            + (" (**above the core count before the run**)"
+               if lb and cpus and lb[0] > cpus else "")
+            + (" (**above the core count after the run**)"
+               if la and cpus and la[0] > cpus and not (lb and lb[0] > cpus) else "")
+            + ".",
+            f"Command (from the JSON's meta): `{_e2e_command(m)}`; data: `{src}`."]
+
+
 def _legacy_e2e(doc: dict[str, Any], src: str) -> list[str]:
     """An older ``ftx-bench e2e`` JSON: runs of a point were consecutive, so repeats are
     paired by index; the floor of repeat i is the median of the floor runs' i-th repeat."""
-    m, env = doc["meta"], doc.get("environment", {})
     rows = doc["results"]
-    nrep = max(len(r.get("round_s_all_repeats") or [r["round_s"]]) for r in rows
-               if "round_s" in r)
+    nrep = _e2e_nrep(doc)
 
     def reps(r: dict[str, Any]) -> list[float]:
         return list(r.get("round_s_all_repeats") or [r["round_s"]])
@@ -83,21 +108,7 @@ def _legacy_e2e(doc: dict[str, Any], src: str) -> list[str]:
     floor_i = ([statistics.median(f[i] for f in floors if i < len(f)) for i in range(nrep)]
                if floors else None)
     models = [r for r in rows if r.get("kind") != "floor" and "round_s" in r]
-    out = []
-    cpus = env.get("cpus")
-    lb, la = m.get("load_before"), m.get("load_after") or env.get("loadavg")
-    runs = "one run" if nrep == 1 else f"{nrep} runs (median, min-max)"
-    out.append(f"**{runs}**, commit `{env.get('git_commit', '?')}` (older code version), "
-               f"Flower {env.get('versions', {}).get('flwr', '?')}, "
-               f"{env.get('time_utc', '?')[:10]}, {cpus} cores; load average before "
-               f"{_load(lb)}, after {_load(la)}"
-               + (" (**above the core count before the run**)"
-                  if lb and cpus and lb[0] > cpus else "")
-               + (" (**above the core count after the run**)"
-                  if la and cpus and la[0] > cpus and not (lb and lb[0] > cpus) else "")
-               + ".")
-    out.append(f"Command (from the JSON's meta): `{_e2e_command(m)}`; "
-               f"data: `{src}`.")
+    out = _e2e_header(doc, src)
     out.append("")
     out.append("| transport | model | round time | overhead above the floor | "
                "in-band overhead / this | SuperLink peak RSS | ServerApp peak RSS |")
@@ -169,8 +180,264 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
     return out
 
 
+def _split_aggregation(transport: str) -> tuple[str, str]:
+    """``shm://?aggregation=inner`` -> (``shm://``, ``inner``)."""
+    link, _, query = transport.partition("?")
+    for kv in query.split("&"):
+        k, _, v = kv.partition("=")
+        if k == "aggregation":
+            return link, v
+    return link, "streaming (default)"
+
+
+def _agg_train(r: dict[str, Any]) -> list[float]:
+    st = r.get("stats")
+    series = st.get("agg_train_s") if isinstance(st, dict) else None
+    if isinstance(series, list):
+        return [float(x) for x in series]
+    return [float(r["agg_train_s"])] if r.get("agg_train_s") is not None else []
+
+
+def aggregation_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures the ``aggregation`` view prints, one dict a model row (also what a
+    test compares with the JSON)."""
+    nodes = doc["meta"].get("nodes", 2)
+    out = []
+    for r in doc["results"]:
+        if r.get("kind") == "floor" or "round_s" not in r:
+            continue
+        link, agg = _split_aggregation(r["transport"])
+        peak = r.get("serverapp_peak_rss_bytes", 0) / 2**20
+        out.append({"model_mib": r["model_mib"], "nodes": nodes, "link": link,
+                    "aggregation": agg, "serverapp_peak_mib": peak,
+                    "x_model": peak / r["model_mib"], "agg_train_s": _agg_train(r),
+                    "agg_tail_s": r.get("agg_tail_s"), "round_s": r["round_s"]})
+    return out
+
+
+def _aggregation(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """ServerApp memory and aggregation times of ``ftx-bench e2e --floor-mib 0`` runs
+    comparing ``?aggregation=...``: one table over all the files, a provenance line each."""
+    _need(docs, lambda d: d.get("kind") == "e2e", "an e2e JSON")
+    out: list[str] = []
+    for doc, src in docs:
+        head = _e2e_header(doc, src)
+        out += [f"- {head[0]}", f"  {head[1]}"]
+    out.append("")
+    out.append("| model | N | link | aggregation | ServerApp peak RSS | x model | "
+               "aggregate_train s (per round) | aggregation tail s (mean) | round s |")
+    out.append("|---|---:|---|---|---:|---:|---|---:|---:|")
+    for doc, _ in docs:
+        for row in aggregation_rows(doc):
+            tail = "—" if row["agg_tail_s"] is None else f"{row['agg_tail_s']:.2f}"
+            train = " / ".join(f"{x:.2f}" for x in row["agg_train_s"]) or "—"
+            out.append(f"| {row['model_mib']:g} MiB | {row['nodes']} | `{row['link']}` | "
+                       f"{row['aggregation']} | {row['serverapp_peak_mib']:.0f} MiB | "
+                       f"{row['x_model']:.1f}x | {train} | {tail} | {row['round_s']:.1f} |")
+    return out
+
+
+def _need(docs: list[tuple[dict[str, Any], str]], ok: Callable[[dict[str, Any]], bool],
+          what: str) -> None:
+    for doc, src in docs:
+        if not ok(doc):
+            raise ValueError(f"{src} is not {what}")
+
+
+def _trace_breakdown(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """The mean traced train round of each model row (``breakdown_mean`` of an e2e JSON)."""
+    _need(docs, lambda d: d.get("kind") == "e2e", "an e2e JSON")
+    out: list[str] = []
+    for doc, src in docs:
+        out += _e2e_header(doc, src)
+        for r in doc["results"]:
+            b = r.get("breakdown_mean")
+            if r.get("kind") == "floor" or not b:
+                continue
+            out += ["", f"{_label(r['transport'])}, {r['model_mib']:g} MiB, the mean train "
+                        "round:", "", "```",
+                    f"publish {b['publish']:.2f}, to_clients {b['to_clients']:.2f}, fetch "
+                    f"{b['fetch']:.2f} (slowest {b['fetch_max']:.2f} s, "
+                    f"{b['fetch_mib_s']:.0f} MiB/s), app {b['app']:.2f},",
+                    f"upload {b['upload']:.2f}, to_server {b['to_server']:.2f}, aggregate "
+                    f"{b['aggregate']:.2f}, total {b['total']:.2f} s", "```", "",
+                    f"So of a {b['total']:.1f} s train round, "
+                    f"{b['fetch'] + b['upload']:.1f} s are the payload crossing the link "
+                    f"(fetch + upload), {b['to_clients'] + b['to_server']:.1f} s Flower's "
+                    f"delivery of the messages (to_clients + to_server: its polling) and "
+                    f"{b['app']:.1f} s the app's own compute."]
+    return out
+
+
+def _uptime_load(line: str) -> str:
+    m = re.search(r"load average: ([\d.]+), ([\d.]+), ([\d.]+)", line or "")
+    return "/".join(m.groups()) if m else "not recorded"
+
+
+def _receive_sets(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """issue24-receive-loop.json: the two sets of 2 MiB runs, as A and B."""
+    return {"A": doc["m2mib"], "B": doc["m2mib_b"]}
+
+
+def _set_loads(st: dict[str, Any]) -> tuple[str, str]:
+    if "uptime" in st:
+        return _uptime_load(st["uptime"][0]), _uptime_load(st["uptime"][-1])
+    return _uptime_load(st.get("uptime_before", "")), _uptime_load(st.get("uptime_after", ""))
+
+
+def _med_rng(xs: list[float], fmt: str = ".1f", unit: str = " s") -> str:
+    return (f"{statistics.median(xs):{fmt}}{unit} ({min(xs):{fmt}}-{max(xs):{fmt}}), "
+            f"n = {len(xs)}")
+
+
+def receive_loop_polls(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per set (A, B) and transport: total run seconds, pulls per round, and the traced
+    phases of the offloaded runs (what the ``receive-loop-polls`` view prints)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, st in _receive_sets(doc).items():
+        sets: dict[str, Any] = {}
+        for r in st["runs"]:
+            t = "inband" if r["transport"] == "inband" else "tcp"
+            e = sets.setdefault(t, {"total_s": [], "pulls_per_round": [],
+                                    "pulls_per_phase": [], "landed_to_reply": [],
+                                    "node_wait": [], "spawn": []})
+            e["total_s"].append(r["total_s"])
+            phases = r["pulls_per_phase"] or r["flower_pulls_per_phase"]
+            e["pulls_per_phase"] += phases
+            e["pulls_per_round"] += [sum(phases[i:i + 2]) for i in range(0, len(phases), 2)]
+            for b in r.get("breakdown") or []:
+                for k in ("landed_to_reply", "node_wait", "spawn"):
+                    if b.get(k) is not None:
+                        e[k].append(b[k])
+        out[name] = sets
+    return out
+
+
+def _receive_loop_polls(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """Plain Flower's 3-second pull against offload's receive loop, 2 MiB model."""
+    _need(docs, lambda d: d.get("issue") == 24 and "m2mib" in d,
+          "issue24-receive-loop.json")
+    (doc, src), = docs
+    data = receive_loop_polls(doc)
+    out = []
+    for name, st in _receive_sets(doc).items():
+        nrun = len(st["runs"])
+        lb, la = _set_loads(st)
+        out.append(f"- set {name}: **{nrun} runs** ({nrun // 2} per transport, interleaved), "
+                   f"commit not recorded in the JSON (older code version), load average "
+                   f"before {lb}, after {la}; command: `{st['command']}`.")
+    out.append(f"  Data: `{src}`.")
+    out += ["", "| set | transport | total run, median (min-max) | pulls per round | "
+                "pulls per phase |", "|---|---|---|---|---|"]
+    for name, sets in data.items():
+        for t, e in sets.items():
+            label = ("plain Flower (`inband`, its own pull: counted from its phases)"
+                     if t == "inband" else '`offload(FedAvg(), "tcp://127.0.0.1:0")`')
+            out.append(f"| {name} | {label} | {_med_rng(e['total_s'])} | "
+                       f"{min(e['pulls_per_round'])}-{max(e['pulls_per_round'])} | "
+                       f"{min(e['pulls_per_phase'])}-{max(e['pulls_per_phase'])} |")
+    out.append("")
+    diff = ", ".join(f"{statistics.median(s['inband']['total_s']) - statistics.median(s['tcp']['total_s']):.1f} s ({n})"
+                     for n, s in data.items())
+    out.append(f"Offload's run is shorter in the median by {diff}. Traced phases of the "
+               "offloaded runs (median (min-max), n phases):")
+    out.append("")
+    out += ["| set | `landed_to_reply` | `node_wait` | `spawn` |", "|---|---|---|---|"]
+    for name, sets in data.items():
+        e = sets["tcp"]
+        out.append(f"| {name} | {_med_rng(e['landed_to_reply'], '.2f')} | "
+                   f"{_med_rng(e['node_wait'], '.2f')} | {_med_rng(e['spawn'], '.2f')} |")
+    sx = doc.get("superexec_poll_0_1")
+    if sx:
+        nw = [b["node_wait"] for r in sx["runs"] for b in r.get("breakdown") or []
+              if b.get("node_wait") is not None]
+        out += ["", f"**{len(sx['runs'])} run** with the SuperExec polling faster "
+                    f"(`{sx['command']}`; commit and load not recorded): `node_wait` "
+                    f"median {_med_rng(nw, '.2f')}."]
+    return out
+
+
+#: issue 24's goal for the aggregation tail (last upload landed -> aggregate_train done)
+TAIL_GOAL_S = 0.5
+
+
+def _commit_in(command: str) -> str:
+    m = re.search(r"\bat ([0-9a-f]{7,40})\b", command)
+    return f"`{m.group(1)[:7]}`" if m else "not recorded"
+
+
+def receive_loop_tails(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Per side (before / after the receive loop) and link: every round's aggregation
+    tail, aggregate_train and (after) landed_to_reply, over the 128 MiB runs."""
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for side in ("before", "after"):
+        runs = list(doc[f"tail128_{side}"]["runs"])
+        for pair in doc["tail128_pairs"]["runs"]:
+            runs += pair[side]["runs"]
+        for r in runs:
+            link = r["transport"].split(":", 1)[0] + "://"
+            e = out.setdefault(side, {}).setdefault(link, {"agg_tail_s": [], "agg_train_s": [],
+                                                           "landed_to_reply": [], "runs": []})
+            e["runs"].append(1.0)
+            e["agg_tail_s"] += r["agg_tail_s"]
+            e["agg_train_s"] += r["agg_train_s"] or []
+            e["landed_to_reply"] += [b["landed_to_reply"] for b in r.get("breakdown") or []
+                                     if b.get("landed_to_reply") is not None]
+    return out
+
+
+def _receive_loop_tails(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """The aggregation tail at 128 MiB before and after offload's receive loop."""
+    _need(docs, lambda d: d.get("issue") == 24 and "tail128_pairs" in d,
+          "issue24-receive-loop.json")
+    (doc, src), = docs
+    data = receive_loop_tails(doc)
+    first, pairs = doc["tail128_after"], doc["tail128_pairs"]
+    loads = [_uptime_load(x) for x in doc.get("tail128_uptime", [])]
+    loads += [_uptime_load(p[s].get(k, "")) for p in pairs["runs"] for s in ("after", "before")
+              for k in ("uptime_before",)]
+    nruns = {side: len(next(iter(d.values()))["runs"]) for side, d in data.items()}
+    out = [f"**{nruns['before']} runs before and {nruns['after']} after** per link (one "
+           f"deployment per run, alternating), commits: before "
+           f"{_commit_in(doc['tail128_before']['command'] + ' ' + pairs['command'].split('before:')[-1])}, after "
+           f"{_commit_in(first['command'])} and {_commit_in(pairs['command'])} (older code "
+           f"versions); load averages recorded around the runs: {', '.join(loads)}.",
+           f"Commands: `{first['command']}`; `{pairs['command']}`; data: `{src}`.", "",
+           "| link | before (Flower's pull), every round's tail | after (receive loop) |",
+           "|---|---|---|"]
+    for link in data["after"]:
+        out.append(f"| `{link}` | median {_med_rng(data['before'][link]['agg_tail_s'], '.2f')} | "
+                   f"median {_med_rng(data['after'][link]['agg_tail_s'], '.2f')} |")
+    met = []
+    for side in ("before", "after"):
+        tails = [x for e in data[side].values() for x in e["agg_tail_s"]]
+        met.append(f"{sum(x <= TAIL_GOAL_S for x in tails)} of {len(tails)}")
+    out.append(f"| rounds whose tail met issue 24's goal (at most {TAIL_GOAL_S} seconds) | "
+               f"{met[0]} | {met[1]} |")
+    lt = [x for e in data["after"].values() for x in e["landed_to_reply"]]
+    out += ["", f"After: `landed_to_reply` median {_med_rng(lt, '.2f')}; `aggregate_train` "
+            + ", ".join(f"{min(e['agg_train_s']):.2f}-{max(e['agg_train_s']):.2f} s "
+                        f"({link})" for link, e in data["after"].items()) + "."]
+    return out
+
+
+#: Block views other than the default (a table per e2e / reproduce JSON): a block whose
+#: name starts with a key here renders all its files through that function.
+VIEWS = {"aggregation": _aggregation, "trace-breakdown": _trace_breakdown,
+         "receive-loop-polls": _receive_loop_polls,
+         "receive-loop-tails": _receive_loop_tails}
+
+
 def render_block(name: str, files: list[str], root: Path = REPO) -> str:
     parts: list[str] = []
+    view = next((fn for key, fn in VIEWS.items()
+                 if name == key or name.startswith(key + "-")), None)
+    if view is not None:
+        docs = [(json.loads((root / f).read_text(encoding="utf-8")), f) for f in files]
+        try:
+            return "\n".join(view(docs)) + "\n"
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"block {name}: {exc}") from exc
     for f in files:
         doc = json.loads((root / f).read_text(encoding="utf-8"))
         if doc.get("kind") == "reproduce":

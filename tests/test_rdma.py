@@ -542,3 +542,41 @@ def test_bench_p2p_rdma_rows_verify_their_digest():
                                                                ("link-rdma-tcp", None)]
     for r in rows:
         assert r["k"] == 2 and r["throughput_MBps"] > 0 and len(r["latency_s"]) == 1
+
+
+# -- spill files (issue 24): the server keeps no per-node copy of a folded upload ----------
+@needs_nixl
+@pytest.mark.parametrize("tls", TLS)
+def test_a_folded_upload_is_read_into_a_spill_file_and_leaves_no_pages_behind(server, tls):
+    """rdma:// READs a folded upload into a registered spill file's mapping and drops
+    each chunk's pages once its CRC checks out; the fold and a rebuild read the exact
+    bytes back from the file."""
+    import hashlib
+    import time
+
+    from test_tcp_helpers import mapping_of
+
+    link = server(**({"ucx_tls": tls} if tls else {}))
+    rec, p = make_payload(6 * MiB, seed=5)
+    sent = hashlib.sha256(b"".join(bytes(s) for s in p.segments)).hexdigest()
+    slot = link.issue_slot("r1-train-n1", 8 * MiB)
+    seen = {}
+
+    def hook(src):
+        seen["before"] = mapping_of(link.server.slots[slot["id"]].buf)
+        seen["sha"] = hashlib.sha256(src.view(0, src.size)).hexdigest()
+
+    assert link.on_upload(slot, hook)
+    back = rdma.RdmaClientLink().upload(slot, p)
+    st = link.server.slots[slot["id"]]
+    end = time.monotonic() + 10
+    while not ("sha" in seen and st.readers == 0):
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    assert st.spilled and seen["sha"] == sent
+    rss_before, path = seen["before"]
+    assert path.endswith("(deleted)") and rss_before <= 512 * KiB, seen["before"]
+    assert mapping_of(st.buf)[0] <= 64 * KiB
+    with link.open_upload(slot, back, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+    assert mapping_of(st.buf)[0] <= 512 * KiB

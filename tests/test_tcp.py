@@ -730,3 +730,67 @@ def test_auto_chunk_size_spreads_small_payloads_over_more_chunks(server):
         link.close()
     fixed = server(chunk_size="256KiB")
     assert fixed.issue_slot("s-fixed", 8 * MiB)["chunk_size"] == 256 * KiB
+
+
+# -- spill files: the ServerApp keeps no per-node copy of a folded upload (issue 24) ----
+def _wait(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("spill", ["auto", "off"])
+def test_a_folded_upload_lands_in_a_spill_file_and_leaves_no_pages_behind(server, spill):
+    """With a landing hook (streaming aggregation), the upload is received into an
+    unlinked spill file whose pages are dropped chunk by chunk: while the round waits
+    for the other nodes, the ServerApp holds none of this node's model; the hook and
+    a later rebuild read the exact bytes back from the file. spill=off receives into
+    memory, which stays resident (the test's control)."""
+    from test_tcp_helpers import mapping_of
+
+    link = server(spill=spill)
+    rec, p = make_payload(6 * MiB, seed=5)
+    sent = hashlib.sha256(b"".join(bytes(s) for s in p.segments)).hexdigest()
+    slot = link.issue_slot("s-spill", 8 * MiB)
+    seen = {}
+
+    def hook(src):
+        st = link.server.slots[slot["id"]]
+        seen["before"] = mapping_of(st.buf)  # received, not yet read by the fold
+        seen["sha"] = hashlib.sha256(src.view(0, src.size)).hexdigest()
+
+    assert link.on_upload(slot, hook)
+    loc = TcpClientLink().upload(slot, p)
+    st = link.server.slots[slot["id"]]
+    _wait(lambda: "sha" in seen and st.readers == 0)
+    assert seen["sha"] == sent  # the fold saw exactly the bytes sent
+    rss_before, path = seen["before"]
+    rss_after, _ = mapping_of(st.buf)
+    if spill == "off":
+        assert not st.spilled and rss_after >= p.size  # the control: all resident
+        return
+    assert st.spilled and path.endswith("(deleted)")  # a file with no name
+    assert rss_before <= 256 * KiB, rss_before  # dropped as the chunks arrived
+    assert rss_after <= 64 * KiB, rss_after  # and after the fold
+    with link.open_upload(slot, loc, p.size) as src:  # a rebuild re-reads the file
+        assert same(decode(src.read, p.size, p.digest), rec)
+    assert mapping_of(st.buf)[0] <= 256 * KiB
+    link.discard_slot(slot)
+    assert link.server.stats["spilled"] == 1
+
+
+def test_a_spill_directory_that_cannot_hold_the_upload_falls_back_to_memory(server, tmp_path,
+                                                                          caplog):
+    link = server(spill_dir=str(tmp_path / "missing"))
+    _, p = make_payload(2 * MiB, seed=6)
+    slot = link.issue_slot("s-nospill", 4 * MiB)
+    got = []
+    assert link.on_upload(slot, lambda src: got.append(bytes(src.view(0, src.size))))
+    with caplog.at_level(logging.WARNING, logger="flwr_transports.links"):
+        TcpClientLink().upload(slot, p)
+        _wait(lambda: got)
+    assert got[0] == b"".join(bytes(s) for s in p.segments)
+    assert not link.server.slots[slot["id"]].spilled
+    assert "cannot make a spill file" in caplog.text
+    assert link.server.stats["spill_failed"] == 1

@@ -124,3 +124,23 @@ def self_signed_cert(tmp_path, cn: str = "localhost"):
                                   serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()))
     return cp, kp
+
+
+def mapping_of(buf) -> tuple[int, str]:
+    """(bytes of ``buf``'s mapping resident in this process, the mapping's path) read
+    from /proc/self/smaps: what a spill buffer keeps in the process."""
+    addr = int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+    found, rss, path = False, 0, ""
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                if found:
+                    break
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                found = lo <= addr < hi
+                path = " ".join(head[5:]) if found else ""
+            elif found and head[0] == "Rss:":
+                rss = int(head[1]) * 1024
+    assert found, "no mapping holds the buffer"
+    return rss, path

@@ -363,8 +363,12 @@ def pair_descs(local: list[tuple[int, int]], remote: list[tuple[int, int]]):
 def read_chunks(agent: Agent, peer: str, sched: chunks.ChunkScheduler, *, size: int, cs: int,
                 table: list[int], local: Callable[[int, int], list[memoryview]],
                 remote: RemoteLayout, window: int, timeout: float,
-                fault: Callable[[int, list[memoryview]], Any] | None = None) -> bool:
+                fault: Callable[[int, list[memoryview]], Any] | None = None,
+                landed: Callable[[int], Any] | None = None) -> bool:
     """Drive the chunk READs of one transfer until ``sched`` has no more work.
+
+    ``landed(i)`` is called once chunk ``i`` is read and its CRC checked (a spill
+    buffer then drops its pages).
 
     Keeps ``window`` READs in flight; each completed chunk's CRC is checked against
     ``table`` (a mismatch or a failed READ re-queues the chunk, up to the scheduler's
@@ -415,6 +419,8 @@ def read_chunks(agent: Agent, peer: str, sched: chunks.ChunkScheduler, *, size: 
                     sched.corrupted(i, "CRC mismatch")
                 else:
                     sched.done(i)
+                    if landed is not None:
+                        landed(i)
             if progressed:
                 nap = 0.0
             else:
@@ -456,8 +462,8 @@ class RegisteredPool(chunks.BufferPool):
     """The upload buffer pool, each buffer registered once and kept registered while
     pooled (reused for the next round's replies: no registration cost again)."""
 
-    def __init__(self, cap: int, agent: Agent):
-        super().__init__(cap)
+    def __init__(self, cap: int, agent: Agent, **kw: Any):
+        super().__init__(cap, **kw)
         self.agent = agent
         self.regs: dict[int, tuple[Any, Any]] = {}  # id(buffer) -> (buffer, registration)
         self.registrations = 0
@@ -484,6 +490,8 @@ class RegisteredPool(chunks.BufferPool):
         if len(m) > self.cap:
             self._drop(m)
             return
+        if self.spill:
+            chunks.drop_pages(m, 0, len(m))
         with self.lock:
             self.free.append(m)
             evicted = []
@@ -507,9 +515,13 @@ class _ServerRdma:
     """The server's NIXL side: its agent, registrations, peers in use."""
 
     def __init__(self, name: str, opts: dict[str, str | None], pool_cap: int, window: int,
-                 timeout: float):
+                 timeout: float, spill_dir: str | None = None):
         self.agent = Agent(name, opts["ucx_tls"], opts["ucx_net_devices"])
         self.pool = RegisteredPool(pool_cap, self.agent)
+        #: spill buffers (file-backed), registered once like the pool's
+        self.spill = RegisteredPool(pool_cap, self.agent, spill=True,
+                                    alloc=lambda n: chunks.alloc_spill(n, spill_dir))
+        self.spill.directory = spill_dir
         self.window, self.timeout = window, timeout
         self.peers: dict[str, str] = {}  # client agent name -> slot being read
         self.lock = threading.Lock()
@@ -517,6 +529,7 @@ class _ServerRdma:
 
     def close(self) -> None:
         self.pool.clear()
+        self.spill.clear()
         self.agent.close()
 
 
@@ -575,8 +588,8 @@ class RdmaServerConn(chunks.ServerConn):
                 self.error(chunks.BAD_REQUEST, "upload already committed with another size")
                 return False
             if slot.size is None:
+                slot.buf = srv._alloc(slot, size)
                 slot.size, slot.cs = size, cs
-                slot.buf = rd.pool.get(size)
                 slot.mv = memoryview(slot.buf)
                 slot.have = bytearray(n)
             elif (slot.size, slot.cs) != (size, cs):
@@ -592,7 +605,7 @@ class RdmaServerConn(chunks.ServerConn):
         clean, err = True, None
         try:
             if todo:
-                rd.pool.registered(buf)
+                buf, mv = self._register(rd, slot, buf, mv)
                 peer = rd.agent.load(md)
                 with rd.lock:
                     owner = rd.peers.get(peer)
@@ -608,10 +621,16 @@ class RdmaServerConn(chunks.ServerConn):
                     if fault is not None:
                         fault(chunks.OP_RDMA_PUT, oid, i, views)
 
+                landed = None
+                if slot.spilled:  # a checked chunk's pages go back to the page cache
+                    def landed(i: int) -> None:
+                        chunks.drop_pages(buf, i * cs, chunks.chunk_len(i, size, cs))
+
                 try:
                     clean = read_chunks(rd.agent, peer, sched, size=size, cs=cs, table=table,
                                         local=lambda off, k: [mv[off:off + k]], remote=layout,
-                                        window=rd.window, timeout=rd.timeout, fault=hook)
+                                        window=rd.window, timeout=rd.timeout, fault=hook,
+                                        landed=landed)
                 finally:
                     with slot.lock:
                         for i in range(n):
@@ -653,6 +672,33 @@ class RdmaServerConn(chunks.ServerConn):
             return True
         self.reply(chunks.OK)
         return True
+
+
+    def _register(self, rd: _ServerRdma, slot, buf, mv):
+        """Register the slot's buffer with NIXL (once per pooled buffer). A spill
+        buffer the memory registration refuses (a kernel that will not pin a file's
+        page cache for a NIC: Linux 6.5+ refuses long-term writable pins of
+        file-backed mappings) is swapped for pooled memory, and spilling is turned
+        off for this server, logged once."""
+        if not slot.spilled:
+            rd.pool.registered(buf)
+            return buf, mv
+        try:
+            rd.spill.registered(buf)
+            return buf, mv
+        except Exception as exc:  # noqa: BLE001 - NIXL errors are not OSErrors
+            log.warning("rdma:// cannot register a spill file's pages for RDMA (%s); "
+                        "uploads are received into memory from now on (spill=off)", exc)
+        srv = self.server
+        srv.spill = None
+        with slot.lock:
+            slot.mv.release()
+            chunks.close_map(slot.buf)
+            slot.buf, slot.spilled = rd.pool.get(slot.size), False
+            slot.mv = memoryview(slot.buf)
+            buf, mv = slot.buf, slot.mv
+        rd.pool.registered(buf)
+        return buf, mv
 
 
 def _parse_put(body: bytes, cs: int, max_size: int):
@@ -700,12 +746,14 @@ class RdmaServerLink(TcpServerLink):
         self.rdma_opts = {k: self.options[k] for k in ("ucx_tls", "ucx_net_devices")}
         try:
             rd = _ServerRdma(f"{self.prefix}-srv", self.rdma_opts, self.server.pool.cap,
-                             self.window, self.timeout)
+                             self.window, self.timeout, self.options.spill_dir)
         except BaseException:
             self.server.close()
             raise
         self.server.rdma = rd
         self.server.pool = rd.pool  # upload buffers: registered once, reused
+        if self.server.spill is not None:
+            self.server.spill = rd.spill
         self._regs: dict[str, Any] = {}
         # the control connection follows tcp://'s TLS rule; UCX moves the data itself
         (log.info if is_loopback(self.host) else log.warning)(

@@ -111,6 +111,13 @@ class TcpServerLink(ServerLink):
         Option("tls_key", optional(text), None, "PEM private key for tls_cert"),
         Option("buffer_pool", size(0), 2**30, "bytes of upload buffers kept for reuse by the "
                "next round's replies (0 disables; clients: env FLWR_TRANSPORTS_BUFFER_POOL)", shown="1GiB"),
+        Option("spill", choice("auto", "off"), "auto", "auto: an upload that streaming "
+               "aggregation folds as it lands is received into an unlinked file in spill_dir "
+               "(pages dropped from the ServerApp as they arrive: its memory stays flat in "
+               "the number of nodes; a rebuild re-reads the file); off: into memory"),
+        Option("spill_dir", optional(text), None, "directory of the spill files (default: "
+               "the system's temporary directory; put it on a disk, not a tmpfs, for the "
+               "memory to be reclaimable)", shown="$TMPDIR"),
     )
     conn_cls: type[chunks.ServerConn] = chunks.ServerConn
 
@@ -154,7 +161,7 @@ class TcpServerLink(ServerLink):
         self.server = chunks.ChunkServer(
             bind_host, bind_port, secret=self.secret, timeout=self.timeout,
             max_conns=max_conns, ssl_ctx=ssl_ctx, conn_cls=self.conn_cls, name=self.scheme,
-            pool_cap=pool_cap)
+            pool_cap=pool_cap, spill=options.spill == "auto", spill_dir=options.spill_dir)
         self.server.on_landed = self.notify_landed  # wakes the receive loop at once
         # the advertised port: the URL's, or the one we got if the URL said 0
         self.port = port or self.server.port

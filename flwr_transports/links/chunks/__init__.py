@@ -45,7 +45,10 @@ from .buffers import (  # noqa: F401
     BufferPool,
     ChunkScheduler,
     alloc_buffer,
+    alloc_spill,
     close_map,
+    drop_pages,
+    spill_pool,
 )
 from .client import (  # noqa: F401
     AUTO_MAX_STREAMS,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import logging
 import mmap
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -168,11 +169,16 @@ class BufferPool:
     for a payload between half its size and its size.
     """
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, *, alloc=None, spill: bool = False):
         self.cap = cap
         self.free: list[mmap.mmap] = []
         self.lock = threading.Lock()
         self.hits = 0
+        #: fn(size) -> a new buffer (whole MiBs from 1 MiB on); default: anonymous memory
+        self.alloc = alloc or alloc_buffer
+        #: spill buffers (file-backed): their pages are dropped before they are pooled
+        self.spill = spill
+        self.directory: str | None = None
 
     def get(self, size: int) -> mmap.mmap:
         with self.lock:
@@ -186,11 +192,13 @@ class BufferPool:
                 return self.free.pop(best)
         # whole MiBs: next round's payload is often a few bytes larger (a dtype name in
         # the header, e.g. int64 -> float64 after FedAvg) and must still fit this buffer
-        return alloc_buffer(-(-size // POOL_GRAIN) * POOL_GRAIN if size >= POOL_GRAIN else size)
+        return self.alloc(-(-size // POOL_GRAIN) * POOL_GRAIN if size >= POOL_GRAIN else size)
 
     def put(self, m: mmap.mmap) -> None:
         if m.closed:
             return
+        if self.spill:
+            drop_pages(m, 0, len(m))
         if len(m) > self.cap:
             close_map(m)
             return
@@ -204,6 +212,50 @@ class BufferPool:
             free, self.free = self.free, []
         for m in free:
             close_map(m)
+
+
+def alloc_spill(size: int, directory: str | None) -> mmap.mmap:
+    """A receive buffer backed by an unlinked file in ``directory`` (the system's
+    temporary directory when None) instead of anonymous memory.
+
+    Used for uploads that streaming aggregation folds as they land: the received
+    pages live in the page cache (reclaimable, written back to disk under memory
+    pressure), not in the process, once :func:`drop_pages` released them, so N uploads
+    in flight cost the receiving process O(chunk), not N x the model. The file's
+    blocks are reserved up front (``posix_fallocate``): a full disk is an OSError
+    here, never a SIGBUS in the middle of a transfer. The file has no name (it is
+    removed right after it is created), so nothing is left behind, even after a crash.
+    """
+    import tempfile
+
+    n = max(size, 1)
+    with tempfile.TemporaryFile(dir=directory, prefix="ftx-spill-") as f:
+        os.posix_fallocate(f.fileno(), 0, n)
+        return mmap.mmap(f.fileno(), n, flags=mmap.MAP_SHARED,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def drop_pages(m: mmap.mmap, off: int, n: int) -> None:
+    """Unmap the pages of ``m[off:off+n]`` from this process (a spill buffer's: the
+    data stays in the file; the next access faults it back from the page cache).
+    The range is widened to whole pages: on a shared file mapping that only costs a
+    neighbour's page a cheap refault, never its data."""
+    if n <= 0 or m.closed:
+        return
+    start = off - off % mmap.PAGESIZE
+    end = min(len(m), off + n)
+    try:
+        m.madvise(mmap.MADV_DONTNEED, start, end - start)
+    except (OSError, ValueError):  # best effort: the pages stay mapped
+        pass
+
+
+def spill_pool(cap: int, directory: str | None = None) -> BufferPool:
+    """A pool of spill buffers (:func:`alloc_spill`): up to ``cap`` bytes of reserved
+    disk kept for the next round's uploads, their pages left in the page cache."""
+    pool = BufferPool(cap, alloc=lambda n: alloc_spill(n, directory), spill=True)
+    pool.directory = directory
+    return pool
 
 
 def _env_pool_cap() -> int:

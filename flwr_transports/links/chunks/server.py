@@ -19,7 +19,7 @@ from typing import Any
 
 from ...codec import EncodedPayload, decode_hashed
 from ..base import LinkError, PayloadSource
-from .buffers import BufferPool, close_map
+from .buffers import BufferPool, close_map, drop_pages, spill_pool
 from .protocol import (
     BAD_CRC,
     BAD_REQUEST,
@@ -87,13 +87,18 @@ class UploadSlot:
         self.readers = 0
         self.pre = None  # Future of (ArrayRecord, digest): decoded as soon as complete
         self.hook = None  # fn(source), called when complete instead of decoding
+        #: the buffer is a spill file's mapping (SpillPool): received pages are
+        #: dropped from the process as soon as they are written or read
+        self.spilled = False
         self.lock = threading.Lock()
 
-    def free(self, pool: BufferPool | None = None) -> None:
+    def free(self, pool: BufferPool | None = None, spill: BufferPool | None = None) -> None:
         with self.lock:
             if self.mv is not None:
                 self.mv.release()
                 self.mv = None
+            if self.spilled:
+                pool = spill
             if self.buf is not None:
                 if pool is not None and not self.claimed:  # no PUT is writing into it
                     pool.put(self.buf)
@@ -196,13 +201,17 @@ class ChunkServer:
     def __init__(self, bind: str, port: int, *, secret: bytes, timeout: float = 60.0,
                  max_conns: int = 256, ssl_ctx: ssl.SSLContext | None = None,
                  conn_cls: type[ServerConn] = ServerConn, name: str = "tcp",
-                 pool_cap: int = 1 << 30):
+                 pool_cap: int = 1 << 30, spill: bool = True, spill_dir: str | None = None):
         self.secret, self.timeout, self.max_conns = secret, timeout, max_conns
         self.max_per_group = max(8, max_conns // 4)
         self.preauth_timeout = min(PREAUTH_TIMEOUT, timeout)
         self.adm: dict[Any, _Admission] = {}  # raw socket -> accounting
         self.groups: collections.Counter = collections.Counter()
         self.pool = BufferPool(pool_cap)
+        #: uploads with a landing hook (streaming aggregation folds them as they land)
+        #: are received into spill files, so the process holds no per-node copy of the
+        #: model while the round waits for the others (issue 24: flat in N)
+        self.spill = spill_pool(pool_cap, spill_dir) if spill else None
         self.ssl_ctx, self.conn_cls, self.name = ssl_ctx, conn_cls, name
         self.objects: dict[str, PublishedObject] = {}
         self.slots: dict[str, UploadSlot] = {}
@@ -264,7 +273,7 @@ class ChunkServer:
         with self.lock:
             slot = self.slots.pop(oid, None)
         if slot is not None and slot.readers == 0:
-            slot.free(self.pool)
+            slot.free(self.pool, self.spill)
 
     # serving ------------------------------------------------------------------------
     def _accept(self) -> None:
@@ -484,8 +493,8 @@ class ChunkServer:
                 return False
             with slot.lock:
                 if slot.size is None:
+                    slot.buf = self._alloc(slot, size)
                     slot.size, slot.cs = size, cs
-                    slot.buf = self.pool.get(size)
                     slot.mv = memoryview(slot.buf)
                     slot.have = bytearray(n_chunks(size, cs))
                 elif (slot.size, slot.cs) != (size, cs):
@@ -540,6 +549,8 @@ class ChunkServer:
                         slot.have[i] = 1
                 if dest is not None:
                     dest.release()
+                    if slot.spilled and slot.buf is not None:
+                        drop_pages(slot.buf, i * slot.cs, n)
         if ok:
             conn.reply(OK, i)
             self.stats["chunks_received"] += 1
@@ -547,6 +558,26 @@ class ChunkServer:
             self.stats["crc_errors"] += 1
             conn.error(BAD_CRC, "chunk CRC mismatch", i)
         return True
+
+    def _alloc(self, slot: UploadSlot, size: int):
+        """The receive buffer of an upload (called under ``slot.lock``): a spill
+        file's mapping when the upload is folded on landing, else pooled memory. A
+        spill file that cannot be made (full disk, no temp dir) falls back to memory,
+        logged once per server."""
+        if self.spill is not None and slot.hook is not None:
+            try:
+                buf = self.spill.get(size)
+            except OSError as exc:
+                if not self.stats["spill_failed"]:
+                    log.warning("flwr-transports: %s:// cannot make a spill file in %s "
+                                "(%s); uploads are received into memory instead",
+                                self.name, self.spill.directory or "the temp directory", exc)
+                self.stats["spill_failed"] += 1
+            else:
+                slot.spilled = True
+                self.stats["spilled"] += 1
+                return buf
+        return self.pool.get(size)
 
     # upload results -----------------------------------------------------------------
     def _eager_pool(self) -> ThreadPoolExecutor:
@@ -575,7 +606,7 @@ class ChunkServer:
             slot.readers -= 1
             gone = slot.readers == 0 and oid not in self.slots
         if gone:
-            slot.free(self.pool)
+            slot.free(self.pool, self.spill)
 
     def _run_hook(self, oid: str, slot: UploadSlot) -> None:
         """Hand a completed upload's receive buffer (read-only from now on: a complete
@@ -588,6 +619,8 @@ class ChunkServer:
         except Exception as exc:  # noqa: BLE001 - untrusted upload; the wrapper re-reads it
             log.debug("flwr-transports: landing hook for %s failed: %s", oid, exc)
         finally:
+            if slot.spilled:  # folded: its pages go back to the page cache
+                drop_pages(slot.buf, 0, slot.size or 0)
             self._release_reader(oid, slot)
 
     def open_slot(self, oid: str, size: int) -> PayloadSource:
@@ -606,10 +639,15 @@ class ChunkServer:
             mv = slot.mv
             pre = slot.pre
 
+        spilled = slot.spilled
+
         def read(off: int, n: int) -> bytes:
             if off < 0 or n < 0 or off + n > size:
                 raise ValueError(f"read({off}, {n}) outside a {size}-byte payload")
-            return bytes(mv[off:off + n])
+            out = bytes(mv[off:off + n])
+            if spilled:  # a rebuild re-reads it from the spill file: keep no pages
+                drop_pages(slot.buf, off, n)
+            return out
 
         def close() -> None:
             self._release_reader(oid, slot)
@@ -646,4 +684,6 @@ class ChunkServer:
             if s.readers == 0:
                 s.free()
         self.pool.clear()
+        if self.spill is not None:
+            self.spill.clear()
 

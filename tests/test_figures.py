@@ -2,11 +2,11 @@
 
 * every ``<!-- figures:begin NAME (generated from FILE.json by ftx-bench render) -->``
   block in README.md and docs/ equals what ``ftx-bench render`` makes of its JSON;
-* README.md and docs/benchmarks.md quote no ratio (``4.8x``) or time (``12.3 s``)
-  outside a generated block or the History section, except the short allow-list
-  (tests/figures-allowlist.txt, each entry with its reason);
-* the other docs pages are not converted yet: their count of such figures may only go
-  down (PENDING below), so no new hand-typed figure gets in.
+* README.md and every page under docs/ quote no ratio (``4.8x``) or time (``12.3 s``)
+  outside a generated block or a History section, except the short allow-list
+  (tests/figures-allowlist.txt, each entry with its reason). A setting or a protocol
+  constant is written with its unit spelled out (``60 seconds``, ``500 ms``,
+  ``4 × the payload``): the abbreviations ``s`` and ``x`` are for measured figures.
 """
 
 from __future__ import annotations
@@ -24,14 +24,8 @@ FIGURE = re.compile(r"\b\d+(?:\.\d+)?x\b|\b\d+(?:\.\d+)? s\b")
 BLOCK = re.compile(r"<!-- figures:begin .*?<!-- figures:end -->", re.DOTALL)
 HISTORY = re.compile(r"<!-- figures:history-begin -->.*?<!-- figures:history-end -->",
                      re.DOTALL)
-STRICT = ("README.md", "docs/benchmarks.md")
-#: pages not converted yet (figures outside blocks/History when issue 27's tooling
-#: landed); lower a number when you generate or relabel figures, never raise it.
-PENDING = {
-    "docs/aggregation.md": 0, "docs/codecs.md": 4, "docs/fda.md": 2, "docs/mpi.md": 0,
-    "docs/offload.md": 14, "docs/security.md": 22, "docs/trace.md": 0,
-    "docs/links/rdma.md": 4, "docs/links/s3.md": 28, "docs/links/tcp.md": 31,
-}
+#: every page the figures rule covers: README.md, docs/*.md, docs/links/*.md
+STRICT = tuple(str(p.relative_to(ROOT)) for p in render.doc_paths(ROOT))
 
 
 def loose_figures(text: str) -> list[tuple[int, str, str]]:
@@ -98,16 +92,54 @@ def test_allowlist_entries_are_used():
         assert any(text in line for line in lines), f"stale allow-list entry: {path} :: {text}"
 
 
-@pytest.mark.parametrize("rel", sorted(PENDING))
-def test_pending_pages_do_not_gain_figures(rel):
-    n = len(loose_figures((ROOT / rel).read_text("utf-8")))
-    assert n <= PENDING[rel], (f"{rel} gained hand-typed figures ({n} > {PENDING[rel]}): "
-                               "generate them from docs/bench-data (ftx-bench render) or "
-                               "label them in a History section")
-
-
 def test_every_doc_page_is_checked():
-    pages = {str(p.relative_to(ROOT)) for p in render.doc_paths(ROOT)}
-    unchecked = {p for p in pages - set(STRICT) - set(PENDING)
-                 if loose_figures((ROOT / p).read_text("utf-8"))}
-    assert not unchecked, f"figures in pages no test covers: {sorted(unchecked)}"
+    assert {"README.md", "docs/benchmarks.md", "docs/links/tcp.md"} <= set(STRICT)
+    assert len(STRICT) == len(list(ROOT.glob("docs/*.md"))) + len(
+        list(ROOT.glob("docs/links/*.md"))) + 1
+
+
+# ---- the block views other than the per-run e2e table: their figures are the JSON's
+
+BENCH = ROOT / "docs" / "bench-data"
+
+
+def test_aggregation_view_rows_are_the_jsons_figures():
+    import json
+
+    doc = json.loads((BENCH / "e2e-aggregation-500-n2-tcp.json").read_text("utf-8"))
+    rows = render.aggregation_rows(doc)
+    models = [r for r in doc["results"] if r.get("kind") != "floor"]
+    assert len(rows) == len(models) == 2
+    for row, r in zip(rows, models, strict=True):
+        assert row["serverapp_peak_mib"] == r["serverapp_peak_rss_bytes"] / 2**20
+        assert row["agg_train_s"] == r["stats"]["agg_train_s"]
+        assert row["round_s"] == r["round_s"] and row["agg_tail_s"] == r["agg_tail_s"]
+        assert r["transport"].endswith("aggregation=" + row["aggregation"])
+    text = render.render_block("aggregation-t", ["docs/bench-data/e2e-aggregation-500-n2-tcp.json"],
+                               ROOT)
+    assert "commit `85c1db1`" in text and "**one run**" in text
+    assert f"{rows[1]['serverapp_peak_mib']:.0f} MiB | {rows[1]['x_model']:.1f}x" in text
+
+
+def test_receive_loop_views_use_every_round_of_the_json():
+    import json
+
+    doc = json.loads((BENCH / "issue24-receive-loop.json").read_text("utf-8"))
+    tails = render.receive_loop_tails(doc)
+    for side in ("before", "after"):
+        runs = doc[f"tail128_{side}"]["runs"] + [r for p in doc["tail128_pairs"]["runs"]
+                                                 for r in p[side]["runs"]]
+        expect = sorted(x for r in runs for x in r["agg_tail_s"])
+        assert sorted(x for e in tails[side].values() for x in e["agg_tail_s"]) == expect
+    polls = render.receive_loop_polls(doc)
+    assert sorted(polls["A"]["inband"]["total_s"]) == sorted(
+        r["total_s"] for r in doc["m2mib"]["runs"] if r["transport"] == "inband")
+    assert sum(polls["B"]["tcp"]["pulls_per_round"]) == sum(
+        sum(r["pulls_per_phase"]) for r in doc["m2mib_b"]["runs"] if r["transport"] != "inband")
+
+
+def test_a_view_refuses_a_json_of_another_kind():
+    with pytest.raises(ValueError, match="receive-loop-tails"):
+        render.render_block("receive-loop-tails", ["docs/bench-data/e2e-lo-500-s5.json"], ROOT)
+    with pytest.raises(ValueError, match="aggregation"):
+        render.render_block("aggregation-x", ["docs/bench-data/issue24-receive-loop.json"], ROOT)

@@ -18,8 +18,8 @@ import json
 import re
 import statistics
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .reproduce import FLOOR_DEFINITION, REPO
@@ -254,18 +254,18 @@ def _trace_breakdown(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
             b = r.get("breakdown_mean")
             if r.get("kind") == "floor" or not b:
                 continue
-            out += ["", f"{_label(r['transport'])}, {r['model_mib']:g} MiB, the mean train "
-                        "round:", "", "```",
-                    f"publish {b['publish']:.2f}, to_clients {b['to_clients']:.2f}, fetch "
+            out += ["", (f"{_label(r['transport'])}, {r['model_mib']:g} MiB, the mean train "
+                        "round:"), "", "```",
+                    (f"publish {b['publish']:.2f}, to_clients {b['to_clients']:.2f}, fetch "
                     f"{b['fetch']:.2f} (slowest {b['fetch_max']:.2f} s, "
-                    f"{b['fetch_mib_s']:.0f} MiB/s), app {b['app']:.2f},",
-                    f"upload {b['upload']:.2f}, to_server {b['to_server']:.2f}, aggregate "
-                    f"{b['aggregate']:.2f}, total {b['total']:.2f} s", "```", "",
-                    f"So of a {b['total']:.1f} s train round, "
+                    f"{b['fetch_mib_s']:.0f} MiB/s), app {b['app']:.2f},"),
+                    (f"upload {b['upload']:.2f}, to_server {b['to_server']:.2f}, aggregate "
+                    f"{b['aggregate']:.2f}, total {b['total']:.2f} s"), "```", "",
+                    (f"So of a {b['total']:.1f} s train round, "
                     f"{b['fetch'] + b['upload']:.1f} s are the payload crossing the link "
                     f"(fetch + upload), {b['to_clients'] + b['to_server']:.1f} s Flower's "
                     f"delivery of the messages (to_clients + to_server: its polling) and "
-                    f"{b['app']:.1f} s the app's own compute."]
+                    f"{b['app']:.1f} s the app's own compute.")]
     return out
 
 
@@ -327,8 +327,8 @@ def _receive_loop_polls(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
                    f"commit not recorded in the JSON (older code version), load average "
                    f"before {lb}, after {la}; command: `{st['command']}`.")
     out.append(f"  Data: `{src}`.")
-    out += ["", "| set | transport | total run, median (min-max) | pulls per round | "
-                "pulls per phase |", "|---|---|---|---|---|"]
+    out += ["", ("| set | transport | total run, median (min-max) | pulls per round | "
+                "pulls per phase |"), "|---|---|---|---|---|"]
     for name, sets in data.items():
         for t, e in sets.items():
             label = ("plain Flower (`inband`, its own pull: counted from its phases)"
@@ -351,9 +351,9 @@ def _receive_loop_polls(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
     if sx:
         nw = [b["node_wait"] for r in sx["runs"] for b in r.get("breakdown") or []
               if b.get("node_wait") is not None]
-        out += ["", f"**{len(sx['runs'])} run** with the SuperExec polling faster "
+        out += ["", (f"**{len(sx['runs'])} run** with the SuperExec polling faster "
                     f"(`{sx['command']}`; commit and load not recorded): `node_wait` "
-                    f"median {_med_rng(nw, '.2f')}."]
+                    f"median {_med_rng(nw, '.2f')}.")]
     return out
 
 
@@ -397,11 +397,11 @@ def _receive_loop_tails(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
     loads += [_uptime_load(p[s].get(k, "")) for p in pairs["runs"] for s in ("after", "before")
               for k in ("uptime_before",)]
     nruns = {side: len(next(iter(d.values()))["runs"]) for side, d in data.items()}
-    out = [f"**{nruns['before']} runs before and {nruns['after']} after** per link (one "
+    out = [(f"**{nruns['before']} runs before and {nruns['after']} after** per link (one "
            f"deployment per run, alternating), commits: before "
            f"{_commit_in(doc['tail128_before']['command'] + ' ' + pairs['command'].split('before:')[-1])}, after "
            f"{_commit_in(first['command'])} and {_commit_in(pairs['command'])} (older code "
-           f"versions); load averages recorded around the runs: {', '.join(loads)}.",
+           f"versions); load averages recorded around the runs: {', '.join(loads)}."),
            f"Commands: `{first['command']}`; `{pairs['command']}`; data: `{src}`.", "",
            "| link | before (Flower's pull), every round's tail | after (receive loop) |",
            "|---|---|---|"]

@@ -53,6 +53,42 @@ class RefError(RejectedInput):
 
 
 @dataclass
+class DeltaRef:
+    """A downlink delta offered next to a full model (``Reference.delta``): the same
+    model coded ``delta`` against a *base* the client may hold from the last phase
+    (see docs/codecs.md). ``digest``/``size``: of the delta's bytes on the wire;
+    ``base``: the raw payload digest of the base; ``base_loc``: where the base was
+    published (a kept base is bound to the run and that location). The decoded model
+    must be the reference's ``raw_digest``."""
+
+    loc: dict[str, Any]
+    size: int
+    digest: str
+    base: str
+    base_loc: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loc": self.loc, "size": self.size, "digest": self.digest,
+                "base": self.base, "base_loc": self.base_loc}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> DeltaRef:
+        if not isinstance(d, dict):
+            raise RefError("reference has a malformed delta (not an object)")
+        loc, size, digest, base, bloc = (d.get("loc"), d.get("size"), d.get("digest"),
+                                         d.get("base"), d.get("base_loc"))
+        if not (isinstance(loc, dict) and isinstance(bloc, dict)):
+            raise RefError("reference delta has no location or base location")
+        if not (isinstance(size, int) and not isinstance(size, bool)
+                and 0 <= size <= MAX_PAYLOAD_SIZE):
+            raise RefError(f"reference delta has an invalid size {str(size)[:40]!r}")
+        for v in (digest, base):
+            if not (isinstance(v, str) and _DIGEST_RE.match(v)):
+                raise RefError("reference delta has an invalid digest (want sha256t:<64 hex>)")
+        return cls(loc=loc, size=size, digest=digest, base=base, base_loc=bloc)
+
+
+@dataclass
 class Reference:
     scheme: str
     loc: dict[str, Any]
@@ -65,6 +101,12 @@ class Reference:
     keep: bool = False  # the server sends this payload again next phase: clients may keep it
     #: "raw", or the codec of an encoded stream (flwr_transports.codecs): how to decode it
     codec: str = "raw"
+    #: a coded payload's decoded (raw) payload: its digest and size (what a client keeps
+    #: it under, and what a downlink delta must decode to); None for a raw payload
+    raw_digest: str | None = None
+    raw_size: int | None = None
+    #: the same model as a delta against a base the client may hold (downlink delta)
+    delta: DeltaRef | None = None
     v: int = CODEC_VERSION
 
     def to_json(self) -> bytes:
@@ -78,6 +120,10 @@ class Reference:
             d["keep"] = True
         if self.codec != "raw":
             d["codec"] = self.codec
+        if self.raw_digest is not None:
+            d["raw"] = {"digest": self.raw_digest, "size": self.raw_size}
+        if self.delta is not None:
+            d["delta"] = self.delta.to_dict()
         return json.dumps(d, separators=(",", ":")).encode()
 
     def to_record(self) -> ArrayRecord:
@@ -119,6 +165,17 @@ class Reference:
             raise RefError(f"reference names payload codec {str(codec)[:20]!r}, which this "
                            f"flwr-transports does not know ({', '.join(CODECS)}): upgrade it")
         ref.codec = codec
+        raw = d.get("raw")
+        if raw is not None:
+            rd, rs = (raw.get("digest"), raw.get("size")) if isinstance(raw, dict) else (0, 0)
+            if not (isinstance(rd, str) and _DIGEST_RE.match(rd) and isinstance(rs, int)
+                    and not isinstance(rs, bool) and 0 <= rs <= MAX_PAYLOAD_SIZE):
+                raise RefError("reference has a malformed raw payload digest/size")
+            ref.raw_digest, ref.raw_size = rd, rs
+        if d.get("delta") is not None:
+            if ref.raw_digest is None:
+                raise RefError("reference offers a delta without the digest of the model")
+            ref.delta = DeltaRef.from_dict(d["delta"])
         if "ticket" in d:
             t, s, k = d.get("ticket"), d.get("slot"), d.get("key")
             if not (isinstance(t, str) and len(t) <= 128):

@@ -277,6 +277,24 @@ class SegmentWriter:
             got += take
 
 
+class _ReadReader:
+    """:class:`SegmentReader`'s ``view``/``read`` over a ranged read function."""
+
+    def __init__(self, read: Callable[[int, int], bytes], size: int) -> None:
+        self._read, self.size = read, size
+
+    def view(self, off: int, n: int) -> memoryview:
+        if off < 0 or n < 0 or off + n > self.size:
+            raise PayloadError(f"range {off}+{n} outside a {self.size}-byte payload")
+        b = self._read(off, n)
+        if len(b) != n:
+            raise PayloadError(f"short read of the base at {off}: {len(b)} of {n} bytes")
+        return memoryview(b)
+
+    def read(self, off: int, n: int) -> bytes:
+        return bytes(self.view(off, n))
+
+
 @dataclass
 class Base:
     """A raw payload the other side also holds (the model the server sent, the model
@@ -295,6 +313,20 @@ class Base:
     @classmethod
     def from_payload(cls, payload: EncodedPayload) -> Base:
         return cls(payload.digest, payload.segments)
+
+    @classmethod
+    def from_read(cls, digest: str, read: Callable[[int, int], bytes], size: int) -> Base:
+        """A base read on demand through ``read(off, n)`` (a kept file, read with
+        ``pread``): only the ranges a delta's parts name are read, nothing is held.
+        Its bytes are NOT checked against ``digest`` here: a payload decoded against
+        it must then be verified (its content digest), which a wrong base fails."""
+        b = cls.__new__(cls)
+        b.digest, b.segments = digest, ()
+        b._raw = _digest_bytes(digest)
+        b.reader = _ReadReader(read, size)
+        b.size = size
+        b._header = None
+        return b
 
     @classmethod
     def from_record(cls, record) -> Base:

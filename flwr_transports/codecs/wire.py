@@ -27,7 +27,7 @@ from typing import Self
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from ..codec import EncodedPayload, check_digest, decode, hash_segments
+from ..codec import EncodedPayload, PayloadError, check_digest, decode, hash_segments
 from ..errors import ConfigError
 from .q8 import ErrorFeedback
 from .stream import (
@@ -63,9 +63,9 @@ def check_codec(name: str) -> str:
 
 
 def downlink_codec(codec: str) -> str:
-    """What the server sends models with: ``raw`` stays raw, every other codec sends
-    ``lossless`` (the client holds no base yet; a downlink delta needs the client to keep
-    the previous model, not done yet)."""
+    """What the server sends full models with: ``raw`` stays raw, every other codec
+    sends ``lossless`` (a client may hold no base). With ``delta``/``q8`` on a network
+    link a downlink delta is offered next to it (:mod:`flwr_transports.codecs.downlink`)."""
     return RAW if codec == RAW else LOSSLESS
 
 
@@ -92,26 +92,63 @@ def peek_encoded(read: Callable[[int, int], bytes], size: int) -> bool:
 
 def decode_from_wire(read: Callable[[int, int], bytes], size: int, digest: str | None, *,
                      max_size: int, lookup_base: Callable[[str], Base | None] | None = None,
-                     with_base: bool = False):
+                     with_base: bool = False, content: str | None = None):
     """Decode a payload as a link hands it: ``read(off, n)``, its wire ``size`` and the
     reference's ``digest``. A raw payload decodes as always (digest over the bytes
     decoded). An encoded stream is read whole, its digest checked over exactly those
     bytes, then decoded (its decoded size at most ``max_size``; a ``delta``/``q8``
     stream against the base ``lookup_base(digest)`` returns, refused if that is None).
     Returns the ArrayRecord, or ``(record, Base | None)`` with ``with_base`` (the
-    decoded payload as the base of a later delta; None for a raw payload)."""
+    decoded payload as the base of a later delta; None for a raw payload).
+    ``content``: the raw payload digest the reference names (a downlink model): the
+    stream must name it and the decoded payload is verified against it."""
     if not peek_encoded(read, size):
+        if content is not None and content != digest:
+            raise PayloadError("a raw payload whose digest is not the model's the reference "
+                               "names")
         rec = decode(read, size, digest)
         return (rec, None) if with_base else rec
     wire = read(0, size)
     if len(wire) != size:
-        from ..codec import PayloadError
         raise PayloadError(f"short read of an encoded payload: {len(wire)} of {size} bytes")
     check_digest(hash_segments([wire]), digest)
     mv = memoryview(wire)
     info_dec = Decoder(lambda off, n: mv[off: off + n], size, max_size=max_size,
                        base=_base_for(mv, size, lookup_base))
-    return decode_record(info_dec, with_base=with_base)
+    if content is not None and info_dec.info.content_digest != content:
+        raise PayloadError(f"the stream decodes to {info_dec.info.content_digest}, the "
+                           f"reference names {content}")
+    return decode_record(info_dec, with_base=with_base, verify=content is not None)
+
+
+def decode_delta(read: Callable[[int, int], bytes], size: int, digest: str, *, base: Base,
+                 content: str, content_size: int, max_size: int):
+    """Decode a downlink delta (:class:`flwr_transports.refs.DeltaRef`) against the
+    ``base`` the client kept: the wire bytes must have ``digest``; the stream must be a
+    ``delta`` against exactly ``base`` and name the model ``content`` of
+    ``content_size`` bytes (at most ``max_size``); the decoded payload is verified
+    against ``content`` (a wrong base, or a lying server, fails here). Returns
+    ``(record, Base)`` (the decoded model, the base of the next delta)."""
+    if not peek_encoded(read, size):
+        raise PayloadError("the downlink delta is not an encoded stream")
+    wire = read(0, size)
+    if len(wire) != size:
+        raise PayloadError(f"short read of a downlink delta: {len(wire)} of {size} bytes")
+    check_digest(hash_segments([wire]), digest)
+    mv = memoryview(wire)
+    from .stream import read_info
+    info = read_info(lambda off, n: mv[off: off + n], size, max_size=max_size)
+    if info.codec != DELTA:
+        raise PayloadError(f"the downlink delta is coded {info.codec!r}, not 'delta'")
+    if info.base_digest != base.digest:
+        raise PayloadError(f"the downlink delta is against base {info.base_digest}, not "
+                           f"the base its reference names ({base.digest})")
+    if info.content_digest != content or info.size != content_size:
+        raise PayloadError(f"the downlink delta decodes to {info.content_digest} "
+                           f"({info.size} bytes), its reference names {content} "
+                           f"({content_size} bytes)")
+    dec = Decoder(lambda off, n: mv[off: off + n], size, max_size=max_size, base=base)
+    return decode_record(dec, with_base=True, verify=True)
 
 
 def _base_for(mv: memoryview, size: int, lookup: Callable[[str], Base | None] | None
@@ -141,7 +178,6 @@ class CodedSource:
         self._src = src
         wire = src.read(0, src.size)
         if len(wire) != src.size:
-            from ..codec import PayloadError
             raise PayloadError(f"short read of an encoded payload: {len(wire)} of {src.size}")
         self.wire_digest = hash_segments([wire])
         mv = memoryview(wire)
@@ -261,6 +297,6 @@ def save_feedback(state: RecordDict | None, fb: ErrorFeedback) -> None:
 
 __all__ = [
     "FEEDBACK_STATE_KEY", "CodedSource", "ServerBases", "check_codec", "coded_source",
-    "decode_from_wire", "downlink_codec",
+    "decode_delta", "decode_from_wire", "downlink_codec",
     "encode_for_wire", "load_feedback", "peek_encoded", "pick_base", "save_feedback",
 ]

@@ -166,19 +166,51 @@ class PayloadCache:
             self._tidy()
 
     # -- use -----------------------------------------------------------------------
-    def take(self, size: int, digest: str, bind: str = "") -> ArrayRecord | None:
+    def take(self, size: int, digest: str, bind: str = "", *, again: bool = False
+             ) -> ArrayRecord | None:
         """The kept payload with this digest and :func:`binding`, decoded and
-        verified, or None; the file is removed either way (it is used once)."""
+        verified, or None; the file is removed (it is used once), unless ``again``:
+        the server marked it ``keep`` once more (the base of the next downlink delta),
+        then a verified file stays."""
         p = self.path(digest, bind)
         if p is None or not os.path.lexists(p):
             self.sweep()
             return None
+        ok = False
         try:
             with open_payload(p, size, owner=os.getuid()) as src:
-                return decode(src.read, size, digest)
+                rec = decode(src.read, size, digest)
+            ok = True
+            return rec
         except FlwrTransportsError as exc:
             log.warning("flwr-transports: kept payload %s not used (%s); fetching it", p, exc)
             return None
+        finally:
+            if not (ok and again):
+                remove_path(p)
+            else:
+                os.utime(p)  # kept one more phase: not stale
+            self.sweep()
+
+    def use_base(self, digest: str, bind: str, max_size: int, fn):
+        """Call ``fn(base)`` with the kept payload ``digest`` (bound to ``bind``) as a
+        :class:`~flwr_transports.codecs.Base` read on demand from the file (nothing
+        held in memory; ``fn`` must verify what it decodes against it), and return
+        its result; None (``fn`` not called) when no such payload is kept here. The
+        file is removed afterwards either way (a new model replaces it)."""
+        from ..codecs.stream import Base
+
+        p = self.path(digest, bind)
+        if p is None or not os.path.lexists(p):
+            return None
+        try:
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > max_size:
+                log.warning("flwr-transports: kept base %s not used (not a regular file "
+                            "within the payload limit)", p)
+                return None
+            with open_payload(p, st.st_size, owner=os.getuid()) as src:
+                return fn(Base.from_read(digest, src.read, st.st_size))
         finally:
             remove_path(p)
             self.sweep()
@@ -186,18 +218,27 @@ class PayloadCache:
     def keep(self, record: ArrayRecord, size: int, digest: str, bind: str = "") -> None:
         """Write ``record``'s payload in the background (see :meth:`wait`), if it
         re-encodes to exactly the referenced bytes."""
+        self._start_write(lambda: encode(record), size, digest, bind)
+
+    def keep_payload(self, payload: EncodedPayload, bind: str = "") -> None:
+        """Write a payload whose digest was verified (a decoded model's raw payload:
+        header + the arrays' own bytes, nothing re-encoded or hashed again) in the
+        background."""
+        self._start_write(lambda: payload, payload.size, payload.digest, bind)
+
+    def _start_write(self, make, size: int, digest: str, bind: str) -> None:
         self.wait()
         p = self.path(digest, bind)
         if p is None or not self._ready():
             return
-        self._writer = threading.Thread(target=self._write, args=(record, size, digest, p),
+        self._writer = threading.Thread(target=self._write, args=(make, size, digest, p),
                                         name="ftx-cache-write", daemon=True)
         self._writer.start()
 
-    def _write(self, record: ArrayRecord, size: int, digest: str, p: str) -> None:
+    def _write(self, make, size: int, digest: str, p: str) -> None:
         global _warned_full
         try:
-            payload: EncodedPayload = encode(record)
+            payload: EncodedPayload = make()
             if payload.size != size or payload.digest != digest:
                 log.debug("flwr-transports: payload does not re-encode to its reference; "
                           "not kept")

@@ -24,8 +24,16 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from ..aggregation.layout import WEIGHT_META
-from ..codec import decode, encode
-from ..codecs.wire import decode_from_wire, encode_for_wire, load_feedback, pick_base, save_feedback
+from ..codec import EncodedPayload, decode, encode
+from ..codecs.wire import (
+    decode_delta,
+    decode_from_wire,
+    encode_for_wire,
+    load_feedback,
+    pick_base,
+    save_feedback,
+)
+from ..errors import FlwrTransportsError
 from ..links import client_link, network_scheme
 from ..policy import ClientPolicy
 from ..refs import TICKET_KEY, Reference, RefError, Ticket, is_ref_record, parse_ref_record
@@ -52,46 +60,124 @@ def resolve_message(msg: Message, policy: ClientPolicy | None = None, *,
     fields = message_fields(msg)
     policy = policy or ClientPolicy.build()
     ticket = None
+    if TICKET_KEY in content:  # first: its codec says whether replies need a base
+        ticket = Ticket.from_record(content[TICKET_KEY])
+        policy.check_scheme(ticket.scheme)
+        for slot in ticket.slots:
+            policy.check_location(ticket.scheme, slot, upload=True)
+    want_base = ticket is not None and ticket.codec in ("delta", "q8")
     new = RecordDict()
     for key, rec in content.items():
         if key == TICKET_KEY:
-            ticket = Ticket.from_record(rec)
-            policy.check_scheme(ticket.scheme)
-            for slot in ticket.slots:
-                policy.check_location(ticket.scheme, slot, upload=True)
             continue
         if is_ref_record(rec):
             ref = parse_ref_record(rec)
             if ref.ticket is not None:
                 raise RefError("a server message carries a reply reference; refused")
-            policy.check_size(ref.size)
-            loc = policy.check_location(ref.scheme, ref.loc, upload=False)
-            kept = cache is not None and network_scheme(ref.scheme)
-            rec = None
-            if kept:  # bound to this run and the exact location the server published
-                bind = binding(msg.metadata.run_id, ref.scheme, ref.loc)
-                t0 = time.time()
-                rec = cache.take(ref.size, ref.digest, bind)
-                if rec is not None:  # a miss is not a fetch: only hits are traced
-                    record("fetch", t0, time.time(), role="client", scheme=ref.scheme,
-                           bytes=ref.size, cached=True, **fields)
-            if rec is None:
-                link = client_link(ref.scheme)
-                with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,
-                          **fields), link.open(loc, ref.size) as src:
-                    if ref.codec != "raw":
-                        rec, base = decode_from_wire(src.read, ref.size, ref.digest,
-                                                     max_size=policy.max_payload,
-                                                     with_base=True)
-                        if bases is not None and base is not None:
-                            bases[key] = base
-                    else:
-                        rec = decode(src.read, ref.size, ref.digest)
-                if kept and ref.keep and ref.codec == "raw":
-                    cache.keep(rec, ref.size, ref.digest, bind)  # written while the app runs
+            rec, base = _resolve_ref(ref, msg, policy, cache, fields, want_base)
+            if bases is not None and base is not None:
+                bases[key] = base
         new[key] = rec
     msg.content = new
     return ticket
+
+
+def _resolve_ref(ref: Reference, msg: Message, policy: ClientPolicy,
+                 cache: PayloadCache | None, fields: dict[str, Any], want_base: bool = False
+                 ) -> tuple[ArrayRecord, Any]:
+    """One server reference -> (its ArrayRecord, its raw payload as a Base or None).
+
+    Every size and location (the full model's, and a downlink delta's) is checked
+    against the policy first; the decoded size is bounded by ``max_payload``. On a
+    network link with a cache: the model itself if kept (evaluate -> train), else the
+    downlink delta if this node kept the base it names (bound to this run and the
+    location the base was published at), else the full model. Any failure of the delta
+    (base missing or unreadable, fetch, decode, a base or model digest that misses the
+    reference) falls back to the full model, logged: the full model is then checked
+    against its own digest, so a fallback never accepts a model the reference does not
+    name. What the server marks ``keep`` is kept for the next phase."""
+    policy.check_size(ref.size)
+    if ref.raw_size is not None:
+        policy.check_size(ref.raw_size)  # bounds the DECODED size as well
+    loc = policy.check_location(ref.scheme, ref.loc, upload=False)
+    dloc = None
+    if ref.delta is not None:
+        policy.check_size(ref.delta.size)
+        dloc = policy.check_location(ref.scheme, ref.delta.loc, upload=False)
+    kept = cache is not None and network_scheme(ref.scheme)
+    coded = ref.codec != "raw"
+    model_digest = ref.raw_digest or ref.digest  # what the decoded model must hash to
+    model_size = ref.raw_size if ref.raw_digest is not None else ref.size
+    rec = base = None
+    verify = False
+    if kept:  # bound to this run and the exact location the server published
+        bind = binding(msg.metadata.run_id, ref.scheme, ref.loc)
+        t0 = time.time()
+        rec = cache.take(model_size, model_digest, bind, again=ref.keep)
+        if rec is not None:  # a miss is not a fetch: only hits are traced
+            record("fetch", t0, time.time(), role="client", scheme=ref.scheme,
+                   bytes=model_size, cached=True, **fields)
+            if want_base:
+                base = _base_of(rec, model_digest)  # the base of a delta/q8 reply
+            return rec, base
+        if ref.delta is not None and dloc is not None:
+            got = _fetch_delta(ref, dloc, msg, policy, cache, fields)
+            if got is not None:
+                rec, base = got
+    if rec is None:
+        verify = kept and ref.keep and coded and ref.raw_digest is not None
+        link = client_link(ref.scheme)
+        with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,
+                  **fields), link.open(loc, ref.size) as src:
+            if coded:
+                rec, base = decode_from_wire(src.read, ref.size, ref.digest,
+                                             max_size=policy.max_payload, with_base=True,
+                                             content=ref.raw_digest if verify else None)
+            else:
+                rec = decode(src.read, ref.size, ref.digest)
+    if kept and ref.keep:  # written while the app runs
+        if base is not None and (not coded or ref.delta is not None or verify):
+            cache.keep_payload(_payload_of(base, len(rec)), bind)  # verified: as is
+        elif not coded:
+            cache.keep(rec, ref.size, ref.digest, bind)
+    return rec, base
+
+
+def _fetch_delta(ref: Reference, dloc: Any, msg: Message, policy: ClientPolicy,
+                 cache: PayloadCache, fields: dict[str, Any]) -> tuple[ArrayRecord, Any] | None:
+    """The model decoded from the reference's downlink delta against the base this node
+    kept, or None (no such base here, or the delta failed: logged, the caller fetches
+    the full model)."""
+    d = ref.delta
+    bind = binding(msg.metadata.run_id, ref.scheme, d.base_loc)
+
+    def decode_against(base):
+        with span("fetch", role="client", scheme=ref.scheme, bytes=d.size, delta=True,
+                  **fields), client_link(ref.scheme).open(dloc, d.size) as src:
+            return decode_delta(src.read, d.size, d.digest, base=base,
+                                content=ref.raw_digest, content_size=ref.raw_size,
+                                max_size=policy.max_payload)
+
+    try:
+        return cache.use_base(d.base, bind, policy.max_payload, decode_against)
+    except (FlwrTransportsError, OSError) as exc:
+        log.warning("flwr-transports: downlink delta not used (%s); fetching the full model",
+                    exc)
+        return None
+
+
+def _base_of(rec: ArrayRecord, digest: str):
+    """``rec``'s raw payload as a Base when it encodes to exactly ``digest``, else None."""
+    from ..codecs.stream import Base
+
+    p = encode(rec)
+    return Base.from_payload(p) if p.digest == digest else None
+
+
+def _payload_of(base: Any, n_arrays: int) -> EncodedPayload:
+    segs = list(base.segments)
+    return EncodedPayload(segments=segs, size=base.size, digest=base.digest,
+                          n_arrays=n_arrays)
 
 
 def claimed_weight(content: RecordDict, key: str | None) -> dict[str, str] | None:

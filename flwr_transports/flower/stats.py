@@ -21,6 +21,8 @@ COUNTERS: dict[str, str] = {
     "replies_rejected": "replies turned into error replies (code 0x4654)",
     "link_publishes": "payloads published",
     "link_publishes_reused": "payloads handed out again instead of published anew",
+    "downlink_deltas": "downlink deltas published next to a full model (codec=delta/q8)",
+    "downlink_delta_bytes": "bytes of the downlink deltas published",
     "agg_streamed_rounds": "training rounds aggregated by the streaming fold",
     "agg_eager_folds": "uploads folded as they landed",
     "agg_settle_folds": "uploads folded when the replies were handed over",

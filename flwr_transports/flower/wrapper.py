@@ -35,6 +35,7 @@ from ..aggregation.choice import streaming_decision
 from ..aggregation.round import RoundStream, expected_layout
 from ..aggregation.train import streaming_aggregate_train
 from ..codec import check_digest, decode, encode, record_bytes
+from ..codecs.downlink import DownlinkDeltas, delta_name
 from ..codecs.wire import (
     ServerBases,
     check_codec,
@@ -49,6 +50,7 @@ from ..links import parse as parse_transport
 from ..options import Option, TransportSpec, choice, integer, optional, size, text
 from ..refs import (
     TICKET_KEY,
+    DeltaRef,
     Reference,
     RefError,
     Ticket,
@@ -142,6 +144,8 @@ class Published:
     wire_size: int  # bytes on the link (after the downlink codec)
     wire_digest: str
     wire_codec: str
+    raw_size: int = 0  # of the raw payload (digest)
+    delta: DeltaRef | None = None  # its downlink delta, published as delta_name(name)
 
 
 def _mib(n: int) -> str:
@@ -180,6 +184,9 @@ class Offloader:
         self.aggregation = opts.aggregation
         self.codec = opts.codec
         self._bases = ServerBases()  # raw payloads sent: the bases of delta/q8 replies
+        # delta/q8 on a network link: the model clients kept, for downlink deltas
+        self._downlink = (DownlinkDeltas() if self.codec in ("delta", "q8")
+                          and network_scheme(self.scheme) else None)
         self.streaming = False  # decided by OffloadStrategy, which knows the strategy
         self._streams: dict[int, RoundStream] = {}
         self.link: ServerLink | None = None
@@ -209,6 +216,8 @@ class Offloader:
         self._pub_info.clear()
         self._held.clear()
         self._bases.clear()
+        if self._downlink is not None:
+            self._downlink.clear()
         if self.scheme:
             s = self.stats
             log.info(
@@ -256,6 +265,8 @@ class Offloader:
             for n in held:  # what was not reused goes now
                 if n not in names:
                     self._release_name(n)
+        if self._downlink is not None:  # the model clients now keep: the next delta's base
+            self._downlink.end_phase(self._sent_again(server_round, phase))
         return messages
 
     def _prepare_records(self, messages: list[Message], link: ServerLink, server_round: int,
@@ -286,10 +297,14 @@ class Offloader:
                             wire, wire_codec = encode_for_wire(payload,
                                                                downlink_codec(self.codec))
                             loc = link.publish(name, wire)
+                            delta = (self._downlink.offer(link, name, loc, payload, wire.size,
+                                                          self.stats)
+                                     if self._downlink is not None else None)
                             pub = self._pub_info[name] = Published(
                                 digest=payload.digest, loc=loc, n_arrays=payload.n_arrays,
                                 at=time.monotonic(), wire_size=wire.size,
-                                wire_digest=wire.digest, wire_codec=wire_codec)
+                                wire_digest=wire.digest, wire_codec=wire_codec,
+                                raw_size=payload.size, delta=delta)
                             del wire
                             if self.codec in ("delta", "q8"):  # the base of the replies
                                 self._bases.add(name, payload)
@@ -305,6 +320,9 @@ class Offloader:
                             scheme=self.scheme, loc=pub.loc, size=pub.wire_size,
                             digest=pub.wire_digest, n_arrays=payload.n_arrays,
                             keep=self._sent_again(server_round, phase), codec=pub.wire_codec,
+                            raw_digest=pub.digest if pub.wire_codec != "raw" else None,
+                            raw_size=pub.raw_size if pub.wire_codec != "raw" else None,
+                            delta=pub.delta,
                         ).to_record(), pub.wire_size)
                         log.info("flwr-transports: round %d %s: published %r (%s, %d arrays) "
                                  "on %s:// in %.2fs", server_round, phase, key,
@@ -371,10 +389,12 @@ class Offloader:
                     self._release_name(name)
 
     def _release_name(self, name: str) -> None:
-        self._pub_info.pop(name, None)
+        info = self._pub_info.pop(name, None)
         self._bases.drop(name)
         if self.link is not None:
             self.link.release(name)
+            if info is not None and info.delta is not None:
+                self.link.release(delta_name(name))
 
     def _publish_failed(self, link: ServerLink, name: str) -> bool:
         """Whether the publish of ``name`` failed after ``publish`` returned (a
@@ -389,9 +409,14 @@ class Offloader:
         """Whether this phase's outgoing payload will go out again next phase: an
         evaluate phase's global model is the next train round's, when there is one
         (only a round loop that knows its length can say; clients may then keep it,
-        which is worth it for network links only)."""
-        return (phase == "evaluate" and self._num_rounds is not None
-                and server_round < self._num_rounds and network_scheme(self.scheme))
+        which is worth it for network links only). With a downlink delta
+        (``self._downlink``) every phase but the last evaluate is kept: the next model
+        is sent as a delta against it."""
+        if self._num_rounds is None or not network_scheme(self.scheme):
+            return False
+        if phase == "evaluate":
+            return server_round < self._num_rounds
+        return self._downlink is not None and phase == "train"
 
     # -- incoming ------------------------------------------------------------------
     def _resolve(self, replies: Iterable[Message], server_round: int, phase: str,

@@ -143,3 +143,51 @@ def test_a_view_refuses_a_json_of_another_kind():
         render.render_block("receive-loop-tails", ["docs/bench-data/e2e-lo-500-s5.json"], ROOT)
     with pytest.raises(ValueError, match="aggregation"):
         render.render_block("aggregation-x", ["docs/bench-data/issue24-receive-loop.json"], ROOT)
+
+
+# ---- the plots in docs/img: each PNG carries the figures it was drawn from
+
+
+def test_plots_carry_the_inputs_their_data_gives():
+    assert render.stale_plots(ROOT) == [], "run: ftx-bench render"
+
+
+def test_plot_inputs_are_the_jsons_figures():
+    import json
+
+    inputs = render.plot_inputs("docs/img/bench-e2e-star-nodes-s5.png", ROOT)
+    pts = inputs["series"]["tcp:// 1 Gbit/s uplink, 64 MiB"]["points"]
+    for n, (round_s, overhead_s) in zip((2, 4, 8), [(p[1], p[2]) for p in pts], strict=True):
+        doc = json.loads((BENCH / f"star-1gbit-n{n}-64MiB-s5.json").read_text("utf-8"))
+        row, = [r for r in doc["results"] if r.get("kind") == "model"
+                and r["transport"] == "tcp://"]
+        assert (round_s, overhead_s) == (row["round_s"], row["overhead_s"])
+        assert doc["environment"]["git_commit"] in inputs["provenance"]
+    p2p = render.plot_inputs("docs/img/bench-p2p-loopback-k4.png", ROOT)
+    doc = json.loads((BENCH / "p2p-lo-s2.json").read_text("utf-8"))
+    assert sorted(v for pts in p2p["series"].values() for _, v in pts) == sorted(
+        r["throughput_MBps"] for r in doc["results"]
+        if r.get("k") == 4 and "latency_median_s" in r)
+    assert "commit fdfd2cf (older code version)" in p2p["provenance"]
+
+
+def test_a_changed_data_point_makes_its_plot_stale(tmp_path):
+    import json
+    import shutil
+
+    img = "docs/img/bench-p2p-geo-distributed-k1.png"
+    for d in ("bench-data", "img"):
+        shutil.copytree(ROOT / "docs" / d, tmp_path / "docs" / d)
+    assert render.stale_plots(tmp_path) == []
+    path = tmp_path / "docs" / "bench-data" / "p2p-geo.json"
+    doc = json.loads(path.read_text("utf-8"))
+    next(r for r in doc["results"] if r.get("k") == 1)["throughput_MBps"] += 1.0
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    (tmp_path / "docs" / "img" / "unlisted.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert render.stale_plots(tmp_path) == [img, "docs/img/unlisted.png"]
+
+
+def test_every_plot_is_shown_in_the_docs():
+    text = "".join(p.read_text("utf-8") for p in render.doc_paths(ROOT))
+    for img in render.PLOTS:
+        assert f"]({img.removeprefix('docs/')})" in text, img

@@ -8,7 +8,9 @@ A block in README.md or docs/**.md::
 
 is regenerated from the JSON files its begin marker names (several: space-separated);
 ``--check`` (and tests/test_figures.py) fails when a block differs from what the data
-gives. Both the JSON of ``ftx-bench reproduce`` (median, min-max over repeats) and an
+gives. The plots in docs/img are drawn from the JSON files ``PLOTS`` names; each PNG
+carries the figures it was drawn from, so the check compares them with the data
+(matplotlib, an optional dependency of the benchmarks package, is needed to draw only). Both the JSON of ``ftx-bench reproduce`` (median, min-max over repeats) and an
 older single ``ftx-bench e2e`` JSON (which says "one run", its commit and its load) render.
 """
 
@@ -18,6 +20,7 @@ import json
 import re
 import statistics
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -452,6 +455,231 @@ def render_block(name: str, files: list[str], root: Path = REPO) -> str:
     return "\n".join(parts) + "\n"
 
 
+# ---------------------------------------------------------------------- plots (docs/img)
+#
+# Each plot in docs/img is drawn from the JSON files listed here. The PNG carries the
+# exact figures it was drawn from (PNG text chunk ``ftx-bench-inputs``), so the check
+# compares those with what the data gives now: no pixel comparison, and no matplotlib
+# needed to check. ``ftx-bench render`` redraws a plot that is missing or stale.
+
+_STAR64 = [f"docs/bench-data/star-{r}-n{n}-64MiB{sfx}.json"
+           for r, n, sfx in (("1gbit", 2, "-rerun"), ("1gbit", 4, ""), ("1gbit", 8, ""),
+                             ("5gbit", 2, ""), ("5gbit", 2, "-s3only"), ("5gbit", 4, ""),
+                             ("5gbit", 8, ""))]
+
+#: image -> (kind, data files, options)
+PLOTS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
+    "docs/img/bench-e2e-star-nodes.png": ("e2e-nodes", _STAR64, {}),
+    "docs/img/bench-e2e-star-nodes-s5.png": (
+        "e2e-nodes", [f"docs/bench-data/star-1gbit-n{n}-64MiB-s5.json" for n in (2, 4, 8)],
+        {}),
+    "docs/img/bench-e2e-profiles.png": (
+        "e2e-profiles", [f"docs/bench-data/{f}.json" for f in ("e2e-lo2", "e2e-geo16",
+                                                              "e2e-200")], {}),
+    "docs/img/bench-p2p-loopback-k1.png": ("p2p", ["docs/bench-data/p2p-lo-s2.json"], {"k": 1}),
+    "docs/img/bench-p2p-loopback-k4.png": ("p2p", ["docs/bench-data/p2p-lo-s2.json"], {"k": 4}),
+    "docs/img/bench-p2p-geo-distributed-k1.png": ("p2p", ["docs/bench-data/p2p-geo.json"],
+                                                  {"k": 1}),
+}
+
+PNG_KEY = "ftx-bench-inputs"
+
+
+def _commit_of(doc: dict[str, Any]) -> str:
+    return (doc.get("environment") or {}).get("git_commit") or doc.get("commit") or "?"
+
+
+def _provenance(docs: list[tuple[dict[str, Any], str]]) -> str:
+    commits = list(dict.fromkeys(_commit_of(d)[:7] for d, _ in docs))
+    names = ", ".join(Path(src).stem for _, src in docs)
+    return (f"data: {names}; commit{'s' if len(commits) > 1 else ''} "
+            f"{', '.join(commits)} (older code version{'s' if len(commits) > 1 else ''})")
+
+
+def _e2e_nodes_inputs(docs: list[tuple[dict[str, Any], str]], opts: dict[str, Any]) -> dict:
+    series: dict[str, dict[str, Any]] = {}
+    for d, _ in docs:
+        meta = d.get("meta") or {}
+        n, rate, rounds = meta.get("nodes"), meta.get("server_rate_mbit"), meta.get("rounds") or 1
+        up = f"{rate / 1000:g} Gbit/s uplink" if rate else (meta.get("wan") or "loopback")
+        for r in d.get("results", []):
+            if r.get("kind") == "model" and "round_s" in r and n:
+                t = r["transport"].split("?")[0]
+                label = f"{t} {up}, {r['model_mib']:g} MiB"
+                tx = r.get("server_tx_bytes")
+                series.setdefault(label, {"transport": t, "uplink": up, "points": []})
+                series[label]["points"].append(
+                    [n, r["round_s"], r.get("overhead_s"),
+                     tx / 2**20 / rounds if tx is not None else None])
+    for e in series.values():
+        e["points"].sort()
+    return {"kind": "e2e-nodes", "series": dict(sorted(series.items())),
+            "title": "Round time vs number of clients per link (emulated WAN, star topology)",
+            "provenance": _provenance(docs)}
+
+
+def _e2e_profiles_inputs(docs: list[tuple[dict[str, Any], str]], opts: dict[str, Any]) -> dict:
+    groups = []
+    for d, _ in docs:
+        meta = d.get("meta") or {}
+        prof = meta.get("wan") or "loopback"
+        desc = (meta.get("wan_desc") or "").partition(": ")[2]
+        by_size: dict[float, list[dict[str, Any]]] = {}
+        for r in d.get("results", []):
+            if r.get("kind") == "model" and "round_s" in r:
+                by_size.setdefault(r["model_mib"], []).append(r)
+        for size, rs in sorted(by_size.items()):
+            groups.append({"label": f"{prof}\n{desc + chr(10) if desc else ''}{size:g} MiB",
+                           "bars": [[r["transport"], r["round_s"], r.get("floor_s") or 0]
+                                    for r in rs]})
+    return {"kind": "e2e-profiles", "groups": groups,
+            "title": "End-to-end round time per transport and WAN profile",
+            "provenance": _provenance(docs)}
+
+
+def _p2p_inputs(docs: list[tuple[dict[str, Any], str]], opts: dict[str, Any]) -> dict:
+    k = opts["k"]
+    series: dict[str, list[list[float]]] = {}
+    where = "loopback"
+    for d, _ in docs:
+        meta = d.get("meta") or {}
+        where = meta.get("wan_desc") or where
+        for r in d.get("results", []):
+            if r.get("k") == k and "latency_median_s" in r:
+                series.setdefault(r["backend"], []).append(
+                    [r["size_bytes"] / 2**20, r["throughput_MBps"]])
+    for pts in series.values():
+        pts.sort()
+    return {"kind": "p2p", "k": k, "series": dict(sorted(series.items())),
+            "title": f"p2p ({where}), K={k} receiver{'s' if k > 1 else ''}",
+            "provenance": _provenance(docs)}
+
+
+_PLOT_INPUTS = {"e2e-nodes": _e2e_nodes_inputs, "e2e-profiles": _e2e_profiles_inputs,
+                "p2p": _p2p_inputs}
+
+
+def plot_inputs(image: str, root: Path = REPO) -> dict[str, Any]:
+    """What the plot ``image`` shows, computed from its data files now (JSON-normal)."""
+    kind, files, opts = PLOTS[image]
+    docs = [(json.loads((root / f).read_text(encoding="utf-8")), f) for f in files]
+    return json.loads(json.dumps(_PLOT_INPUTS[kind](docs, opts)))
+
+
+def png_inputs(path: Path) -> dict[str, Any] | None:
+    """The inputs a PNG drawn by this module carries (its ``tEXt`` chunk), or None."""
+    import struct
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    pos = 8
+    while pos + 8 <= len(data):
+        (length,), ctype = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if ctype == b"tEXt":
+            key, _, text = body.partition(b"\0")
+            if key == PNG_KEY.encode():
+                try:
+                    return json.loads(text.decode("latin-1"))
+                except ValueError:
+                    return None
+        if ctype == b"IEND":
+            break
+    return None
+
+
+def _draw(inputs: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("drawing docs/img needs matplotlib: pip install -e benchmarks "
+                           "(or pip install matplotlib)") from exc
+    kind = inputs["kind"]
+    if kind == "e2e-nodes":
+        fig, axes = plt.subplots(1, 3, figsize=(15, 5.1))
+        colors = {"inband": "tab:gray", "tcp://": "tab:blue", "s3://": "tab:orange"}
+        styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+        ups = sorted({e["uplink"] for e in inputs["series"].values()})
+        for label, e in inputs["series"].items():
+            ls, mk = styles[ups.index(e["uplink"]) % len(styles)]
+            for ax, idx in zip(axes, (1, 2, 3), strict=True):
+                xy = [(p[0], p[idx]) for p in e["points"] if p[idx] is not None]
+                if xy:
+                    ax.plot([x for x, _ in xy], [y for _, y in xy], ls, marker=mk,
+                            color=colors.get(e["transport"]), label=label)
+        whats = ("round time (s)", "payload overhead above the floor (s)",
+                 "MiB through the server's uplink per round")
+        for a, what in zip(axes, whats, strict=True):
+            a.set_xlabel("SuperNodes (N)")
+            a.set_ylabel(what)
+            a.set_xticks(sorted({p[0] for e in inputs["series"].values()
+                                 for p in e["points"]}))
+            a.grid(True, alpha=0.3)
+        axes[1].axhline(0, color="black", lw=0.5)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{inputs['title']}\n{textwrap.fill(inputs['provenance'], 160)}",
+                     fontsize=10)
+    elif kind == "e2e-profiles":
+        groups = inputs["groups"]
+        transports = list(dict.fromkeys(b[0] for g in groups for b in g["bars"]))
+        width = 0.8 / max(1, len(transports))
+        fig, ax = plt.subplots(figsize=(max(6, 2.4 * len(groups)), 5))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, t in enumerate(transports):
+            xs, ys, floors = [], [], []
+            for j, g in enumerate(groups):
+                m = [b for b in g["bars"] if b[0] == t]
+                if m:
+                    xs.append(j + i * width)
+                    ys.append(m[0][1])
+                    floors.append(m[0][2])
+            c = colors[i % len(colors)]
+            ax.bar(xs, ys, width, label=t, color=c)
+            ax.bar(xs, floors, width, color="white", alpha=0.45, hatch="//", edgecolor=c)
+        ax.set_xticks([j + width * (len(transports) - 1) / 2 for j in range(len(groups))])
+        ax.set_xticklabels([g["label"] for g in groups], fontsize=8)
+        ax.set_ylabel("round time (s); hatched: control-plane floor")
+        ax.set_title(f"{inputs['title']}\n{textwrap.fill(inputs['provenance'], 90)}",
+                     fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    elif kind == "p2p":
+        fig, ax = plt.subplots(figsize=(8.5, 4.8))
+        for name, pts in inputs["series"].items():
+            ax.plot([q[0] for q in pts], [q[1] for q in pts], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("payload size (MiB)")
+        ax.set_ylabel("aggregate throughput (MB/s)")
+        ax.set_title(f"{inputs['title']}\n{textwrap.fill(inputs['provenance'], 90)}",
+                     fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        raise ValueError(f"unknown plot kind {kind!r}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={PNG_KEY: json.dumps(inputs, sort_keys=True),
+                                         "Software": None})
+    plt.close(fig)
+
+
+def stale_plots(root: Path = REPO) -> list[str]:
+    """Plots in docs/img whose embedded inputs differ from what their data gives now, or
+    that no entry of PLOTS generates."""
+    bad = [img for img in PLOTS if png_inputs(root / img) != plot_inputs(img, root)]
+    bad += [str(p.relative_to(root)) for p in sorted((root / "docs" / "img").glob("*.png"))
+            if str(p.relative_to(root)) not in PLOTS]
+    return bad
+
+
 def render_text(text: str, root: Path = REPO) -> str:
     def sub(mo: re.Match) -> str:
         body = render_block(mo["name"], mo["files"].split(), root)
@@ -476,7 +704,27 @@ def main(check: bool = False) -> int:
         for b in bad:
             print(f"{b}: a generated figure block differs from docs/bench-data "
                   f"(run: ftx-bench render)", file=sys.stderr)
-        return 1 if bad else 0
+        plots = stale_plots()
+        for b in plots:
+            print(f"{b}: " + ("not drawn from docs/bench-data by ftx-bench render (add it "
+                              "to render.PLOTS or remove it)" if b not in PLOTS else
+                              "the plot's inputs differ from docs/bench-data (run: "
+                              "ftx-bench render)"), file=sys.stderr)
+        return 1 if bad or plots else 0
+    rc = 0
+    for img in stale_plots():
+        if img not in PLOTS:
+            print(f"{img}: not drawn from docs/bench-data (add it to render.PLOTS)",
+                  file=sys.stderr)
+            rc = 1
+            continue
+        try:
+            _draw(plot_inputs(img), REPO / img)
+        except RuntimeError as exc:
+            print(f"{img}: stale, not redrawn: {exc}", file=sys.stderr)
+            rc = 1
+            continue
+        print(f"drew {img}")
     for p in doc_paths():
         text = p.read_text(encoding="utf-8")
         if "figures:begin" in text:
@@ -484,4 +732,4 @@ def main(check: bool = False) -> int:
             if new != text:
                 p.write_text(new, encoding="utf-8")
                 print(f"updated {p.relative_to(REPO)}")
-    return 0
+    return rc

@@ -215,6 +215,15 @@ class PayloadCache:
             remove_path(p)
             self.sweep()
 
+    def discard(self) -> None:
+        """Remove every payload this node keeps (the server's reference says nothing
+        is needed again: the run's last phase), and the emptied directories."""
+        self.wait()
+        for name in self.entries():
+            if _NAME.match(name):
+                remove_path(os.path.join(self.dir, name))
+        self._tidy()
+
     def keep(self, record: ArrayRecord, size: int, digest: str, bind: str = "") -> None:
         """Write ``record``'s payload in the background (see :meth:`wait`), if it
         re-encodes to exactly the referenced bytes."""

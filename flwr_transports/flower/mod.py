@@ -125,7 +125,7 @@ def _resolve_ref(ref: Reference, msg: Message, policy: ClientPolicy,
             if got is not None:
                 rec, base = got
     if rec is None:
-        verify = kept and ref.keep and coded and ref.raw_digest is not None
+        verify = coded and ref.raw_digest is not None  # the model the reference names
         link = client_link(ref.scheme)
         with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,
                   **fields), link.open(loc, ref.size) as src:
@@ -140,6 +140,8 @@ def _resolve_ref(ref: Reference, msg: Message, policy: ClientPolicy,
             cache.keep_payload(_payload_of(base, len(rec)), bind)  # verified: as is
         elif not coded:
             cache.keep(rec, ref.size, ref.digest, bind)
+    elif kept and ref.raw_digest is not None:  # coded, not kept: nothing is needed again
+        cache.discard()  # (a delta run's last phase; a base that was not used goes too)
     return rec, base
 
 

@@ -171,6 +171,8 @@ class Reference:
             if not (isinstance(rd, str) and _DIGEST_RE.match(rd) and isinstance(rs, int)
                     and not isinstance(rs, bool) and 0 <= rs <= MAX_PAYLOAD_SIZE):
                 raise RefError("reference has a malformed raw payload digest/size")
+            if codec == "raw" and (rd, rs) != (digest, size):
+                raise RefError("reference names a raw payload and another raw digest/size")
             ref.raw_digest, ref.raw_size = rd, rs
         if d.get("delta") is not None:
             if ref.raw_digest is None:

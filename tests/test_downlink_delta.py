@@ -130,6 +130,12 @@ def test_reference_delta_fields_round_trip_and_are_checked():
         mutate(bad)
         with pytest.raises(RefError):
             Reference.from_json(json.dumps(bad).encode())
+    raw = json.loads(ref.to_json())
+    raw.pop("codec")  # a raw payload's raw digest is its own
+    with pytest.raises(RefError, match="another raw digest"):
+        Reference.from_json(json.dumps(raw).encode())
+    raw["raw"] = {"digest": raw["digest"], "size": raw["size"]}
+    assert Reference.from_json(json.dumps(raw).encode()).delta == d
 
 
 def test_cache_base_is_bound_bounded_and_removed(tmp_path):

@@ -189,7 +189,10 @@ class PayloadCache:
             if not (ok and again):
                 remove_path(p)
             else:
-                os.utime(p)  # kept one more phase: not stale
+                try:
+                    os.utime(p)  # kept one more phase: not stale
+                except OSError:
+                    pass
             self.sweep()
 
     def use_base(self, digest: str, bind: str, max_size: int, fn):

@@ -109,7 +109,6 @@ def _resolve_ref(ref: Reference, msg: Message, policy: ClientPolicy,
     model_digest = ref.raw_digest or ref.digest  # what the decoded model must hash to
     model_size = ref.raw_size if ref.raw_digest is not None else ref.size
     rec = base = None
-    verify = False
     if kept:  # bound to this run and the exact location the server published
         bind = binding(msg.metadata.run_id, ref.scheme, ref.loc)
         t0 = time.time()
@@ -125,7 +124,8 @@ def _resolve_ref(ref: Reference, msg: Message, policy: ClientPolicy,
             if got is not None:
                 rec, base = got
     if rec is None:
-        verify = coded and ref.raw_digest is not None  # the model the reference names
+        # the model the reference names (what is kept, what deltas decode against)
+        verify = kept and coded and ref.raw_digest is not None
         link = client_link(ref.scheme)
         with span("fetch", role="client", scheme=ref.scheme, bytes=ref.size,
                   **fields), link.open(loc, ref.size) as src:
@@ -136,8 +136,8 @@ def _resolve_ref(ref: Reference, msg: Message, policy: ClientPolicy,
             else:
                 rec = decode(src.read, ref.size, ref.digest)
     if kept and ref.keep:  # written while the app runs
-        if base is not None and (not coded or ref.delta is not None or verify):
-            cache.keep_payload(_payload_of(base, len(rec)), bind)  # verified: as is
+        if base is not None and ref.raw_digest is not None:  # verified against it above
+            cache.keep_payload(_payload_of(base, len(rec)), bind)  # as is: no re-encode
         elif not coded:
             cache.keep(rec, ref.size, ref.digest, bind)
     elif kept and ref.raw_digest is not None:  # coded, not kept: nothing is needed again

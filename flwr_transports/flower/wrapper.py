@@ -320,8 +320,10 @@ class Offloader:
                             scheme=self.scheme, loc=pub.loc, size=pub.wire_size,
                             digest=pub.wire_digest, n_arrays=payload.n_arrays,
                             keep=self._sent_again(server_round, phase), codec=pub.wire_codec,
-                            raw_digest=pub.digest if pub.wire_codec != "raw" else None,
-                            raw_size=pub.raw_size if pub.wire_codec != "raw" else None,
+                            raw_digest=pub.digest if pub.wire_codec != "raw" or pub.delta
+                            else None,
+                            raw_size=pub.raw_size if pub.wire_codec != "raw" or pub.delta
+                            else None,
                             delta=pub.delta,
                         ).to_record(), pub.wire_size)
                         log.info("flwr-transports: round %d %s: published %r (%s, %d arrays) "
@@ -562,7 +564,7 @@ class _FoldHost:
 
     def __init__(self, wrapper: OffloadStrategy, server_round: int):
         self._w, self._round = wrapper, server_round
-        self.inner = wrapper.inner
+        self.inner = wrapper._trainer
 
     def claim_all(self, replies):
         return self._w._claim_all(replies, self._round, "train")
@@ -604,6 +606,9 @@ class OffloadStrategy(Offloader, Strategy):
         if isinstance(strategy, OffloadStrategy):
             raise TypeError("strategy is already wrapped by offload()")
         self.inner = strategy
+        #: the strategy training rounds call (aggregation=ray may run its server step on
+        #: the shard owners: aggregation/ray_step.py)
+        self._trainer = strategy
         super().__init__(transport, **options)
         self.streaming, why = streaming_decision(strategy, self.aggregation)
         if self.streaming and self.scheme is None:
@@ -614,10 +619,12 @@ class OffloadStrategy(Offloader, Strategy):
                        f"(streaming in the ServerApp instead)")
             else:
                 from ..aggregation.ray_shards import RayCluster, import_ray
+                from ..aggregation.ray_step import shard_trainer
 
                 import_ray()  # the install hint now, not in round 1
                 self._ray = RayCluster(self.options.ray_address, self.options.ray_shards)
-                why = f"{why}; sharded over Ray actors (aggregation=ray)"
+                self._trainer, step_why = shard_trainer(strategy, self._ray)
+                why = f"{why}; sharded over Ray actors (aggregation=ray){step_why}"
         if self.scheme is not None:
             log.info("flwr-transports: aggregation %s", why)
 
@@ -669,7 +676,7 @@ class OffloadStrategy(Offloader, Strategy):
     # -- Strategy API --------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        msgs = self.inner.configure_train(server_round, arrays, config, _outer(grid))
+        msgs = self._trainer.configure_train(server_round, arrays, config, _outer(grid))
         return self._prepare(msgs, server_round, "train", grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -681,7 +688,7 @@ class OffloadStrategy(Offloader, Strategy):
             if stream is not None:
                 return streaming_aggregate_train(_FoldHost(self, server_round), stream,
                                                  server_round, list(replies))
-            return self.inner.aggregate_train(
+            return self._trainer.aggregate_train(
                 server_round, self._resolve(replies, server_round, "train"))
         finally:  # the aggregation tail: last upload landed -> aggregate_train returns
             now = time.perf_counter()

@@ -186,12 +186,13 @@ def _init() -> ArrayRecord:
                         "head": Array(rng.standard_normal(10_000))})
 
 
-def _federate(monkeypatch, tmp_path, tag: str, cache: str, hostile=None, codec="delta"):
+def _federate(monkeypatch, tmp_path, tag: str, cache: str, hostile=None, codec="delta",
+              url="tcp://127.0.0.1:0"):
     tdir = tmp_path / f"trace-{tag}"
     tdir.mkdir()
     monkeypatch.setenv(trace.ENV, str(tdir))
     monkeypatch.setenv(cache_mod.CACHE_ENV, cache)
-    s = offload(FedAvg(), "tcp://127.0.0.1:0", codec=codec, aggregation="inner", threshold=0)
+    s = offload(FedAvg(), url, codec=codec, aggregation="inner", threshold=0)
     res = s.start(InProcessGrid(_app(hostile)), _init(), num_rounds=3)
     fetches = [e for e in trace.read_events(tdir) if e["ev"] == "fetch"]
     return s, res, fetches
@@ -218,16 +219,34 @@ def _counts(fetches) -> tuple[int, int, int]:
     return len(fetches) - delta - hits, delta, hits
 
 
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """A bucket on moto's S3 server (tests/moto_store.py); its keys when the test ends."""
+    import boto3
+    from moto_store import moto_endpoint
+
+    with moto_endpoint() as ep:
+        s3 = boto3.client("s3", endpoint_url=ep, region_name="us-east-1")
+        s3.create_bucket(Bucket="ftx-dd")
+        yield (f"s3://ftx-dd/runs?endpoint_url={ep}",
+               lambda: [o["Key"] for o in s3.list_objects_v2(Bucket="ftx-dd").get(
+                   "Contents", [])])
+
+
+@pytest.mark.parametrize("link", ["tcp", "s3"])
 def test_federation_sends_deltas_to_clients_that_kept_the_base(monkeypatch, tmp_path,
-                                                               reference):
+                                                               reference, link, request):
     """3 rounds, 2 nodes, train + evaluate: round 1 trains on the full model; each
     evaluate gets the new model as a delta against the trained-on one, each next train
     round takes that model from the cache. The model is bit-identical to a run without
-    the cache (every fetch full), the downlink moved far fewer bytes, nothing is left."""
+    the cache (every fetch full), the downlink moved far fewer bytes, nothing is left
+    (on the clients, and on the link: s3:// holds both objects of each publication)."""
     ref_res, off = reference
     assert _counts(off) == (12, 0, 0)
     cdir = tmp_path / "cache"
-    s, res, on = _federate(monkeypatch, tmp_path, "on", str(cdir))
+    url, keys = ("tcp://127.0.0.1:0", None) if link == "tcp" else request.getfixturevalue(
+        "s3_bucket")
+    s, res, on = _federate(monkeypatch, tmp_path, "on", str(cdir), url=url)
     _same(ref_res.arrays, res.arrays)
     assert _counts(on) == (2, 6, 4)
     assert s.stats["downlink_deltas"] == 3 and s.stats["replies_rejected"] == 0
@@ -235,6 +254,7 @@ def test_federation_sends_deltas_to_clients_that_kept_the_base(monkeypatch, tmp_
     moved = sum(e["bytes"] for e in on if not e.get("cached"))
     assert moved < 0.3 * full  # the frozen body costs (almost) nothing
     assert not cdir.exists()  # the last evaluate is not kept: every base was used
+    assert keys is None or keys() == []
 
 
 def _rewrite(change):

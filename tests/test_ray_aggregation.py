@@ -41,7 +41,7 @@ def cluster(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=200 * 2**20, configure_logging=False, _temp_dir=str(tmp))
+             object_store_memory=400 * 2**20, configure_logging=False, _temp_dir=str(tmp))
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -186,13 +186,158 @@ def test_actor_killed_mid_round_is_replaced_and_refolded(cluster, bucket, monkey
 
 
 def test_fedadam_on_ray_equals_streaming(cluster, bucket):
-    """The server-side step runs on the mean assembled from the shards."""
+    """FedAdam's step runs on the shard owners, on the sums they folded from the store
+    (its moments live there, not in the ServerApp): the same model as streaming,
+    where Flower's FedAdam steps in the ServerApp."""
     s3, b = bucket
     url = f"s3://{b}/runs?endpoint_url={_endpoint(s3)}"
     _, r_st = _ray_run(FedAdam(), f"{url}&aggregation=streaming", _grid(3, faulty=False))
-    _, r_ray = _ray_run(FedAdam(), f"{url}&aggregation=ray", _grid(3, faulty=False))
+    s_ray, r_ray = _ray_run(FedAdam(), f"{url}&aggregation=ray", _grid(3, faulty=False))
+    step = s_ray._trainer
+    assert step is not s_ray.inner and step.steps == 2 and step.seeded == 1
+    assert s_ray.stats["agg_streamed_rounds"] == 2
+    assert s_ray.inner.m_t is None and s_ray.inner.current_arrays is None
     _compare(r_st, r_ray, tol=1e-5)
     assert _leftovers(s3, b) == ([], [])
+
+
+# -- the server step on the shard owners -------------------------------------------------
+def _model() -> ArrayRecord:
+    """~0.6 MiB, every dtype FedAvg averages; the owners' partition (cut at 64 KiB in the
+    test) falls inside "w"."""
+    r = np.random.default_rng(3)
+    return ArrayRecord({"w": Array(r.standard_normal((300, 500)).astype(np.float32)),
+                        "b": Array(r.standard_normal(1001)),
+                        "h": Array(r.standard_normal(3000).astype(np.float16)),
+                        "steps": Array(np.arange(6, dtype=np.int64))})
+
+
+def _replies(msgs, arrays, rnd):
+    """One reply per message, the same for both strategies: the model plus noise (in
+    its dtype), weight 10 * node + round."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    out = []
+    for msg in sorted(msgs, key=lambda m: m.metadata.dst_node_id):
+        node = msg.metadata.dst_node_id
+        r = np.random.default_rng(100 * rnd + node)
+        rec = ArrayRecord({k: Array((v.numpy() + r.standard_normal(v.shape)).astype(
+            v.numpy().dtype)) for k, v in arrays.items()})
+        out.append(Message(RecordDict({"arrays": rec, "metrics": MetricRecord(
+            {"num-examples": 10 * (node - 100) + rnd})}), reply_to=msg))
+    return out
+
+
+STEPPED = {
+    "FedAdam": lambda: __import__("flwr.serverapp.strategy", fromlist=["x"]).FedAdam(
+        eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2),
+    "FedYogi": lambda: __import__("flwr.serverapp.strategy", fromlist=["x"]).FedYogi(
+        eta=0.03, tau=1e-2),
+    "FedAdagrad": lambda: __import__("flwr.serverapp.strategy", fromlist=["x"]).FedAdagrad(
+        eta=0.2),
+    "FedAvgM": lambda: __import__("flwr.serverapp.strategy", fromlist=["x"]).FedAvgM(
+        server_learning_rate=0.7, server_momentum=0.9),
+}
+
+
+def test_server_step_on_the_owners_equals_flowers_classes(cluster, monkeypatch):
+    """FedAdam, FedYogi, FedAdagrad and FedAvgM (non-default hyper-parameters, eta
+    changed by the app after round 2) stepped by 3 shard owners, 4 rounds, against
+    Flower's own class given the same replies: bit-identical arrays and dtypes every
+    round (the mean here is Flower's, from decoded replies; the step elementwise). The
+    optimiser state never enters the ServerApp. FedAdam's owner 1 is killed after round
+    2 (its successor steps from the same state), owner 2 after its round-4 step, while
+    the new model is collected (its successor serves it from the state that step
+    left)."""
+    from flwr.app import ConfigRecord
+    from inproc import InProcessGrid
+    from test_aggregation import _app as app
+
+    from flwr_transports.aggregation import ray_step
+    from flwr_transports.aggregation.ray_shards import RayCluster
+
+    monkeypatch.setattr(ray_step, "STEP_GRAIN", 64 << 10)
+    collect = ray_step.ShardStep._collect
+
+    def kill_then_collect(self, j, info, bodies, chunk):
+        if self._round == 4 and j == 2 and not self._killed:
+            self._killed = True
+            ray.kill(self.cluster.actors[2], no_restart=True)
+        return collect(self, j, info, bodies, chunk)
+
+    monkeypatch.setattr(ray_step.ShardStep, "_collect", kill_then_collect)
+    grid = InProcessGrid(app(), n_nodes=3)
+    rc = RayCluster(shards=3)
+    try:
+        for name, make in STEPPED.items():
+            rc.pinned = rc.step = None
+            flower, mine = make(), make()
+            step, why = ray_step.shard_trainer(mine, rc)
+            step._killed = name != "FedAdam"  # (restarts are slow: one class is enough)
+            assert isinstance(step, ray_step.ShardStep) and "shard owners" in why, name
+            a_f = a_o = _model()
+            for rnd in range(1, 5):
+                if rnd == 3 and name != "FedAvgM":  # read every round, as Flower does
+                    flower.eta = mine.eta = flower.eta / 2
+                msgs = list(flower.configure_train(rnd, a_f, ConfigRecord(), grid))
+                list(step.configure_train(rnd, a_o, ConfigRecord(), grid))
+                a_f, _ = flower.aggregate_train(rnd, _replies(msgs, a_f, rnd))
+                step._round = rnd
+                a_o, _ = step.aggregate_train(rnd, _replies(msgs, a_o, rnd))
+                for k in a_f:
+                    x, y = a_f[k].numpy(), a_o[k].numpy()
+                    assert x.dtype == y.dtype and np.array_equal(x, y), (name, rnd, k)
+                if rnd == 2 and name == "FedAdam":
+                    ray.kill(rc.actors[1], no_restart=True)
+            assert len(rc.pinned[1]) == 3 and step.steps == 4
+            # the owners stepped from their own result after round 1
+            assert step.seeded == 1
+            # no optimiser state in the ServerApp's strategy
+            assert all(getattr(mine, a, None) is None for a in
+                       ("m_t", "v_t", "momentum_vector", "current_arrays")), name
+        assert rc.restarts == 2
+    finally:
+        rc.close()
+    assert _gone(rc.history)
+
+
+def test_which_server_steps_run_on_the_owners(caplog):
+    """The one decision: Flower's own classes step on the owners; a subclass that
+    replaces the step, state the strategy already holds, a hyper-parameter the owners
+    cannot take keep the step in the ServerApp, and the log line says why."""
+    from flwr.serverapp.strategy import FedAdagrad, FedAvgM, FedProx, FedYogi
+
+    from flwr_transports.aggregation.ray_step import shard_step_decision
+
+    class MyAdam(FedAdam):
+        streaming_aggregation = True
+
+        def aggregate_train(self, server_round, replies):
+            return super().aggregate_train(server_round, replies)
+
+    class Renamed(FedYogi):  # same step, another name: still Flower's code
+        pass
+
+    held = FedAdam()
+    held.m_t = {"w": np.zeros(1)}
+    weird = FedAdagrad()
+    weird.eta = float("nan")
+    assert shard_step_decision(FedAdam())[0] == "adam"
+    assert shard_step_decision(Renamed())[0] == "yogi"
+    assert shard_step_decision(FedAvgM(server_momentum=0.5))[0] == "avgm"
+    assert shard_step_decision(FedAvg()) == (None, "")
+    assert shard_step_decision(FedProx()) == (None, "")
+    assert shard_step_decision(FedAvgM()) == (None, "")  # no server step: the mean
+    assert "overrides aggregate_train" in shard_step_decision(MyAdam())[1]
+    assert "already holds optimiser state (m_t)" in shard_step_decision(held)[1]
+    assert "eta is not a finite real number" in shard_step_decision(weird)[1]
+    with caplog.at_level("INFO", logger="flwr_transports"):
+        s = offload(MyAdam(), transport="s3://b/p?aggregation=ray")
+    assert s._ray is not None and s._ray.step is None and s._trainer is s.inner
+    assert "server step stays in the ServerApp: MyAdam overrides aggregate_train" in (
+        caplog.text)
+    s = offload(FedAdam(), transport="s3://b/p?aggregation=ray")
+    assert s._trainer is s._ray.step and s._trainer.kind == "adam"
 
 
 def test_ray_is_only_for_the_weighted_mean_and_s3(cluster, tmp_path, caplog):

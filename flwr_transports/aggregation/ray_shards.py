@@ -20,8 +20,10 @@ actors are killed when the run ends.
 
 The mean is assembled in the ServerApp from the shards once per round (Flower's
 ``Strategy.start`` keeps the global model as an ``ArrayRecord`` between rounds, so the
-ServerApp holds the model, not the accumulators nor any upload); see
-docs/aggregation.md.
+ServerApp holds the model, not the accumulators nor any upload); with a server-side
+optimiser (FedAdam, FedYogi, FedAdagrad, FedAvgM) the owners first run its step on
+their shards, with its state kept by them (:mod:`.ray_step`), and the new model is
+assembled instead; see docs/aggregation.md.
 """
 
 from __future__ import annotations
@@ -231,14 +233,44 @@ class ShardOwner:
         finally:
             reader.close()
 
+    def finish_step(self, total: float, spec: dict, state: dict | None, seed: dict | None
+                    ) -> tuple[dict, dict]:
+        """The server step (:mod:`.ray_step`) on this shard's mean: ``({array name:
+        (lo, count, dtype)} of the new model, the new state)``."""
+        s, self.sum = self.sum, None
+        mean, los = {}, {}
+        for k, (lo, arr) in s.shard_mean(total).items():
+            name = s.accs[k].plan.name
+            mean[name], los[name] = arr, lo
+        return self._step(mean, los, spec, state, seed)
+
+    def step_mean(self, pieces: dict, spec: dict, state: dict | None, seed: dict | None
+                  ) -> tuple[dict, dict]:
+        """The server step on a mean the ServerApp computed (``{name: (lo, elements)}``:
+        a round aggregated from decoded replies)."""
+        return self._step({n: a for n, (_lo, a) in pieces.items()},
+                          {n: lo for n, (lo, _a) in pieces.items()}, spec, state, seed)
+
+    def _step(self, mean, los, spec, state, seed):
+        from .ray_step import server_step
+
+        new, st = server_step(spec["kind"], spec["hp"], spec["round"], mean, state, seed)
+        self.out = {n: (los[n], np.ascontiguousarray(v).reshape(-1)) for n, v in new.items()}
+        return {n: (lo, len(a), a.dtype.str) for n, (lo, a) in self.out.items()}, st
+
+    def serve(self, state: dict, los: dict[str, int]) -> None:
+        """Serve the new model from the state a (dead) predecessor's step returned."""
+        self.out = {n: (lo, state["x"][n].reshape(-1)) for n, lo in los.items()}
+
     def finish(self, total: float) -> dict[int, tuple[int, int]]:
         """Divide by the total weight; ``{array index: (lo, count)}`` of the result."""
         s, self.sum = self.sum, None
         self.out = s.shard_mean(total)
         return {k: (lo, len(arr)) for k, (lo, arr) in self.out.items()}
 
-    def piece(self, k: int, a: int, b: int) -> np.ndarray:
-        """Elements ``[a, b)`` (relative to the shard) of array ``k`` of the mean."""
+    def piece(self, k: int | str, a: int, b: int) -> np.ndarray:
+        """Elements ``[a, b)`` (relative to the shard) of array ``k`` of the mean (an
+        array index; after a server step an array name)."""
         return self.out[k][1][a:b]
 
     def drop(self) -> None:
@@ -275,6 +307,12 @@ class RayCluster:
         #: test hook: called with (upload number, cluster) after each upload's folds
         #: were submitted (the fault tests kill an actor there)
         self.after_submit = None
+        #: the server step run by the owners (:class:`~.ray_step.ShardStep`), if any
+        self.step = None
+        #: with a server step: (array names in payload order, per shard {name: (lo,
+        #: hi)}): the partition the owners' optimiser state is laid out by, fixed for
+        #: the run (see :meth:`shards_for`)
+        self.pinned: tuple[list[str], list[dict[str, tuple[int, int]]]] | None = None
 
     def connect(self):
         if self.ray is not None:
@@ -320,6 +358,26 @@ class RayCluster:
         except Exception:  # noqa: BLE001 - a count is only a default
             cpus = 2
         return max(1, min(n_win, 64, max(2, cpus // 2)))
+
+    def shards_for(self, plan: Plan) -> list[dict[int, tuple[int, int]]]:
+        """The shards of a round laid out like ``plan``: :func:`cut` on its windows, or,
+        with a server step on the owners, the run's fixed partition (any contiguous
+        partition folds: :func:`windows_of` reads the windows each shard touches).
+        Raises Unfoldable when the payload cannot be folded into that partition (the
+        round is then aggregated from decoded replies and the step applied to that)."""
+        if self.pinned is None:
+            return cut(plan, self.shard_count(-(-plan.size // WINDOW)))
+        order, parts = self.pinned
+        if [a.name for a in plan.arrays if a.count] != order:
+            raise Unfoldable("the reply's arrays are in another order than the model the "
+                             "shard owners' optimiser state is laid out by")
+        for a in plan.arrays:
+            if a.kind == "bf16" or (a.fortran and len(a.shape) > 1):
+                raise Unfoldable(f"array {a.name!r} is bfloat16 or Fortran-ordered: the "
+                                 "server step on the shard owners folds C-ordered arrays "
+                                 "of NumPy dtypes")
+        idx = {a.name: i for i, a in enumerate(plan.arrays)}
+        return [{idx[n]: r for n, r in part.items()} for part in parts]
 
     def _new_actor(self, j: int):
         ray = self.connect()
@@ -462,7 +520,10 @@ class RayRoundStream:
                     return
                 cl.connect()  # (a lost connection: no Ray started behind the user's back)
                 if not self.shards:  # the cut: sized like the model sent (layout checked)
-                    self.shards = cut(plan, cl.shard_count(-(-plan.size // WINDOW)))
+                    try:
+                        self.shards = cl.shards_for(plan)
+                    except Unfoldable:
+                        return  # decided at settle time
                     if not self.shards:
                         return
                     cl.ensure(len(self.shards))
@@ -561,7 +622,7 @@ class RayRoundStream:
         cl.connect()
         # a new cut, laid out by the first reply that counts (not by whichever upload
         # happened to land first)
-        self.shards = cut(first, cl.shard_count(-(-first.size // WINDOW)))
+        self.shards = cl.shards_for(first)
         if not self.shards:
             raise Unfoldable("the model has no elements to average")
         cl.ensure(len(self.shards))
@@ -743,6 +804,8 @@ class RayRoundStream:
         slices fetched ASSEMBLY_CHUNK bytes at a time (one ahead) and copied in (the one
         time per round the ServerApp holds the model)."""
         cl = self.cluster
+        if cl.step is not None:  # the owners step their shards: the new model
+            return cl.step.from_sums(self, total)
         ray = cl.connect()
         actors = cl.actors[:len(self.shards)]
         bodies = []

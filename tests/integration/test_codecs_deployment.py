@@ -12,7 +12,11 @@ nothing: the codec comes in the ticket.
 Checked: lossless and delta give a final model bit-identical to raw; q8 (lossy) is
 within float rounding of it (every update of a block is the same value here); the
 links carried fewer bytes (the wrapper's stats, which count bytes on the wire); no
-reply was rejected; nothing is left in /dev/shm.
+reply was rejected; nothing is left in /dev/shm. The SuperNodes' kept-payload cache
+and the trace point at the test's directory: with delta/q8 the clients' evaluate
+phases fetched downlink deltas (decoded against the model kept from training), the
+second train round read its model from the cache (its final model is the raw run's,
+bit for bit), and no kept payload is left.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ def runs(tmp_path_factory, quickstart_app, ftx_names):
     base = tmp_path_factory.mktemp("codecs")
     out = {}
     pids: set[int] = set()
-    with LocalDeployment(n_supernodes=2, workdir=base / "deploy") as dep:
+    env = {"FLWR_TRANSPORTS_CACHE": str(base / "cache"),  # the clients' kept payloads
+           "FLWR_TRANSPORTS_TRACE": str(base / "trace")}  # what each client fetched
+    with LocalDeployment(n_supernodes=2, workdir=base / "deploy", env=env) as dep:
         pids.update(dep.pids())
         for name, url in RUNS.items():
             path = base / f"final-{name}.npz"
@@ -53,6 +59,13 @@ def runs(tmp_path_factory, quickstart_app, ftx_names):
                 arrays = {k: z[k] for k in z}
             summary = json.loads(path.with_suffix(".json").read_text())
             out[name] = (arrays, summary)
+            from flwr_transports import trace  # this run's client fetches, then cleared
+            out[name + ":fetches"] = [e for e in trace.read_events(base / "trace")
+                                      if e["ev"] == "fetch" and e.get("role") == "client"]
+            for p in (base / "trace").glob("ftx-trace-*.jsonl"):
+                p.unlink()
+            out[name + ":kept"] = sorted(str(p) for p in (base / "cache").rglob("*")
+                                         if p.is_file())
     # names our processes made in /dev/shm (ftx-<pid>-...; other test runs may share it)
     ours = {str(p) for p in pids}
     mine = {n for n in ftx_names() if (n.lstrip(".").split("-") + ["", ""])[1] in ours}
@@ -84,7 +97,7 @@ def test_q8_is_close_to_raw(runs):
 @pytest.mark.integration
 def test_codecs_moved_fewer_bytes_and_rejected_nothing(runs):
     got, _ = runs
-    stats = {name: s["stats"] for name, (_, s) in got.items()}
+    stats = {name: v[1]["stats"] for name, v in got.items() if ":" not in name}
     for name, st in stats.items():
         assert st["replies_rejected"] == 0, name
     raw = stats["shm-raw"]
@@ -102,3 +115,22 @@ def test_codecs_moved_fewer_bytes_and_rejected_nothing(runs):
 def test_nothing_left_in_dev_shm(runs):
     _, left = runs
     assert not left
+
+
+@pytest.mark.integration
+def test_downlink_deltas_and_the_cache_in_a_deployment(runs):
+    """tcp:// with delta/q8: 2 rounds, 2 nodes: round 1 trains on the full model; each
+    evaluate fetched the new model as a downlink delta (published once per evaluate);
+    round 2 trained on the model kept from evaluate 1 (lossless: the same cache hits,
+    full models otherwise). No fetch failed; nothing is kept after the run."""
+    got, _ = runs
+    for name in ("tcp-lossless", "tcp-delta", "tcp-q8"):
+        ev = got[name + ":fetches"]
+        assert not [e for e in ev if e.get("error")], name
+        deltas = [e for e in ev if e.get("delta")]
+        hits = [e for e in ev if e.get("cached")]
+        assert len(hits) == 2, name  # round 2's train, both nodes
+        assert len(deltas) == (0 if name == "tcp-lossless" else 4), name
+        if deltas:
+            assert got[name][1]["stats"]["downlink_deltas"] == 2, name
+        assert got[name + ":kept"] == [], name

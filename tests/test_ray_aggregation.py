@@ -338,6 +338,18 @@ def test_which_server_steps_run_on_the_owners(caplog):
         caplog.text)
     s = offload(FedAdam(), transport="s3://b/p?aggregation=ray")
     assert s._trainer is s._ray.step and s._trainer.kind == "adam"
+    # decided again on the first model sent, before any state exists: a Fortran-ordered
+    # array keeps the step in the ServerApp (Flower's own configure_train then runs)
+    from flwr.app import ConfigRecord
+    from inproc import InProcessGrid
+    from test_aggregation import _app as app
+
+    step = s._trainer
+    rec = ArrayRecord({"w": Array(np.asfortranarray(np.ones((3, 4), np.float32)))})
+    with caplog.at_level("INFO", logger="flwr_transports"):
+        list(step.configure_train(1, rec, ConfigRecord(), InProcessGrid(app(), n_nodes=2)))
+    assert step.off and s._ray.step is None and s.inner.current_arrays is not None
+    assert "FedAdam's server step stays in the ServerApp: array 'w': Fortran" in caplog.text
 
 
 def test_ray_is_only_for_the_weighted_mean_and_s3(cluster, tmp_path, caplog):

@@ -301,8 +301,9 @@ class ShardStep:
             cl.pinned = ([n for n, c, _ in layout if c], parts)
             self.state = [None] * len(parts)
         order, parts = cl.pinned
+        ends = {n: max(p[n][1] for p in parts if n in p) for n in order}
         if [n for n, c, _ in layout if c] != order or any(
-                parts[j][n][1] > len(flats[n]) for j in range(len(parts)) for n in parts[j]):
+                ends[n] != len(flats[n]) for n in order):
             raise ConfigError("aggregation=ray: the model sent has other arrays than the "
                               "one the shard owners' optimiser state is laid out by")
         self.order = [n for n, _ in items]
@@ -332,6 +333,7 @@ class ShardStep:
         """The step on a mean the ServerApp holds (a round aggregated from decoded
         replies): each owner gets its slice of the mean."""
         cl = self.cluster
+        self._configured()
         ray = cl.connect()
         _order, parts = cl.pinned
         flats = {n: np.ascontiguousarray(a.numpy()).reshape(-1) for n, a in mean.items()}
@@ -365,6 +367,7 @@ class ShardStep:
         from the new state."""
         from .ray_shards import ASSEMBLY_CHUNK, MAX_RESTARTS, RayClusterError
 
+        self._configured()
         if self._stepped == server_round:
             raise RuntimeError(f"aggregation=ray: the server step of round {server_round} "
                                "was asked for twice")
@@ -443,6 +446,13 @@ class ShardStep:
         self._stepped = server_round
         self.steps += 1
         return out
+
+    def _configured(self) -> None:
+        if self.cluster.pinned is None:  # as Flower's FedOpt / FedAvgM say it
+            from flwr.serverapp.exception import AggregationError
+
+            raise AggregationError(reason="Current arrays not set. Ensure that "
+                                   "`configure_train` has been called before aggregation.")
 
     def _collect(self, j: int, info: dict, bodies: dict, chunk: int) -> None:
         ray = self.cluster.ray

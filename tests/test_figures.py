@@ -145,6 +145,37 @@ def test_a_view_refuses_a_json_of_another_kind():
         render.render_block("aggregation-x", ["docs/bench-data/issue24-receive-loop.json"], ROOT)
 
 
+def _memory_links_doc(n8_tcp: list[float]) -> dict:
+    def inv(vals):
+        return {"repeats": [{"load_before": [1.0, 1.0, 1.0]}] * 3,
+                "points": {f"{t}@128MiB": {"serverapp_peak_rss_mib": {"values": v, "n": 3}}
+                           for t, v in vals.items()}}
+    return {"kind": "reproduce", "table": "memory-links", "repeat": 3, "commit": "abc1234",
+            "flwr_version": "1.42.0", "time_utc": "2026-12-06", "cpus": 2, "command": "x",
+            "invocations": {"128MiB-N2": inv({"tcp://": [600.0, 610.0, 605.0],
+                                              "shm://": [599.0, 599.0, 599.0]}),
+                            "128MiB-N8": inv({"tcp://": n8_tcp,
+                                              "shm://": [599.0, 600.0, 599.0]})}}
+
+
+def test_memory_links_view_compares_the_medians_with_half_a_model(tmp_path):
+    """The issue-24 table: medians and ranges from the JSON, and a link whose N = 8 peak
+    is more than half a model above N = 2 is marked **no**."""
+    import json
+
+    for n8, verdict in (([640.0, 660.0, 650.0], "yes"), ([900.0, 1100.0, 1000.0], "**no**")):
+        f = tmp_path / "m.json"
+        f.write_text(json.dumps(_memory_links_doc(n8)))
+        text = render.render_block("memory-links", [str(f)], tmp_path)
+        tcp = next(line for line in text.splitlines() if line.startswith("| `tcp://`"))
+        med = sorted(n8)[1]
+        assert f"{med:.0f} MiB ({min(n8):.0f}-{max(n8):.0f})" in tcp
+        assert f"+{med - 605:.0f} MiB" in tcp and tcp.endswith(f"| {verdict} |")
+        assert "| `shm://` | 599 MiB (599-599) | 599 MiB (599-600) | +0 MiB | yes |" in text
+    with pytest.raises(ValueError, match="memory-links"):
+        render.render_block("memory-links", ["docs/bench-data/e2e-lo-500-s5.json"], ROOT)
+
+
 # ---- the plots in docs/img: each PNG carries the figures it was drawn from
 
 

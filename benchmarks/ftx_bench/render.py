@@ -426,9 +426,57 @@ def _receive_loop_tails(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
 
 #: Block views other than the default (a table per e2e / reproduce JSON): a block whose
 #: name starts with a key here renders all its files through that function.
+def memory_links_rows(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``ftx-bench reproduce memory-links``: per link, the ServerApp's peak RSS (MiB,
+    every repeat) at the smallest and the largest N, and the model size (MiB)."""
+    if doc.get("kind") != "reproduce" or doc.get("table") != "memory-links":
+        raise ValueError("not a reproduce memory-links JSON")
+    by_n: dict[int, dict[str, Any]] = {}
+    for key, inv in doc["invocations"].items():
+        mib, n = key.split("-N")
+        by_n[int(n)] = {"mib": float(mib.removesuffix("MiB")), "points": inv["points"]}
+    lo, hi = min(by_n), max(by_n)
+    rows: dict[str, dict[str, Any]] = {}
+    for pk, ms in by_n[lo]["points"].items():
+        link = pk.split("@")[0]
+        other = by_n[hi]["points"].get(pk)
+        if other is None:
+            continue
+        rows[link] = {"n": (lo, hi), "model_mib": by_n[lo]["mib"],
+                      "lo": ms["serverapp_peak_rss_mib"]["values"],
+                      "hi": other["serverapp_peak_rss_mib"]["values"],
+                      "tail_hi": (other.get("agg_tail_s") or {}).get("values", [])}
+    return rows
+
+
+def _memory_links(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """Issue 24's table: the ServerApp's peak RSS at N = 2 and N = 8 on every link."""
+    (doc, src), = docs
+    rows = memory_links_rows(doc)
+    first = next(iter(rows.values()))
+    lo, hi = first["n"]
+    half = first["model_mib"] / 2
+    loads = [f"{r['load_before'][0]:.2f}" for inv in doc["invocations"].values()
+             for r in inv["repeats"]]
+    out = [f"**{doc['repeat']} repeat(s) per point** (median, min-max), commit "
+           f"`{(doc.get('commit') or '?')[:7]}`" + (" (dirty tree)" if doc.get("dirty") else "")
+           + f", Flower {doc.get('flwr_version')}, {doc.get('time_utc', '?')[:10]}, "
+           f"{doc.get('cpus')} cores; 1-minute load before each run: {', '.join(loads)}.",
+           f"Command: `{doc['command']}`; data: `{src}`.", "",
+           f"| link | ServerApp peak RSS, N = {lo} | N = {hi} | N = {hi} minus N = {lo} "
+           f"(medians) | within half a model ({half:g} MiB) |",
+           "|---|---:|---:|---:|---|"]
+    for link, r in rows.items():
+        d = statistics.median(r["hi"]) - statistics.median(r["lo"])
+        out.append(f"| `{link}` | {_rng(r['lo'], '.0f', ' MiB')} | "
+                   f"{_rng(r['hi'], '.0f', ' MiB')} | {d:+.0f} MiB | "
+                   f"{'yes' if d <= half else '**no**'} |")
+    return out
+
+
 VIEWS = {"aggregation": _aggregation, "trace-breakdown": _trace_breakdown,
          "receive-loop-polls": _receive_loop_polls,
-         "receive-loop-tails": _receive_loop_tails}
+         "receive-loop-tails": _receive_loop_tails, "memory-links": _memory_links}
 
 
 def render_block(name: str, files: list[str], root: Path = REPO) -> str:

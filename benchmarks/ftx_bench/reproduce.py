@@ -115,6 +115,19 @@ TABLES: dict[str, Table] = {t.name: t for t in [
                                       "shm://?aggregation=inner",
                                       "--nodes", "2", "--rounds", "1", "--floor-mib", "0"),
                       "e2e")]),
+    Table("memory-links", "ServerApp memory, N = 2 vs N = 8, every link, streaming "
+          "aggregation, 128 MiB",
+          [Invocation(f"128MiB-N{n}", _e2e("--sizes", "128MiB", "--transports",
+                                           "shm://,file://,tcp://,rdma://,s3://",
+                                           "--nodes", str(n), "--rounds", "2",
+                                           "--floor-mib", "0"), "e2e")
+           for n in (2, 8)],
+          [Invocation(f"4MiB-N{n}", _e2e("--sizes", "4MiB", "--transports",
+                                         "tcp://,shm://", "--nodes", str(n), "--rounds",
+                                         "1", "--floor-mib", "0"), "e2e")
+           for n in (2, 3)],
+          notes="issue 24's target: the ServerApp's peak RSS at N = 8 within half a "
+                "model (64 MiB) of N = 2 on every link"),
     Table("mpi", "MPI runtime vs a Flower deployment (in-band and tcp://), 500 MiB",
           [Invocation("mpi", [sys.executable, str(BENCH / "mpi_bench.py"), "--mib", "500",
                               "--rounds", "2", "--reps", "1", "--skip-p2p"], "text"),
@@ -178,6 +191,8 @@ def e2e_points(doc: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[s
         pts[key] = {"round_s": r["round_s"],
                     "superlink_peak_rss_mib": r.get("superlink_peak_rss_bytes", 0) / 2**20,
                     "serverapp_peak_rss_mib": r.get("serverapp_peak_rss_bytes", 0) / 2**20}
+        if r.get("agg_tail_s") is not None:  # last upload landed -> aggregate_train returned
+            pts[key]["agg_tail_s"] = r["agg_tail_s"]
         if floor is not None:
             pts[key]["floor_s"] = floor
             pts[key]["overhead_s"] = r["round_s"] - floor

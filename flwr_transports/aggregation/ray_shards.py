@@ -420,6 +420,9 @@ class RayCluster:
             for a in self.actors:
                 self._kill(a)
         self.actors, self.names = [], []
+        if self.step is not None:  # its state is the driver's: gone with the connection
+            self.step.reset()
+        self.pinned = None
         if self.started:
             try:
                 self.ray.shutdown()

@@ -241,6 +241,11 @@ class ShardStep:
         #: before any state exists); None while it runs on the owners
         self.off: str | None = None
 
+    def reset(self) -> None:
+        """Forget the owners' state (the run ended: its Ray objects went with the
+        driver's connection); a later ``start`` steps from scratch."""
+        self.state, self.seed, self.last, self._last_ids, self._stepped = [], [], None, (), 0
+
     def __getattr__(self, name: str) -> Any:
         if name == "inner":
             raise AttributeError(name)

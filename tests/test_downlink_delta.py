@@ -326,3 +326,51 @@ def test_a_model_digest_that_misses_the_reference_fails_the_message(monkeypatch,
     assert _counts(f)[1] == 6 and sum(1 for e in f if e.get("error")) == 12
     assert not (tmp_path / "c").exists() or not any(
         n.endswith(".ftx") for _, _, fs in os.walk(tmp_path / "c") for n in fs)
+
+
+def test_a_failed_background_delta_is_never_handed_out_again(monkeypatch, tmp_path, caplog,
+                                                             s3_bucket):
+    """s3://, publish=background: the upload of round 1's evaluate DELTA fails in the
+    background (the full model goes up). Round 1's evaluate clients wait for it (the
+    client's max_wait), fall back to the full model and train on it; round 2's train
+    phase reuses the full model's publication but never hands out the failed delta again
+    (a client that holds its base but not the model would wait for an object that never
+    appears, every phase the publication is reused)."""
+    from flwr_transports.links.s3 import S3ServerLink
+
+    url, keys = s3_bucket
+    real = S3ServerLink._upload_parts
+
+    def failing(self, pname, *args):
+        if pname == "r1-evaluate-0-d":
+            raise RuntimeError("injected: the store refused the upload")
+        return real(self, pname, *args)
+
+    monkeypatch.setattr(S3ServerLink, "_upload_parts", failing)
+    monkeypatch.setenv("FLWR_TRANSPORTS_MAX_WAIT", "1")
+    monkeypatch.setenv(cache_mod.CACHE_ENV, str(tmp_path / "c"))
+    rng = np.random.default_rng(4)
+    # a frozen 2 MiB body and a 9.2 MiB head that training moves (float64: FedAvg's
+    # dtype): the delta (~ 2/3 of the head) is > 5 MiB, so it goes up as a multipart
+    # upload, in the background
+    init = ArrayRecord({"body": Array(rng.standard_normal(1 << 18)),
+                        "head": Array(rng.standard_normal(1_200_000))})
+    grid = InProcessGrid(_app(), n_nodes=1)
+    s = offload(FedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1),
+                f"{url}&part_size=5MiB&publish=background", codec="delta",
+                aggregation="inner", threshold=0)
+    with caplog.at_level(logging.WARNING, logger="flwr_transports"):
+        s.start(grid, init, num_rounds=2)
+    refs = {"train": [], "evaluate": []}
+    for m in grid.sent:
+        for rec in m.content.values():
+            if is_ref_record(rec):
+                refs[m.metadata.message_type].append(parse_ref_record(rec))
+    assert s.stats["downlink_deltas"] == 2  # r1 evaluate (failed), r2 evaluate
+    assert "r1-evaluate-0-d failed" in caplog.text
+    assert refs["evaluate"][0].delta is not None  # the one that failed
+    assert "downlink delta not used" in caplog.text  # the client fell back
+    # round 2 trains on round 1's evaluate model (reused), without the failed delta
+    assert len(refs["train"]) == 2 and refs["train"][1].loc == refs["evaluate"][0].loc
+    assert refs["train"][1].delta is None
+    assert keys() == []

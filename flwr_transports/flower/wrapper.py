@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -255,6 +255,13 @@ class Offloader:
         for n in held:
             info = self._pub_info.get(n)
             if info and now - info.at < max_age and not self._publish_failed(link, n):
+                if info.delta is not None and link.publish_failed(delta_name(n)):
+                    # its downlink delta never reached the store: handed out again, every
+                    # client holding the base would wait for it (the server's `wait`)
+                    log.warning("flwr-transports: the downlink delta of %r failed to "
+                                "publish; %r is reused without it", n, n)
+                    link.release(delta_name(n))
+                    self._pub_info[n] = info = replace(info, delta=None)
                 reusable.setdefault(info.digest, n)
         # id(original record) -> (its reference record, bytes it puts on the link)
         refs: dict[int, tuple[ArrayRecord, int]] = {}

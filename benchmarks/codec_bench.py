@@ -231,7 +231,8 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--no-reference", action="store_true")
     a = ap.parse_args(argv)
-    print("load before:", uptime())
+    load_before = uptime()
+    print("load before:", load_before)
     rows = []
     size = parse_size(a.size)
     for name, rec in random_records(size).items():
@@ -285,8 +286,15 @@ def main(argv=None) -> None:
               f"{fmt(r['encode']):34s} {fmt(r['decode']):34s} {fresh}"
               + ("  (% of fp32 raw)" if r["ratio_of"] != "raw" else ""))
     if a.json:
-        Path(a.json).write_text(json.dumps({"load": uptime(), "args": vars(a), "rows": rows},
-                                           indent=1))
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=False,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=ROOT, check=False, capture_output=True,
+                                    text=True).stdout.strip())
+        Path(a.json).write_text(json.dumps({"kind": "codec-bench", "load_before": load_before,
+                                            "load": uptime(), "commit": commit, "dirty": dirty,
+                                            "command": " ".join(sys.argv), "args": vars(a),
+                                            "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -794,3 +794,49 @@ def test_a_spill_directory_that_cannot_hold_the_upload_falls_back_to_memory(serv
     assert not link.server.slots[slot["id"]].spilled
     assert "cannot make a spill file" in caplog.text
     assert link.server.stats["spill_failed"] == 1
+
+
+def test_a_large_chunk_is_spilled_a_piece_at_a_time(server, monkeypatch):
+    """A connection never holds more than one SPILL_STEP of an upload's pages, however
+    large its chunks: what N uploads in flight cost the server does not scale with the
+    chunk size (checked at every page drop, before it happens)."""
+    from test_tcp_helpers import mapping_of
+
+    from flwr_transports.links.chunks import server as srv_mod
+
+    link = server(chunk_size="4MiB", streams=1)
+    _, p = make_payload(12 * MiB, seed=8)
+    slot = link.issue_slot("s-pieces", 16 * MiB)
+    got = []
+    assert link.on_upload(slot, lambda src: got.append(src.size))
+    peaks = []
+    real = srv_mod.drop_pages
+
+    def watched(buf, off, n):
+        peaks.append(mapping_of(buf)[0])
+        real(buf, off, n)
+
+    monkeypatch.setattr(srv_mod, "drop_pages", watched)
+    TcpClientLink().upload(slot, p)
+    _wait(lambda: got)
+    assert len(peaks) >= 12  # 3 chunks of 4 MiB, 4 pieces each
+    assert max(peaks) <= srv_mod.SPILL_STEP + 64 * KiB, max(peaks)
+
+
+def test_a_landing_hook_on_a_slot_discarded_meanwhile_releases_its_reader(server):
+    """The race a review found: a slot discarded (buffer freed) between its last chunk
+    and the landing hook: the hook runs on no buffer, raises nothing out of the pool
+    thread, and gives its reader back."""
+    link = server()
+    _, p = make_payload(1 * MiB, seed=9)
+    slot = link.issue_slot("s-race", 4 * MiB)
+    seen = []
+    assert link.on_upload(slot, seen.append)
+    TcpClientLink().upload(slot, p)
+    st = link.server.slots[slot["id"]]
+    _wait(lambda: seen and st.readers == 0)
+    link.discard_slot(slot)  # freed: buffer gone
+    assert st.buf is None and st.spilled
+    st.readers += 1  # as the PUT_DONE that raced the discard would have
+    link.server._run_hook(slot["id"], st)
+    assert st.readers == 0

@@ -429,7 +429,7 @@ def _receive_loop_tails(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
 def memory_links_rows(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``ftx-bench reproduce memory-links``: per link, the ServerApp's peak RSS (MiB,
     every repeat) at the smallest and the largest N, and the model size (MiB)."""
-    if doc.get("kind") != "reproduce" or doc.get("table") != "memory-links":
+    if doc.get("kind") != "reproduce" or not str(doc.get("table")).startswith("memory-links"):
         raise ValueError("not a reproduce memory-links JSON")
     by_n: dict[int, dict[str, Any]] = {}
     for key, inv in doc["invocations"].items():
@@ -458,23 +458,69 @@ def _memory_links(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
     half = first["model_mib"] / 2
     loads = [f"{r['load_before'][0]:.2f}" for inv in doc["invocations"].values()
              for r in inv["repeats"]]
+    failed = {k: sum(1 for r in inv["repeats"] if r.get("rc")) for k, inv in
+              doc["invocations"].items()}
     out = [f"**{doc['repeat']} repeat(s) per point** (median, min-max), commit "
            f"`{(doc.get('commit') or '?')[:7]}`" + (" (dirty tree)" if doc.get("dirty") else "")
            + f", Flower {doc.get('flwr_version')}, {doc.get('time_utc', '?')[:10]}, "
            f"{doc.get('cpus')} cores; 1-minute load before each run: {', '.join(loads)}.",
-           f"Command: `{doc['command']}`; data: `{src}`.", "",
-           f"| link | ServerApp peak RSS, N = {lo} | N = {hi} | N = {hi} minus N = {lo} "
-           f"(medians) | within half a model ({half:g} MiB) |",
+           f"Command: `{doc['command']}`; data: `{src}`."
+           + "".join(f" **{n} repeat(s) of {k} failed** (their output is in the JSON); "
+                     "its figures come from the others." for k, n in failed.items() if n),
+           "",
+           (f"| link | ServerApp peak RSS, N = {lo} | N = {hi} | N = {hi} minus N = {lo} "
+            f"(medians) | within half a model ({half:g} MiB) |"),
            "|---|---:|---:|---:|---|"]
     for link, r in rows.items():
         d = statistics.median(r["hi"]) - statistics.median(r["lo"])
-        out.append(f"| `{link}` | {_rng(r['lo'], '.0f', ' MiB')} | "
-                   f"{_rng(r['hi'], '.0f', ' MiB')} | {d:+.0f} MiB | "
+        out.append(f"| `{link}` | {_rng(r['lo'], '.0f', ' MiB')}, n = {len(r['lo'])} | "
+                   f"{_rng(r['hi'], '.0f', ' MiB')}, n = {len(r['hi'])} | {d:+.0f} MiB | "
                    f"{'yes' if d <= half else '**no**'} |")
     return out
 
 
-VIEWS = {"aggregation": _aggregation, "trace-breakdown": _trace_breakdown,
+#: the codecs of this package (the other rows of codec_bench.py are reference coders)
+_OWN_CODECS = ("lossless", "delta", "q8")
+
+
+def codec_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """benchmarks/codec_bench.py: the rows of this package's codecs."""
+    if "rows" not in doc or "args" not in doc:
+        raise ValueError("not a codec_bench.py JSON")
+    return [r for r in doc["rows"] if r["codec"] in _OWN_CODECS]
+
+
+def _gbps(st: dict[str, Any] | None) -> str:
+    if not st:
+        return "—"
+    return f"{st['cpu_gbps']:.2f} ({st['cpu_min']:.2f}-{st['cpu_max']:.2f})"
+
+
+def _codec_bench(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """Size and speed of lossless / delta / q8 (benchmarks/codec_bench.py)."""
+    (doc, src), = docs
+    a = doc["args"]
+    commit = doc.get("commit")
+    out = [f"**{a['repeat']} repeat(s)** per speed (median, min-max), "
+           + (f"commit `{commit[:7]}`" + (" (dirty tree)" if doc.get("dirty") else "")
+              if commit else "commit not recorded")
+           + (f"; load average {_uptime_load(doc['load_before'])} before and "
+              if doc.get("load_before") else "; load average ")
+           + f"{_uptime_load(doc['load'])} after the run.",
+           (f"Command: `{doc.get('command') or 'benchmarks/codec_bench.py'}` (size "
+            f"{a['size']}, preset {a['preset']}, {a['pretrain_rounds']} training rounds "
+            f"first, {a['local_steps']} AdamW steps at lr {a['lr']:g} per round); data: "
+            f"`{src}`."), "",
+           "| data | codec | size (of raw) | encode GB/s | decode GB/s | decode -> arrays |",
+           "|---|---|---:|---|---|---|"]
+    for r in codec_rows(doc):
+        size = f"{100 * r['ratio']:.1f}%" + (" of fp32" if r["ratio_of"] != "raw" else "")
+        out.append(f"| {r['data']} | `{r['codec']}` | {size} | {_gbps(r['encode'])} | "
+                   f"{_gbps(r['decode'])} | {_gbps(r.get('decode_record'))} |")
+    return out
+
+
+VIEWS = {"codec-bench": _codec_bench, "aggregation": _aggregation, "trace-breakdown": _trace_breakdown,
          "receive-loop-polls": _receive_loop_polls,
          "receive-loop-tails": _receive_loop_tails, "memory-links": _memory_links}
 

@@ -28,15 +28,20 @@ data in order)::
     elen    u32  encoded length of the frame, header included (= its table entry)
     zero    u32
 
-    part:   kind u8 (0 planes, 1 xor-planes, 2 q8), itemsize u8 (1..16),
+    part:   kind u8 (0 planes, 1 xor-planes, 2 q8, 3 sub-planes), itemsize u8 (1..16;
+            sub: 2, 4 or 8),
             dtype u8 (q8: 1 f32, 2 f16, 3 bf16), zero u8, dlen u32, elen u32, zero u32,
             base_off u64 (xor, q8: where the part's bytes lie in the base payload)
 
 A part's data is a sequence of *blobs*, each a u32 word (low 31 bits: stored length,
 top bit: zstd-compressed) and its bytes. ``planes``/``xor``: ``itemsize`` blobs, byte
 plane ``i`` holding byte ``i`` of every element (XORed with the base's bytes for
-``xor``), each ``dlen / itemsize`` bytes decoded. ``q8``: the scales (float32, one per
-``qblock`` elements) and the int8 codes (one per element).
+``xor``), each ``dlen / itemsize`` bytes decoded. ``sub`` (version 2, ``delta`` of
+little-endian floats): the planes of each element's *difference* from the base element,
+taken between the two values' bit patterns mapped to integers in value order and
+zigzag-coded, so a small change is a small number whatever the sign and exponent do
+(where XOR flips every bit below a changed exponent). ``q8``: the scales (float32, one
+per ``qblock`` elements) and the int8 codes (one per element).
 
 Decoding trusts nothing: every size is checked against what the layout implies
 before anything is allocated; a zstd blob must declare exactly the size expected,
@@ -71,7 +76,9 @@ from ..codec import (
 from . import q8 as _q8
 
 MAGIC = b"FTXZ"
-VERSION = 1
+#: 2: part kind ``sub``; streams of version 1 (no ``sub`` parts) are still read
+VERSION = 2
+READS = (1, 2)
 RAW, LOSSLESS, DELTA, Q8 = "raw", "lossless", "delta", "q8"
 CODECS = (RAW, LOSSLESS, DELTA, Q8)
 CODEC_IDS = {LOSSLESS: 1, DELTA: 2, Q8: 3}
@@ -100,7 +107,9 @@ _WH = struct.Struct("<2sHIII")
 _PD = struct.Struct("<BBBBIIIQ")
 _U32 = struct.Struct("<I")
 _ZBIT = 0x80000000
-K_PLANES, K_XOR, K_Q8 = 0, 1, 2
+K_PLANES, K_XOR, K_Q8, K_SUB = 0, 1, 2, 3
+_UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_SINT = {2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
 _ZERO32 = bytes(32)
 
 _INSTALL_HINT = (
@@ -425,6 +434,8 @@ def _plan(head: Header, size: int, base: Base | None, codec: str) -> list[_Part]
             add(_Part(K_Q8, el.full, e0, ebytes, e0 + boff, el.qdtype, a.name, 0))
         elif ebytes < SMALL or el.itemsize == 1:
             add(_Part(kind, 1, e0, ebytes, e0 + boff if same else 0))
+        elif codec == DELTA and same and el.qdtype and el.itemsize == el.full:
+            add(_Part(K_SUB, el.itemsize, e0, ebytes, e0 + boff))
         else:
             add(_Part(kind, el.itemsize, e0, ebytes, e0 + boff if same else 0))
     return runs
@@ -446,7 +457,7 @@ def _window_parts(runs: list[_Part], starts: list[int], w0: int, w1: int) -> lis
         b = r.start + ((e - r.start) // step) * step  # last element boundary <= e
         if a >= b:
             a = b = e
-        head_kind = K_XOR if r.kind == K_Q8 else r.kind
+        head_kind = K_XOR if r.kind in (K_Q8, K_SUB) else r.kind
         pieces = [(head_kind, 1, s, a), (r.kind, step, a, b), (head_kind, 1, b, e)]
         for kind, sz, p0, p1 in pieces:
             if p1 <= p0:
@@ -458,6 +469,53 @@ def _window_parts(runs: list[_Part], starts: list[int], w0: int, w1: int) -> lis
 
 
 # --------------------------------------------------------------------------- encode
+
+
+def _ordered(u: np.ndarray) -> np.ndarray:
+    """Float bit patterns (unsigned) -> integers in the values' order (a new array): a
+    positive value gets its sign bit set, a negative one all its bits flipped."""
+    st = _SINT[u.dtype.itemsize]
+    m = np.right_shift(u.view(st), u.dtype.itemsize * 8 - 1)  # arithmetic: 0 or -1
+    mu = m.view(u.dtype)
+    mu |= u.dtype.type(1 << (u.dtype.itemsize * 8 - 1))
+    mu ^= u
+    return mu
+
+
+def _unordered(k: np.ndarray, out: np.ndarray) -> None:
+    """Inverse of :func:`_ordered`, written into ``out`` (same dtype)."""
+    st = _SINT[k.dtype.itemsize]
+    m = np.right_shift(k.view(st), k.dtype.itemsize * 8 - 1)
+    np.invert(m, out=m)  # 0 where the sign bit is set (a positive value), else -1
+    mu = m.view(k.dtype)
+    mu |= k.dtype.type(1 << (k.dtype.itemsize * 8 - 1))
+    np.bitwise_xor(k, mu, out=out)
+
+
+def _sub_planes(x: np.ndarray, b: np.ndarray, isz: int) -> np.ndarray:
+    """``sub`` coding of elements ``x`` against base elements ``b`` (uint8 arrays of the
+    same length): zigzag(ordered(x) - ordered(b)), as uint8 rows of ``isz`` bytes."""
+    ut, st = _UINT[isz], _SINT[isz]
+    d = _ordered(x.view(ut))
+    t = _ordered(b.view(ut))
+    d -= t  # wraps: exact modulo 2**bits
+    sd, sign = d.view(st), t.view(st)
+    np.right_shift(sd, isz * 8 - 1, out=sign)  # zigzag: (d << 1) ^ (d >> bits-1)
+    np.left_shift(sd, 1, out=sd)
+    sd ^= sign
+    return d.view(np.uint8).reshape(-1, isz)
+
+
+def _unsub(target: np.ndarray, b: np.ndarray, isz: int) -> None:
+    """Decode ``sub`` in place: ``target`` holds the zigzag differences (uint8)."""
+    ut, st = _UINT[isz], _SINT[isz]
+    z = target.view(ut)
+    t = np.bitwise_and(z, ut.type(1))
+    np.negative(t.view(st), out=t.view(st))  # 0 or -1
+    np.right_shift(z, 1, out=z)
+    z ^= t  # un-zigzagged difference
+    z += _ordered(b.view(ut))  # wraps
+    _unordered(z, z)
 
 
 _SAMPLE = 4096
@@ -522,6 +580,12 @@ def _encode_window(job: _Job, parts: list[_Part], w0: int, dlen: int) -> memoryv
                 kind = K_XOR
             else:
                 pos = done
+        if kind == K_SUB:
+            bel = np.frombuffer(job.base.reader.view(p.base_off, p.length), np.uint8)
+            zel = _sub_planes(data, bel, p.itemsize)
+            for i in range(p.itemsize):
+                pos = _put_blob(buf, pos, zel[:, i], job.hmax)
+            del zel
         if kind in (K_PLANES, K_XOR):
             isz = p.itemsize
             if p.length % isz:
@@ -619,7 +683,7 @@ def encode(payload: EncodedPayload, codec: str, *, base: Base | None = None,
         frames = list(_pool().map(one, spans))
     else:
         frames = [one(s) for s in spans]
-    hdr = bytearray(_SH.pack(MAGIC, VERSION, CODEC_IDS[codec],
+    hdr = bytearray(_SH.pack(MAGIC, VERSION if codec == DELTA else 1, CODEC_IDS[codec],
                              _q8.QBLOCK if codec == Q8 else 0, window, nwin, size,
                              _digest_bytes(payload.digest),
                              base._raw if job.base is not None else _ZERO32))
@@ -669,8 +733,10 @@ def read_info(read: Callable[[int, int], bytes], wire_size: int, *,
         _read(0, STREAM_HEADER))
     if magic != MAGIC:
         raise PayloadError("not an encoded payload (bad magic)")
-    if ver != VERSION:
-        raise PayloadError(f"unsupported encoded payload version {ver} (this reads {VERSION})")
+    if ver not in READS:
+        raise PayloadError(f"unsupported encoded payload version {ver} (this reads "
+                           f"{', '.join(map(str, READS))}: upgrade flwr-transports on this "
+                           "side)")
     codec = CODEC_NAMES.get(cid)
     if codec is None:
         raise PayloadError(f"unknown codec id {cid}")
@@ -854,14 +920,16 @@ class Decoder:
                 if boff or qdt:
                     raise PayloadError(f"window {k}: bad part descriptor")
                 bview = None
-            elif kind in (K_XOR, K_Q8):
+            elif kind in (K_XOR, K_Q8, K_SUB):
                 if self.base is None:
                     raise PayloadError(f"window {k}: a base-coded part in a {self.info.codec} "
                                        "payload")
                 if boff + plen > self.base.size:
                     raise PayloadError(f"window {k}: part refers outside the base")
-                if kind == K_XOR and qdt:
+                if kind in (K_XOR, K_SUB) and qdt:
                     raise PayloadError(f"window {k}: bad part descriptor")
+                if kind == K_SUB and (isz not in _UINT or self.info.version < 2):
+                    raise PayloadError(f"window {k}: bad sub part")
                 if kind == K_Q8 and (self.info.codec != Q8 or _q8.ITEMSIZE.get(qdt) != isz):
                     raise PayloadError(f"window {k}: bad q8 part")
                 bview = np.frombuffer(self.base.reader.view(boff, plen), np.uint8)
@@ -870,6 +938,9 @@ class Decoder:
             target, flush = writer.span(opos, plen)
             if kind == K_Q8:
                 pos = self._q8(frame, pos, end, target, qdt, bview)
+            elif kind == K_SUB:
+                pos = self._planes(frame, pos, end, target, isz, None)
+                _unsub(target, bview, isz)
             else:
                 pos = self._planes(frame, pos, end, target, isz, bview)
             if pos != end:

@@ -63,6 +63,9 @@ from .protocol import (
 
 log = logging.getLogger("flwr_transports.links")
 
+#: bytes of a chunk received into a spill buffer between two page drops
+SPILL_STEP = 1 << 20
+
 
 # -- server side -----------------------------------------------------------------------
 class PublishedObject:
@@ -539,8 +542,11 @@ class ChunkServer:
             dest = slot.mv[i * slot.cs: i * slot.cs + n] if write else None
         ok = False
         try:
-            conn.recv_chunk_into(dest, n, flags)
-            ok = dest is None or zlib.crc32(dest) == crc
+            if dest is not None and slot.spilled:
+                ok = self._recv_spilled(conn, slot.buf, i * slot.cs, dest, flags) == crc
+            else:
+                conn.recv_chunk_into(dest, n, flags)
+                ok = dest is None or zlib.crc32(dest) == crc
         finally:
             with slot.lock:
                 if write:
@@ -549,8 +555,6 @@ class ChunkServer:
                         slot.have[i] = 1
                 if dest is not None:
                     dest.release()
-                    if slot.spilled and slot.buf is not None:
-                        drop_pages(slot.buf, i * slot.cs, n)
         if ok:
             conn.reply(OK, i)
             self.stats["chunks_received"] += 1
@@ -558,6 +562,23 @@ class ChunkServer:
             self.stats["crc_errors"] += 1
             conn.error(BAD_CRC, "chunk CRC mismatch", i)
         return True
+
+    @staticmethod
+    def _recv_spilled(conn: ServerConn, buf, off: int, dest: memoryview, flags: int) -> int:
+        """Receive a chunk into a spill buffer ``SPILL_STEP`` bytes at a time, each
+        piece's CRC taken and its pages dropped as soon as it is in: a connection keeps
+        at most one piece of the upload mapped, however large the chunks (so N uploads
+        in flight cost N x streams x 1 MiB, not N x streams x chunk size). Returns the
+        chunk's CRC-32."""
+        crc, pos, n = 0, 0, len(dest)
+        while pos < n:
+            k = min(SPILL_STEP, n - pos)
+            with dest[pos:pos + k] as piece:
+                conn.recv_chunk_into(piece, k, flags)
+                crc = zlib.crc32(piece, crc)
+            drop_pages(buf, off + pos, k)
+            pos += k
+        return crc
 
     def _alloc(self, slot: UploadSlot, size: int):
         """The receive buffer of an upload (called under ``slot.lock``): a spill
@@ -620,7 +641,9 @@ class ChunkServer:
             log.debug("flwr-transports: landing hook for %s failed: %s", oid, exc)
         finally:
             if slot.spilled:  # folded: its pages go back to the page cache
-                drop_pages(slot.buf, 0, slot.size or 0)
+                with slot.lock:
+                    if slot.buf is not None:  # None: discarded while it landed
+                        drop_pages(slot.buf, 0, slot.size or 0)
             self._release_reader(oid, slot)
 
     def open_slot(self, oid: str, size: int) -> PayloadSource:

@@ -177,6 +177,38 @@ def test_memory_links_view_compares_the_medians_with_half_a_model(tmp_path):
         render.render_block("memory-links", ["docs/bench-data/e2e-lo-500-s5.json"], ROOT)
 
 
+def test_ray_step_view_prints_each_rounds_median_and_range_of_the_json(tmp_path):
+    """docs/aggregation.md's server-step table: every round's median (min-max) over the
+    repeats as the JSON has them, and a K whose model differed in one repeat says so."""
+    import json
+
+    def run(flower, k1, same):
+        return {"load_before": [1.0, 2.0, 3.0], "load_after": [1.5, 2.0, 3.0],
+                "step_s": {"flower": flower, "K=1": k1}, "bit_identical": {"K=1": same}}
+
+    doc = {"kind": "ray-step", "strategy": "FedAdam", "mib": 64, "rounds": 2, "shards": [1],
+           "repeat": 3, "object_store_bytes": 2 << 30, "ray_num_cpus": 2,
+           "commit": "abc1234def", "dirty": [], "flwr_version": "1.42.0", "ray_version": "2",
+           "numpy_version": "2", "cpus": 2, "time_utc": "2026-12-06T00:00:00", "command": "x",
+           "runs": [run([0.9, 1.25], [0.7, 0.5], True), run([1.1, 1.75], [0.3, 0.6], True),
+                    run([1.0, 1.5], [0.4, 0.45], True)]}
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(doc))
+    text = render.render_block("ray-step", [str(f)], tmp_path)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert ("| Flower's FedAdam in the ServerApp (the step only) | 1.00 s (0.90-1.10) | "
+            "1.50 s (1.25-1.75) | (reference) |") in rows.values()
+    assert rows["| shard owners, K=1"].endswith(
+        "| 0.40 s (0.30-0.70) | 0.50 s (0.45-0.60) | bit-identical in every repeat |")
+    assert "**3 repeat(s)**" in text and "1.00/2.00/3.00 before, 1.50/2.00/3.00 after" in text
+    doc["runs"][2]["bit_identical"]["K=1"] = False
+    f.write_text(json.dumps(doc))
+    text = render.render_block("ray-step", [str(f)], tmp_path)
+    assert "| shard owners, K=1 |" in text and text.count("**differs**") == 1
+    with pytest.raises(ValueError, match="ray-step"):
+        render.render_block("ray-step", ["docs/bench-data/e2e-lo-500-s5.json"], ROOT)
+
+
 # ---- the plots in docs/img: each PNG carries the figures it was drawn from
 
 

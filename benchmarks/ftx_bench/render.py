@@ -520,9 +520,56 @@ def _codec_bench(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
     return out
 
 
+def ray_step_rows(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """benchmarks/ray_step_bench.py: per row (``flower``, ``K=1``, ...), every round's
+    step seconds over the repeats (``rounds[i]``: round i + 1's values) and whether the
+    model was bit-identical to Flower's class in every repeat (None for ``flower``)."""
+    if doc.get("kind") != "ray-step" or not doc.get("runs"):
+        raise ValueError("not a benchmarks/ray_step_bench.py JSON (ray-step)")
+    rows: dict[str, dict[str, Any]] = {}
+    for label in doc["runs"][0]["step_s"]:
+        rounds = [[run["step_s"][label][i] for run in doc["runs"]]
+                  for i in range(doc["rounds"])]
+        same = None if label == "flower" else all(run["bit_identical"][label]
+                                                  for run in doc["runs"])
+        rows[label] = {"rounds": rounds, "bit_identical": same}
+    return rows
+
+
+def _ray_step(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """A server optimiser's step on the shard owners vs Flower's class in the ServerApp."""
+    (doc, src), = docs
+    rows = ray_step_rows(doc)
+    runs = doc["runs"]
+    loads = "; ".join(f"{_load(r['load_before'])} before, {_load(r['load_after'])} after"
+                      for r in runs)
+    out = [f"**{len(runs)} repeat(s)** (median, min-max), commit `{doc['commit'][:7]}`"
+           + (" (changed files: " + ", ".join(f"`{f}`" for f in doc["dirty"]) + ")"
+              if doc.get("dirty") else "")
+           + f", Flower {doc.get('flwr_version')}, Ray {doc.get('ray_version')}, NumPy "
+           f"{doc.get('numpy_version')}, {doc['time_utc'][:10]}, {doc.get('cpus')} cores "
+           f"(shared with other sessions); local Ray with {doc['ray_num_cpus']} CPUs and a "
+           f"{doc['object_store_bytes'] / (1 << 30):g} GiB object store. Load average "
+           f"(1/5/15 min) per repeat: {loads}.",
+           f"Command: `{doc['command']}`; data: `{src}`.", "",
+           f"| {doc['strategy']}, {doc['mib']} MiB float32 model | "
+           + " | ".join(f"round {i}" for i in range(1, doc["rounds"] + 1))
+           + " | same model as Flower's class |",
+           "|---|" + "---:|" * doc["rounds"] + "---|"]
+    for label, r in rows.items():
+        name = (f"Flower's {doc['strategy']} in the ServerApp (the step only)"
+                if label == "flower" else f"shard owners, {label}")
+        same = ("(reference)" if r["bit_identical"] is None else
+                "bit-identical in every repeat" if r["bit_identical"] else "**differs**")
+        out.append(f"| {name} | " + " | ".join(_rng(v, ".2f", " s") for v in r["rounds"])
+                   + f" | {same} |")
+    return out
+
+
 VIEWS = {"codec-bench": _codec_bench, "aggregation": _aggregation, "trace-breakdown": _trace_breakdown,
          "receive-loop-polls": _receive_loop_polls,
-         "receive-loop-tails": _receive_loop_tails, "memory-links": _memory_links}
+         "receive-loop-tails": _receive_loop_tails, "memory-links": _memory_links,
+         "ray-step": _ray_step}
 
 
 def render_block(name: str, files: list[str], root: Path = REPO) -> str:

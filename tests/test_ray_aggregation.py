@@ -185,6 +185,43 @@ def test_actor_killed_mid_round_is_replaced_and_refolded(cluster, bucket, monkey
     assert _gone(s_ray._ray.history)
 
 
+def test_an_upload_changed_in_the_store_before_a_refold_is_never_counted(
+        cluster, bucket, monkeypatch):
+    """Round 1: after the replies were folded and verified, one upload is overwritten in
+    the store (one byte in shard 0's windows) and owner 0 is killed before the mean is
+    collected: its successor's re-fold reads windows that no longer hash to the reply's
+    digest, and the round fails (it cannot give the sum the verified bytes gave) instead
+    of counting the changed bytes; the bucket is left empty."""
+    from urllib.parse import unquote, urlsplit
+
+    from flwr_transports.aggregation.ray_shards import WINDOW, RayRoundStream, StoreChangedError
+
+    s3, b = bucket
+    url = f"s3://{b}/runs?endpoint_url={_endpoint(s3)}&aggregation=ray&ray_shards=2"
+    changed = []
+    assemble = RayRoundStream.assemble
+
+    def change_kill_assemble(self, plan, total):
+        _first, jobs = self._final
+        a, p, remote = jobs[-1]
+        path = unquote(urlsplit(remote["url"]).path).lstrip("/")
+        bkt, key = path.split("/", 1)
+        body = bytearray(s3.get_object(Bucket=bkt, Key=key)["Body"].read())
+        _t0, t1 = windows_of(p, self.shards, 0)
+        at = min(t1 * WINDOW, len(body)) - 100  # in shard 0's windows (data, not header)
+        body[at] ^= 0xFF
+        s3.put_object(Bucket=bkt, Key=key, Body=bytes(body))
+        changed.append(a.index)
+        ray.kill(self.cluster.actors[0], no_restart=True)
+        return assemble(self, plan, total)
+
+    monkeypatch.setattr(RayRoundStream, "assemble", change_kill_assemble)
+    with pytest.raises(StoreChangedError, match=r"changed in the store after it was verified"):
+        _ray_run(FedAvg(), url, _grid(3, faulty=False))
+    assert len(changed) == 1
+    assert _leftovers(s3, b) == ([], [])
+
+
 def test_fedadam_on_ray_equals_streaming(cluster, bucket):
     """FedAdam's step runs on the shard owners, on the sums they folded from the store
     (its moments live there, not in the ServerApp): the same model as streaming,

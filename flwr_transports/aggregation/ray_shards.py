@@ -14,7 +14,10 @@ counts only when the root matches; anything folded that does not count is exclud
 exactly: the shard sums are rebuilt from the store, never subtracted.
 
 An actor that dies is replaced and its shard re-folded from the store (the uploads
-stay there until the phase ends); a cluster that cannot be reached fails the run with
+stay there until the phase ends), each window's hash checked against the leaves that
+made the reply's verified root: an upload changed in the store in between fails the
+round with :class:`StoreChangedError` (it was counted already; nothing else gives the
+sum streaming aggregation gives). A cluster that cannot be reached fails the run with
 :class:`RayClusterError` (the wrapper then removes everything from the bucket). The
 actors are killed when the run ends.
 
@@ -69,6 +72,13 @@ ASSEMBLY_CHUNK = 64 << 20  # the mean is fetched from the shard owners in pieces
 class RayClusterError(RuntimeError):
     """The Ray cluster of ``aggregation=ray`` cannot be reached (or keeps losing the
     shard actors): the run fails (nothing is left in the store)."""
+
+
+class StoreChangedError(RayClusterError):
+    """A reply's upload, verified and counted in this round, read differently (or not
+    at all) when a replaced shard owner re-folded it from the store: the round's sum
+    cannot be rebuilt from what was verified, so the run fails rather than count bytes
+    that were never checked against the reply's digest."""
 
 
 def in_flower_simulation() -> bool:
@@ -485,6 +495,8 @@ class RayRoundStream:
         #: owner re-folds if one dies while the mean is collected
         self._final: tuple | None = None
         self._cut_plan: Plan | None = None
+        #: reply index -> the leaf hashes of its verified root (what a re-fold must read)
+        self._leaves: dict[int, list[bytes]] = {}
 
     def on_landed(self, key: Any, src) -> None:
         """An upload landed (the link's hook, a background thread): the shard owners
@@ -678,7 +690,7 @@ class RayRoundStream:
                 ok = False  # a dead owner, or an upload that does not count
                 continue
             a = job[0]
-            err = self._verify(a, plan, parts)
+            err = self._verify(a, plan, parts, self._leaves)
             if isinstance(err, PayloadError) and "digest mismatch" in str(err):
                 rejected[a.index] = err  # a lie: never counted
                 ok = False
@@ -706,7 +718,7 @@ class RayRoundStream:
                         return False
                     except ray.exceptions.RayTaskError as exc:
                         parts.append((t0, getattr(exc, "cause", None) or exc))
-                err = self._verify(a, plan, parts)
+                err = self._verify(a, plan, parts, self._leaves)
                 if err is not None:
                     rejected[a.index] = err
                     bad = True
@@ -774,15 +786,18 @@ class RayRoundStream:
         self.bytes_folded += sum(p.size for _, p, _ in jobs)
         bad = False
         for n, (a, plan, _remote) in enumerate(jobs):
-            err = self._verify(a, plan, [(spans[n][j][0], results[(n, j)]) for j in range(k)])
+            err = self._verify(a, plan, [(spans[n][j][0], results[(n, j)]) for j in range(k)],
+                               self._leaves)
             if err is not None:
                 rejected[a.index] = err
                 bad = True
         return bad
 
     @staticmethod
-    def _verify(a: Accepted, plan: Plan, parts) -> Exception | None:
-        """The reply counts only if the shards' leaf hashes make its ``sha256t`` root."""
+    def _verify(a: Accepted, plan: Plan, parts,
+                into: dict[int, list[bytes]] | None = None) -> Exception | None:
+        """The reply counts only if the shards' leaf hashes make its ``sha256t`` root
+        (then ``into[a.index]`` gets those leaves: a re-fold must read the same)."""
         leaves: dict[int, bytes] = {}
         for t0, got in parts:
             if isinstance(got, Exception):
@@ -799,6 +814,8 @@ class RayRoundStream:
         if got_digest != a.digest:
             return PayloadError(f"digest mismatch: payload has {got_digest}, reference "
                                 f"says {a.digest}")
+        if into is not None:
+            into[a.index] = [leaves[t] for t in range(n_win)]
         return None
 
     # -- the mean ----------------------------------------------------------------------
@@ -869,12 +886,34 @@ class RayRoundStream:
         x.drop.remote()
 
     def _refold(self, j: int) -> None:
-        """A new owner for shard ``j``, its sum re-folded from the store."""
+        """A new owner for shard ``j``, its sum re-folded from the store, verified like
+        the first fold: every window it reads must hash to the leaf that made the
+        reply's verified root (else :class:`StoreChangedError`)."""
         cl = self.cluster
         ray = cl.connect()
         cl.replace(j)
         x = cl.actors[j]
         first, jobs = self._final
         x.reset.remote(first, self.shards[j])
-        ray.get([x.fold.remote(remote, plan, *windows_of(plan, self.shards, j),
-                               float(a.weight), a.key) for a, plan, remote in jobs])
+        spans = [windows_of(plan, self.shards, j) for _a, plan, _r in jobs]
+        futs = [x.fold.remote(remote, plan, *span, float(a.weight), a.key)
+                for (a, plan, remote), span in zip(jobs, spans, strict=True)]
+        for (a, _plan, _remote), (t0, t1), f in zip(jobs, spans, futs, strict=True):
+            try:
+                got = ray.get(f)
+            except ray.exceptions.RayTaskError as exc:
+                raise StoreChangedError(
+                    f"aggregation=ray: round {self.round}: reply {a.index}'s upload, counted "
+                    f"already, could not be read again when shard owner {j} was replaced "
+                    f"({getattr(exc, 'cause', None) or exc}); the round fails rather than "
+                    "count a sum without it. Nothing but this ServerApp may write or delete "
+                    "the run's objects in the bucket while a round runs") from exc
+            want = self._leaves.get(a.index)
+            if want is None or list(got) != want[t0:t1]:
+                raise StoreChangedError(
+                    f"aggregation=ray: round {self.round}: reply {a.index}'s upload changed "
+                    f"in the store after it was verified (windows {t0}-{t1 - 1}, re-folded "
+                    f"when shard owner {j} was replaced, no longer hash to the leaves of "
+                    f"its digest {a.digest}); the round fails rather than count bytes "
+                    "that were never checked. Nothing but this ServerApp may write or "
+                    "delete the run's objects in the bucket while a round runs")

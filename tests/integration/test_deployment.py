@@ -39,6 +39,7 @@ class Outcome:
     names: list[str]
     summary: dict[str, Any]
     link_names_seen: set[str] = field(default_factory=set)
+    events: list[dict[str, Any]] = field(default_factory=list)  # the run's trace
 
 
 @dataclass
@@ -99,9 +100,11 @@ def _load_task(app: Path):
 def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
     import psutil
 
+    from flwr_transports import trace
     from flwr_transports.testing import LocalDeployment
 
     base = tmp_path_factory.mktemp("deployment")
+    tdir = base / "trace"
     file_dir = base / "file-link"
     file_dir.mkdir()
     import boto3
@@ -132,7 +135,8 @@ def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
 
     shm_before = ftx_names()
     runs: dict[str, Outcome] = {}
-    dep = LocalDeployment(n_supernodes=2, workdir=base / "deploy", env=creds)
+    dep = LocalDeployment(n_supernodes=2, workdir=base / "deploy",
+                          env={**creds, trace.ENV: str(tdir)})
     try:
         with dep:
             ports = [dep.superlink_port, *dep.supernode_ports]
@@ -160,7 +164,10 @@ def federation(tmp_path_factory, quickstart_app, ftx_names) -> Federation:
                     names = list(z.keys())
                     arrays = {k: z[k] for k in names}
                 summary = json.loads(out.with_suffix(".json").read_text())
-                runs[name] = Outcome(res, arrays, names, summary, seen)
+                runs[name] = Outcome(res, arrays, names, summary, seen,
+                                     trace.read_events(tdir) if tdir.is_dir() else [])
+                for p in tdir.glob("*"):
+                    p.unlink()
                 procs.update({pid: ctime for pid, (_, ctime) in res.processes.items()})
 
         s3_left = [o["Key"] for o in s3.list_objects_v2(Bucket="itest").get("Contents", [])]
@@ -388,3 +395,33 @@ def test_startup_failure_raises_with_log_tail(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "exited with code 3" in msg and "boom: cannot bind" in msg
     assert dep.pids() == []
+
+
+FLOWER_PULL_S = 3.0  # HttpGrid.send_and_receive: time.sleep(3) between pulls
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ("shm", "file", "tcp", "s3", *RDMA))
+def test_the_receive_loop_returns_before_flowers_pull_on_every_link(federation, name):
+    """Issue 24, on every link (this module's runs are traced): a phase's replies cannot
+    be on the SuperLink before the clients' last traced event of that phase ended, and
+    Flower's ``send_and_receive`` pulls only at push + 0, 3, 6, ... s, so it could not
+    have returned before the first of those after that moment; offload's receive loop
+    did, in at least one phase, and every phase got every reply. Asserted from the
+    trace's timestamps, not from wall time (tests/integration/test_receive_deployment.py
+    checks the pulls themselves over tcp:// and shm://)."""
+    import math
+
+    events = federation.runs[name].events
+    recv = [e for e in events if e["ev"] == "receive"]
+    assert len(recv) == 2 * ROUNDS, f"{name}: {len(recv)} receive events"
+    earlier = []
+    for e in recv:
+        ends = [x["t1"] for x in events if x.get("role") == "client"
+                and x.get("round") == e.get("round") and x.get("phase") == e.get("phase")]
+        assert ends and e["replies"] == 2 and e["missing"] == 0, (name, e)
+        push = e["t0"]
+        flower = push + FLOWER_PULL_S * math.ceil(max(max(ends) - push, 0.0) / FLOWER_PULL_S)
+        earlier.append(e["t1"] < flower)
+    assert any(earlier), (name, [(round(e["t1"] - e["t0"], 2)) for e in recv])
+    assert not [e for e in federation.runs["inband"].events if e["ev"] == "receive"]

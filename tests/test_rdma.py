@@ -580,3 +580,52 @@ def test_a_folded_upload_is_read_into_a_spill_file_and_leaves_no_pages_behind(se
     with link.open_upload(slot, back, p.size) as src:
         assert same(decode(src.read, p.size, p.digest), rec)
     assert mapping_of(st.buf)[0] <= 512 * KiB
+
+
+@needs_nixl
+def test_spilled_reads_in_flight_stay_within_the_servers_budget(server):
+    """All uploads together keep at most the server's budget of spilled READs in
+    flight (their pages are mapped until checked), each transfer always moving at
+    least one chunk; the budget is whole again afterwards."""
+    import time
+
+    link = server(chunk_size="64KiB", window=4)
+    rd = link.server.rdma
+    rd.inflight = ch.ByteBudget(128 * KiB)  # two 64 KiB chunks, for all uploads
+    peak = []
+    take = rd.inflight.take
+
+    def watched(n, holding):
+        ok = take(n, holding)
+        peak.append(rd.inflight.used)
+        return ok
+
+    rd.inflight.take = watched
+    recs, slots, got = [], [], []
+    for k in range(2):
+        rec, p = make_payload(2 * MiB, seed=20 + k)
+        slot = link.issue_slot(f"r1-train-n{k}", 4 * MiB)
+        assert link.on_upload(slot, lambda src: got.append(src.size))
+        recs.append((rec, p))
+        slots.append(slot)
+    import threading
+
+    backs = [None, None]
+
+    def up(k):
+        backs[k] = rdma.RdmaClientLink().upload(slots[k], recs[k][1])
+
+    ts = [threading.Thread(target=up, args=(k,)) for k in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    end = time.monotonic() + 10
+    while len(got) < 2:
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    assert peak and max(peak) <= 128 * KiB, max(peak)
+    assert rd.inflight.used == 0
+    for k in range(2):
+        with link.open_upload(slots[k], backs[k], recs[k][1].size) as src:
+            assert same(decode(src.read, src.size, recs[k][1].digest), recs[k][0])

@@ -364,11 +364,14 @@ def read_chunks(agent: Agent, peer: str, sched: chunks.ChunkScheduler, *, size: 
                 table: list[int], local: Callable[[int, int], list[memoryview]],
                 remote: RemoteLayout, window: int, timeout: float,
                 fault: Callable[[int, list[memoryview]], Any] | None = None,
-                landed: Callable[[int], Any] | None = None) -> bool:
+                landed: Callable[[int], Any] | None = None,
+                budget: chunks.ByteBudget | None = None) -> bool:
     """Drive the chunk READs of one transfer until ``sched`` has no more work.
 
     ``landed(i)`` is called once chunk ``i`` is read and its CRC checked (a spill
-    buffer then drops its pages).
+    buffer then drops its pages). ``budget``: the bytes of READs in flight are also
+    bounded by this server-wide budget (shared by every upload; at least one READ per
+    transfer always goes).
 
     Keeps ``window`` READs in flight; each completed chunk's CRC is checked against
     ``table`` (a mismatch or a failed READ re-queues the chunk, up to the scheduler's
@@ -380,13 +383,25 @@ def read_chunks(agent: Agent, peer: str, sched: chunks.ChunkScheduler, *, size: 
         collections.OrderedDict())
     clean = True
     nap = 0.0
+    held = 0  # bytes of this transfer's READs in flight, charged to the budget
+
+    def charged(i: int) -> int:
+        return chunks.chunk_len(i, size, cs) if budget is not None else 0
+
     try:
         while True:
             while len(inflight) < window:
+                if budget is not None and held and budget.used + cs > budget.limit:
+                    break  # the server's other uploads hold the budget: later
                 i = sched.take(block=False)
                 if i is None:
                     break
                 off, n = i * cs, chunks.chunk_len(i, size, cs)
+                if budget is not None:
+                    if not budget.take(n, held):
+                        sched.requeue(i)
+                        break
+                    held += n
                 views = local(off, n)
                 for v in views:
                     _membuf.populate(v)  # fault the target pages in one call, not per page
@@ -395,6 +410,9 @@ def read_chunks(agent: Agent, peer: str, sched: chunks.ChunkScheduler, *, size: 
                     h = agent.post_read(ld, rd, peer)
                 except Exception as exc:  # noqa: BLE001 - NIXL errors are not OSErrors
                     sched.requeue(i)
+                    if budget is not None:
+                        budget.give(n)
+                        held -= n
                     raise LinkError(f"rdma:// cannot start a READ from {peer}: {exc}") from None
                 inflight[i] = (h, views, time.monotonic())
             if not inflight:
@@ -410,6 +428,9 @@ def read_chunks(agent: Agent, peer: str, sched: chunks.ChunkScheduler, *, size: 
                 del inflight[i]
                 progressed = True
                 agent.release(h)
+                if budget is not None:
+                    budget.give(charged(i))
+                    held -= charged(i)
                 if st != "DONE":
                     sched.corrupted(i, "RDMA read failed")
                     continue
@@ -431,6 +452,8 @@ def read_chunks(agent: Agent, peer: str, sched: chunks.ChunkScheduler, *, size: 
             if not agent.release(h):  # cancels an active READ where UCX can
                 clean = False
             sched.requeue(i)
+            if budget is not None:
+                budget.give(charged(i))
 
 
 # -- client agents (one per process and UCX_TLS choice, reused for every transfer) ---------
@@ -458,6 +481,10 @@ def _close_client_agents() -> None:
 
 
 # -- server ----------------------------------------------------------------------------
+#: bytes of READs into spill buffers in flight on one server, every upload together
+SPILL_INFLIGHT = 32 << 20
+
+
 class RegisteredPool(chunks.BufferPool):
     """The upload buffer pool, each buffer registered once and kept registered while
     pooled (reused for the next round's replies: no registration cost again)."""
@@ -522,6 +549,9 @@ class _ServerRdma:
         self.spill = RegisteredPool(pool_cap, self.agent, spill=True,
                                     alloc=lambda n: chunks.alloc_spill(n, spill_dir))
         self.spill.directory = spill_dir
+        #: bytes of spilled READs in flight, all uploads together (their pages are mapped
+        #: until the chunk's CRC is checked): what N uploads at once cost stays flat
+        self.inflight = chunks.ByteBudget(SPILL_INFLIGHT)
         self.window, self.timeout = window, timeout
         self.peers: dict[str, str] = {}  # client agent name -> slot being read
         self.lock = threading.Lock()
@@ -630,7 +660,8 @@ class RdmaServerConn(chunks.ServerConn):
                     clean = read_chunks(rd.agent, peer, sched, size=size, cs=cs, table=table,
                                         local=lambda off, k: [mv[off:off + k]], remote=layout,
                                         window=rd.window, timeout=rd.timeout, fault=hook,
-                                        landed=landed)
+                                        landed=landed,
+                                        budget=rd.inflight if slot.spilled else None)
                 finally:
                     with slot.lock:
                         for i in range(n):

@@ -43,6 +43,7 @@ from .buffers import (  # noqa: F401
     PENDING,
     POOL_GRAIN,
     BufferPool,
+    ByteBudget,
     ChunkScheduler,
     alloc_buffer,
     alloc_spill,

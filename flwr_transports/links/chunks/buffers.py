@@ -250,6 +250,32 @@ def drop_pages(m: mmap.mmap, off: int, n: int) -> None:
         pass
 
 
+class ByteBudget:
+    """Bytes in flight shared by every transfer of a server (the pages of chunks being
+    written into spill buffers, not yet checked and dropped): bounds what N uploads at
+    once cost, whatever N is. ``take(n)`` never blocks a transfer that holds nothing
+    (each one can always move one chunk), so a chunk larger than the budget still goes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def take(self, n: int, holding: int) -> bool:
+        """Reserve ``n`` bytes for a transfer holding ``holding`` bytes already; False
+        (nothing reserved) when over budget and the transfer holds some."""
+        with self.cond:
+            if holding and self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
 def spill_pool(cap: int, directory: str | None = None) -> BufferPool:
     """A pool of spill buffers (:func:`alloc_spill`): up to ``cap`` bytes of reserved
     disk kept for the next round's uploads, their pages left in the page cache."""

@@ -170,8 +170,8 @@ def test_memory_links_view_compares_the_medians_with_half_a_model(tmp_path):
         tcp = next(line for line in text.splitlines() if line.startswith("| `tcp://`"))
         med = sorted(n8)[1]
         assert f"{med:.0f} MiB ({min(n8):.0f}-{max(n8):.0f}), n = 3" in tcp
-        assert f"+{med - 605:.0f} MiB" in tcp and tcp.endswith(f"| {verdict} |")
-        assert ("| `shm://` | 599 MiB (599-599), n = 3 | 599 MiB (599-600), n = 3 | +0 MiB "
+        assert f"+{med - 605:.1f} MiB" in tcp and tcp.endswith(f"| {verdict} |")
+        assert ("| `shm://` | 599 MiB (599-599), n = 3 | 599 MiB (599-600), n = 3 | +0.0 MiB "
                 "| yes |") in text
     with pytest.raises(ValueError, match="memory-links"):
         render.render_block("memory-links", ["docs/bench-data/e2e-lo-500-s5.json"], ROOT)

@@ -474,7 +474,7 @@ def _memory_links(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
     for link, r in rows.items():
         d = statistics.median(r["hi"]) - statistics.median(r["lo"])
         out.append(f"| `{link}` | {_rng(r['lo'], '.0f', ' MiB')}, n = {len(r['lo'])} | "
-                   f"{_rng(r['hi'], '.0f', ' MiB')}, n = {len(r['hi'])} | {d:+.0f} MiB | "
+                   f"{_rng(r['hi'], '.0f', ' MiB')}, n = {len(r['hi'])} | {d:+.1f} MiB | "
                    f"{'yes' if d <= half else '**no**'} |")
     return out
 

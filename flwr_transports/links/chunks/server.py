@@ -63,8 +63,9 @@ from .protocol import (
 
 log = logging.getLogger("flwr_transports.links")
 
-#: bytes of a chunk received into a spill buffer between two page drops
-SPILL_STEP = 1 << 20
+#: bytes of a chunk received into a spill buffer between two page drops (a connection
+#: holds at most this much of an upload mapped: 32 connections, 8 MiB)
+SPILL_STEP = 256 << 10
 
 
 # -- server side -----------------------------------------------------------------------

@@ -102,9 +102,11 @@ def main(argv=None) -> None:
     ap.add_argument("--transport", default="shm://")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
-    print("load before:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    load_before = list(os.getloadavg())
+    print("load before:", " ".join(f"{x:.2f}" for x in load_before))
     rows = [run(c, a) for c in a.codecs.split(",")]
-    print("load after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    load_after = list(os.getloadavg())
+    print("load after:", " ".join(f"{x:.2f}" for x in load_after))
     raw = next((r for r in rows if r["codec"] == "raw"), None)
     print(f"\n{'codec':10s} {'eval-loss per round':48s} {'vs raw':>8s} {'uploaded':>12s} "
           f"{'downloaded':>12s} rejected")
@@ -121,7 +123,19 @@ def main(argv=None) -> None:
             print(f"{r['codec']:10s} {r['fetched']:20d} {rel:>8s} {r['fetched_deltas']:12d} "
                   f"{r['fetches']:8d} {r['deltas']:7d} {r['hits']:5d}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
+        import subprocess
+
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, check=False,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=root, check=False, capture_output=True,
+                                    text=True).stdout.strip())
+        Path(a.json).write_text(json.dumps(
+            {"kind": "codec-training", "commit": commit, "dirty": dirty,
+             "command": " ".join(sys.argv), "load_before": load_before,
+             "load_after": load_after, "time_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+             "args": vars(a), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -566,7 +566,52 @@ def _ray_step(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
     return out
 
 
-VIEWS = {"codec-bench": _codec_bench, "aggregation": _aggregation, "trace-breakdown": _trace_breakdown,
+def _pct(x: float, base: float) -> str:
+    return f"{100 * x / base:.1f}%" if base else "—"
+
+
+def _codec_training(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """benchmarks/codec_training.py: held-out loss and bytes per codec (and, over a
+    network link, what the clients fetched: full models, downlink deltas, cache hits)."""
+    (doc, src), = docs
+    if "rows" not in doc or "eval_loss" not in doc["rows"][0]:
+        raise ValueError("not a codec_training.py JSON")
+    a, rows = doc["args"], doc["rows"]
+    raw = next((r for r in rows if r["codec"] == "raw"), None)
+    commit = doc.get("commit")
+    lb, la = doc.get("load_before"), doc.get("load_after")
+    out = [("**one run** (deterministic: the bytes and losses do not depend on the load), "
+            + (f"commit `{commit[:7]}`" + (" (dirty tree)" if doc.get("dirty") else "")
+               if commit else "commit not recorded")
+            + (f", {doc['time_utc']} UTC" if doc.get("time_utc") else "")
+            + (f"; 1-minute load {lb[0]:.2f} before, {la[0]:.2f} after" if lb and la
+               else "") + "."),
+           (f"Command: `{doc.get('command') or 'benchmarks/codec_training.py'}` (preset "
+            f"{a['preset']}, {a['rounds']} rounds of {a['local_steps']} AdamW steps at lr "
+            f"{a['lr']:g}, over `{a.get('transport', 'shm://')}`); data: `{src}`."), ""]
+    out += ["| codec | held-out loss, rounds 1-5 | round 5 vs raw | uploaded (of raw) | "
+            "downloaded (of raw) |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        same = raw is not None and r is not raw and r["eval_loss"] == raw["eval_loss"]
+        loss = "identical to raw" if same else " ".join(f"{x:.4f}" for x in r["eval_loss"])
+        rel = ("-" if raw is None or r is raw else
+               f"{100 * (r['eval_loss'][-1] / raw['eval_loss'][-1] - 1):+.3f}%")
+        out.append(f"| `{r['codec']}` | {loss} | {rel} | {r['uploaded'] / 1e6:.2f} MB "
+                   f"({_pct(r['uploaded'], raw['uploaded'] if raw else 0)}) | "
+                   f"{r['downloaded'] / 1e6:.2f} MB "
+                   f"({_pct(r['downloaded'], raw['downloaded'] if raw else 0)}) |")
+    if any("fetched" in r for r in rows):
+        out += ["", "| codec | fetched by the clients | of raw | fetches: full / downlink "
+                "delta / cache hit |", "|---|---:|---:|---|"]
+        for r in rows:
+            full = r["fetches"] - r["deltas"] - r["hits"]
+            out.append(f"| `{r['codec']}` | {r['fetched'] / 1e6:.2f} MB | "
+                       f"{_pct(r['fetched'], raw['fetched'] if raw else 0)} | "
+                       f"{full} / {r['deltas']} / {r['hits']} |")
+    return out
+
+
+VIEWS = {"codec-bench": _codec_bench, "codec-training": _codec_training, "aggregation": _aggregation, "trace-breakdown": _trace_breakdown,
          "receive-loop-polls": _receive_loop_polls,
          "receive-loop-tails": _receive_loop_tails, "memory-links": _memory_links,
          "ray-step": _ray_step}

@@ -139,6 +139,17 @@ TABLES: dict[str, Table] = {t.name: t for t in [
                                          "--floor-mib", "0"), "e2e")
            for n in (2, 3)],
           notes="memory-links for the two links whose receive path changed last"),
+    Table("memory-links-tcp", "ServerApp memory, N = 2 vs N = 8, tcp:// only, streaming "
+          "aggregation, 128 MiB",
+          [Invocation(f"128MiB-N{n}", _e2e("--sizes", "128MiB", "--transports", "tcp://",
+                                           "--nodes", str(n), "--rounds", "2",
+                                           "--floor-mib", "0"), "e2e")
+           for n in (2, 8)],
+          [Invocation(f"4MiB-N{n}", _e2e("--sizes", "4MiB", "--transports", "tcp://",
+                                         "--nodes", str(n), "--rounds", "1",
+                                         "--floor-mib", "0"), "e2e")
+           for n in (2, 3)],
+          notes="memory-links for tcp:// alone (its receive path changed last)"),
     Table("mpi", "MPI runtime vs a Flower deployment (in-band and tcp://), 500 MiB",
           [Invocation("mpi", [sys.executable, str(BENCH / "mpi_bench.py"), "--mib", "500",
                               "--rounds", "2", "--reps", "1", "--skip-p2p"], "text"),

@@ -298,6 +298,16 @@ def aggregate(repeats: list[dict[str, Any]]) -> dict[str, Any]:
             "ratios": {k: _stats(v) for k, v in rat.items()}}
 
 
+def wait_for_load(cores: int, limit_s: float, poll_s: float = 5.0) -> float:
+    """Wait (at most ``limit_s``) until the 1-minute load is below the core count, so
+    a repeat does not start in the load its predecessor left behind (and get discarded
+    after running); returns the seconds waited."""
+    t0 = time.monotonic()
+    while os.getloadavg()[0] > cores and time.monotonic() - t0 < limit_s:
+        time.sleep(poll_s)
+    return time.monotonic() - t0
+
+
 def reproduce(table: Table, repeat: int, quick: bool, out: Path, argv: list[str],
               max_retries: int = 3, pause_s: float = 60.0, timeout: float = 3600.0,
               progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -318,7 +328,9 @@ def reproduce(table: Table, repeat: int, quick: bool, out: Path, argv: list[str]
             for attempt in range(max_retries + 1):
                 progress(f"{table.name}/{inv.key}: repeat {i + 1}/{repeat}"
                          + (f" (retry {attempt})" if attempt else ""))
+                waited = wait_for_load(cores, 3 * pause_s) if max_retries else 0.0
                 rec = run_once(inv, work / inv.key / f"rep{i}-try{attempt}", timeout)
+                rec["waited_for_load_s"] = round(waited, 1)
                 rec["repeat"], rec["attempt"] = i, attempt
                 if rec["load_before"][0] > cores and attempt < max_retries:
                     rec["discarded"] = (f"1-min load {rec['load_before'][0]:.2f} > "

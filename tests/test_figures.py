@@ -58,15 +58,20 @@ def test_a_changed_figure_in_a_block_is_caught():
     good = render.render_text(text, ROOT)
     assert good == text
     head, tail = good.split("figures:begin readme-loopback", 1)
-    tampered = head + "figures:begin readme-loopback" + tail.replace(" s |", " s  |", 1)
+    block, rest = tail.split("figures:end", 1)
+    # one figure of the table changed by a hundredth
+    changed = re.sub(r"\| (\d+)\.(\d)(\d)", lambda m: f"| {m[1]}.{m[2]}{(int(m[3]) + 1) % 10}",
+                     block, count=1)
+    assert changed != block
+    tampered = head + "figures:begin readme-loopback" + changed + "figures:end" + rest
     assert render.render_text(tampered, ROOT) != tampered
 
 
-def test_block_says_one_run_commit_and_load_for_a_single_old_run():
+def test_readme_loopback_block_states_repeats_commit_and_load():
     text = (ROOT / "README.md").read_text("utf-8")
     block = text.split("figures:begin readme-loopback", 1)[1].split("figures:end", 1)[0]
-    assert "**one run**" in block and "commit `f743704`" in block
-    assert "load average before 0.29/" in block
+    assert "**3 repeat(s) per point**" in block and "commit `" in block
+    assert "load before each repeat" in block and "(older code version)" not in block
 
 
 def test_floor_is_defined_once():

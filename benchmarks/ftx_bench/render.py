@@ -136,6 +136,12 @@ def _legacy_e2e(doc: dict[str, Any], src: str) -> list[str]:
     return out
 
 
+_COLUMN = {"round_s": "round time (s)", "overhead_s": "overhead above the floor (s)",
+           "superlink_peak_rss_mib": "SuperLink peak RSS (MiB)",
+           "serverapp_peak_rss_mib": "ServerApp peak RSS (MiB)",
+           "throughput_Gbps": "throughput (Gbit/s)"}
+
+
 def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
     out = [f"**{doc['repeat']} repeat(s) per point** (median, min-max), commit "
            f"`{(doc.get('commit') or '?')[:7]}`" + (" (dirty tree)" if doc.get("dirty") else "")
@@ -161,9 +167,10 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
             out.append(f"(driver output kept in the JSON, {len(inv['repeats'])} repeat(s))")
             out.append("")
             continue
-        metric_cols = (["round_s", "overhead_s", "superlink_peak_rss_mib"]
+        metric_cols = (["round_s", "overhead_s", "superlink_peak_rss_mib",
+                        "serverapp_peak_rss_mib"]
                        if inv["kind"] == "e2e" else ["throughput_Gbps"])
-        out.append("| point | " + " | ".join(metric_cols) + " |")
+        out.append("| point | " + " | ".join(_COLUMN.get(c, c) for c in metric_cols) + " |")
         out.append("|---|" + "---:|" * len(metric_cols))
         for pk, ms in inv["points"].items():
             cells = []

@@ -51,6 +51,7 @@ from ..codec import DIGEST_ALGO, PayloadError
 from ..errors import ConfigError
 from .fold import WINDOW, Source, WeightedSum, _pool, _to_bf16
 from .layout import Plan, Unfoldable, layout_of, npy_header, plan_payload
+from .ray_common import ASSEMBLY_CHUNK, MAX_RESTARTS, RayClusterError
 from .round import Accepted, _digest_of
 
 log = logging.getLogger("flwr_transports")
@@ -60,18 +61,10 @@ INSTALL_HINT = "pip install 'flwr-transports[ray]'"
 #: Simulation runtime (its ClientApps are Ray actors that take the CPUs) none: the
 #: actors neither starve the ClientApps nor wait for them
 ACTOR_CPUS = 0.1
-#: restarts of one shard actor per round before the round fails
-MAX_RESTARTS = 3
 #: seconds a new actor may take to answer its first call
 START_TIMEOUT = 120.0
 SIMULATION_WAIT = 60.0  # seconds the ServerApp waits for the Simulation runtime's Ray
 HEADER_UNIT = 1 << 20  # the ServerApp reads payload headers in units this small
-ASSEMBLY_CHUNK = 64 << 20  # the mean is fetched from the shard owners in pieces this big
-
-
-class RayClusterError(RuntimeError):
-    """The Ray cluster of ``aggregation=ray`` cannot be reached (or keeps losing the
-    shard actors): the run fails (nothing is left in the store)."""
 
 
 class StoreChangedError(RayClusterError):

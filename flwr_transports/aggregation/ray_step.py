@@ -38,6 +38,7 @@ from flwr.app import Array, ArrayRecord
 
 from ..errors import ConfigError
 from .layout import NPY_STYPE, npy_header
+from .ray_common import ASSEMBLY_CHUNK, MAX_RESTARTS, RayClusterError
 
 log = logging.getLogger("flwr_transports")
 
@@ -370,8 +371,6 @@ class ShardStep:
         in its successor from the old state (``on_dead`` restores what the step needs),
         one that dies after it is replaced by a successor that serves the new model
         from the new state."""
-        from .ray_shards import ASSEMBLY_CHUNK, MAX_RESTARTS, RayClusterError
-
         self._configured()
         if self._stepped == server_round:
             raise RuntimeError(f"aggregation=ray: the server step of round {server_round} "

@@ -130,7 +130,7 @@ OPTIONS = (
            "store re-checks each part; ~1.2 ms of CPU per MiB on each side); none: only the "
            "payload's SHA-256, which the receiver always verifies end to end"),
     Option("expires", _seconds(1, MAX_EXPIRES), DEFAULT_EXPIRES, "lifetime of presigned URLs "
-           "(1 s to 7 days; e.g. 3600, 30m, 2h)"),
+           "(1 second to 7 days; e.g. 3600, 30m, 2h)"),
     Option("encrypt", parse_bool, False, "AES-256-GCM client-side encryption, a fresh key per "
            "object, sent in-band only"),
     Option("progress", parse_bool, False, "progress lines on stderr for every transfer, on "

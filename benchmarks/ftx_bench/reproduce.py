@@ -70,6 +70,22 @@ def _p2p(*args: str) -> list[str]:
             "--no-plots", *args]
 
 
+def _memory_links(name: str, which: str, transports: str, quick: str, notes: str) -> Table:
+    """The ServerApp's peak RSS at N = 2 and N = 8 (128 MiB, streaming aggregation) on
+    ``transports`` (quick: 4 MiB, N = 2 and 3, on ``quick``)."""
+    return Table(name, f"ServerApp memory, N = 2 vs N = 8, {which}, streaming "
+                 "aggregation, 128 MiB",
+                 [Invocation(f"128MiB-N{n}", _e2e("--sizes", "128MiB", "--transports",
+                                                  transports, "--nodes", str(n), "--rounds",
+                                                  "2", "--floor-mib", "0"), "e2e")
+                  for n in (2, 8)],
+                 [Invocation(f"4MiB-N{n}", _e2e("--sizes", "4MiB", "--transports", quick,
+                                                "--nodes", str(n), "--rounds", "1",
+                                                "--floor-mib", "0"), "e2e")
+                  for n in (2, 3)],
+                 notes=notes)
+
+
 _STAR = ("--wan", "geo-distributed", "--topology", "star")
 _RGW = "inband,tcp://,s3://?store=radosgw"
 
@@ -115,41 +131,14 @@ TABLES: dict[str, Table] = {t.name: t for t in [
                                       "shm://?aggregation=inner",
                                       "--nodes", "2", "--rounds", "1", "--floor-mib", "0"),
                       "e2e")]),
-    Table("memory-links", "ServerApp memory, N = 2 vs N = 8, every link, streaming "
-          "aggregation, 128 MiB",
-          [Invocation(f"128MiB-N{n}", _e2e("--sizes", "128MiB", "--transports",
-                                           "shm://,file://,tcp://,rdma://,s3://",
-                                           "--nodes", str(n), "--rounds", "2",
-                                           "--floor-mib", "0"), "e2e")
-           for n in (2, 8)],
-          [Invocation(f"4MiB-N{n}", _e2e("--sizes", "4MiB", "--transports",
-                                         "tcp://,shm://", "--nodes", str(n), "--rounds",
-                                         "1", "--floor-mib", "0"), "e2e")
-           for n in (2, 3)],
-          notes="issue 24's target: the ServerApp's peak RSS at N = 8 within half a "
-                "model (64 MiB) of N = 2 on every link"),
-    Table("memory-links-chunked", "ServerApp memory, N = 2 vs N = 8, the chunked links "
-          "(tcp://, rdma://) only, streaming aggregation, 128 MiB",
-          [Invocation(f"128MiB-N{n}", _e2e("--sizes", "128MiB", "--transports",
-                                           "tcp://,rdma://", "--nodes", str(n),
-                                           "--rounds", "2", "--floor-mib", "0"), "e2e")
-           for n in (2, 8)],
-          [Invocation(f"4MiB-N{n}", _e2e("--sizes", "4MiB", "--transports", "tcp://",
-                                         "--nodes", str(n), "--rounds", "1",
-                                         "--floor-mib", "0"), "e2e")
-           for n in (2, 3)],
-          notes="memory-links for the two links whose receive path changed last"),
-    Table("memory-links-tcp", "ServerApp memory, N = 2 vs N = 8, tcp:// only, streaming "
-          "aggregation, 128 MiB",
-          [Invocation(f"128MiB-N{n}", _e2e("--sizes", "128MiB", "--transports", "tcp://",
-                                           "--nodes", str(n), "--rounds", "2",
-                                           "--floor-mib", "0"), "e2e")
-           for n in (2, 8)],
-          [Invocation(f"4MiB-N{n}", _e2e("--sizes", "4MiB", "--transports", "tcp://",
-                                         "--nodes", str(n), "--rounds", "1",
-                                         "--floor-mib", "0"), "e2e")
-           for n in (2, 3)],
-          notes="memory-links for tcp:// alone (its receive path changed last)"),
+    _memory_links("memory-links", "every link", "shm://,file://,tcp://,rdma://,s3://",
+                  "tcp://,shm://", "issue 24's target: the ServerApp's peak RSS at N = 8 "
+                  "within half a model (64 MiB) of N = 2 on every link"),
+    _memory_links("memory-links-chunked", "the chunked links (tcp://, rdma://) only",
+                  "tcp://,rdma://", "tcp://",
+                  "memory-links for the two links whose receive path changed last"),
+    _memory_links("memory-links-tcp", "tcp:// only", "tcp://", "tcp://",
+                  "memory-links for tcp:// alone (its receive path changed last)"),
     Table("mpi", "MPI runtime vs a Flower deployment (in-band and tcp://), 500 MiB",
           [Invocation("mpi", [sys.executable, str(BENCH / "mpi_bench.py"), "--mib", "500",
                               "--rounds", "2", "--reps", "1", "--skip-p2p"], "text"),

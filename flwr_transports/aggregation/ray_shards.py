@@ -51,7 +51,7 @@ from ..codec import DIGEST_ALGO, PayloadError
 from ..errors import ConfigError
 from .fold import WINDOW, Source, WeightedSum, _pool, _to_bf16
 from .layout import Plan, Unfoldable, layout_of, npy_header, plan_payload
-from .ray_common import ASSEMBLY_CHUNK, MAX_RESTARTS, RayClusterError
+from .ray_common import ASSEMBLY_CHUNK, MAX_RESTARTS, RayClusterError, collect_pieces
 from .round import Accepted, _digest_of
 
 log = logging.getLogger("flwr_transports")
@@ -862,20 +862,7 @@ class RayRoundStream:
         ray = self.cluster.ray
         x = self.cluster.actors[j]
         idx = ray.get(x.finish.remote(total))
-        jobs = []  # (array, shard-relative start, end, array element offset)
-        for k, (lo, n) in idx.items():
-            step = max(1, ASSEMBLY_CHUNK // bodies[k][2])
-            jobs += [(k, e, min(n, e + step), lo + e) for e in range(0, n, step)]
-        ahead = None
-        for i, (k, e0, e1, at) in enumerate(jobs):
-            ref = ahead if ahead is not None else x.piece.remote(k, e0, e1)
-            ahead = x.piece.remote(*jobs[i + 1][:3]) if i + 1 < len(jobs) else None
-            piece = ray.get(ref)
-            del ref
-            _, body, z = bodies[k]
-            raw = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-            body[at * z:at * z + len(raw)] = raw
-            del piece, raw
+        collect_pieces(ray, x, idx, bodies, ASSEMBLY_CHUNK)
         x.drop.remote()
 
     def _refold(self, j: int) -> None:

@@ -38,7 +38,7 @@ from flwr.app import Array, ArrayRecord
 
 from ..errors import ConfigError
 from .layout import NPY_STYPE, npy_header
-from .ray_common import ASSEMBLY_CHUNK, MAX_RESTARTS, RayClusterError
+from .ray_common import ASSEMBLY_CHUNK, MAX_RESTARTS, RayClusterError, collect_pieces
 
 log = logging.getLogger("flwr_transports")
 
@@ -459,20 +459,7 @@ class ShardStep:
                                    "`configure_train` has been called before aggregation.")
 
     def _collect(self, j: int, info: dict, bodies: dict, chunk: int) -> None:
-        ray = self.cluster.ray
         x = self.cluster.actors[j]
-        jobs = []
-        for n, (lo, cnt, _dt) in info.items():
-            step = max(1, chunk // bodies[n][2])
-            jobs += [(n, e, min(cnt, e + step), lo + e) for e in range(0, cnt, step)]
-        ahead = None
-        for i, (n, e0, e1, at) in enumerate(jobs):
-            ref = ahead if ahead is not None else x.piece.remote(n, e0, e1)
-            ahead = x.piece.remote(*jobs[i + 1][:3]) if i + 1 < len(jobs) else None
-            piece = ray.get(ref)
-            del ref
-            _, body, z, _ = bodies[n]
-            raw = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-            body[at * z:at * z + len(raw)] = raw
-            del piece, raw
+        collect_pieces(self.cluster.ray, x, {n: (lo, cnt) for n, (lo, cnt, _dt) in
+                                             info.items()}, bodies, chunk)
         x.drop.remote()

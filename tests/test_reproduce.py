@@ -52,3 +52,24 @@ def test_quick_loopback_records_everything_and_renders(tmp_path: Path):
     assert "1 repeat(s) per point" in block and doc["commit"][:7] in block
     assert "inband/shm://@4MiB round" in block and FLOOR_DEFINITION in block
     assert doc["ok"] is True
+
+
+@pytest.mark.parametrize("sensitive", [True, False])
+def test_only_a_load_sensitive_table_waits_and_repeats_for_the_load(tmp_path, monkeypatch,
+                                                                    sensitive):
+    """A table of peaks or byte counts neither waits for the load nor reruns for it;
+    a timing table reruns a repeat that started above the core count (load faked
+    high; the driver is a real, trivial subprocess)."""
+    from ftx_bench import reproduce as rp
+
+    monkeypatch.setattr(rp.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    table = rp.Table("t", "t", [rp.Invocation("x", [sys.executable, "-c", "print(1)"],
+                                              "text")], [], load_sensitive=sensitive)
+    doc = rp.reproduce(table, 2, False, tmp_path / "t.json", ["test"], max_retries=1,
+                       pause_s=0.0, progress=lambda m: None)
+    inv = doc["invocations"]["x"]
+    assert [r["rc"] for r in inv["repeats"]] == [0, 0]
+    assert doc["load_sensitive"] is sensitive
+    assert len(inv["rerun_for_load"]) == (2 if sensitive else 0)
+    assert all(bool(r.get("load_warning")) is sensitive for r in inv["repeats"])
+    assert all(r["load_before"] == [99.0] * 3 for r in inv["repeats"])

@@ -139,7 +139,11 @@ def _legacy_e2e(doc: dict[str, Any], src: str) -> list[str]:
 _COLUMN = {"round_s": "round time (s)", "overhead_s": "overhead above the floor (s)",
            "superlink_peak_rss_mib": "SuperLink peak RSS (MiB)",
            "serverapp_peak_rss_mib": "ServerApp peak RSS (MiB)",
-           "throughput_Gbps": "throughput (Gbit/s)"}
+           "throughput_Gbps": "throughput (Gbit/s)",
+           "agg_tail_s": "aggregation tail, mean of the rounds (s)",
+           "agg_tail_max_s": "aggregation tail, slowest round (s)",
+           "to_server_s": "`to_server` (s)", "landed_to_reply_s": "`landed_to_reply` (s)"}
+_TRACE_COLS = ["agg_tail_s", "agg_tail_max_s", "to_server_s", "landed_to_reply_s"]
 
 
 def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
@@ -167,9 +171,13 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
             out.append(f"(driver output kept in the JSON, {len(inv['repeats'])} repeat(s))")
             out.append("")
             continue
-        metric_cols = (["round_s", "overhead_s", "superlink_peak_rss_mib",
-                        "serverapp_peak_rss_mib"]
-                       if inv["kind"] == "e2e" else ["throughput_Gbps"])
+        if inv["kind"] == "p2p":
+            metric_cols = ["throughput_Gbps"]
+        elif doc.get("load_sensitive", True):
+            metric_cols = ["round_s", "overhead_s", "superlink_peak_rss_mib",
+                           "serverapp_peak_rss_mib"]
+        else:  # peaks only: the round times of a table not guarded against load
+            metric_cols = ["superlink_peak_rss_mib", "serverapp_peak_rss_mib"]
         out.append("| point | " + " | ".join(_COLUMN.get(c, c) for c in metric_cols) + " |")
         out.append("|---|" + "---:|" * len(metric_cols))
         for pk, ms in inv["points"].items():
@@ -179,6 +187,17 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
                 cells.append(_rng(st["values"], ".1f" if "rss" in c else ".2f")
                              if st and st.get("n") else "—")
             out.append(f"| {pk} | " + " | ".join(cells) + " |")
+        traced = {pk: ms for pk, ms in inv["points"].items()
+                  if any((ms.get(c) or {}).get("n") for c in _TRACE_COLS)}
+        if traced and doc.get("load_sensitive", True):
+            out.append("")
+            out.append("| point (traced train rounds) | "
+                       + " | ".join(_COLUMN[c] for c in _TRACE_COLS) + " |")
+            out.append("|---|" + "---:|" * len(_TRACE_COLS))
+            for pk, ms in traced.items():
+                out.append(f"| {pk} | " + " | ".join(
+                    _rng(ms[c]["values"], ".2f") if (ms.get(c) or {}).get("n") else "—"
+                    for c in _TRACE_COLS) + " |")
         if inv["ratios"]:
             out.append("")
             out.append("| ratio (per repeat, then the median) | value |")
@@ -596,8 +615,8 @@ def _codec_training(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
            (f"Command: `{doc.get('command') or 'benchmarks/codec_training.py'}` (preset "
             f"{a['preset']}, {a['rounds']} rounds of {a['local_steps']} AdamW steps at lr "
             f"{a['lr']:g}, over `{a.get('transport', 'shm://')}`); data: `{src}`."), ""]
-    out += ["| codec | held-out loss, rounds 1-5 | round 5 vs raw | uploaded (of raw) | "
-            "downloaded (of raw) |", "|---|---|---:|---:|---:|"]
+    out += [("| codec | held-out loss, rounds 1-5 | round 5 vs raw | uploaded (of raw) | "
+            "downloaded (of raw) |"), "|---|---|---:|---:|---:|"]
     for r in rows:
         same = raw is not None and r is not raw and r["eval_loss"] == raw["eval_loss"]
         loss = "identical to raw" if same else " ".join(f"{x:.4f}" for x in r["eval_loss"])
@@ -608,8 +627,8 @@ def _codec_training(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
                    f"{r['downloaded'] / 1e6:.2f} MB "
                    f"({_pct(r['downloaded'], raw['downloaded'] if raw else 0)}) |")
     if any("fetched" in r for r in rows):
-        out += ["", "| codec | fetched by the clients | of raw | fetches: full / downlink "
-                "delta / cache hit |", "|---|---:|---:|---|"]
+        out += ["", ("| codec | fetched by the clients | of raw | fetches: full / downlink "
+                "delta / cache hit |"), "|---|---:|---:|---|"]
         for r in rows:
             full = r["fetches"] - r["deltas"] - r["hits"]
             out.append(f"| `{r['codec']}` | {r['fetched'] / 1e6:.2f} MB | "

@@ -212,6 +212,12 @@ def e2e_points(doc: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[s
                     "serverapp_peak_rss_mib": r.get("serverapp_peak_rss_bytes", 0) / 2**20}
         if r.get("agg_tail_s") is not None:  # last upload landed -> aggregate_train returned
             pts[key]["agg_tail_s"] = r["agg_tail_s"]
+        if r.get("agg_tail_max_s") is not None:
+            pts[key]["agg_tail_max_s"] = r["agg_tail_max_s"]
+        bm = r.get("breakdown_mean") or {}
+        for m in ("to_server", "landed_to_reply"):  # the traced train rounds' mean
+            if isinstance(bm.get(m), int | float):
+                pts[key][f"{m}_s"] = float(bm[m])
         if floor is not None:
             pts[key]["floor_s"] = floor
             pts[key]["overhead_s"] = r["round_s"] - floor

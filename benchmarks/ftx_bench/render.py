@@ -146,14 +146,18 @@ _COLUMN = {"round_s": "round time (s)", "overhead_s": "overhead above the floor 
 _TRACE_COLS = ["agg_tail_s", "agg_tail_max_s", "to_server_s", "landed_to_reply_s"]
 
 
+def _reproduce_header(doc: dict[str, Any], src: str) -> list[str]:
+    return [f"**{doc['repeat']} repeat(s) per point** (median, min-max), commit "
+            f"`{(doc.get('commit') or '?')[:7]}`" + (" (dirty tree)" if doc.get("dirty") else "")
+            + f", Flower {doc.get('flwr_version')}, {doc.get('time_utc', '?')[:10]}, "
+            f"{doc.get('cpus')} cores"
+            + (", **quick mode** (tiny sizes, not a published figure)" if doc.get("quick")
+               else "") + ".",
+            f"Command: `{doc['command']}`; data: `{src}`."]
+
+
 def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
-    out = [f"**{doc['repeat']} repeat(s) per point** (median, min-max), commit "
-           f"`{(doc.get('commit') or '?')[:7]}`" + (" (dirty tree)" if doc.get("dirty") else "")
-           + f", Flower {doc.get('flwr_version')}, {doc.get('time_utc', '?')[:10]}, "
-           f"{doc.get('cpus')} cores"
-           + (", **quick mode** (tiny sizes, not a published figure)" if doc.get("quick")
-              else "") + ".",
-           f"Command: `{doc['command']}`; data: `{src}`.", ""]
+    out = [*_reproduce_header(doc, src), ""]
     for key, inv in doc["invocations"].items():
         if "skipped" in inv:
             out.append(f"- {key}: not run ({inv['skipped']})")
@@ -274,17 +278,31 @@ def _need(docs: list[tuple[dict[str, Any], str]], ok: Callable[[dict[str, Any]],
 
 
 def _trace_breakdown(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
-    """The mean traced train round of each model row (``breakdown_mean`` of an e2e JSON)."""
-    _need(docs, lambda d: d.get("kind") == "e2e", "an e2e JSON")
+    """The mean traced train round of each model row (``breakdown_mean`` of an e2e JSON;
+    of a reproduce JSON: the median over the repeats of each repeat's mean)."""
+    _need(docs, lambda d: d.get("kind") in ("e2e", "reproduce"), "an e2e or reproduce JSON")
     out: list[str] = []
     for doc, src in docs:
-        out += _e2e_header(doc, src)
-        for r in doc["results"]:
-            b = r.get("breakdown_mean")
-            if r.get("kind") == "floor" or not b:
-                continue
-            out += ["", (f"{_label(r['transport'])}, {r['model_mib']:g} MiB, the mean train "
-                        "round:"), "", "```",
+        rows: list[tuple[str, float, dict[str, float], str]] = []
+        if doc["kind"] == "reproduce":
+            out += _reproduce_header(doc, src)
+            for inv in doc["invocations"].values():
+                for pk, ms in inv.get("points", {}).items():
+                    b = {m[len("trace_"):]: st["median"] for m, st in ms.items()
+                         if m.startswith("trace_") and st.get("n")}
+                    if b:
+                        t, size = pk.split("@")
+                        n = max(st["n"] for m, st in ms.items() if m.startswith("trace_"))
+                        rows.append((t, float(size.removesuffix("MiB")), b,
+                                     (f"the median over {n} repeats of each repeat's mean "
+                                     "train round")))
+        else:
+            out += _e2e_header(doc, src)
+            rows = [(r["transport"], r["model_mib"], r["breakdown_mean"], "the mean train round")
+                    for r in doc["results"]
+                    if r.get("kind") != "floor" and r.get("breakdown_mean")]
+        for transport, mib, b, what in rows:
+            out += ["", f"{_label(transport)}, {mib:g} MiB, {what}:", "", "```",
                     (f"publish {b['publish']:.2f}, to_clients {b['to_clients']:.2f}, fetch "
                     f"{b['fetch']:.2f} (slowest {b['fetch_max']:.2f} s, "
                     f"{b['fetch_mib_s']:.0f} MiB/s), app {b['app']:.2f},"),

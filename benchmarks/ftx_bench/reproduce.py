@@ -218,6 +218,9 @@ def e2e_points(doc: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[s
         for m in ("to_server", "landed_to_reply"):  # the traced train rounds' mean
             if isinstance(bm.get(m), int | float):
                 pts[key][f"{m}_s"] = float(bm[m])
+        for m, v in bm.items():  # the whole mean train round (docs/trace.md)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                pts[key][f"trace_{m}"] = float(v)
         if floor is not None:
             pts[key]["floor_s"] = floor
             pts[key]["overhead_s"] = r["round_s"] - floor

@@ -629,3 +629,88 @@ def test_spilled_reads_in_flight_stay_within_the_servers_budget(server):
     for k in range(2):
         with link.open_upload(slots[k], backs[k], recs[k][1].size) as src:
             assert same(decode(src.read, src.size, recs[k][1].digest), recs[k][0])
+
+
+def _refuse_spill_registration(link, monkeypatch) -> list:
+    """Make the NIXL registration of spill buffers fail, as a kernel that will not pin
+    a file's page cache for a NIC does (Linux 6.5+). A real refusal cannot happen here
+    (UCX runs over cma/tcp, which register any memory), so the spill pool's
+    ``registered`` raises instead; the memory pool's registration stays real."""
+    rd = link.server.rdma
+    refused = []
+
+    def refuse(buf):
+        refused.append(len(buf))
+        raise RuntimeError("NIXL_ERR_BACKEND: cannot register file-backed memory")
+
+    monkeypatch.setattr(rd.spill, "registered", refuse)
+    return refused
+
+
+@needs_nixl
+def test_a_refused_spill_registration_keeps_the_chunks_already_received(server, monkeypatch):
+    """The swap to pooled memory when NIXL refuses a spill buffer keeps the chunks that
+    landed in it before (here: sent over the tcp:// chunk ops, which the rdma:// server
+    also serves; the rdma:// client never does that, but nothing stops a client from
+    it): the upload still decodes to exactly what was sent, and later uploads go to
+    memory (spilling off for this server)."""
+    from test_tcp_helpers import raw_put, spill_maps
+
+    link = server(chunk_size="64KiB")
+    rec, p = make_payload(1 * MiB, seed=31)
+    sent = b"".join(bytes(s) for s in p.segments)
+    slot = link.issue_slot("r1-train-n1", 4 * MiB)
+    got = []
+    assert link.on_upload(slot, lambda src: got.append(bytes(src.view(0, src.size))))
+    refused = _refuse_spill_registration(link, monkeypatch)
+    cs = slot["chunk_size"]
+    raw_put(slot, p.size, {0: sent[:cs], 3: sent[3 * cs:4 * cs]}).close()
+    st = link.server.slots[slot["id"]]
+    assert st.spilled and st.have.count(1) == 2
+    back = rdma.RdmaClientLink().upload(slot, p)  # reads the other chunks over NIXL
+    end = time.monotonic() + 10
+    while not (got and st.readers == 0):
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    assert refused and not st.spilled and link.server.spill is None
+    assert got[0] == sent  # the fold saw every chunk, the two sent before the swap too
+    assert spill_maps() == 0  # the swapped-out spill file is unmapped (its disk freed)
+    assert link.server.rdma.inflight.used == 0  # memory READs never charged the budget
+    with link.open_upload(slot, back, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)
+
+
+@needs_nixl
+def test_spilling_turned_off_meanwhile_never_breaks_an_upload_being_opened(server):
+    """``srv.spill`` is set to None by another upload's refused registration at any
+    time, with no lock shared with the one being opened: an upload opened right
+    between the check and the use of the spill pool (the window forced here by
+    turning spilling off as the opening reads the slot's hook) still goes, into
+    memory."""
+    link = server()
+    rec, p = make_payload(1 * MiB, seed=32)
+    slot = link.issue_slot("r1-train-n2", 4 * MiB)
+    got = []
+    assert link.on_upload(slot, lambda src: got.append(src.size))
+    srv = link.server
+    st = srv.slots[slot["id"]]
+    hook = st.hook
+
+    class Racing(type(st)):
+        @property
+        def hook(self):
+            srv.spill = None  # the other upload's swap, at the worst moment
+            return hook
+
+        @hook.setter
+        def hook(self, fn):
+            pass
+
+    st.__class__ = Racing
+    back = rdma.RdmaClientLink().upload({**slot, "retries": 0}, p)  # the first try goes
+    end = time.monotonic() + 10
+    while not got:
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    with link.open_upload(slot, back, p.size) as src:
+        assert same(decode(src.read, p.size, p.digest), rec)

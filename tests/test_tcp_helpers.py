@@ -144,3 +144,40 @@ def mapping_of(buf) -> tuple[int, str]:
                 rss = int(head[1]) * 1024
     assert found, "no mapping holds the buffer"
     return rss, path
+
+
+def raw_put(slot: dict, size: int, chunks: dict | None = None, *, timeout: float = 5.0):
+    """A hand-driven upload into ``slot`` (a client that follows no client code: a
+    hostile one, or one mixing wires): PUT_OPEN announcing ``size`` bytes, then the
+    chunks given as {index: bytes} (each answered OK). Returns the open socket."""
+    import zlib
+
+    from flwr_transports.links import chunks as ch
+
+    oid, tok, cs = slot["id"].encode(), bytes.fromhex(slot["token"]), slot["chunk_size"]
+    s = socket.create_connection(("127.0.0.1", slot["port"]), timeout=timeout)
+
+    def answer() -> tuple[int, bytes]:
+        _, st, _, _, _, n, _ = ch.RSP.unpack(ch.recv_exact(s, ch.RSP.size))
+        return st, ch.recv_exact(s, n)
+
+    s.sendall(ch.REQ.pack(ch.MAGIC_REQ, ch.OP_PUT_OPEN, 0, len(oid), tok, cs, size, 0) + oid)
+    st, body = answer()
+    assert st == ch.OK, (st, body)
+    for i, data in (chunks or {}).items():
+        s.sendall(ch.REQ.pack(ch.MAGIC_REQ, ch.OP_PUT, 0, len(oid), tok, i, len(data),
+                              zlib.crc32(data)) + oid + data)
+        assert answer()[0] == ch.OK
+    return s
+
+
+def spill_maps() -> int:
+    """Bytes of spill files (``ftx-spill-*``, unlinked) mapped by this process: the disk
+    their mappings hold (each file is exactly as large as its mapping)."""
+    total = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "ftx-spill-" in line:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                total += hi - lo
+    return total

@@ -721,11 +721,17 @@ class RdmaServerConn(chunks.ServerConn):
             log.warning("rdma:// cannot register a spill file's pages for RDMA (%s); "
                         "uploads are received into memory from now on (spill=off)", exc)
         srv = self.server
-        srv.spill = None
+        srv.spill = None  # one store: _alloc reads it once (no lock needed)
         with slot.lock:
+            new = rd.pool.get(slot.size)
+            with memoryview(new) as dst:  # chunks already in (tcp:// PUTs): keep them
+                for i in (k for k, got in enumerate(slot.have) if got):
+                    off = i * slot.cs
+                    end = off + chunks.chunk_len(i, slot.size, slot.cs)
+                    dst[off:end] = slot.mv[off:end]
             slot.mv.release()
             chunks.close_map(slot.buf)
-            slot.buf, slot.spilled = rd.pool.get(slot.size), False
+            slot.buf, slot.spilled = new, False
             slot.mv = memoryview(slot.buf)
             buf, mv = slot.buf, slot.mv
         rd.pool.registered(buf)

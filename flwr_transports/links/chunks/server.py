@@ -586,14 +586,15 @@ class ChunkServer:
         file's mapping when the upload is folded on landing, else pooled memory. A
         spill file that cannot be made (full disk, no temp dir) falls back to memory,
         logged once per server."""
-        if self.spill is not None and slot.hook is not None:
+        spill = self.spill  # once: rdma:// may turn spilling off meanwhile (no lock)
+        if spill is not None and slot.hook is not None:
             try:
-                buf = self.spill.get(size)
+                buf = spill.get(size)
             except OSError as exc:
                 if not self.stats["spill_failed"]:
                     log.warning("flwr-transports: %s:// cannot make a spill file in %s "
                                 "(%s); uploads are received into memory instead",
-                                self.name, self.spill.directory or "the temp directory", exc)
+                                self.name, spill.directory or "the temp directory", exc)
                 self.stats["spill_failed"] += 1
             else:
                 slot.spilled = True

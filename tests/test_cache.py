@@ -192,3 +192,72 @@ def test_federation_fetches_the_next_rounds_model_once(monkeypatch, tmp_path):
     _same(base.arrays, res.arrays)
     assert s.stats["replies_rejected"] == 0
     assert not cache_dir.exists()  # the last evaluate was not marked keep; all used
+
+
+def _planted(tmp_path):
+    """A file of ours OUTSIDE the cache, named and placed like a stale kept payload of
+    node 3 (what a symlink planted by another user would point the cache at)."""
+    rec = _rec()
+    p = encode(rec)
+    victim = tmp_path / "victim"
+    (victim / "node-3").mkdir(parents=True)
+    f = victim / "node-3" / f"{p.digest.partition(':')[2]}.ftx"
+    f.write_bytes(p.to_bytes())
+    os.utime(f, (0, 0))  # stale: any sweep would remove it
+    return rec, p, victim, f
+
+
+@pytest.mark.parametrize("where", ["base", "node"])
+def test_a_symlinked_cache_directory_is_neither_read_nor_cleaned(tmp_path, caplog, where):
+    """Another local user pre-creates the (predictable) cache directory, or a node's
+    directory in it, as a symlink: nothing is read through it (the client fetches the
+    model in full), nothing is removed through it (cleanup stays inside the cache), and
+    it is said once."""
+    rec, p, victim, f = _planted(tmp_path)
+    base = tmp_path / "cache"
+    if where == "base":
+        os.symlink(victim, base)
+    else:
+        base.mkdir(mode=0o700)
+        os.symlink(victim / "node-3", base / "node-3")
+    c = C.PayloadCache(str(base), node=3)
+    with caplog.at_level(logging.WARNING, logger="flwr_transports"):
+        C.sweep_host(str(base), max_age=0)
+        assert c.take(p.size, p.digest) is None
+        assert c.use_base(p.digest, "", 1 << 30, lambda b: "used") is None
+        c.sweep(max_age=0)
+        c.discard()
+        c.keep(rec, p.size, p.digest)
+        c.wait()
+    assert f.read_bytes() == p.to_bytes() and os.listdir(victim / "node-3") == [f.name]
+    assert caplog.text.count("payloads are fetched in full") == 1
+    assert "a symbolic link" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["other-user", "world-writable", "group-writable"])
+def test_a_kept_payload_in_a_directory_others_control_is_not_used(tmp_path, caplog, how):
+    """A payload we kept, in a cache directory that then is another user's or writable
+    by others (who could swap its files): not read, not removed, said once."""
+    if how == "other-user" and os.getuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    base = tmp_path / "cache"
+    c = C.PayloadCache(str(base), node=3)
+    rec = _rec()
+    p = encode(rec)
+    c.keep(rec, p.size, p.digest)
+    c.wait()
+    (name,) = _kept(c)
+    if how == "other-user":
+        os.chown(base, 65534, 65534)
+    else:
+        os.chmod(base, 0o777 if how == "world-writable" else 0o770)
+    with caplog.at_level(logging.WARNING, logger="flwr_transports"):
+        assert c.take(p.size, p.digest) is None
+        assert c.use_base(p.digest, "", 1 << 30, lambda b: "used") is None
+        C.sweep_host(str(base), max_age=0)
+    assert os.path.exists(os.path.join(c.dir, name))
+    assert caplog.text.count("payloads are fetched in full") == 1
+    os.chown(base, os.getuid(), os.getgid())
+    os.chmod(base, 0o700)
+    c.discard()
+    assert not base.exists()

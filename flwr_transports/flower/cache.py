@@ -15,9 +15,11 @@ the bytes decoded) and the file is removed at once. A kept payload is bound to t
 digest neither gets it nor learns that this client holds it.
 
 Settings: ``PayloadMod(cache=...)`` or ``FLWR_TRANSPORTS_CACHE``: a directory, ``off``,
-or unset (``<tempdir>/flwr-transports-cache-<uid>``). Only payloads of network links
-(``tcp``, ``rdma``, ``s3``, third-party links not marked local) are kept: re-reading a
-shared-memory or shared-file payload is as cheap as a cache. Bounded: one payload at a
+or unset (``<tempdir>/flwr-transports-cache-<uid>``): before anything in it is read,
+written or removed, the directory and the node's must be this user's, not symlinks, not
+writable by others (:func:`_private_dir`), else the cache is not used (logged once). Only
+payloads of network links (``tcp``, ``rdma``, ``s3``, third-party links not marked local)
+are kept: re-reading a shared-memory or shared-file payload is as cheap as a cache. Bounded: one payload at a
 time per node (a new one replaces the old), at most :data:`MAX_TOTAL` bytes and half the
 file system's free space for all nodes of this host together (the oldest kept payloads
 of other nodes go first), files older than :data:`MAX_AGE` seconds (a run that ended,
@@ -56,6 +58,38 @@ _NAME = re.compile(r"^(?:[0-9a-f]{32}-)?([0-9a-f]{64})\.ftx$")
 _TMP = re.compile(r"^\.(?:[0-9a-f]{32}-)?[0-9a-f]{64}\.ftx\.tmp-[0-9a-f]{8}$")
 _NODE = re.compile(r"^node-[0-9]{1,20}$")
 _warned_full = False
+_warned_unsafe: set[str] = set()  # directories refused (logged once each)
+
+
+def _private_dir(d: str) -> bool | None:
+    """True if ``d`` is a directory of this user that no one else can write (not a
+    symlink); None if it does not exist; else False (logged once per directory). The
+    cache reads, writes and removes nothing under a directory that is not private:
+    another local user who pre-created it (the default name is predictable) or put a
+    symlink there could swap kept files or steer the cleanup outside it."""
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    else:
+        if stat.S_ISLNK(st.st_mode):
+            why = "a symbolic link"
+        elif not stat.S_ISDIR(st.st_mode):
+            why = "not a directory"
+        elif st.st_uid != os.getuid():
+            why = f"owned by uid {st.st_uid}, not {os.getuid()}"
+        elif st.st_mode & 0o022:
+            why = f"writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+        else:
+            return True
+    if d not in _warned_unsafe:
+        _warned_unsafe.add(d)
+        log.warning("flwr-transports: payload cache %r is %s; not used (payloads are "
+                    "fetched in full, nothing in it is read or removed): remove it, or set "
+                    "%s to a directory only this user can write", d, why, CACHE_ENV)
+    return False
 
 
 def resolve_setting(setting: Any = None) -> str | None:
@@ -83,6 +117,8 @@ def sweep_host(directory: str, max_age: float = MAX_AGE) -> None:
     """Remove stale kept payloads of every node under ``directory`` (and empty node
     directories): run when a ``PayloadMod`` starts, so files of nodes that stopped do
     not stay in a (often RAM-backed) temp directory until that node runs again."""
+    if not _private_dir(directory):
+        return
     for node in _node_dirs(directory):
         PayloadCache(directory, node[len("node-"):]).sweep(max_age=max_age)
 
@@ -115,15 +151,14 @@ class PayloadCache:
             except OSError as exc:
                 log.debug("flwr-transports: payload cache %r unusable: %s", d, exc)
                 return False
-            try:
-                st = os.lstat(d)
-            except OSError:
-                return False
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-                log.warning("flwr-transports: payload cache %r is not a private directory of "
-                            "this user; not used", d)
+            if not _private_dir(d):
                 return False
         return True
+
+    def _usable(self) -> bool:
+        """Both directories exist and are private (:func:`_private_dir`): checked before
+        anything in them is read or removed."""
+        return bool(_private_dir(self.base)) and bool(_private_dir(self.dir))
 
     def _tidy(self) -> None:
         """Remove this node's directory, and the base, once empty (nothing is left
@@ -151,6 +186,8 @@ class PayloadCache:
     def sweep(self, keep: str | None = None, max_age: float = MAX_AGE) -> None:
         """Remove stale files (older than ``max_age``), and every kept payload but
         ``keep`` (a path) when one is given."""
+        if not self._usable():
+            return
         now = time.time()
         for name in self.entries():
             p = os.path.join(self.dir, name)
@@ -173,7 +210,7 @@ class PayloadCache:
         the server marked it ``keep`` once more (the base of the next downlink delta),
         then a verified file stays."""
         p = self.path(digest, bind)
-        if p is None or not os.path.lexists(p):
+        if p is None or not self._usable() or not os.path.lexists(p):
             self.sweep()
             return None
         ok = False
@@ -204,7 +241,7 @@ class PayloadCache:
         from ..codecs.stream import Base
 
         p = self.path(digest, bind)
-        if p is None or not os.path.lexists(p):
+        if p is None or not self._usable() or not os.path.lexists(p):
             return None
         try:
             st = os.lstat(p)
@@ -222,6 +259,8 @@ class PayloadCache:
         """Remove every payload this node keeps (the server's reference says nothing
         is needed again: the run's last phase), and the emptied directories."""
         self.wait()
+        if not self._usable():
+            return
         for name in self.entries():
             if _NAME.match(name):
                 remove_path(os.path.join(self.dir, name))
@@ -291,6 +330,8 @@ class PayloadCache:
         files = []
         for node in _node_dirs(self.base):
             d = os.path.join(self.base, node)
+            if not _private_dir(d):  # (a symlink there is followed by nothing here)
+                continue
             try:
                 names = os.listdir(d)
             except OSError:

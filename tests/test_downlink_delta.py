@@ -233,19 +233,38 @@ def s3_bucket():
                    "Contents", [])])
 
 
-@pytest.mark.parametrize("link", ["tcp", "s3"])
+def _rdma_missing() -> str | None:
+    """Why rdma:// cannot run here (its engine, NIXL, does not load), or None."""
+    from flwr_transports.links import LinkError
+
+    try:
+        from flwr_transports.links.rdma import load_nixl
+
+        load_nixl()
+    except LinkError as exc:
+        return str(exc)
+    return None
+
+
+_RDMA = pytest.param("rdma", marks=pytest.mark.skipif(
+    _rdma_missing() is not None, reason=f"rdma engine not installed: {_rdma_missing()}"))
+
+
+@pytest.mark.parametrize("link", ["tcp", "s3", _RDMA])
 def test_federation_sends_deltas_to_clients_that_kept_the_base(monkeypatch, tmp_path,
                                                                reference, link, request):
     """3 rounds, 2 nodes, train + evaluate: round 1 trains on the full model; each
     evaluate gets the new model as a delta against the trained-on one, each next train
     round takes that model from the cache. The model is bit-identical to a run without
     the cache (every fetch full), the downlink moved far fewer bytes, nothing is left
-    (on the clients, and on the link: s3:// holds both objects of each publication)."""
+    (on the clients, and on the link: s3:// holds both objects of each publication;
+    rdma:// runs over UCX as installed here, cma or tcp)."""
     ref_res, off = reference
     assert _counts(off) == (12, 0, 0)
     cdir = tmp_path / "cache"
-    url, keys = ("tcp://127.0.0.1:0", None) if link == "tcp" else request.getfixturevalue(
-        "s3_bucket")
+    url, keys = {"tcp": ("tcp://127.0.0.1:0", None),
+                 "rdma": ("rdma://127.0.0.1:0?chunk_size=256KiB", None)}.get(link) or \
+        request.getfixturevalue("s3_bucket")
     s, res, on = _federate(monkeypatch, tmp_path, "on", str(cdir), url=url)
     _same(ref_res.arrays, res.arrays)
     assert _counts(on) == (2, 6, 4)
@@ -374,3 +393,33 @@ def test_a_failed_background_delta_is_never_handed_out_again(monkeypatch, tmp_pa
     assert len(refs["train"]) == 2 and refs["train"][1].loc == refs["evaluate"][0].loc
     assert refs["train"][1].delta is None
     assert keys() == []
+
+
+def test_a_delta_that_fails_to_compute_sends_the_full_model(monkeypatch, tmp_path, caplog,
+                                                            reference):
+    """tcp://: the server's delta encoder raises (not a refused layout: any error, as its
+    worker threads re-raise it) for every model. The phase is not failed: each
+    reference names no delta (so no client waits for one), every client that held the
+    base fetches the full model at once, the failure is counted and logged once, and
+    the run ends with the same model as without the cache."""
+    from flwr_transports.codecs import downlink as downlink_mod
+
+    real = downlink_mod.encode
+
+    def failing(payload, codec, **kw):
+        if codec == "delta":
+            raise RuntimeError("injected: the delta encoder failed")
+        return real(payload, codec, **kw)
+
+    monkeypatch.setattr(downlink_mod, "encode", failing)
+    ref_res, _ = reference
+    with caplog.at_level(logging.WARNING, logger="flwr_transports"):
+        s, res, f = _federate(monkeypatch, tmp_path, "fail", str(tmp_path / "c"))
+    _same(ref_res.arrays, res.arrays)
+    assert s.stats["downlink_deltas"] == 0 and s.stats["downlink_delta_failures"] == 3
+    assert _counts(f) == (8, 0, 4)  # 2 train round 1 + 6 evaluate in full; no delta
+    assert not any(e.get("error") for e in f)
+    assert caplog.text.count("could not be computed") == 1
+    assert "downlink delta not used" not in caplog.text  # nothing offered, nothing waited
+    assert s.stats["replies_rejected"] == 0
+    assert not (tmp_path / "c").exists()

@@ -59,6 +59,7 @@ class DownlinkDeltas:
     def __init__(self) -> None:
         self._prev: _Kept | None = None
         self._new: list[tuple[str, Any, EncodedPayload]] = []
+        self._warned = False  # a failed delta computation was logged
 
     def offer(self, link: Any, name: str, loc: Any, payload: EncodedPayload,
               full_wire_size: int, stats: Any = None) -> DeltaRef | None:
@@ -73,6 +74,19 @@ class DownlinkDeltas:
             wire = encode(payload, DELTA, base=prev.base)
         except (ValueError, FlwrTransportsError) as exc:  # e.g. an unreadable layout
             log.debug("flwr-transports: no downlink delta for %r: %s", name, exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - an optimisation: never fails the phase
+            # (the encoder's worker threads re-raise here): the reference names no delta,
+            # so no client waits for one; the full model is published already
+            if stats is not None:
+                stats["downlink_delta_failures"] += 1
+            if not self._warned:
+                self._warned = True
+                log.warning("flwr-transports: the downlink delta of %r could not be computed "
+                            "(%s: %s); clients get the full model (logged once)", name,
+                            type(exc).__name__, exc)
+            else:
+                log.debug("flwr-transports: no downlink delta for %r: %r", name, exc)
             return None
         if wire.size > (1 - MIN_GAIN) * full_wire_size:
             log.debug("flwr-transports: downlink delta of %r not published (%d bytes vs %d "

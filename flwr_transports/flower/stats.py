@@ -23,6 +23,8 @@ COUNTERS: dict[str, str] = {
     "link_publishes_reused": "payloads handed out again instead of published anew",
     "downlink_deltas": "downlink deltas published next to a full model (codec=delta/q8)",
     "downlink_delta_bytes": "bytes of the downlink deltas published",
+    "downlink_delta_failures": "downlink deltas that could not be computed (the full "
+                               "model went alone; logged once)",
     "agg_streamed_rounds": "training rounds aggregated by the streaming fold",
     "agg_eager_folds": "uploads folded as they landed",
     "agg_settle_folds": "uploads folded when the replies were handed over",

@@ -707,14 +707,31 @@ def test_codec_option_is_validated():
     assert s.codec == "delta" and s.streaming  # auto: the coded uploads are folded
 
 
+def _rdma_missing() -> str | None:
+    """Why rdma:// cannot run here (its engine, NIXL, does not load), or None."""
+    from flwr_transports.links import LinkError
+
+    try:
+        from flwr_transports.links.rdma import load_nixl
+
+        load_nixl()
+    except LinkError as exc:
+        return str(exc)
+    return None
+
+
+_RDMA = pytest.param("rdma", marks=pytest.mark.skipif(
+    _rdma_missing() is not None, reason=f"rdma engine not installed: {_rdma_missing()}"))
+
+
 @pytest.mark.parametrize("cname", ["lossless", "delta", "q8"])
-@pytest.mark.parametrize("transport", ["shm", "file", "tcp"])
+@pytest.mark.parametrize("transport", ["shm", "file", "tcp", _RDMA])
 def test_streaming_folds_coded_uploads(cname, transport, tmp_path):
     """Streaming aggregation folds the decoded uploads window by window (eagerly on
     landing where the link reports it): the same model as the inner strategy on the
     same codec (within the float rounding of a running sum), no reply rejected."""
-    url = {"shm": "shm://", "file": f"file://{tmp_path}",
-           "tcp": "tcp://127.0.0.1:0"}[transport]
+    url = {"shm": "shm://", "file": f"file://{tmp_path}", "tcp": "tcp://127.0.0.1:0",
+           "rdma": "rdma://127.0.0.1:0?chunk_size=256KiB"}[transport]
     _, r_in, _ = _offload_run(url, cname, rounds=2)
     from apps_inproc import initial_arrays, make_app
     from flwr.serverapp.strategy import FedAvg

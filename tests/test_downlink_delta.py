@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -274,6 +275,7 @@ def test_federation_sends_deltas_to_clients_that_kept_the_base(monkeypatch, tmp_
     assert moved < 0.3 * full  # the frozen body costs (almost) nothing
     assert not cdir.exists()  # the last evaluate is not kept: every base was used
     assert keys is None or keys() == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("ftx-rdma")]
 
 
 def _rewrite(change):

@@ -648,7 +648,8 @@ def _refuse_spill_registration(link, monkeypatch) -> list:
 
 
 @needs_nixl
-def test_a_refused_spill_registration_keeps_the_chunks_already_received(server, monkeypatch):
+def test_a_refused_spill_registration_keeps_the_chunks_already_received(server, monkeypatch,
+                                                                        tmp_path):
     """The swap to pooled memory when NIXL refuses a spill buffer keeps the chunks that
     landed in it before (here: sent over the tcp:// chunk ops, which the rdma:// server
     also serves; the rdma:// client never does that, but nothing stops a client from
@@ -656,7 +657,7 @@ def test_a_refused_spill_registration_keeps_the_chunks_already_received(server, 
     memory (spilling off for this server)."""
     from test_tcp_helpers import raw_put, spill_maps
 
-    link = server(chunk_size="64KiB")
+    link = server(chunk_size="64KiB", spill_dir=str(tmp_path))
     rec, p = make_payload(1 * MiB, seed=31)
     sent = b"".join(bytes(s) for s in p.segments)
     slot = link.issue_slot("r1-train-n1", 4 * MiB)
@@ -674,7 +675,7 @@ def test_a_refused_spill_registration_keeps_the_chunks_already_received(server, 
         time.sleep(0.01)
     assert refused and not st.spilled and link.server.spill is None
     assert got[0] == sent  # the fold saw every chunk, the two sent before the swap too
-    assert spill_maps() == 0  # the swapped-out spill file is unmapped (its disk freed)
+    assert spill_maps(tmp_path) == 0  # the swapped-out spill file is unmapped (its disk freed)
     assert link.server.rdma.inflight.used == 0  # memory READs never charged the budget
     with link.open_upload(slot, back, p.size) as src:
         assert same(decode(src.read, p.size, p.digest), rec)

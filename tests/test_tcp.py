@@ -840,3 +840,68 @@ def test_a_landing_hook_on_a_slot_discarded_meanwhile_releases_its_reader(server
     st.readers += 1  # as the PUT_DONE that raced the discard would have
     link.server._run_hook(slot["id"], st)
     assert st.readers == 0
+
+
+# -- hostile clients vs spill files (review of issue 24) ---------------------------------
+def test_announced_uploads_reserve_at_most_their_slots_and_discarding_frees_them(server,
+                                                                              tmp_path):
+    """A client announcing uploads and then sending nothing, half, or hanging up: each
+    slot reserves one spill file of the size announced (never over the slot's cap,
+    refused before anything is made), so what idle announcements hold on disk is
+    bounded by the slots the server issued x their cap; an honest upload meanwhile
+    goes through; discarding the slots frees every file (buffer_pool=0: none pooled)."""
+    from test_tcp_helpers import raw_put, spill_maps
+
+    link = server(buffer_pool=0, spill_dir=str(tmp_path))
+    base = spill_maps(tmp_path)
+    cap = 2 * MiB
+    slots = [link.issue_slot(f"s-idle{k}", cap) for k in range(6)]
+    for s in slots:
+        assert link.on_upload(s, lambda src: None)
+    with pytest.raises(AssertionError):  # over the cap: TOO_BIG, no file made
+        raw_put(slots[0], cap + 1)
+    socks = [raw_put(slots[0], cap),  # announces the cap, sends nothing, stays
+             raw_put(slots[1], cap, {0: b"x" * (64 * KiB)}),  # sends a bit, stays
+             raw_put(slots[2], cap)]
+    socks.pop().close()  # announces, hangs up
+    again = raw_put(slots[0], cap)  # a second announcement of the same slot: same file
+    again.close()
+    assert spill_maps(tmp_path) - base == 3 * cap  # one file per announced slot, none larger
+    _, p = make_payload(1 * MiB, seed=40)  # an honest node is not held up
+    got = []
+    assert link.on_upload(slots[5], lambda src: got.append(bytes(src.view(0, src.size))))
+    TcpClientLink().upload(slots[5], p)
+    _wait(lambda: got)
+    assert got[0] == b"".join(bytes(s) for s in p.segments)
+    for s in slots:
+        link.discard_slot(s)
+    assert spill_maps(tmp_path) == base  # every spill file released, idle connections or not
+    for s in socks:
+        s.close()
+
+
+def test_a_client_stalled_inside_a_chunk_does_not_keep_a_discarded_slots_spill_file(server,
+                                                                                   tmp_path):
+    """A client that stops (or trickles a byte now and then, so that no receive ever
+    times out) in the middle of a chunk holds a view of the slot's spill file: when the
+    round discards the slot, its connections are closed, so the file is released at
+    once, not when (if ever) the connection times out."""
+    from test_tcp_helpers import raw_put, spill_maps
+
+    link = server(buffer_pool=0, timeout=30, spill_dir=str(tmp_path))
+    base = spill_maps(tmp_path)
+    slot = link.issue_slot("s-stall", 2 * MiB)
+    assert link.on_upload(slot, lambda src: None)
+    s = raw_put(slot, 2 * MiB)
+    oid, tok = slot["id"].encode(), bytes.fromhex(slot["token"])
+    n = 64 * KiB
+    s.sendall(ch.REQ.pack(ch.MAGIC_REQ, ch.OP_PUT, 0, len(oid), tok, 0, n, 0) + oid
+              + b"y" * (n // 2))  # half the chunk, then nothing
+    st = link.server.slots[slot["id"]]
+    _wait(lambda: 0 in st.claimed)
+    assert spill_maps(tmp_path) - base == 2 * MiB
+    link.discard_slot(slot)
+    _wait(lambda: spill_maps(tmp_path) == base, timeout=3)
+    s.settimeout(3)
+    assert s.recv(100) == b""  # the server closed it
+    s.close()

@@ -171,13 +171,17 @@ def raw_put(slot: dict, size: int, chunks: dict | None = None, *, timeout: float
     return s
 
 
-def spill_maps() -> int:
-    """Bytes of spill files (``ftx-spill-*``, unlinked) mapped by this process: the disk
-    their mappings hold (each file is exactly as large as its mapping)."""
+def spill_maps(directory) -> int:
+    """Bytes of unlinked files in ``directory`` (a test's spill_dir) mapped by this
+    process: the disk its spill files hold (each is exactly as large as its mapping;
+    O_TMPFILE files have no name, only their directory)."""
+    prefix = os.path.realpath(str(directory)) + "/"
     total = 0
     with open("/proc/self/maps") as f:
         for line in f:
-            if "ftx-spill-" in line:
-                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            head = line.split(maxsplit=5)
+            if len(head) == 6 and head[5].startswith(prefix) and head[5].rstrip().endswith(
+                    "(deleted)"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
                 total += hi - lo
     return total

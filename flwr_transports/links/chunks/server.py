@@ -274,8 +274,17 @@ class ChunkServer:
         return True
 
     def remove_slot(self, oid: str) -> None:
+        """Discard an upload slot. Its connections are closed too: one stalled (or
+        trickling) inside a chunk holds a view of the receive buffer, which would keep
+        the buffer (a spill file's disk) until, if ever, its receive timed out."""
         with self.lock:
             slot = self.slots.pop(oid, None)
+            conns = [a.raw for a in self.adm.values() if a.group == ("put", oid)]
+        for raw in conns:
+            try:
+                raw.shutdown(socket.SHUT_RDWR)  # wakes its thread, which lets go of the view
+            except OSError:
+                pass
         if slot is not None and slot.readers == 0:
             slot.free(self.pool, self.spill)
 

@@ -156,6 +156,28 @@ def _reproduce_header(doc: dict[str, Any], src: str) -> list[str]:
             f"Command: `{doc['command']}`; data: `{src}`."]
 
 
+def _fda_rows(inv: dict[str, Any]) -> list[str]:
+    """fda_bench.py per method over the repeats (seeds): median (min-max); the MB to
+    the target and their share of FedAvg's over the repeats that reached it."""
+    n = len(inv["repeats"])
+    tgt = next(iter(inv["points"].values()))["target_acc"]
+    out = [(f"Target accuracy = FedAvg's final accuracy - 0.005 in each repeat: "
+           f"{_rng(tgt['values'], '.4f')}."), "",
+           ("| method | syncs | final accuracy | MB in total | MB to the target | "
+           "of FedAvg's MB to the target | target reached |"),
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, ms in inv["points"].items():
+        def cell(m: str, fmt: str, ms: dict[str, Any] = ms) -> str:
+            st = ms.get(m)
+            return _rng(st["values"], fmt) if st and st.get("n") else "—"
+        reached = (ms.get("mb_to_target") or {}).get("n", 0)
+        out.append(f"| {name} | {cell('syncs', '.0f')} | {cell('final_acc', '.4f')} | "
+                   f"{cell('mb_total', '.1f')} | {cell('mb_to_target', '.1f')} | "
+                   f"{cell('of_fedavg', '.3f')} | {reached} of {n} |")
+    out.append("")
+    return out
+
+
 def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
     out = [*_reproduce_header(doc, src), ""]
     for key, inv in doc["invocations"].items():
@@ -171,6 +193,9 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
                    + (f"; **{still} repeat(s) still above the core count after every "
                       "retry**" if still else "") + ".")
         out.append("")
+        if inv["kind"] == "fda":
+            out += _fda_rows(inv)
+            continue
         if inv["kind"] not in ("e2e", "p2p"):
             out.append(f"(driver output kept in the JSON, {len(inv['repeats'])} repeat(s))")
             out.append("")
@@ -209,7 +234,10 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
             for rk, st in inv["ratios"].items():
                 out.append(f"| {rk} | {_rng(st['values'], '.2f', 'x')} |")
         out.append("")
-    out.append(f"Floor definition: {FLOOR_DEFINITION}.")
+    if any(inv.get("kind") == "e2e" for inv in doc["invocations"].values()):
+        out.append(f"Floor definition: {FLOOR_DEFINITION}.")
+    while out and out[-1] == "":
+        out.pop()
     return out
 
 

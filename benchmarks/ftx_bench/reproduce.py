@@ -46,7 +46,7 @@ class Invocation:
 
     key: str
     argv: list[str]
-    kind: str  # "e2e" | "p2p" | "text" | "json"
+    kind: str  # "e2e" | "p2p" | "fda" | "text" | "json"; "{repeat}" in argv: 0, 1, ...
     needs_root: bool = False
 
 
@@ -153,12 +153,20 @@ TABLES: dict[str, Table] = {t.name: t for t in [
           [Invocation("mpi", [sys.executable, str(BENCH / "mpi_bench.py"), "--mib", "4",
                               "--rounds", "1", "--reps", "1", "--skip-p2p"], "text")],
           notes="mpi_bench.py prints text: its output is kept per repeat, not parsed"),
-    Table("fda-bytes", "FDA: accuracy vs bytes",
-          [Invocation("fda", [sys.executable, str(BENCH / "fda_bench.py")], "json")],
+    Table("fda-bytes", "FDA: accuracy vs bytes (8 clients, 400 steps; each repeat "
+                       "another seed: another data set, split and initial model)",
+          [Invocation("alpha1.0", [sys.executable, str(BENCH / "fda_bench.py"), "--steps",
+                                   "400", "--lr", "0.1", "--alpha", "1.0", "--theta", "0.5",
+                                   "1", "2", "--seed", "{repeat}"], "fda"),
+           Invocation("alpha0.5", [sys.executable, str(BENCH / "fda_bench.py"), "--steps",
+                                   "400", "--lr", "0.1", "--alpha", "0.5", "--theta", "0.5",
+                                   "1", "--seed", "{repeat}"], "fda")],
           [Invocation("fda", [sys.executable, str(BENCH / "fda_bench.py"), "--steps", "10",
-                              "--clients", "2", "--per-client", "100"], "json")],
+                              "--clients", "2", "--per-client", "100", "--theta", "1",
+                              "--variants", "naive", "--seed", "{repeat}"], "fda")],
           notes="bytes and accuracy do not depend on the load: runs are not repeated "
-                "for it", load_sensitive=False),
+                "for it; a repeat is another seed (fda_bench.py --seed)",
+          load_sensitive=False),
 ]}
 
 
@@ -251,12 +259,37 @@ def p2p_points(doc: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[s
     return pts, ratios
 
 
-def run_once(inv: Invocation, out_dir: Path, timeout: float) -> dict[str, Any]:
+def fda_points(doc: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per method of one fda_bench.py run: syncs, final accuracy, MB in total and to the
+    target (FedAvg's final accuracy minus the tolerance), and those MB over FedAvg's
+    (absent where the target was not reached)."""
+    runs = doc["runs"]
+    target = float(doc["target"])
+
+    def to_target(r: dict[str, Any]) -> float | None:
+        return next((float(b) for b, acc in r["curve"] if acc >= target), None)
+
+    fedavg = to_target(runs[0])
+    pts: dict[str, dict[str, float]] = {}
+    for r in runs:
+        p = {"syncs": float(r["syncs"]), "final_acc": float(r["curve"][-1][1]),
+             "mb_total": r["curve"][-1][0] / 1e6, "target_acc": target}
+        b = to_target(r)
+        if b is not None:
+            p["mb_to_target"] = b / 1e6
+            if fedavg:
+                p["of_fedavg"] = b / fedavg
+        pts[r["name"]] = p
+    return pts, {}
+
+
+def run_once(inv: Invocation, out_dir: Path, timeout: float,
+             repeat: int = 0) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    argv = list(inv.argv)
+    argv = [a.replace("{repeat}", str(repeat)) for a in inv.argv]
     if inv.kind in ("e2e", "p2p"):
         argv += ["--out", str(out_dir)]
-    elif inv.kind == "json":
+    elif inv.kind in ("json", "fda"):
         argv += ["--json", str(out_dir / "out.json")]
     rec: dict[str, Any] = {"argv": argv, "load_before": list(os.getloadavg())}
     t0 = time.perf_counter()
@@ -286,8 +319,11 @@ def run_once(inv: Invocation, out_dir: Path, timeout: float) -> dict[str, Any]:
             doc = json.loads(path.read_text(encoding="utf-8"))
             pts, ratios = (e2e_points if inv.kind == "e2e" else p2p_points)(doc)
             rec.update(points=pts, ratios=ratios, driver_json=str(path))
-    elif inv.kind == "json" and (out_dir / "out.json").exists():
+    elif inv.kind in ("json", "fda") and (out_dir / "out.json").exists():
         rec["driver_json"] = str(out_dir / "out.json")
+        if inv.kind == "fda":
+            rec["points"], rec["ratios"] = fda_points(
+                json.loads((out_dir / "out.json").read_text(encoding="utf-8")))
     return rec
 
 
@@ -338,7 +374,7 @@ def reproduce(table: Table, repeat: int, quick: bool, out: Path, argv: list[str]
                 progress(f"{table.name}/{inv.key}: repeat {i + 1}/{repeat}"
                          + (f" (retry {attempt})" if attempt else ""))
                 waited = wait_for_load(cores, 3 * pause_s) if max_retries else 0.0
-                rec = run_once(inv, work / inv.key / f"rep{i}-try{attempt}", timeout)
+                rec = run_once(inv, work / inv.key / f"rep{i}-try{attempt}", timeout, i)
                 rec["waited_for_load_s"] = round(waited, 1)
                 rec["repeat"], rec["attempt"] = i, attempt
                 if rec["load_before"][0] > cores and attempt < max_retries:

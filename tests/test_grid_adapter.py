@@ -237,3 +237,42 @@ def test_inband_adapter_is_a_pass_through():
     assert len(replies) == 2 and all("arrays" in r.content for r in replies)
     assert og.stats["link_bytes_sent"] == 0 and og.stats["inband_bytes_sent"] > 0
     assert og.stats["inband_bytes_received"] >= 2 * initial_arrays().count_bytes()
+
+
+def test_offload_grid_never_offers_a_downlink_delta(tmp_path, monkeypatch):
+    """codec=delta over tcp:// with each client's kept-payload cache on: a user's loop
+    (train, then evaluate the new model, twice) through offload_grid gets the in-band
+    models, its replies coded delta (the uplink codec works), but no downlink delta is
+    ever offered: the wrapper cannot tell which push is the last (so clients could not
+    be told to drop a kept base) nor which model each node holds (docs/codecs.md).
+    Every reference names no delta and is not marked keep, every fetch is the full
+    model, the server holds no downlink base and no client keeps anything."""
+    from flwr_transports import trace
+    from flwr_transports.flower import cache as cache_mod
+    from flwr_transports.refs import TICKET_KEY, Ticket, is_ref_record, parse_ref_record
+
+    tdir, cdir = tmp_path / "trace", tmp_path / "cache"
+    tdir.mkdir()
+    monkeypatch.setenv(trace.ENV, str(tdir))
+    monkeypatch.setenv(cache_mod.CACHE_ENV, str(cdir))
+    want, _ = _main_loop(InProcessGrid(make_app(with_mod=False), 2))
+    inner = InProcessGrid(make_app(), 2)
+    with offload_grid(inner, "tcp://127.0.0.1:0?codec=delta", threshold=0) as grid:
+        assert grid._downlink is None  # nothing to offer from, no base held
+        got, _ = _main_loop(grid)
+        stats = dict(grid.stats)
+    for g, w in zip(got, want, strict=True):
+        for x, y in zip(g, w, strict=True):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+    refs = [parse_ref_record(rec) for m in inner.sent for rec in m.content.values()
+            if is_ref_record(rec)]
+    assert len(refs) == 8  # 2 rounds x (train + evaluate) x 2 nodes
+    assert all(r.delta is None and not r.keep and r.codec == "lossless" for r in refs)
+    assert all(Ticket.from_record(m.content[TICKET_KEY]).codec == "delta"
+               for m in inner.sent)  # replies coded delta against the model received
+    assert stats["downlink_deltas"] == 0 and stats["replies_rejected"] == 0
+    fetches = [e for e in trace.read_events(tdir) if e["ev"] == "fetch"
+               and e.get("role") == "client"]
+    assert len(fetches) == 8 and not any(e.get("delta") or e.get("cached") for e in fetches)
+    assert not cdir.exists() or not any(f.endswith(".ftx") for _, _, fs in os.walk(cdir)
+                                        for f in fs)

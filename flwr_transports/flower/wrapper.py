@@ -161,6 +161,10 @@ class Offloader:
     _sequential_rounds = True
     #: aggregation=ray: the run's Ray cluster and shard actors (OffloadStrategy sets it)
     _ray = None
+    #: downlink deltas may be offered (codec delta/q8, network link): only a round loop
+    #: that knows its length (offload(strategy)); a wrapped Grid never offers one
+    #: (docs/codecs.md, "Downlink delta and offload_grid")
+    _downlink_deltas = True
 
     def __init__(self, transport: str | TransportSpec = "inband", **options: Any):
         if isinstance(transport, TransportSpec):  # parsed already (a second wrapper)
@@ -185,7 +189,8 @@ class Offloader:
         self.codec = opts.codec
         self._bases = ServerBases()  # raw payloads sent: the bases of delta/q8 replies
         # delta/q8 on a network link: the model clients kept, for downlink deltas
-        self._downlink = (DownlinkDeltas() if self.codec in ("delta", "q8")
+        self._downlink = (DownlinkDeltas() if self._downlink_deltas
+                          and self.codec in ("delta", "q8")
                           and network_scheme(self.scheme) else None)
         self.streaming = False  # decided by OffloadStrategy, which knows the strategy
         self._streams: dict[int, RoundStream] = {}
@@ -828,6 +833,9 @@ class OffloadGrid(Offloader, _GridProxy):
     _sequential_rounds = False
     #: offload_grid() refuses offload()'s ``aggregation`` option (nothing aggregates here)
     _refuse_aggregation = True
+    #: no downlink delta: the wrapper cannot tell which push is the last (so it cannot
+    #: tell clients when to drop a kept base) nor which model each node holds
+    _downlink_deltas = False
 
     def __init__(self, grid: Grid, transport: str | TransportSpec = "inband", **options: Any):
         if isinstance(grid, OffloadGrid):

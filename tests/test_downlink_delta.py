@@ -331,6 +331,37 @@ def test_hostile_delta_falls_back_to_the_full_model(monkeypatch, tmp_path, caplo
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("link", ["tcp", _RDMA])
+def test_a_delta_size_that_lies_falls_back_to_the_full_model(monkeypatch, tmp_path, caplog,
+                                                             link, reference):
+    """The reference names the real delta's location with another size (7 bytes more
+    for node 101, 7 less for node 102): the link refuses the read before any byte is
+    used, the client logs it and fetches the full model. Same model, nothing kept, no
+    reply rejected; over tcp:// and rdma:// (the server answers the size it holds)."""
+    def lie(msg, ctx, call_next):
+        if msg.metadata.message_type == "evaluate":
+            for k, rec in list(msg.content.items()):
+                if is_ref_record(rec):
+                    ref = parse_ref_record(rec)
+                    if ref.delta is not None:
+                        ref.delta.size += 7 if msg.metadata.dst_node_id == 101 else -7
+                        msg.content[k] = ref.to_record()
+        return call_next(msg, ctx)
+
+    ref_res, _ = reference
+    url = {"tcp": "tcp://127.0.0.1:0", "rdma": "rdma://127.0.0.1:0?chunk_size=256KiB"}[link]
+    with caplog.at_level(logging.WARNING, logger="flwr_transports"):
+        s, res, f = _federate(monkeypatch, tmp_path, "size", str(tmp_path / "c"),
+                              hostile=lie, url=url)
+    _same(ref_res.arrays, res.arrays)
+    assert _counts(f) == (8, 6, 4)  # each delta fetch refused, then the full model
+    assert sum(1 for e in f if e.get("error")) == 6
+    assert caplog.text.count("downlink delta not used") == 6
+    assert "the reference says" in caplog.text
+    assert s.stats["replies_rejected"] == 0 and len(res.evaluate_metrics_clientapp) == 3
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_model_digest_that_misses_the_reference_fails_the_message(monkeypatch, tmp_path):
     """The reference names another model than the server sent: the delta decodes to
     something else (refused), the full model fetched instead is verified against the

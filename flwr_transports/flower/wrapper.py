@@ -163,7 +163,7 @@ class Offloader:
     _ray = None
     #: downlink deltas may be offered (codec delta/q8, network link): only a round loop
     #: that knows its length (offload(strategy)); a wrapped Grid never offers one
-    #: (docs/codecs.md, "Downlink delta and offload_grid")
+    #: (docs/codecs.md, "Not with offload_grid")
     _downlink_deltas = True
 
     def __init__(self, transport: str | TransportSpec = "inband", **options: Any):

@@ -178,6 +178,33 @@ def _fda_rows(inv: dict[str, Any]) -> list[str]:
     return out
 
 
+def _mpi_rows(inv: dict[str, Any], dep: dict[str, Any] | None) -> list[str]:
+    """The MPI job's round next to the deployment's (the i-th repeats paired)."""
+    out = [("| point | MPI round (s) | whole MPI job, start-up included (s) | same app in "
+           "one process, no transport (s) |"), "|---|---:|---:|---:|"]
+    for pk, ms in inv["points"].items():
+        out.append(f"| {pk} | " + " | ".join(
+            _rng(ms[c]["values"], ".2f") if (ms.get(c) or {}).get("n") else "—"
+            for c in ("round_s", "job_s", "inprocess_round_s")) + " |")
+    mpi = [r.get("points", {}) for r in inv["repeats"]]
+    deps = [r.get("points", {}) for r in (dep or {}).get("repeats", [])]
+    rows = []
+    for t in ("inband", "tcp://"):
+        xs = []
+        for m, d in zip(mpi, deps, strict=False):
+            mr = next((p.get("round_s") for p in m.values()), None)
+            dr = next((p.get("round_s") for k, p in d.items() if k.split("@")[0] == t), None)
+            if mr and dr:
+                xs.append(dr / mr)
+        if xs:
+            rows.append(f"| deployment {_label(t)} round / MPI round | {_rng(xs, '.2f', 'x')} |")
+    if rows:
+        out += ["", "| ratio (the i-th repeats paired, then the median) | value |",
+                "|---|---:|", *rows]
+    out.append("")
+    return out
+
+
 def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
     out = [*_reproduce_header(doc, src), ""]
     for key, inv in doc["invocations"].items():
@@ -195,6 +222,9 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
         out.append("")
         if inv["kind"] == "fda":
             out += _fda_rows(inv)
+            continue
+        if inv["kind"] == "mpi":
+            out += _mpi_rows(inv, doc["invocations"].get("deployment"))
             continue
         if inv["kind"] not in ("e2e", "p2p"):
             out.append(f"(driver output kept in the JSON, {len(inv['repeats'])} repeat(s))")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -147,12 +148,15 @@ TABLES: dict[str, Table] = {t.name: t for t in [
                   "memory-links for tcp:// alone (its receive path changed last)"),
     Table("mpi", "MPI runtime vs a Flower deployment (in-band and tcp://), 500 MiB",
           [Invocation("mpi", [sys.executable, str(BENCH / "mpi_bench.py"), "--mib", "500",
-                              "--rounds", "2", "--reps", "1", "--skip-p2p"], "text"),
+                              "--rounds", "2", "--reps", "1", "--skip-p2p"], "mpi"),
            Invocation("deployment", _e2e("--sizes", "500MiB", "--transports",
                                          "inband,tcp://", "--rounds", "2"), "e2e")],
           [Invocation("mpi", [sys.executable, str(BENCH / "mpi_bench.py"), "--mib", "4",
-                              "--rounds", "1", "--reps", "1", "--skip-p2p"], "text")],
-          notes="mpi_bench.py prints text: its output is kept per repeat, not parsed"),
+                              "--rounds", "1", "--reps", "1", "--skip-p2p"], "mpi")],
+          notes="mpi: benchmarks/mpi_bench.py (tests/apps/mpi_app, clients echo the model; "
+                "the same ServerApp/ClientApp also run in one process without a transport); "
+                "deployment: ftx-bench e2e's app on loopback (2 SuperNodes). Each point's "
+                "repeats run one after another; ratios pair the i-th repeats"),
     Table("fda-bytes", "FDA: accuracy vs bytes (8 clients, 400 steps; each repeat "
                        "another seed: another data set, split and initial model)",
           [Invocation("alpha1.0", [sys.executable, str(BENCH / "fda_bench.py"), "--steps",
@@ -283,6 +287,30 @@ def fda_points(doc: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[s
     return pts, {}
 
 
+_MPI_LINES = {
+    "round_s": re.compile(r"median ([0-9.]+) s/round, whole job"),
+    "job_s": re.compile(r"whole job ([0-9.]+) s incl\. startup"),
+    "inprocess_round_s": re.compile(r"same app in one process, no transport: rounds (.*) s"),
+}
+
+
+def mpi_points(out: str, mib: str) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """mpi_bench.py's printed figures: the MPI job's median round and whole job, and the
+    median round of the same app in one process (no transport)."""
+    p: dict[str, float] = {}
+    for m, rx in _MPI_LINES.items():
+        hit = rx.search(out)
+        if not hit:
+            continue
+        if m == "inprocess_round_s":
+            xs = [float(x) for x in re.findall(r"[0-9]+\.[0-9]+", hit.group(1))]
+            if xs:
+                p[m] = statistics.median(xs)
+        else:
+            p[m] = float(hit.group(1))
+    return ({f"mpi@{mib}MiB": p} if p else {}), {}
+
+
 def run_once(inv: Invocation, out_dir: Path, timeout: float,
              repeat: int = 0) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -319,6 +347,9 @@ def run_once(inv: Invocation, out_dir: Path, timeout: float,
             doc = json.loads(path.read_text(encoding="utf-8"))
             pts, ratios = (e2e_points if inv.kind == "e2e" else p2p_points)(doc)
             rec.update(points=pts, ratios=ratios, driver_json=str(path))
+    elif inv.kind == "mpi":
+        mib = argv[argv.index("--mib") + 1] if "--mib" in argv else "?"
+        rec["points"], rec["ratios"] = mpi_points(out, mib)
     elif inv.kind in ("json", "fda") and (out_dir / "out.json").exists():
         rec["driver_json"] = str(out_dir / "out.json")
         if inv.kind == "fda":

@@ -715,3 +715,73 @@ def test_spilling_turned_off_meanwhile_never_breaks_an_upload_being_opened(serve
         time.sleep(0.01)
     with link.open_upload(slot, back, p.size) as src:
         assert same(decode(src.read, p.size, p.digest), rec)
+
+
+@needs_nixl
+def test_a_hostile_upload_request_holds_no_spill_file_once_its_slot_is_discarded(server,
+                                                                                  tmp_path):
+    """A client announcing an upload of the slot's cap with metadata NIXL rejects
+    (nothing ever to read) gets a clear refusal; the spill file made for the
+    announcement is the slot's only (one per slot, the announced size) and goes, with
+    its registration, when the round discards the slot (buffer_pool=0: none pooled)."""
+    from test_tcp_helpers import spill_maps
+
+    link = server(buffer_pool=0, spill_dir=str(tmp_path))
+    cap = 2 * MiB
+    slot = link.issue_slot("r1-train-n3", cap)
+    assert link.on_upload(slot, lambda src: None)
+    tok, oid = bytes.fromhex(slot["token"]), slot["id"].encode()
+    n = ch.n_chunks(cap, 64 * KiB)
+    body = rdma.PUT_HEAD.pack(cap, 8, 1) + b"bogus-md" + rdma.SEG.pack(4096, cap) + b"\0" * 4 * n
+    for _ in range(2):  # asking twice makes no second file
+        with socket.create_connection(("127.0.0.1", slot["port"]), timeout=5) as s:
+            s.sendall(ch.REQ.pack(ch.MAGIC_REQ, ch.OP_RDMA_PUT, 0, len(oid), tok, 64 * KiB,
+                                  len(body), 0) + oid + body)
+            head = ch.RSP.unpack(ch.recv_exact(s, ch.RSP.size))
+            assert head[1] == ch.INCOMPLETE
+            assert b"rejected by NIXL" in ch.recv_exact(s, head[5])
+    assert spill_maps(tmp_path) == cap
+    link.discard_slot(slot)
+    assert spill_maps(tmp_path) == 0 and not link.server.rdma.spill.regs
+
+
+@needs_nixl
+def test_a_slot_discarded_while_its_upload_is_read_leaves_no_spill_file(server, tmp_path):
+    """The round discards a slot while rdma:// is still READing its upload into a spill
+    file (a slow or stalling client): the transfer stops, and the file (and its NIXL
+    registration) is released, not kept until the server closes."""
+    from test_tcp_helpers import spill_maps
+
+    link = server(buffer_pool=0, spill_dir=str(tmp_path), window=2)
+    _, p = make_payload(2 * MiB, seed=33)
+    slot = link.issue_slot("r1-train-n4", 4 * MiB)
+    assert link.on_upload(slot, lambda src: None)
+    reading, discarded = threading.Event(), threading.Event()
+
+    def slow(op, oid, i, views):
+        if i == 2:
+            reading.set()
+            discarded.wait(5)
+
+    link.server.fault = slow
+    errors = []
+
+    def up():
+        try:
+            rdma.RdmaClientLink().upload({**slot, "retries": 0}, p)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=up)
+    t.start()
+    assert reading.wait(10)
+    assert spill_maps(tmp_path) > 0
+    link.discard_slot(slot)
+    discarded.set()
+    t.join(10)
+    assert errors  # the upload did not land: its slot is gone
+    end = time.monotonic() + 3
+    while spill_maps(tmp_path) or link.server.rdma.spill.regs:
+        assert time.monotonic() < end, (spill_maps(tmp_path), link.server.rdma.spill.regs)
+        time.sleep(0.01)
+    assert link.server.rdma.inflight.used == 0  # the budget is whole again

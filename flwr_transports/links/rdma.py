@@ -402,17 +402,20 @@ def read_chunks(agent: Agent, peer: str, sched: chunks.ChunkScheduler, *, size: 
                         sched.requeue(i)
                         break
                     held += n
-                views = local(off, n)
-                for v in views:
-                    _membuf.populate(v)  # fault the target pages in one call, not per page
-                ld, rd = pair_descs([(_addr(v), len(v)) for v in views], remote.range(off, n))
                 try:
+                    views = local(off, n)  # LinkError: the buffer is gone (slot discarded)
+                    for v in views:
+                        _membuf.populate(v)  # fault the target pages in one call, not per page
+                    ld, rd = pair_descs([(_addr(v), len(v)) for v in views],
+                                        remote.range(off, n))
                     h = agent.post_read(ld, rd, peer)
-                except Exception as exc:  # noqa: BLE001 - NIXL errors are not OSErrors
+                except Exception as exc:  # NIXL errors are not OSErrors
                     sched.requeue(i)
-                    if budget is not None:
+                    if budget is not None:  # never started: its bytes go back
                         budget.give(n)
                         held -= n
+                    if isinstance(exc, LinkError):
+                        raise
                     raise LinkError(f"rdma:// cannot start a READ from {peer}: {exc}") from None
                 inflight[i] = (h, views, time.monotonic())
             if not inflight:
@@ -633,9 +636,11 @@ class RdmaServerConn(chunks.ServerConn):
             buf, mv = slot.buf, slot.mv
         peer = None
         clean, err = True, None
+        spilled = slot.spilled
         try:
             if todo:
                 buf, mv = self._register(rd, slot, buf, mv)
+                spilled = slot.spilled
                 peer = rd.agent.load(md)
                 with rd.lock:
                     owner = rd.peers.get(peer)
@@ -656,9 +661,14 @@ class RdmaServerConn(chunks.ServerConn):
                     def landed(i: int) -> None:
                         chunks.drop_pages(buf, i * cs, chunks.chunk_len(i, size, cs))
 
+                def local(off: int, k: int) -> list[memoryview]:
+                    if slot.buf is not buf:  # freed (mv released): the round discarded it
+                        raise LinkError(f"upload slot {oid[:64]!r} was discarded")
+                    return [mv[off:off + k]]
+
                 try:
                     clean = read_chunks(rd.agent, peer, sched, size=size, cs=cs, table=table,
-                                        local=lambda off, k: [mv[off:off + k]], remote=layout,
+                                        local=local, remote=layout,
                                         window=rd.window, timeout=rd.timeout, fault=hook,
                                         landed=landed,
                                         budget=rd.inflight if slot.spilled else None)
@@ -671,11 +681,16 @@ class RdmaServerConn(chunks.ServerConn):
                 srv.stats["crc_errors"] += sched.stats["crc_errors"]
                 err = sched.error
         except (LinkError, RefError) as exc:
-            err = exc
+            # its frames (read_chunks': views of the buffer) must go before the drop below
+            err = exc.with_traceback(None)
+            err.__context__ = err.__cause__ = None
         finally:
             with slot.lock:
                 if clean:
                     slot.claimed.discard(-1)  # else the buffer is never pooled again
+                # discarded while we read (slot.free closes, never pools, a claimed
+                # buffer): nobody else holds it, drop it with its registration now
+                orphan = clean and slot.buf is not buf
                 missing = slot.have.count(0)
                 start = not missing and not slot.complete and srv.eager
                 if not missing:
@@ -689,6 +704,8 @@ class RdmaServerConn(chunks.ServerConn):
                 rd.agent.unload(peer)
             if not clean:
                 rd.unclean += 1
+            if orphan:
+                (rd.spill if spilled else rd.pool)._drop(buf)
         if not missing and srv.on_landed is not None:
             srv.on_landed()  # the receive loop pulls the reply now
         if start and slot.hook is not None:  # streaming aggregation folds it now

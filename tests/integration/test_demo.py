@@ -15,13 +15,24 @@ def test_demo_runs_and_reports_identical_models(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "flwr_transports.cli", "demo", "--model-mib", "2",
          "--rounds", "1", "--transports", "shm,inband"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    rows = [line for line in out.splitlines() if line.startswith("| shm://") or
-            line.startswith("| inband")]
+    rows = [line for line in out.splitlines() if line.startswith(("| shm://", "| inband"))]
     assert len(rows) == 2, out[-3000:]
     assert all(r.rstrip(" |").endswith("yes") for r in rows), rows
     after = {e for e in os.listdir("/dev/shm") if e.lstrip(".").startswith("ftx-")}
-    assert after <= before
+    # a segment is named ftx-<creator pid>-...; the demo's processes have all exited, so
+    # one whose creator still runs belongs to another job on this machine (a benchmark)
+    assert not {e for e in after - before if not _alive(e.lstrip(".").split("-")[1])}
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -191,7 +191,10 @@ def provenance(argv: list[str]) -> dict[str, Any]:
         flwr = None
     return {
         "commit": _git("rev-parse", "HEAD") or None,
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # edits to the docs (README.md, *.md, docs/: where the figures go) change no
+        # measurement; any other uncommitted change to a tracked file does
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                           ":(exclude)docs", ":(exclude)*.md")),
         "flwr_version": flwr,
         "command": " ".join(shlex.quote(a) for a in argv),
         "cpus": os.cpu_count(),

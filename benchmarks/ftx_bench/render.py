@@ -264,7 +264,8 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
             for rk, st in inv["ratios"].items():
                 out.append(f"| {rk} | {_rng(st['values'], '.2f', 'x')} |")
         out.append("")
-    if any(inv.get("kind") == "e2e" for inv in doc["invocations"].values()):
+    if any("overhead_s" in ms for inv in doc["invocations"].values()
+           for ms in inv.get("points", {}).values()):
         out.append(f"Floor definition: {FLOOR_DEFINITION}.")
     while out and out[-1] == "":
         out.pop()

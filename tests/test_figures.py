@@ -260,3 +260,12 @@ def test_every_plot_is_shown_in_the_docs():
     text = "".join(p.read_text("utf-8") for p in render.doc_paths(ROOT))
     for img in render.PLOTS:
         assert f"]({img.removeprefix('docs/')})" in text, img
+
+
+def test_a_block_can_take_one_invocation_of_a_reproduce_table():
+    one = render.render_block("x", ["docs/bench-data/repro-memory.json#128MiB-N8"], ROOT)
+    every = render.render_block("x", ["docs/bench-data/repro-memory.json"], ROOT)
+    assert "128MiB-N8:" in one and "500MiB-N2:" not in one
+    assert "500MiB-N2:" in every and "128MiB-N8:" in every
+    with pytest.raises(ValueError, match="no reproduce invocation 'N99'"):
+        render.render_block("x", ["docs/bench-data/repro-memory.json#N99"], ROOT)

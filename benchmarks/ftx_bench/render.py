@@ -6,7 +6,8 @@ A block in README.md or docs/**.md::
     ... (replaced on every render) ...
     <!-- figures:end -->
 
-is regenerated from the JSON files its begin marker names (several: space-separated);
+is regenerated from the JSON files its begin marker names (several: space-separated;
+``repro-T.json#KEY`` takes one invocation of a reproduce table);
 ``--check`` (and tests/test_figures.py) fails when a block differs from what the data
 gives. The plots in docs/img are drawn from the JSON files ``PLOTS`` names; each PNG
 carries the figures it was drawn from, so the check compares them with the data
@@ -731,9 +732,15 @@ def render_block(name: str, files: list[str], root: Path = REPO) -> str:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"block {name}: {exc}") from exc
     for f in files:
-        doc = json.loads((root / f).read_text(encoding="utf-8"))
+        # "repro-T.json#KEY": only invocation KEY of that reproduce table
+        path, _, key = f.partition("#")
+        doc = json.loads((root / path).read_text(encoding="utf-8"))
+        if key:
+            if doc.get("kind") != "reproduce" or key not in doc.get("invocations", {}):
+                raise ValueError(f"block {name}: {path} has no reproduce invocation {key!r}")
+            doc = {**doc, "invocations": {key: doc["invocations"][key]}}
         if doc.get("kind") == "reproduce":
-            parts += _reproduce(doc, f)
+            parts += _reproduce(doc, path)
         elif doc.get("kind") == "e2e":
             parts += _legacy_e2e(doc, f)
         else:

@@ -350,7 +350,7 @@ def _trace_breakdown(docs: list[tuple[dict[str, Any], str]]) -> list[str]:
                 for pk, ms in inv.get("points", {}).items():
                     b = {m[len("trace_"):]: st["median"] for m, st in ms.items()
                          if m.startswith("trace_") and st.get("n")}
-                    if b:
+                    if {"publish", "fetch", "upload", "to_server", "total"} <= set(b):
                         t, size = pk.split("@")
                         n = max(st["n"] for m, st in ms.items() if m.startswith("trace_"))
                         rows.append((t, float(size.removesuffix("MiB")), b,

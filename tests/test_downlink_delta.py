@@ -234,21 +234,7 @@ def s3_bucket():
                    "Contents", [])])
 
 
-def _rdma_missing() -> str | None:
-    """Why rdma:// cannot run here (its engine, NIXL, does not load), or None."""
-    from flwr_transports.links import LinkError
-
-    try:
-        from flwr_transports.links.rdma import load_nixl
-
-        load_nixl()
-    except LinkError as exc:
-        return str(exc)
-    return None
-
-
-_RDMA = pytest.param("rdma", marks=pytest.mark.skipif(
-    _rdma_missing() is not None, reason=f"rdma engine not installed: {_rdma_missing()}"))
+from rdma_param import RDMA as _RDMA
 
 
 @pytest.mark.parametrize("link", ["tcp", "s3", _RDMA])

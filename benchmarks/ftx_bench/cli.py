@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import signal
 import sys
@@ -126,6 +127,13 @@ def _parser() -> argparse.ArgumentParser:
                         "tiny model stays in-band whatever the transport (saves a floor run "
                         "per transport)")
     e.add_argument("--timeout", type=float, default=900, help="seconds per flwr run")
+    e.add_argument("--weights", default=None, metavar="DIR|trained",
+                   help="trained weights instead of the app's N(0,1) model: a directory "
+                        "written by benchmarks/trained_weights.py, or 'trained' (the "
+                        "llm-offload example's 125m GPT after 5 rounds, 475 MiB fp32, "
+                        "trained once into ~/.cache/ftx-bench/trained-125m; needs torch). "
+                        "The server starts from it, each client replies a recorded round of "
+                        "real training; --sizes is ignored and no floor run is made")
     e.add_argument("--app", type=Path, default=None,
                    help="Flower app directory (default examples/quickstart-offload)")
     e.add_argument("--topology", choices=("pair", "star"), default="pair",
@@ -287,6 +295,29 @@ def cmd_p2p(args: argparse.Namespace) -> int:
     return 0 if not any("error" in r for r in rows) else 1
 
 
+TRAINED_DEFAULT = Path("~/.cache/ftx-bench/trained-125m")
+
+
+def _trained_weights(spec: str) -> tuple[Path, int]:
+    """``--weights`` -> (directory, model bytes); 'trained' trains the default set once."""
+    import subprocess
+
+    if spec == "trained":
+        out = TRAINED_DEFAULT.expanduser().resolve()
+        script = Path(__file__).resolve().parents[1] / "trained_weights.py"
+        r = subprocess.run([sys.executable, str(script), "--out", str(out)], check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"{script.name} failed ({r.returncode})")
+    else:
+        out = Path(spec).expanduser().resolve()
+    try:
+        idx = json.loads((out / "index.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{out} holds no trained weights (index.json): run "
+                         f"benchmarks/trained_weights.py --out {out}") from None
+    return out, int(idx["elements"]) * 4
+
+
 def cmd_e2e(args: argparse.Namespace) -> int:
     from .e2e import run_e2e
     from .report import write_outputs
@@ -300,6 +331,15 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _say(str(exc))
         return 2
+    weights_dir = None
+    if args.weights:
+        try:
+            weights_dir, size = _trained_weights(args.weights)
+        except (OSError, ValueError, RuntimeError) as exc:
+            _say(str(exc))
+            return 2
+        args.sizes, args.floor_mib = [size], 0.0
+        _say(f"trained weights: {weights_dir} ({size / 2**20:.1f} MiB)")
     wan, desc = _with_wan(args.wan, args.relay, **star)
     meta: dict[str, Any] = {
         "sizes_mib": [s / 2**20 for s in args.sizes], "transports": args.transports,
@@ -310,11 +350,15 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         "server_rate_mbit": wan.server_rate_mbit if wan else None,
         "client_rate_mbit": wan.client_rate_mbit if wan else None,
         "load_before": os.getloadavg(),
+        "weights": str(weights_dir) if weights_dir else None,
     }
+    if weights_dir:
+        meta["weights_settings"] = json.loads(
+            (weights_dir / "index.json").read_text(encoding="utf-8"))["settings"]
     kw = {"sizes_mib": meta["sizes_mib"], "transports": args.transports, "nodes": args.nodes,
               "rounds": args.rounds, "floor_mib": args.floor_mib, "repeat": repeat,
               "timeout": args.timeout, "app": args.app, "progress": _say,
-              "floor_once": args.floor_once}
+              "floor_once": args.floor_once, "weights_dir": weights_dir}
     if wan is None:
         rows, ratios = run_e2e(**kw)
     else:

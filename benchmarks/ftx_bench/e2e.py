@@ -281,6 +281,7 @@ def run_e2e_local(
     supernode_prefix: Sequence[Any] | None = None, wan: bool = False,
     store_prefix: Sequence[str] | None = None, store_host: str | None = None,
     uplink_dev: str | None = None, floor_once: bool = False, rgw_cache: str | None = None,
+    weights_dir: str | Path | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     say = progress or (lambda s: None)
     if rgw_cache is None and not wan:  # on loopback: fetch here (no namespace yet)
@@ -384,7 +385,7 @@ def run_e2e_local(
                     say(f"[{k}/{n_runs}] {t:<10} {m:g} MiB ({kind}), {rounds} rounds ...")
                     before = _iface_bytes(uplink_dev) if uplink_dev else None
                     row = _one(dep, app, url, m, rounds, repeat, timeout, work, t,
-                               trace_dir)
+                               trace_dir, weights_dir)
                     after = _iface_bytes(uplink_dev) if uplink_dev else None
                     if before and after:  # every repeat of the point, all rounds
                         row["server_rx_bytes"] = after[0] - before[0]
@@ -420,8 +421,8 @@ def run_e2e_local(
 
 
 def _one(dep, app: Path, url: str, model_mib: float, rounds: int, repeat: int,
-         timeout: float, work: Path, label: str, trace_dir: Path | None = None
-         ) -> dict[str, Any]:
+         timeout: float, work: Path, label: str, trace_dir: Path | None = None,
+         weights_dir: str | Path | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"transport": label, "url": url, "model_mib": model_mib}
     results = []
     breakdown: list[dict[str, Any]] = []  # train rounds of every repeat
@@ -431,6 +432,8 @@ def _one(dep, app: Path, url: str, model_mib: float, rounds: int, repeat: int,
         res_path = work / f"result-{_scheme(label)}-{model_mib:g}-{rep}-{time.monotonic_ns()}.npz"
         cfg = {"transport": url, "model-mib": float(model_mib), "num-server-rounds": rounds,
                "result-path": str(res_path)}
+        if weights_dir:  # trained weights: the app ignores model-mib
+            cfg["weights-dir"] = str(weights_dir)
         try:
             r = dep.run(app, cfg, timeout=timeout)
         except Exception as exc:  # noqa: BLE001
@@ -503,12 +506,34 @@ def pooled_floor(rows: list[dict[str, Any]]) -> float | None:
     return fl[mid] if len(fl) % 2 else (fl[mid - 1] + fl[mid]) / 2
 
 
+def without_codec(transport: str) -> str | None:
+    """``tcp://?codec=delta`` -> ``tcp://`` (the same link with raw payloads); None when
+    ``transport`` names no codec (or ``codec=raw``)."""
+    head, q, query = transport.partition("?")
+    if not q:
+        return None
+    opts = query.split("&")
+    codecs = [o for o in opts if o.startswith("codec=")]
+    if not codecs or codecs[-1] == "codec=raw":
+        return None
+    rest = [o for o in opts if not o.startswith("codec=")]
+    return head + ("?" + "&".join(rest) if rest else "")
+
+
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     """in-band / transport, per model size: on the overhead (round - floor), on the
-    overhead above the pooled floor (see :func:`pooled_floor`) and raw."""
+    overhead above the pooled floor (see :func:`pooled_floor`) and raw. And for a
+    transport with a codec, the same link's raw round / its round."""
     out: dict[str, float] = {}
     pooled = pooled_floor(rows)
     models = [r for r in rows if r.get("kind") == "model" and "round_s" in r]
+    for r in models:
+        base_t = without_codec(r["transport"])
+        raw = [x for x in models if base_t is not None and x["transport"] == base_t
+               and x["model_mib"] == r["model_mib"]]
+        if raw and r["round_s"] > 0:
+            out[f"{r['model_mib']:g} MiB {base_t}/{r['transport']} round"] = (
+                raw[0]["round_s"] / r["round_s"])
     for r in models:
         if r["transport"] == "inband":
             continue
@@ -534,7 +559,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
 def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 2,
             rounds: int = 2, floor_mib: float = 0.01, repeat: int = 1, timeout: float = 900,
             app: Path | None = None, progress: Callable[[str], None] | None = None,
-            wan=None, floor_once: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:
+            wan=None, floor_once: bool = False, weights_dir: str | Path | None = None
+            ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Loopback, or across a :class:`~.wan.WanEmulation` (driver re-run inside namespace A).
 
     ``floor_once``: one floor run (with the first transport), used for every transport
@@ -542,7 +568,8 @@ def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 
     rgw_cache = prepare_stores(transports)  # before any namespace: they have no network
     if wan is None:
         return run_e2e_local(sizes_mib, transports, nodes, rounds, floor_mib, repeat, timeout,
-                             app, progress, floor_once=floor_once, rgw_cache=rgw_cache)
+                             app, progress, floor_once=floor_once, rgw_cache=rgw_cache,
+                             weights_dir=weights_dir)
     app = Path(app) if app else default_app()
     spec = {
         "sizes_mib": list(sizes_mib), "transports": list(transports), "nodes": nodes,
@@ -551,6 +578,7 @@ def run_e2e(sizes_mib: Sequence[float], transports: Sequence[str], nodes: int = 
         "supernode_prefix": [list(x) for x in wan.client_prefixes()],
         "store_prefix": list(wan.prefix("s")) if wan.ns_s else None,
         "store_host": wan.addr_s, "floor_once": floor_once, "rgw_cache": rgw_cache,
+        "weights_dir": str(weights_dir) if weights_dir else None,
     }
     fd, spec_path = tempfile.mkstemp(prefix="ftxb-e2e-spec-", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -598,7 +626,7 @@ def _inner(spec_path: str) -> int:
         host=spec["host"], supernode_prefix=spec["supernode_prefix"], wan=True,
         store_prefix=spec.get("store_prefix"), store_host=spec.get("store_host"),
         uplink_dev="a0", floor_once=spec.get("floor_once", False),
-        rgw_cache=spec.get("rgw_cache"),
+        rgw_cache=spec.get("rgw_cache"), weights_dir=spec.get("weights_dir"),
     )
     print(json.dumps({"rows": rows, "ratios": rat}, default=str), flush=True)
     return 0

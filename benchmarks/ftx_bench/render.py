@@ -143,7 +143,9 @@ _COLUMN = {"round_s": "round time (s)", "overhead_s": "overhead above the floor 
            "throughput_Gbps": "throughput (Gbit/s)",
            "agg_tail_s": "aggregation tail, mean of the rounds (s)",
            "agg_tail_max_s": "aggregation tail, slowest round (s)",
-           "to_server_s": "`to_server` (s)", "landed_to_reply_s": "`landed_to_reply` (s)"}
+           "to_server_s": "`to_server` (s)", "landed_to_reply_s": "`landed_to_reply` (s)",
+           "server_tx_mib": "server uplink out (MiB, all rounds)",
+           "server_rx_mib": "server uplink in (MiB, all rounds)"}
 _TRACE_COLS = ["agg_tail_s", "agg_tail_max_s", "to_server_s", "landed_to_reply_s"]
 
 
@@ -238,6 +240,10 @@ def _reproduce(doc: dict[str, Any], src: str) -> list[str]:
                            "serverapp_peak_rss_mib"]
         else:  # peaks only: the round times of a table not guarded against load
             metric_cols = ["superlink_peak_rss_mib", "serverapp_peak_rss_mib"]
+        if any("server_tx_mib" in ms for ms in inv["points"].values()):
+            metric_cols += ["server_tx_mib", "server_rx_mib"]  # bytes: the codecs table
+        if not any("overhead_s" in ms for ms in inv["points"].values()):
+            metric_cols = [c for c in metric_cols if c != "overhead_s"]  # no floor run
         out.append("| point | " + " | ".join(_COLUMN.get(c, c) for c in metric_cols) + " |")
         out.append("|---|" + "---:|" * len(metric_cols))
         for pk, ms in inv["points"].items():

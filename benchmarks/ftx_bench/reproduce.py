@@ -93,6 +93,8 @@ def _memory_links(name: str, which: str, transports: str, quick: str, notes: str
 
 _STAR = ("--wan", "geo-distributed", "--topology", "star")
 _RGW = "inband,tcp://,s3://?store=radosgw"
+_CODECS = ("tcp://,tcp://?codec=delta,tcp://?codec=q8,"
+           "s3://?store=radosgw,s3://?store=radosgw&codec=delta")
 
 TABLES: dict[str, Table] = {t.name: t for t in [
     Table("loopback-e2e", "End to end, loopback, 500 MiB, 2 SuperNodes",
@@ -107,6 +109,17 @@ TABLES: dict[str, Table] = {t.name: t for t in [
           [Invocation("8MiB", _e2e(*_STAR, "--sizes", "8MiB", "--transports",
                                    "inband,tcp://", "--nodes", "2", "--rounds", "1"),
                       "e2e", True)]),
+    Table("wan-codecs", "Codecs across 100 ms RTT, 5 Gbit/s (star, radosgw), trained "
+                        "weights (475 MiB fp32 GPT), 2 SuperNodes",
+          [Invocation("trained", _e2e(*_STAR, "--weights", "trained", "--transports",
+                                      _CODECS, "--nodes", "2", "--rounds", "2"), "e2e", True)],
+          [Invocation("8MiB", _e2e(*_STAR, "--sizes", "8MiB", "--transports",
+                                   "tcp://,tcp://?codec=delta", "--nodes", "2", "--rounds",
+                                   "1", "--floor-mib", "0"), "e2e", True)],
+          notes="each client replies the model it received plus a recorded round of real "
+                "training (benchmarks/trained_weights.py: the llm-offload example's 125m GPT "
+                "after 5 rounds of 2 AdamW steps at lr 1e-3; fp32); no floor run: the "
+                "ratios are raw round / codec round on the same link, per repeat"),
     Table("n-sweep", "N SuperNodes behind a 1 Gbit/s server uplink, 64 MiB",
           [Invocation(f"N{n}", _e2e(*_STAR, "--server-rate", "1gbit", "--sizes", "64MiB",
                                     "--transports", _RGW, "--nodes", str(n),
@@ -213,7 +226,10 @@ def _stats(xs: list[float]) -> dict[str, Any]:
 
 def e2e_points(doc: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per point (``transport@size``): round, overhead above this run's floor, peak
-    RSS; and in-band/transport overhead ratios. One e2e.json = one repeat."""
+    RSS; and in-band/transport overhead ratios (and, for a transport with a codec, the
+    same link's raw round / its round). One e2e.json = one repeat."""
+    from .e2e import without_codec
+
     rows = doc.get("results", [])
     floors = [r["round_s"] for r in rows if r.get("kind") == "floor" and "round_s" in r]
     floor = statistics.median(floors) if floors else None
@@ -236,12 +252,18 @@ def e2e_points(doc: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[s
         for m, v in bm.items():  # the whole mean train round (docs/trace.md)
             if isinstance(v, int | float) and not isinstance(v, bool):
                 pts[key][f"trace_{m}"] = float(v)
+        for m in ("server_tx_bytes", "server_rx_bytes"):  # the server's WAN uplink
+            if isinstance(r.get(m), int | float):
+                pts[key][m.replace("_bytes", "_mib")] = r[m] / 2**20
         if floor is not None:
             pts[key]["floor_s"] = floor
             pts[key]["overhead_s"] = r["round_s"] - floor
     ratios: dict[str, float] = {}
     for key, p in pts.items():
         t, size = key.split("@")
+        raw_t = without_codec(t)  # a codec: the same link's raw round / this round
+        if raw_t is not None and f"{raw_t}@{size}" in pts and p["round_s"] > 0:
+            ratios[f"{raw_t}/{t}@{size} round"] = pts[f"{raw_t}@{size}"]["round_s"] / p["round_s"]
         base = pts.get(f"inband@{size}")
         if t == "inband" or base is None or "overhead_s" not in p:
             continue

@@ -7,7 +7,7 @@ from flwr.clientapp import ClientApp
 
 from flwr_transports import payload_mod
 
-from .task import local_update, model_loss
+from .task import local_update, model_loss, trained_update
 
 # payload_mod must be first: it turns references back into ArrayRecords before
 # the functions below run, and offloads their replies.
@@ -34,7 +34,11 @@ def _numpy(record: ArrayRecord) -> dict:
 def train(msg: Message, context: Context) -> Message:
     pid = _partition_id(context)
     arrays = _numpy(msg.content["arrays"])
-    updated = local_update(arrays, pid)
+    weights_dir = str(context.run_config.get("weights-dir", "") or "")
+    if weights_dir:  # benchmarks: a recorded round of real training (task.py)
+        updated = trained_update(arrays, pid, weights_dir)
+    else:
+        updated = local_update(arrays, pid)
     del arrays
     reply = RecordDict(
         {

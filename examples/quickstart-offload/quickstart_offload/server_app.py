@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr_transports import offload
 from flwr_transports.flower.receive import polls_replies
 
-from .task import build_model
+from .task import build_model, load_trained
 
 app = ServerApp()
 
@@ -128,7 +128,10 @@ def main(grid: Grid, context: Context) -> None:
     result_path = str(cfg.get("result-path", "") or "")
     fraction_train = float(cfg.get("fraction-train", 1.0))
 
-    initial = ArrayRecord({k: Array(v) for k, v in build_model(model_mib).items()})
+    weights_dir = str(cfg.get("weights-dir", "") or "")
+    model = load_trained(weights_dir) if weights_dir else build_model(model_mib)
+    initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in model.items()})
+    del model
     inner = FedAvg(
         fraction_train=fraction_train,
         fraction_evaluate=1.0,

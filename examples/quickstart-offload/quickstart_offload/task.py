@@ -6,6 +6,9 @@ through a real Flower deployment and get a bit-exact, transport-independent resu
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 MIB = 1 << 20
@@ -52,3 +55,47 @@ def model_loss(arrays: dict[str, np.ndarray]) -> float:
         sample = flat[:: max(1, flat.size // 4096)]
         total += float(np.abs(sample.astype(np.float64)).mean())
     return total
+
+
+# ---------------------------------------------------------------- trained weights (benchmarks)
+# ``weights-dir`` (run config) names a directory written by benchmarks/trained_weights.py:
+# the llm-offload example's GPT after a few rounds of training (``base.npy``) and each
+# client's change after one more round (``update-K.npy``), fp32, flattened in
+# ``index.json``'s order. The ServerApp starts from ``base``; client K replies
+# ``received + update-K``, so what crosses the wire is a real round's update, not the
+# constant shift of :func:`local_update`.
+
+
+def _index(weights_dir: str) -> dict:
+    path = Path(weights_dir)
+    if not path.is_absolute():
+        raise ValueError(f"weights-dir must be absolute, got {weights_dir!r}")
+    try:
+        return json.loads((path / "index.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} holds no trained weights: run benchmarks/trained_weights.py --out {path}"
+        ) from None
+
+
+def _views(weights_dir: str, file: str) -> dict[str, np.ndarray]:
+    idx = _index(weights_dir)
+    flat = np.load(Path(weights_dir) / file, mmap_mode="r")
+    if flat.dtype != np.float32 or flat.shape != (idx["elements"],):
+        raise ValueError(f"{file} in {weights_dir} does not match its index.json")
+    return {n: flat[o:o + k].reshape(idx["shapes"][n]) for n, (o, k) in idx["offsets"].items()}
+
+
+def load_trained(weights_dir: str) -> dict[str, np.ndarray]:
+    """The trained global model (read from the file as it is used: memory-mapped)."""
+    return _views(weights_dir, "base.npy")
+
+
+def trained_update(arrays: dict[str, np.ndarray], partition_id: int,
+                   weights_dir: str) -> dict[str, np.ndarray]:
+    """``arrays`` + client ``partition_id``'s recorded one-round change (mod the count)."""
+    n = int(_index(weights_dir)["settings"]["clients"])
+    upd = _views(weights_dir, f"update-{partition_id % n}.npy")
+    if upd.keys() != arrays.keys():
+        raise ValueError("the model received is not the one in weights-dir")
+    return {k: np.add(arrays[k], upd[k], dtype=np.float32) for k in arrays}

@@ -68,18 +68,27 @@ class EncodedPayload:
 
 def _header(record: ArrayRecord, extra_meta: dict[str, str] | None = None
             ) -> tuple[bytes, list[bytes]]:
-    arrays_meta = []
-    tensors: dict[str, dict] = {}
+    entries = []
     datas: list[bytes] = []
-    offset = 0
-    for i, (name, arr) in enumerate(record.items()):
+    for name, arr in record.items():
         data = arr.data
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"Array {name!r} has data of type {type(data).__name__}")
-        n = len(data)
-        tensors[f"a{i:08d}"] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
-        arrays_meta.append([name, arr.dtype, list(arr.shape), arr.stype])
+        entries.append((name, arr.dtype, arr.shape, arr.stype, len(data)))
         datas.append(data)
+    return header_bytes(entries, extra_meta), datas
+
+
+def header_bytes(entries, extra_meta: dict[str, str] | None = None) -> bytes:
+    """The payload header :func:`encode` writes for arrays ``(name, dtype, shape, stype,
+    length of Array.data)``, in order (``aggregation=ray``'s shard owners write the
+    next model's payload without the ServerApp holding its bytes)."""
+    arrays_meta = []
+    tensors: dict[str, dict] = {}
+    offset = 0
+    for i, (name, dtype, shape, stype, n) in enumerate(entries):
+        tensors[f"a{i:08d}"] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
+        arrays_meta.append([name, dtype, list(shape), stype])
         offset += n
     meta = {"format": FORMAT, _META_KEY: json.dumps(arrays_meta, separators=(",", ":"))}
     for k, v in (extra_meta or {}).items():  # e.g. the claimed aggregation weight
@@ -88,7 +97,7 @@ def _header(record: ArrayRecord, extra_meta: dict[str, str] | None = None
     hdr = {"__metadata__": meta, **tensors}
     raw = json.dumps(hdr, separators=(",", ":")).encode()
     raw += b" " * ((-len(raw)) % 8)  # safetensors: pad header to 8 bytes
-    return struct.pack("<Q", len(raw)) + raw, datas
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def encode(record: ArrayRecord, meta: dict[str, str] | None = None) -> EncodedPayload:

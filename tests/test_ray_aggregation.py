@@ -27,7 +27,7 @@ from test_aggregation import FaultyGrid, _app, _compare
 
 from flwr_transports import offload
 from flwr_transports.aggregation.ray_shards import cut, windows_of
-from flwr_transports.codec import encode
+from flwr_transports.codec import decode, encode
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -222,10 +222,17 @@ def test_an_upload_changed_in_the_store_before_a_refold_is_never_counted(
     assert _leftovers(s3, b) == ([], [])
 
 
-def test_fedadam_on_ray_equals_streaming(cluster, bucket):
+def test_fedadam_on_ray_equals_streaming(cluster, bucket, monkeypatch):
     """FedAdam's step runs on the shard owners, on the sums they folded from the store
     (its moments live there, not in the ServerApp): the same model as streaming,
-    where Flower's FedAdam steps in the ServerApp."""
+    where Flower's FedAdam steps in the ServerApp. The owners write each new model to
+    the store themselves (ray_model=store): the ServerApp never collects it."""
+    from flwr_transports.aggregation.ray_step import ShardStep
+
+    def collected(*a, **k):
+        raise AssertionError("the ServerApp collected the new model")
+
+    monkeypatch.setattr(ShardStep, "_collect", collected)
     s3, b = bucket
     url = f"s3://{b}/runs?endpoint_url={_endpoint(s3)}"
     _, r_st = _ray_run(FedAdam(), f"{url}&aggregation=streaming", _grid(3, faulty=False))
@@ -236,6 +243,76 @@ def test_fedadam_on_ray_equals_streaming(cluster, bucket):
     assert s_ray.inner.m_t is None and s_ray.inner.current_arrays is None
     _compare(r_st, r_ray, tol=1e-5)
     assert _leftovers(s3, b) == ([], [])
+
+
+def test_owners_write_the_model_clients_decode_the_same_as_streaming(
+        cluster, bucket, monkeypatch):
+    """ray_model=store (the default): each round's model is written to the store by the
+    shard owners as the parts of one multipart upload and handed out by reference: its
+    digest is encode()'s of the same record, a client reading it gets, bit for bit, the
+    model aggregation=streaming computes, and the ServerApp never assembles it. Round 2:
+    shard owner 1 is killed before any part is uploaded (replaced: its shard re-folded
+    from the store, the round still right). Result.arrays is read back once at the end.
+    Nothing is left in the bucket (objects or unfinished uploads) or as a Ray actor."""
+    from flwr_transports.aggregation.ray_shards import RayRoundStream
+    from flwr_transports.flower import wrapper
+    from flwr_transports.links.s3 import S3ClientLink
+
+    s3, b = bucket
+    url = f"s3://{b}/runs?endpoint_url={_endpoint(s3)}"
+    seen: dict[str, list] = {"streaming": [], "store": []}
+    agg = wrapper.OffloadStrategy.aggregate_train
+
+    def keep(self, rnd, replies):
+        out = agg(self, rnd, replies)
+        if self.aggregation == "streaming":
+            seen["streaming"].append(out[0])
+        return out
+
+    written = []
+    complete = wrapper._OwnerSink.complete
+
+    def read_as_a_client(self, up, etags, lay, digest):
+        stub = complete(self, up, etags, lay, digest)
+        _name, pub = self._w._owned_of(stub)
+        src = S3ClientLink().open(pub.loc, pub.raw_size)  # what a client does
+        try:
+            seen["store"].append(decode(src.read, pub.raw_size, pub.digest))
+        finally:
+            src.close()
+        written.append((digest, len(etags)))
+        return stub
+
+    def assembled(*a, **k):
+        raise AssertionError("the ServerApp assembled the model")
+
+    killed = []
+
+    def kill(todo, cl):
+        if len(written) == 1 and not killed:  # round 2, before any part is uploaded
+            killed.append(cl.names[1])
+            ray.kill(cl.actors[1], no_restart=True)
+
+    monkeypatch.setattr(wrapper.OffloadStrategy, "aggregate_train", keep)
+    monkeypatch.setattr(wrapper._OwnerSink, "complete", read_as_a_client)
+    monkeypatch.setattr(RayRoundStream, "_collect_shard", assembled)
+    _, r_st = _ray_run(FedAvg(), f"{url}&aggregation=streaming", _grid(3, faulty=False))
+
+    s_ray, r_ray = _ray_run(FedAvg(), f"{url}&aggregation=ray&ray_shards=2",
+                            _grid(3, faulty=False),
+                            hook=lambda n, cl: setattr(cl, "before_write", kill))
+    assert len(written) == 2 and killed and s_ray._ray.restarts >= 1
+    assert all(parts == 2 for _d, parts in written)  # ~21 MiB: two 16 MiB windows
+    for rnd, (mine, theirs) in enumerate(zip(seen["store"], seen["streaming"],
+                                             strict=True), 1):
+        assert encode(mine).digest == written[rnd - 1][0]  # the digest is encode()'s
+        for k in theirs:  # FedAvg: the same sums, the same model, bit for bit
+            x, y = theirs[k].numpy(), mine[k].numpy()
+            assert x.dtype == y.dtype and np.array_equal(x, y), (rnd, k)
+    assert encode(r_ray.arrays).digest == written[-1][0]  # Result.arrays, read back
+    _compare(r_st, r_ray, tol=0)
+    assert _leftovers(s3, b) == ([], [])
+    assert _gone(s_ray._ray.history)
 
 
 # -- the server step on the shard owners -------------------------------------------------

@@ -26,6 +26,10 @@ from ..codec import MAX_ARRAYS, PayloadError, read_header  # noqa: F401 - MAX_AR
 #: payload metadata key of the weight the client claims (value of weighted_by_key)
 WEIGHT_META = "flwr_transports.weight"
 NPY_STYPE = "numpy.ndarray"
+#: stype of the arrays of a stub ArrayRecord that stands for a model the shard owners of
+#: ``aggregation=ray`` wrote to the store (:mod:`.ray_publish`): names, dtypes and shapes,
+#: no data; the offload wrapper hands out its reference (its arrays are NumPy arrays)
+OWNED_STYPE = "flwr_transports.owned (aggregation=ray: the model is in the store)"
 MAX_NPY_HEADER = 64 * 1024
 
 
@@ -201,7 +205,8 @@ def expected_layout(record) -> tuple | None:
     no check has passed (a hostile upload of cap size in a narrow dtype would
     otherwise allocate an accumulator many times the model's size)."""
     try:
-        out = [(name, tuple(arr.shape), arr.stype) for name, arr in record.items()]
+        out = [(name, tuple(arr.shape), NPY_STYPE if arr.stype == OWNED_STYPE else arr.stype)
+               for name, arr in record.items()]
     except (AttributeError, TypeError, ValueError):
         return None
     if any(stype != NPY_STYPE for _, _, stype in out):

@@ -276,6 +276,24 @@ class ShardOwner:
         array index; after a server step an array name)."""
         return self.out[k][1][a:b]
 
+    def write_part(self, spec: dict, foreign: list) -> tuple[int, str, list[bytes]]:
+        """Fill one part of the next model's payload (:mod:`.ray_publish`), hash its
+        windows and PUT it to the presigned ``UploadPart`` URL the ServerApp issued:
+        ``(part number, ETag, leaf hashes)``."""
+        import ray
+
+        from ..links.s3_http import HttpTransport
+        from .ray_publish import fill_part, leaves_of
+
+        if self._http is None:
+            self._http = HttpTransport(retries=int(spec.get("retries", 5)),
+                                       read_timeout=float(spec.get("read_timeout", 120)))
+        buf = fill_part(self.out, spec, foreign, ray.get)
+        leaves = leaves_of(buf)
+        etag = self._http.put(spec["url"], buf, f"part {spec['num']} of the next model "
+                              f"(shard {self.j})", md5=bool(spec.get("md5", True)))
+        return spec["num"], etag, leaves
+
     def drop(self) -> None:
         self.out = None
 
@@ -312,6 +330,11 @@ class RayCluster:
         self.after_submit = None
         #: the server step run by the owners (:class:`~.ray_step.ShardStep`), if any
         self.step = None
+        #: where the owners write the next model (the offload wrapper's, see
+        #: :mod:`.ray_publish`); None: the ServerApp assembles it
+        self.sink = None
+        #: test hook: called with (part indexes about to be written, cluster)
+        self.before_write = None
         #: with a server step: (array names in payload order, per shard {name: (lo,
         #: hi)}): the partition the owners' optimiser state is laid out by, fixed for
         #: the run (see :meth:`shards_for`)
@@ -819,6 +842,10 @@ class RayRoundStream:
         cl = self.cluster
         if cl.step is not None:  # the owners step their shards: the new model
             return cl.step.from_sums(self, total)
+        outs = [self._out_array(i, a) for i, a in enumerate(plan.arrays)]
+        if cl.sink is not None and cl.sink.usable(self.round, sum(
+                len(o.npy) + o.count * o.itemsize for o in outs)):
+            return self._write(outs, float(total))
         ray = cl.connect()
         actors = cl.actors[:len(self.shards)]
         bodies = []
@@ -855,6 +882,52 @@ class RayRoundStream:
             data = obj if isinstance(obj, bytes) else bytes(obj)
             out[a.name] = Array(dtype=dtype, shape=a.shape, stype=a.stype, data=data)
         return out
+
+    @staticmethod
+    def _out_array(i: int, a):
+        from .ray_publish import OutArray
+
+        if a.kind == "bf16":
+            return OutArray(i, a.name, a.dtype, a.shape, a.stype, a.npy_header, 2)
+        return OutArray(i, a.name, str(a.out_dtype), a.shape, a.stype,
+                        npy_header(a.out_dtype, a.shape, a.fortran), a.out_dtype.itemsize)
+
+    def _write(self, outs, total: float) -> ArrayRecord:
+        """The mean written to the store by the owners (:mod:`.ray_publish`): the stub
+        record that stands for it."""
+        from .ray_publish import output_layout, write_model
+
+        cl = self.cluster
+        ray = cl.connect()
+        k = len(self.shards)
+        infos: list[dict] = [{} for _ in range(k)]
+        try:
+            for j in range(k):
+                for attempt in range(MAX_RESTARTS + 1):
+                    try:
+                        infos[j] = ray.get(cl.actors[j].finish.remote(total))
+                        break
+                    except ray.exceptions.RayActorError:
+                        if attempt == MAX_RESTARTS:
+                            raise
+                        log.warning("flwr-transports: round %d: shard actor %d died before "
+                                    "its mean; a new one re-folds its shard from the store",
+                                    self.round, j)
+                        self._refold(j)
+
+            def recover(j: int) -> None:
+                self._refold(j)
+                ray.get(cl.actors[j].finish.remote(total))
+
+            stub = write_model(cl, cl.sink, self.round, output_layout(outs, infos), recover)
+        except RayClusterError:
+            raise
+        except Exception as exc:
+            raise RayClusterError(f"aggregation=ray: writing the model of round "
+                                  f"{self.round} from the shards failed: {exc}") from exc
+        for x in cl.actors[:k]:
+            x.drop.remote()
+        return stub
 
     def _collect_shard(self, j: int, total: float, bodies) -> None:
         """Copy shard ``j`` of the mean into ``bodies``, ASSEMBLY_CHUNK bytes at a time

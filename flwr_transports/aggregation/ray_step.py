@@ -405,6 +405,12 @@ class ShardStep:
                     if dtypes.setdefault(n, np.dtype(dt)) != np.dtype(dt):
                         raise RuntimeError(f"array {n!r}: the shard owners' steps gave "
                                            "different dtypes")
+            written = self._write(server_round, infos, dtypes)
+            if written is not None:
+                self.last, self._last_ids = written, self._ids(written)
+                self._stepped = server_round
+                self.steps += 1
+                return written
             bodies = {}
             from .._membuf import alloc_bytes
 
@@ -450,6 +456,34 @@ class ShardStep:
         self._stepped = server_round
         self.steps += 1
         return out
+
+    def _write(self, server_round: int, infos: list[dict], dtypes: dict):
+        """The new model written to the store by the owners (:mod:`.ray_publish`): the
+        stub record that stands for it; None when the ServerApp assembles it."""
+        from .ray_publish import OutArray, output_layout, write_model
+
+        cl = self.cluster
+        outs = []
+        for n in self.order:
+            dt = dtypes.get(n, np.dtype(np.float64))
+            outs.append(OutArray(n, n, str(dt), self.shapes[n], NPY_STYPE,
+                                 npy_header(dt, self.shapes[n], False), dt.itemsize))
+        if cl.sink is None or not cl.sink.usable(server_round, sum(
+                len(o.npy) + o.count * o.itemsize for o in outs)):
+            return None
+        ray = cl.connect()
+
+        def recover(j: int) -> None:
+            cl.replace(j)
+            ray.get(cl.actors[j].serve.remote(
+                self.state[j], {n: lo for n, (lo, _c, _d) in infos[j].items()}))
+
+        lay = output_layout(outs, [{n: (lo, c) for n, (lo, c, _d) in info.items()}
+                                   for info in infos])
+        stub = write_model(cl, cl.sink, server_round, lay, recover)
+        for x in cl.actors[:len(infos)]:
+            x.drop.remote()
+        return stub
 
     def _configured(self) -> None:
         if self.cluster.pinned is None:  # as Flower's FedOpt / FedAvgM say it

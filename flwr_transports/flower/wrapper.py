@@ -32,6 +32,7 @@ from flwr.serverapp.strategy.result import Result
 
 from .. import trace
 from ..aggregation.choice import streaming_decision
+from ..aggregation.layout import OWNED_STYPE
 from ..aggregation.round import RoundStream, expected_layout
 from ..aggregation.train import streaming_aggregate_train
 from ..codec import check_digest, decode, encode, record_bytes
@@ -97,11 +98,15 @@ WRAPPER_OPTIONS = (
            "RAY_ADDRESS, the Ray of Flower's Simulation runtime, else a local one)"),
     Option("ray_shards", integer(0, 1024), 0, "aggregation=ray: shard actors (0: half the "
            "cluster's CPUs, at least 2, at most one per 16 MiB of model)", shown="auto"),
+    Option("ray_model", choice("store", "server"), "store", "aggregation=ray: store: the "
+           "shard owners write each round's model to the store as one multipart upload, "
+           "which is handed out as the next model (the ServerApp never holds it during "
+           "rounds); server: it is assembled in the ServerApp (docs/aggregation.md)"),
 )
 
 
 #: options about aggregating replies: offload(strategy) only (offload_grid refuses them)
-STRATEGY_ONLY_OPTIONS = frozenset({"aggregation", "ray_address", "ray_shards"})
+STRATEGY_ONLY_OPTIONS = frozenset({"aggregation", "ray_address", "ray_shards", "ray_model"})
 
 
 #: what one reply can legitimately cause while it is checked, fetched and decoded
@@ -146,6 +151,14 @@ class Published:
     wire_codec: str
     raw_size: int = 0  # of the raw payload (digest)
     delta: DeltaRef | None = None  # its downlink delta, published as delta_name(name)
+
+
+@dataclass(frozen=True)
+class _OwnedSize:
+    """What the publish path reads of a payload the shard owners wrote."""
+
+    size: int
+    n_arrays: int
 
 
 def _mib(n: int) -> str:
@@ -202,6 +215,9 @@ class Offloader:
         # payloads of the last evaluate phase, kept until the next phase is prepared: the
         # next train round sends the same global model, which then is not uploaded again
         self._held: list[str] = []
+        #: aggregation=ray, ray_model=store: name -> (the stub record Flower's loop holds,
+        #: the publication the shard owners wrote; aggregation/ray_publish.py)
+        self._owned: dict[str, tuple[ArrayRecord, Published]] = {}
         self._num_rounds: int | None = None  # known to OffloadStrategy.start
         self._largest_out = 0
         self.stats = OffloadStats()  # typed: flower/stats.py declares every entry
@@ -219,6 +235,7 @@ class Offloader:
         self._published.clear()
         self._streams.clear()
         self._pub_info.clear()
+        self._owned.clear()
         self._held.clear()
         self._bases.clear()
         if self._downlink is not None:
@@ -289,11 +306,18 @@ class Offloader:
             content = m.content
             new = RecordDict()
             for key, rec in content.items():
+                owned = self._owned_of(rec)
                 if isinstance(rec, ArrayRecord) and not is_ref_record(rec) and (
-                    rec.count_bytes() >= self.threshold
+                    owned is not None or rec.count_bytes() >= self.threshold
                 ):
                     got = refs.get(id(rec))
-                    if got is None:
+                    if got is None and owned is not None:  # written by the shard owners
+                        t0 = time.perf_counter()
+                        name, pub = owned
+                        pub = replace(pub, loc=link.published_loc(name, pub.raw_size))
+                        payload = _OwnedSize(pub.raw_size, pub.n_arrays)
+                        reused = True
+                    elif got is None:
                         t0 = time.perf_counter()
                         payload = encode(rec)
                         name = reusable.pop(payload.digest, None)
@@ -321,7 +345,9 @@ class Offloader:
                             if self.codec in ("delta", "q8"):  # the base of the replies
                                 self._bases.add(name, payload)
                             self.stats["link_publishes"] += 1
-                        names.append(name)
+                        if owned is None:  # (the shard owners' model lives by itself)
+                            names.append(name)
+                    if got is None:
                         dt = time.perf_counter() - t0
                         trace.record("publish", time.time() - dt, time.time(), role="server",
                                      round=server_round, phase=phase, bytes=pub.wire_size,
@@ -350,6 +376,25 @@ class Offloader:
                 new[TICKET_KEY] = self._issue_ticket(link, m, server_round, phase).to_record()
             m.content = new
             self.stats["inband_bytes_sent"] += record_bytes(new)
+
+    def _owned_of(self, rec: Any) -> tuple[str, Published] | None:
+        """``(name, publication)`` when ``rec`` is the stub of a model the shard owners
+        wrote (aggregation=ray, ray_model=store), else None. A stub that is not (or no
+        longer) registered is an error: it has no data to send."""
+        if not isinstance(rec, ArrayRecord) or not rec or not all(
+                a.stype == OWNED_STYPE for a in rec.values()):
+            if isinstance(rec, ArrayRecord) and any(a.stype == OWNED_STYPE
+                                                    for a in rec.values()):
+                raise RuntimeError("flwr-transports: an ArrayRecord mixes arrays of a model "
+                                   "the Ray shard owners wrote (no data here) with others")
+            return None
+        for name, (stub, pub) in self._owned.items():
+            if stub is rec or (list(stub.keys()) == list(rec.keys()) and all(
+                    x is y for x, y in zip(stub.values(), rec.values(), strict=True))):
+                return name, pub
+        raise RuntimeError("flwr-transports: this ArrayRecord stands for a model the Ray "
+                           "shard owners wrote to the store, which is gone (only the latest "
+                           "one is kept); it has no data to send")
 
     def _reply_cap(self) -> int:
         """The cap on one reply payload (on its wire size and, coded, its decoded size)."""
@@ -637,6 +682,8 @@ class OffloadStrategy(Offloader, Strategy):
                 self._ray = RayCluster(self.options.ray_address, self.options.ray_shards)
                 self._trainer, step_why = shard_trainer(strategy, self._ray)
                 why = f"{why}; sharded over Ray actors (aggregation=ray){step_why}"
+                if self.options.ray_model == "store":
+                    self._ray.sink = _OwnerSink(self)
         if self.scheme is not None:
             log.info("flwr-transports: aggregation %s", why)
 
@@ -676,14 +723,30 @@ class OffloadStrategy(Offloader, Strategy):
         self._num_rounds = num_rounds
         if self.scheme is not None and polls_replies(grid):
             grid = _ReceiveGrid(grid, self)  # our receive loop; the inner strategy sees grid
+        if self._ray is not None and self._ray.sink is not None:
+            self._ray.sink.evaluate_fn = evaluate_fn is not None
         try:
-            return Strategy.start(
+            result = Strategy.start(
                 self, grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
                 train_config=train_config, evaluate_config=evaluate_config,
                 evaluate_fn=evaluate_fn,
             )
+            owned = self._owned_of(result.arrays)
+            if owned is not None:  # the shard owners' last model: read once, verified
+                result.arrays = self._materialise(*owned)
+            return result
         finally:
             self.close()
+
+    def _materialise(self, name: str, pub: Published) -> ArrayRecord:
+        """The model the shard owners wrote, read from the store (ranged GETs) and
+        verified against its digest: ``Result.arrays``."""
+        t0 = time.perf_counter()
+        with self.link.read_published(name, pub.raw_size) as src:
+            arrays = decode(src.read, pub.raw_size, pub.digest)
+        log.info("flwr-transports: the final model (%s) read from the store in %.2fs",
+                 _mib(pub.raw_size), time.perf_counter() - t0)
+        return arrays
 
     # -- Strategy API --------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -720,6 +783,68 @@ class OffloadStrategy(Offloader, Strategy):
                            ) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(
             server_round, self._resolve(replies, server_round, "evaluate"))
+
+
+class _OwnerSink:
+    """Where aggregation=ray's shard owners write each round's model
+    (aggregation/ray_publish.py): the s3 link's multipart upload, published as a
+    stub record the publish path hands out by reference. ``usable`` decides, per round,
+    whether it applies (else the ServerApp assembles the model; logged once)."""
+
+    def __init__(self, w: OffloadStrategy):
+        self._w = w
+        self.evaluate_fn = False
+        self._said: set[str] = set()
+
+    def usable(self, server_round: int, size: int) -> bool:
+        w = self._w
+        why = ""
+        if self.evaluate_fn:
+            why = "an evaluate_fn reads the model's arrays every round"
+        elif w.link is None or not hasattr(w.link, "begin_owned"):
+            why = "no s3 link"
+        elif getattr(w.link.cfg, "encrypt", False):
+            why = "encrypt=true (the owners' parts are not encrypted: not built)"
+        elif w.codec != "raw" or w._downlink is not None:
+            why = f"codec={w.codec} (the owners write raw payloads)"
+        elif size < w.threshold:
+            why = "the model is below threshold (it goes in-band)"
+        if why:
+            if why not in self._said:
+                self._said.add(why)
+                log.info("flwr-transports: aggregation=ray: the model is assembled in the "
+                         "ServerApp, not written to the store by the shard owners: %s", why)
+            return False
+        return True
+
+    def begin(self, server_round: int, n_parts: int) -> dict:
+        return self._w.link.begin_owned(f"r{server_round}-model", n_parts)
+
+    def complete(self, up: dict, etags: list[str], lay, digest: str) -> ArrayRecord:
+        from flwr.app import Array
+
+        w = self._w
+        t0 = time.perf_counter()
+        loc = w.link.complete_owned(up, etags, lay.size)
+        pub = Published(digest=digest, loc=loc, n_arrays=len(lay.arrays),
+                        at=time.monotonic(), wire_size=lay.size, wire_digest=digest,
+                        wire_codec="raw", raw_size=lay.size)
+        stub = ArrayRecord({a.name: Array(dtype=a.dtype, shape=tuple(a.shape),
+                                          stype=OWNED_STYPE, data=b"")
+                            for a in lay.arrays})
+        for old in list(w._owned):  # Flower's loop holds the newest model only
+            del w._owned[old]
+            w.link.release(old)
+        w._owned[up["name"]] = (stub, pub)
+        w.stats["link_publishes"] += 1
+        log.info("flwr-transports: %s: the shard owners wrote the next model (%s, %d parts) "
+                 "to the store; completed in %.2fs", up["name"], _mib(lay.size),
+                 len(etags), time.perf_counter() - t0)
+        return stub
+
+    def abort(self, up: dict) -> None:
+        if self._w.link is not None:
+            self._w.link.abort_owned(up)
 
 
 class _GridProxy(Grid):

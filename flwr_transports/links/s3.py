@@ -303,6 +303,7 @@ class S3ServerLink(ServerLink):
         self.reuse_max_age = self.cfg.expires / 2
         self._hooks: dict[str, Any] = {}  # reply key -> landing hook (on_upload)
         self._uploading: dict[str, threading.Thread] = {}  # name -> background publish
+        self._owned_ups: dict[str, str] = {}  # key -> upload id (begin_owned, not complete)
         self._failed: dict[str, BaseException] = {}  # name -> why its background publish failed
         self._hooked = threading.Event()
         self._stop = threading.Event()
@@ -428,6 +429,60 @@ class S3ServerLink(ServerLink):
         th.start()
         loc["wait"] = int(min(self.cfg.expires, 60 + layout.stored / 10e6))
         return loc
+
+    # -- a payload written by others (aggregation=ray's shard owners) -----------------
+    def begin_owned(self, name: str, n: int) -> dict[str, Any]:
+        """A multipart upload of ``n`` parts for ``name`` whose parts others PUT to the
+        presigned URLs returned (the credentials stay here); :meth:`complete_owned`
+        publishes it, :meth:`abort_owned` drops it."""
+        if self.cfg.encrypt:
+            raise LinkError("s3: a payload written by others cannot be encrypted here")
+        key = self._key(name)
+        up = self._boto(f"starting the upload of {name}", self.s3.create_multipart_upload,
+                        Bucket=self.cfg.bucket, Key=key)
+        uid = up["UploadId"]
+        with self._lock:
+            self._owned_ups[key] = uid
+        try:
+            urls = self._part_urls(key, uid, n)
+        except BaseException:
+            self.abort_owned({"key": key, "uid": uid})
+            raise
+        return {"name": name, "key": key, "uid": uid, "urls": urls,
+                "md5": self.cfg.checksum == "md5", "retries": self.cfg.retries,
+                "read_timeout": self.cfg.timeout}
+
+    def complete_owned(self, up: dict[str, Any], etags: list[str], size: int
+                       ) -> dict[str, Any]:
+        """Complete an upload from :meth:`begin_owned` (parts 1..n in order): it is
+        published under its name (released like any publication) and its location
+        returned."""
+        self._boto(f"completing the upload of {up['name']}", self.s3.complete_multipart_upload,
+                   Bucket=self.cfg.bucket, Key=up["key"], UploadId=up["uid"],
+                   MultipartUpload={"Parts": [{"PartNumber": i + 1, "ETag": e}
+                                              for i, e in enumerate(etags)]})
+        with self._lock:
+            self._owned_ups.pop(up["key"], None)
+            self._published[up["name"]] = up["key"]
+        return self.published_loc(up["name"], size)
+
+    def abort_owned(self, up: dict[str, Any]) -> None:
+        with self._lock:
+            self._owned_ups.pop(up["key"], None)
+        self._abort(up["key"], up["uid"])
+
+    def published_loc(self, name: str, size: int) -> dict[str, Any]:
+        """A fresh location (presigned GET) of an unencrypted publication."""
+        with self._lock:
+            key = self._published[name]
+        return self._loc(key, size, None, Layout(size, 0).align(self.cfg.part_size)[1])
+
+    def read_published(self, name: str, size: int) -> PayloadSource:
+        """A ranged reader of an unencrypted publication (the ServerApp's own)."""
+        with self._lock:
+            key = self._published[name]
+        return self._reader(key, size, {"enc": None, "part": self.cfg.part_size,
+                                        "name": name})
 
     def _upload_in_background(self, *args) -> None:
         try:
@@ -708,6 +763,8 @@ class S3ServerLink(ServerLink):
             th.join()
         for name in list(self._published):
             self.release(name)
+        for key, uid in list(self._owned_ups.items()):
+            self.abort_owned({"key": key, "uid": uid})
         for key in list(self._slots):
             self.discard_slot({"key": key})
         try:  # anything else of this run (e.g. after a crash of a previous call)

@@ -93,8 +93,7 @@ def _memory_links(name: str, which: str, transports: str, quick: str, notes: str
 
 _STAR = ("--wan", "geo-distributed", "--topology", "star")
 _RGW = "inband,tcp://,s3://?store=radosgw"
-_CODECS = ("tcp://,tcp://?codec=delta,tcp://?codec=q8,"
-           "s3://?store=radosgw,s3://?store=radosgw&codec=delta")
+_CODECS = "tcp://,tcp://?codec=delta,s3://?store=radosgw,s3://?store=radosgw&codec=delta"
 
 TABLES: dict[str, Table] = {t.name: t for t in [
     Table("loopback-e2e", "End to end, loopback, 500 MiB, 2 SuperNodes",

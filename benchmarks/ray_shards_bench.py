@@ -10,7 +10,11 @@ separate uploader process through the reply slots the ServerApp's s3:// link iss
 * ``ray K=k``: :class:`~flwr_transports.aggregation.ray_shards.RayRoundStream` with k
   shard actors: they read and fold; this process reads only the payload headers and
   combines the leaf hashes. Then the mean is assembled here (Flower's ``Strategy.start``
-  keeps the global model as an ArrayRecord).
+  keeps the global model as an ArrayRecord);
+* ``ray-store K=k`` (``--store``): the same fold, then the shard owners write the mean
+  to the store as the parts of one multipart upload (``ray_model=store``,
+  aggregation/ray_publish.py): this process creates and completes the upload and
+  holds a stub record, never the model.
 
 Reported per model size and mode: the ServerApp's peak RSS above its level before the
 phase, during the fold (``fold_peak_mib``) and including the mean
@@ -18,6 +22,7 @@ phase, during the fold (``fold_peak_mib``) and including the mean
 folded (all actors together) and per actor.
 
     python benchmarks/ray_shards_bench.py --sizes 64,512 --clients 4 --shards 1,2
+    python benchmarks/ray_shards_bench.py --sizes 64,256 --shards 2 --skip-streaming --store
     python benchmarks/ray_shards_bench.py --cpu-only   # one actor's fold, no store
 """
 
@@ -105,6 +110,30 @@ def moto_process():
         proc.wait(30)
 
 
+class StoreSink:
+    """``ray_model=store`` without the offload wrapper: the owners' multipart upload on
+    the bench's link (completed, then released: the phase's cost, not the next round's)."""
+
+    def __init__(self, link):
+        self.link = link
+        self.parts = 0
+
+    def usable(self, server_round, size):
+        return True
+
+    def begin(self, server_round, n):
+        return self.link.begin_owned(f"bench-model-{uuid.uuid4().hex[:8]}", n)
+
+    def complete(self, up, etags, lay, digest):
+        self.link.complete_owned(up, etags, lay.size)
+        self.link.release(up["name"])
+        self.parts = len(etags)
+        return digest
+
+    def abort(self, up):
+        self.link.abort_owned(up)
+
+
 def phase(link, uploads, mode: str, shards: int, cluster):
     from flwr_transports.aggregation.layout import layout_of, plan_payload
     from flwr_transports.aggregation.ray_shards import RayRoundStream
@@ -130,6 +159,7 @@ def phase(link, uploads, mode: str, shards: int, cluster):
         stream = RoundStream(1, expected)
     else:
         cluster.want = shards
+        cluster.sink = StoreSink(link) if mode == "ray-store" else None
         stream = RayRoundStream(1, expected, cluster)
         cluster.ensure(shards)  # actor start-up is not the phase's cost
     gc.collect()
@@ -153,11 +183,15 @@ def phase(link, uploads, mode: str, shards: int, cluster):
     del mean, total
     gc.collect()
     nbytes = sum(u["size"] for u in uploads)
-    row = {"mode": mode if mode == "streaming" else f"ray K={shards}",
+    parts = cluster.sink.parts if mode == "ray-store" else 0
+    cluster.sink = None
+    row = {"mode": mode if mode == "streaming" else f"{mode} K={shards}",
            "fold_s": round(t_fold, 2), "mean_s": round(t_mean, 2),
            "fold_peak_mib": round(fold_peak / MIB), "mean_peak_mib": round(mean_peak / MIB),
            "anon_after_mean_mib": round(anon / MIB), "shmem_after_mean_mib": round(shm / MIB),
            "gb_per_s": round(nbytes / t_fold / 1e9, 3)}
+    if parts:
+        row["parts_written"] = parts
     if mode != "streaming":
         row["gb_per_s_per_actor"] = round(nbytes / t_fold / 1e9 / shards, 3)
     return row
@@ -203,6 +237,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shards", default="1,2")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip-streaming", action="store_true", help="only the ray modes")
+    ap.add_argument("--store", action="store_true", help="also ray_model=store: the shard "
+                    "owners write the mean to the store (ray-store K=k)")
     ap.add_argument("--cpu-only", action="store_true", help="only the in-memory fold "
                     "throughput of one shard owner (no store, no Ray)")
     args = ap.parse_args(argv)
@@ -247,6 +283,8 @@ def main(argv=None) -> int:
                     print(f"# {mib} MiB x {args.clients}: uploaded in {t_up:.1f}s", flush=True)
                     modes = [] if args.skip_streaming else [("streaming", 0)]
                     modes += [("ray", int(k)) for k in args.shards.split(",")]
+                    if args.store:
+                        modes += [("ray-store", int(k)) for k in args.shards.split(",")]
                     for mode, k in modes:
                         row = {"model_mib": mib, "clients": args.clients,
                                **phase(link, uploads, mode, k, cluster)}

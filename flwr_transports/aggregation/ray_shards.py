@@ -21,12 +21,12 @@ sum streaming aggregation gives). A cluster that cannot be reached fails the run
 :class:`RayClusterError` (the wrapper then removes everything from the bucket). The
 actors are killed when the run ends.
 
-The mean is assembled in the ServerApp from the shards once per round (Flower's
-``Strategy.start`` keeps the global model as an ``ArrayRecord`` between rounds, so the
-ServerApp holds the model, not the accumulators nor any upload); with a server-side
-optimiser (FedAdam, FedYogi, FedAdagrad, FedAvgM) the owners first run its step on
-their shards, with its state kept by them (:mod:`.ray_step`), and the new model is
-assembled instead; see docs/aggregation.md.
+With a server-side optimiser (FedAdam, FedYogi, FedAdagrad, FedAvgM) the owners run
+its step on their shards, with its state kept by them (:mod:`.ray_step`). The new model
+is written to the store by the owners as the parts of one multipart upload and handed
+out from there (``ray_model=store``, :mod:`.ray_publish`: the ServerApp holds a stub
+record, never the model); with ``ray_model=server`` (or where that does not apply) it
+is assembled in the ServerApp from the shards once per round; see docs/aggregation.md.
 """
 
 from __future__ import annotations

@@ -127,6 +127,21 @@ class TestS3Moto(_S3):
     server_fixture = "moto_bucket"
 
 
+class TestS3MotoSegmented(_S3):
+    """Reply slots as segments, each its own multipart upload (``segment=``)."""
+
+    server_fixture = "moto_bucket"
+
+    @pytest.fixture
+    def url(self, request, monkeypatch):
+        fx = request.getfixturevalue(self.server_fixture)
+        for k, v in fx["env"].items():
+            monkeypatch.setenv(k, v)
+        self.s3, self.bucket = fx["s3"], fx["bucket"]
+        return (f"s3://{self.bucket}/c{uuid.uuid4().hex[:6]}?endpoint_url={fx['endpoint']}"
+                "&part_size=5MiB&segment=5MiB")
+
+
 @pytest.mark.radosgw
 class TestS3Radosgw(_S3):
     server_fixture = "rgw_bucket"

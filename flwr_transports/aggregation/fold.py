@@ -33,6 +33,7 @@ from .layout import ArrayPlan, Plan, Unfoldable, npy_header
 
 WINDOW = DIGEST_CHUNK  # shards follow the digest's leaves
 SUB = 1 << 18  # elements folded per NumPy call (keeps temporaries in cache)
+STRIPES = 64  # locks of a concurrent sum (element blocks of SUB, hashed onto them)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _TLS = threading.local()
@@ -59,15 +60,24 @@ def _pool() -> ThreadPoolExecutor:
 class Source:
     """What a fold reads: ``read(off, n) -> bytes`` (any link), and optionally
     ``view(off, n) -> memoryview`` over an immutable buffer (tcp receive buffers: no
-    copy) or ``readinto(off, memoryview)`` (files: into a reused, aligned buffer)."""
+    copy) or ``readinto(off, memoryview)`` (files: into a reused, aligned buffer).
+    ``wait(off, n)`` (optional): blocks until those bytes have landed (an upload still
+    arriving piece by piece, e.g. s3://'s segmented replies); the fold calls it before
+    it hands a window to its pool, so no pool thread ever waits on the network.
+    ``read_buffer`` (optional), preferred to ``read``: any bytes-like object (a
+    received buffer, not copied into ``bytes``)."""
 
-    def __init__(self, size: int, read=None, view=None, readinto=None):
+    def __init__(self, size: int, read=None, view=None, readinto=None, wait=None):
         self.size, self.read, self.view, self.readinto = size, read, view, readinto
+        self.wait = wait
 
     @classmethod
     def of(cls, src) -> Source:
-        """Wrap a link's PayloadSource (uses its ``view``/``readinto`` when it has them)."""
-        return cls(src.size, src.read, getattr(src, "view", None), getattr(src, "readinto", None))
+        """Wrap a link's PayloadSource (uses its ``view``/``readinto``/``wait`` when it
+        has them)."""
+        return cls(src.size, getattr(src, "read_buffer", None) or src.read,
+                   getattr(src, "view", None), getattr(src, "readinto", None),
+                   getattr(src, "wait", None))
 
     @classmethod
     def from_bytes(cls, buf) -> Source:
@@ -101,9 +111,18 @@ class _Acc:
 
 
 class WeightedSum:
-    """``sum_i w_i * x_i`` over folded payloads that share one layout."""
+    """``sum_i w_i * x_i`` over folded payloads that share one layout.
 
-    def __init__(self, plan: Plan):
+    ``concurrent=True``: several payloads may be folded at once (uploads that arrive
+    piece by piece are folded as their pieces land, side by side): the accumulators
+    start at zero and every write holds the lock of its block of elements."""
+
+    concurrent = False  # (subclasses that lay out their own accumulators fold one at a time)
+
+    def __init__(self, plan: Plan, concurrent: bool = False):
+        self.concurrent = concurrent
+        self._meta = threading.Lock()
+        self._locks = [threading.Lock() for _ in range(STRIPES)] if concurrent else []
         self.signature = plan.signature()
         self.accs: list[_Acc] = []
         for a in plan.arrays:
@@ -115,6 +134,8 @@ class WeightedSum:
                 self.accs.append(_Acc(a, arr, obj))
             else:
                 self.accs.append(_Acc(a, np.empty(a.count, dtype=a.acc_dtype), None))
+            if concurrent:
+                self.accs[-1].arr.fill(0)
         self.folded: list[tuple[object, float]] = []  # (id, weight) in fold order
         self.total = 0
         self.dirty = False  # a fold failed half-way: the sum is not trustworthy
@@ -136,24 +157,38 @@ class WeightedSum:
             raise Unfoldable("payload layout differs from the other replies'")
         if src.size != plan.size:
             raise PayloadError(f"payload has {src.size} bytes, planned for {plan.size}")
-        first = not self.folded
+        first = not self.folded and not self.concurrent
         segs = plan.segments()
         n_win = -(-plan.size // WINDOW)
         w = float(weight)
+        landed = src.wait
         try:
             if n_win == 1:
+                if landed is not None:
+                    landed(0, plan.size)
                 parts = [self._window(src, plan, segs, 0, w, first)]
             else:
-                futs = [_pool().submit(self._window, src, plan, segs, t, w, first)
-                        for t in range(n_win)]
-                wait(futs)  # every window is done (none still writes) before we go on
+                futs = []
+                try:  # a window goes to the pool once its bytes have landed
+                    for t in range(n_win):
+                        if landed is not None:
+                            landed(t * WINDOW, min(WINDOW, plan.size - t * WINDOW))
+                        futs.append(_pool().submit(self._window, src, plan, segs, t, w,
+                                                   first))
+                finally:
+                    wait(futs)  # every window is done (none still writes) before we go on
                 parts = [f.result() for f in futs]
             self._fold_fragments(parts, w, first)
         except BaseException:
             self.dirty = True
             raise
-        self.folded.append((ident, weight))
-        self.total += weight
+        if self.concurrent:
+            with self._meta:
+                self.folded.append((ident, weight))
+                self.total += weight
+        else:
+            self.folded.append((ident, weight))
+            self.total += weight
         leaves = b"".join(leaf for leaf, _ in parts)
         return f"{DIGEST_ALGO}:{hashlib.sha256(leaves).hexdigest()}"
 
@@ -175,7 +210,7 @@ class WeightedSum:
             acc = self.accs[k]
             if len(raw) != acc.plan.itemsize:
                 raise PayloadError("straddling element fragments do not add up")
-            self._fold_into(acc, i, memoryview(raw), 1, w, first)
+            self._add(k, i, memoryview(raw), 1, w, first)
 
     def _window(self, src: Source, plan: Plan, segs, t: int, w: float, first: bool):
         a, b = t * WINDOW, min(plan.size, (t + 1) * WINDOW)
@@ -207,11 +242,26 @@ class WeightedSum:
             if lead:
                 frags.append(((k, i0 - 1), (p, bytes(mv[:lead]))))
             if i1 > i0:
-                self._fold_into(acc, i0, mv[lead:lead + (i1 - i0) * z], i1 - i0, w, first)
+                self._add(k, i0, mv[lead:lead + (i1 - i0) * z], i1 - i0, w, first)
             tail = q - (d + max(i1, i0) * z)
             if tail > 0 and i1 >= i0:
                 frags.append(((k, i1), (q - tail, bytes(mv[q - p - tail:]))))
         return h.digest(), frags
+
+    def _add(self, k: int, i: int, mv: memoryview, m: int, w: float, first: bool) -> None:
+        """``w`` times elements ``[i, i+m)`` of array ``k`` (``mv``) into the sum; with
+        ``concurrent``, block by block under each block's lock."""
+        acc = self.accs[k]
+        if not self.concurrent:
+            self._fold_into(acc, i, mv, m, w, first)
+            return
+        z, pos, end = acc.plan.itemsize, i, i + m
+        while pos < end:
+            b = pos // SUB
+            e = min(end, (b + 1) * SUB)
+            with self._locks[(k * 7919 + b) % STRIPES]:
+                self._fold_into(acc, pos, mv[(pos - i) * z:(e - i) * z], e - pos, w, False)
+            pos = e
 
     @staticmethod
     def _get(src: Source, off: int, n: int, lead: int, z: int) -> memoryview:

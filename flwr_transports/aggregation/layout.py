@@ -146,11 +146,32 @@ def _read(read, off: int, n: int) -> bytes:
     return b
 
 
-def plan_payload(read, size: int) -> Plan:
+def _predicted_npy(dtype: str, shape: tuple[int, ...], length: int) -> bytes | None:
+    """The ``.npy`` header an array of Flower dtype ``dtype`` and ``shape`` whose
+    ``Array.data`` has ``length`` bytes would carry (C order), if that fits exactly."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        return None
+    if dt.hasobject or dt.kind not in "biufc":
+        return None
+    try:
+        h = npy_header(dt, shape, False)
+    except (ValueError, TypeError):
+        return None
+    return h if len(h) + math.prod(shape) * dt.itemsize == length else None
+
+
+def plan_payload(read, size: int, predict: bool = False) -> Plan:
     """Read and validate the headers of a ``size``-byte payload (``read(off, n)``).
 
     Raises PayloadError for a malformed payload and :class:`Unfoldable` for a valid
     one the fold does not handle (non-numpy arrays, object or string dtypes, ...).
+
+    ``predict``: an array's ``.npy`` header is not read but predicted from its dtype
+    and shape (what ``np.save`` writes) where that fits its length exactly; it is
+    pinned like every header byte, so the fold checks it when it reads that window (an
+    upload that is still arriving is planned from its first bytes alone).
     """
     head = read_header(read, size)  # the one header parser (bounded, validated)
     wraw = head.meta.get(WEIGHT_META)
@@ -169,11 +190,15 @@ def plan_payload(read, size: int) -> Plan:
                                                   e.start, e.end)
         if stype != NPY_STYPE:
             raise Unfoldable(f"array {name!r} has stype {stype!r}")
-        npy = _read(read, start, min(12, stop - start))
-        hl = _npy_header_len(npy)
-        if hl > MAX_NPY_HEADER or start + hl > stop:
-            raise PayloadError(f"array {name!r} has an invalid .npy header length")
-        npy = _read(read, start, hl)
+        npy = _predicted_npy(dtype, shape, stop - start) if predict else None
+        if npy is not None:
+            hl = len(npy)
+        else:
+            npy = _read(read, start, min(12, stop - start))
+            hl = _npy_header_len(npy)
+            if hl > MAX_NPY_HEADER or start + hl > stop:
+                raise PayloadError(f"array {name!r} has an invalid .npy header length")
+            npy = _read(read, start, hl)
         in_dtype, nshape, fortran, used = _parse_npy(npy)
         if used != hl:
             raise PayloadError(f"array {name!r}: .npy header length mismatch")

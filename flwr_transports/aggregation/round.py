@@ -86,7 +86,11 @@ class RoundStream:
         #: the replies' layout, from the model the server sent (layout.expected_layout);
         #: None: nothing is folded (the inner strategy aggregates decoded replies)
         self.expected = expected
-        self.lock = threading.Lock()  # one fold at a time; guards the state below
+        self.lock = threading.Lock()  # guards the state below; a fold into a sum that
+        # is not ``concurrent`` holds it throughout (one fold at a time)
+        self.idle = threading.Condition(self.lock)
+        #: uploads being folded without the lock (a concurrent sum): key -> source
+        self.inflight: dict[Any, Any] = {}
         self.sum: WeightedSum | None = None
         self.landed: dict[Any, Landed] = {}
         self.closed = False
@@ -98,7 +102,12 @@ class RoundStream:
 
     # -- link side (background threads) ------------------------------------------
     def on_landed(self, key: Any, src) -> None:
-        """Fold a just-landed upload (``src``: the link's PayloadSource, open)."""
+        """Fold a just-landed upload (``src``: the link's PayloadSource, open). A source
+        with ``wait`` (an upload that lands piece by piece: s3:// with ``segment``) is
+        folded as its pieces land, beside the other uploads of the round."""
+        if getattr(src, "wait", None) is not None:
+            self._on_arriving(key, src)
+            return
         now = time.perf_counter()
         with self.lock:
             self.last_landed = now if self.last_landed is None else max(self.last_landed, now)
@@ -123,6 +132,45 @@ class RoundStream:
             except Exception as exc:  # noqa: BLE001 - hostile payload / vanished file: decided at settle
                 st.status, st.error = "failed", exc
 
+    def _on_arriving(self, key: Any, src) -> None:
+        with self.lock:
+            if self.closed or key in self.landed:
+                return
+            st = self.landed[key] = Landed()
+            self.inflight[key] = src
+        try:
+            # planned from its first bytes (the .npy headers predicted, checked as read)
+            plan = self._check(plan_payload(src.read, src.size, predict=True))
+            if plan.weight is None:
+                st.status = "unweighted"
+                return
+            with self.lock:
+                if self.sum is None:  # sized like the model sent, never by the upload
+                    self.sum = WeightedSum(plan, concurrent=True)
+                s = self.sum
+            t0 = time.perf_counter()
+            if s.concurrent:
+                got = s.fold(Source.of(src), plan, plan.weight, key)
+            else:  # a sum begun by an upload that landed whole: its bytes first, then
+                src.wait(0, src.size)  # one fold at a time as before
+                with self.lock:
+                    if self.closed or s is not self.sum:
+                        return
+                    got = s.fold(Source.of(src), plan, plan.weight, key)
+            with self.lock:
+                st.digest = _claimed(src, got)
+                st.status, st.weight = "folded", plan.weight
+                self.eager_folds += 1
+                self.fold_s.append(round(time.perf_counter() - t0, 4))
+        except Unfoldable as exc:
+            st.status, st.error = "unfoldable", exc
+        except Exception as exc:  # noqa: BLE001 - hostile payload / missing piece: decided at settle
+            st.status, st.error = "failed", exc
+        finally:
+            with self.lock:
+                self.inflight.pop(key, None)
+                self.idle.notify_all()
+
     def _check(self, plan):
         """The plan, if its layout is the one the server sent (else Unfoldable: the
         round is aggregated from decoded replies, as Flower would)."""
@@ -134,9 +182,18 @@ class RoundStream:
         return plan
 
     def close(self) -> None:
-        """No more folds on landing (waits for one in progress)."""
+        """No more folds on landing (waits for those in progress; an upload still
+        arriving piece by piece stops waiting for pieces that have not landed by now)."""
         with self.lock:
             self.closed = True
+            arriving = list(self.inflight.values())
+        for src in arriving:
+            stop = getattr(src, "finish", None)
+            if stop is not None:
+                stop()
+        with self.lock:
+            while self.inflight:
+                self.idle.wait()
 
     # -- reply side -----------------------------------------------------------------
     def settle(self, accepted: list[Accepted],

@@ -907,6 +907,9 @@ def _fold_coded(fold: Callable[[Any], None], lookup_base, cap: int, src) -> None
     """A link's landing hook for a coded upload: fold its decoded payload (a refused
     stream is not folded; the reply is then re-read, and rejected, when it arrives)."""
     try:
+        landed = getattr(src, "wait", None)  # an upload arriving piece by piece (s3://
+        if landed is not None:  # segment=): decoded once all of it landed
+            landed(0, src.size)
         s = coded_source(src, lookup_base=lookup_base, max_size=cap)
     except EXPECTED_REPLY_ERRORS as exc:
         log.debug("flwr-transports: a coded upload could not be opened for folding: %s", exc)

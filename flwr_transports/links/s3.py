@@ -48,6 +48,7 @@ from ..options import (
     text,
 )
 from ..refs import RefError
+from . import s3_segments
 from .base import (
     NAME_PREFIX,
     ClientLink,
@@ -139,6 +140,10 @@ OPTIONS = (
     Option("timeout", duration(1, 86400), 120.0, "read timeout per request (seconds)",
            shown="120"),
     Option("create_bucket", parse_bool, False, "create the bucket if it does not exist"),
+    Option("segment", size(0, 2**40), 0, "reply slots as segments of about this many bytes "
+           "(whole parts), each its own object, folded as it lands so only the last segment "
+           "is left to fold when the last byte lands (docs/links/s3.md, 'Segmented "
+           "replies'); 0: one object per reply; not with encrypt=true", shown="0 (off)"),
     Option("publish", choice("background", "sync"), "background", "background: the global "
            "model is uploaded while its reference travels through Flower (clients wait for "
            "the object to appear); sync: uploaded before the messages are sent"),
@@ -178,6 +183,7 @@ class S3Config:
         self.timeout = o.timeout
         self.create_bucket = o.create_bucket
         self.publish = o.publish
+        self.segment = o.segment
 
     def where(self) -> str:
         at = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -305,6 +311,10 @@ class S3ServerLink(ServerLink):
         self._uploading: dict[str, threading.Thread] = {}  # name -> background publish
         self._owned_ups: dict[str, str] = {}  # key -> upload id (begin_owned, not complete)
         self._failed: dict[str, BaseException] = {}  # name -> why its background publish failed
+        self._arrivals: dict[str, Any] = {}  # key -> s3_segments.Arrival (segmented slots)
+        self.reply_hint = 0  # the largest payload published: how replies are segmented
+        self._discarder = None  # background discards of segmented slots
+        self._discards: list[Any] = []
         self._hooked = threading.Event()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -393,6 +403,7 @@ class S3ServerLink(ServerLink):
 
     # -- publish -----------------------------------------------------------------------
     def publish(self, name: str, payload: EncodedPayload) -> dict[str, Any]:
+        self.reply_hint = max(self.reply_hint, payload.size)
         key = self._key(name)
         enc = new_encryption(ENC_CHUNK) if self.cfg.encrypt else None
         layout = Layout(payload.size, enc["chunk"] if enc else 0)
@@ -565,6 +576,11 @@ class S3ServerLink(ServerLink):
         if part > MAX_PART or n > MAX_PARTS:
             raise LinkError(f"a reply cap of {max_size} bytes needs parts above S3's limits; "
                             "lower max_reply_size or raise max_parts")
+        if self.cfg.segment and not enc:  # each segment its own object (s3_segments.py)
+            _, slot = s3_segments.issue(self, key, name, part, n)
+            if self.cfg.progress:
+                slot["progress"] = True
+            return slot
         up = self._boto(f"starting the reply upload {name}", self.s3.create_multipart_upload,
                         Bucket=self.cfg.bucket, Key=key)
         uid = up["UploadId"]
@@ -609,6 +625,8 @@ class S3ServerLink(ServerLink):
         if want > st["n"]:
             st["state"] = "open"
             raise RefError(f"reply of {size} bytes does not fit the slot ({st['n']} parts)")
+        if "seg" in st:
+            return self._open_segmented(key, st, size)
         head = self._head(key, f"checking reply {st['name']}")
         if head is not None:  # the client completed the upload (slot's "done" URL)
             if head.get("ContentLength") != layout.stored:
@@ -654,6 +672,26 @@ class S3ServerLink(ServerLink):
                            f"{layout.stored}")
         return self._reader(key, size, st)
 
+    def _open_segmented(self, key: str, st: dict[str, Any], size: int) -> PayloadSource:
+        try:
+            found = s3_segments.check(self, key, st, size)
+        except RefError:
+            st["state"] = "open"
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a clear LinkError
+            st["state"] = "open"
+            raise boto_error(exc, f"listing the segments of reply {st['name']}",
+                             self.cfg) from None
+        st["state"] = "completed"
+        with self._lock:
+            early = self._arrivals.pop(key, None)
+        if early is not None:  # a fold still waiting for a segment sees it now
+            early.update(found)
+        arr = s3_segments.Arrival(self, key, size, st)
+        arr.update(found)
+        arr.final = True
+        return arr.source()
+
     def _reader(self, key: str, size: int, st: dict[str, Any]) -> PayloadSource:
         url = self._presign("get_object", expires=min(self.cfg.expires, 3600), Key=key)
         return RangedReader(self.http, url, size, st["enc"], st["part"], self.cfg.concurrency,
@@ -681,7 +719,8 @@ class S3ServerLink(ServerLink):
         reader of the object as soon as it appears. Not with ``encrypt=true`` (the plain
         size is only known from the reply)."""
         key = slot.get("key") if isinstance(slot, dict) else None
-        if self.cfg.encrypt or not isinstance(key, str) or "done" not in slot:
+        if (self.cfg.encrypt or not isinstance(key, str)
+                or ("done" not in slot and "segments" not in slot)):
             return False
         with self._lock:
             st = self._slots.get(key)
@@ -702,7 +741,8 @@ class S3ServerLink(ServerLink):
                 return
             with self._lock:
                 waiting = dict(self._hooks)
-                if not waiting:
+                arriving = dict(self._arrivals)
+                if not waiting and not arriving:
                     self._hooked.clear()
                     continue
             try:
@@ -710,19 +750,32 @@ class S3ServerLink(ServerLink):
             except Exception as exc:  # noqa: BLE001 - try again; settle reads it anyway
                 log.debug("s3: listing landed replies failed: %s", exc)
                 found = {}
+            for key, arr in arriving.items():  # segments of uploads being folded
+                if arr.update(found):  # its last segment landed
+                    with self._lock:
+                        self._arrivals.pop(key, None)
+                    self.last_landed = arr.complete_at
+                    self.notify_landed()
             for key, fn in waiting.items():
-                if key not in found:
+                seg = s3_segments.size_key(key)
+                if key not in found and seg not in found:
                     continue
                 with self._lock:
                     st = self._slots.get(key)
                     if self._hooks.pop(key, None) is None or st is None:
                         continue
                     cap = st["n"] * st["part"]
+                if "seg" in st:  # a segmented upload declared its size: fold as it lands
+                    threading.Thread(target=self._land_segmented, args=(key, st, fn, cap),
+                                     daemon=True, name="ftx-s3-fold").start()
+                    continue
                 size = found[key]
                 if 0 <= size <= cap:  # else it is rejected when the reply arrives
                     threading.Thread(target=self._land, args=(key, size, st, fn), daemon=True,
                                      name="ftx-s3-fold").start()
-            self._stop.wait(LAND_POLL)
+            with self._lock:
+                poll = s3_segments.ARRIVAL_POLL if self._arrivals else LAND_POLL
+            self._stop.wait(poll)
 
     def _list_sizes(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -740,6 +793,22 @@ class S3ServerLink(ServerLink):
         except Exception as exc:  # noqa: BLE001 - untrusted; decided when the reply arrives
             log.debug("s3: landing hook for %s failed: %s", key, exc)
 
+    def _land_segmented(self, key: str, st: dict[str, Any], fn, cap: int) -> None:
+        size = s3_segments.declared_size(self, key, cap)
+        if size is None:  # no valid size: the reply is read (and checked) when it arrives
+            return
+        arr = s3_segments.Arrival(self, key, size, st)
+        with self._lock:
+            if self._slots.get(key) is not st or st["state"] != "open":
+                return
+            self._arrivals[key] = arr
+        self._hooked.set()
+        try:
+            with arr.source() as src:
+                fn(src)
+        except Exception as exc:  # noqa: BLE001 - untrusted; decided when the reply arrives
+            log.debug("s3: landing hook for %s failed: %s", key, exc)
+
     def discard_slot(self, slot: dict[str, Any]) -> None:
         key = slot.get("key") if isinstance(slot, dict) else None
         with self._lock:
@@ -748,10 +817,33 @@ class S3ServerLink(ServerLink):
                 self._hooks.pop(key, None)
         if st is None:
             return
+        if "seg" in st:  # a fold waiting for a segment stops now; the requests run
+            arr = self._arrivals.pop(key, None)  # in the background (joined by close)
+            if arr is not None:
+                arr.kill()
+            with self._lock:
+                if self._discarder is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._discarder = ThreadPoolExecutor(2, thread_name_prefix="ftx-s3-discard")
+                self._discards = [f for f in self._discards if not f.done()]
+                self._discards.append(self._discarder.submit(s3_segments.discard, self, key,
+                                                             st))
+            return
         if st["state"] in ("open", "completing"):
             self._abort(key, st["upload_id"])
         # the client may have completed it (slot's "done" URL) whatever the state here
         self._delete(key)
+
+    def wait_discarded(self) -> None:
+        """Wait until the background discards of segmented slots are done."""
+        with self._lock:
+            futs, self._discards = self._discards, []
+        for f in futs:
+            try:
+                f.result()
+            except Exception as exc:  # noqa: BLE001 - best effort; close sweeps the run
+                log.warning("s3: discarding a segmented reply slot failed: %s", exc)
 
     # -- end of run --------------------------------------------------------------------
     def close(self) -> None:
@@ -767,6 +859,9 @@ class S3ServerLink(ServerLink):
             self.abort_owned({"key": key, "uid": uid})
         for key in list(self._slots):
             self.discard_slot({"key": key})
+        self.wait_discarded()
+        if self._discarder is not None:
+            self._discarder.shutdown(wait=True)
         try:  # anything else of this run (e.g. after a crash of a previous call)
             _sweep(self.s3, self.cfg, self.key_prefix, older_than=None, dry_run=False)
         except Exception as exc:  # noqa: BLE001
@@ -942,6 +1037,8 @@ class S3ClientLink(ClientLink):
 
     def endpoints(self, desc: dict[str, Any], *, upload: bool) -> list[Endpoint]:
         """``get`` (download); every part URL and ``done`` (upload)."""
+        if upload and isinstance(desc, dict) and "segments" in desc:
+            return s3_segments.endpoints(desc)
         return url_endpoints(desc, upload=upload)
 
     def open(self, loc: dict[str, Any], size: int) -> PayloadSource:
@@ -968,12 +1065,17 @@ class S3ClientLink(ClientLink):
         key = slot.get("key")
         if not isinstance(key, str) or not 0 < len(key) <= 1024:
             raise RefError("s3:// slot has no object key")
-        urls = expand_urls(slot.get("put"))
-        enc = check_encryption(slot.get("enc"))
         part = check_int(slot.get("part"), MIN_PART, MAX_PART + 2**30, "part size")
         checksum = slot.get("checksum", "md5")
         if checksum not in ("md5", "none"):
             raise RefError(f"s3:// slot has an unknown checksum mode {checksum!r}")
+        if "segments" in slot:  # one object per segment, completed as it is up
+            n = s3_segments.upload(self._transport(slot), slot, payload, part,
+                                   checksum == "md5", _label(key),
+                                   progress_enabled(slot.get("progress")))
+            return {"key": key, "parts": n}
+        urls = expand_urls(slot.get("put"))
+        enc = check_encryption(slot.get("enc"))
         done = slot.get("done")
         if done is not None:
             done = check_get_url(done)

@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray", reason="aggregation=ray needs the ray extra")
 import moto.server  # noqa: F401 - a dev dependency: missing is a failure
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
-from test_aggregation import FaultyGrid, _app, _compare
+from test_aggregation import FaultyGrid, _app, _compare, _max_rel
 
 from flwr_transports import offload
 from flwr_transports.aggregation.ray_shards import cut, windows_of
@@ -253,7 +253,10 @@ def test_owners_write_the_model_clients_decode_the_same_as_streaming(
     model aggregation=streaming computes, and the ServerApp never assembles it. Round 2:
     shard owner 1 is killed before any part is uploaded (replaced: its shard re-folded
     from the store, the round still right). Result.arrays is read back once at the end.
-    Nothing is left in the bucket (objects or unfinished uploads) or as a Ray actor."""
+    Again with encrypt=true: the owners seal the parts with the object's key from the
+    ServerApp; clients decrypt the model (within float rounding of streaming's: the
+    replies are folded in another order when nothing is folded on landing). Nothing is left in the bucket (objects or
+    unfinished uploads) or as a Ray actor."""
     from flwr_transports.aggregation.ray_shards import RayRoundStream
     from flwr_transports.flower import wrapper
     from flwr_transports.links.s3 import S3ClientLink
@@ -269,12 +272,14 @@ def test_owners_write_the_model_clients_decode_the_same_as_streaming(
             seen["streaming"].append(out[0])
         return out
 
-    written = []
+    written, sealed = [], []
     complete = wrapper._OwnerSink.complete
 
     def read_as_a_client(self, up, etags, lay, digest):
         stub = complete(self, up, etags, lay, digest)
         _name, pub = self._w._owned_of(stub)
+        stored = s3.head_object(Bucket=b, Key=pub.loc["key"])["ContentLength"]
+        sealed.append(("enc" in pub.loc, stored - pub.raw_size, -(-pub.raw_size // 2**20)))
         src = S3ClientLink().open(pub.loc, pub.raw_size)  # what a client does
         try:
             seen["store"].append(decode(src.read, pub.raw_size, pub.digest))
@@ -313,6 +318,44 @@ def test_owners_write_the_model_clients_decode_the_same_as_streaming(
     _compare(r_st, r_ray, tol=0)
     assert _leftovers(s3, b) == ([], [])
     assert _gone(s_ray._ray.history)
+    assert [x[:2] for x in sealed] == [(False, 0)] * 2
+    s_enc = offload(FedAvg(), f"{url}&aggregation=ray&ray_shards=2&encrypt=true")
+    # (encrypted uploads are not folded on landing: nothing to wait for)
+    r_enc = s_enc.start(_grid(3, faulty=False), _big(), num_rounds=2)
+    # sealed: one 16-byte GCM tag per 1 MiB chunk of the payload
+    assert len(written) == 4
+    for enc, extra, chunks in sealed[2:]:
+        assert enc and extra == 16 * chunks, sealed
+    for mine, theirs in zip(seen["store"][2:], seen["streaming"], strict=True):
+        for k in theirs:  # folded in another order (at settle time): float rounding
+            assert _max_rel(theirs[k].numpy(), mine[k].numpy()) <= 1e-6, k
+    _compare(r_st, r_enc)
+    assert _leftovers(s3, b) == ([], [])
+    assert _gone(s_enc._ray.history)
+
+
+def test_an_evaluate_fn_gets_the_model_assembled_in_the_serverapp(cluster, bucket, caplog):
+    """Flower hands an evaluate_fn the model's arrays every round: then the ServerApp
+    assembles the model (as with ray_model=server) and says why, once; the owners write
+    nothing."""
+    import logging
+
+    s3, b = bucket
+    url = f"s3://{b}/runs?endpoint_url={_endpoint(s3)}&aggregation=ray&ray_shards=2"
+    got = []
+
+    def evaluate(rnd, arrays):
+        got.append((rnd, float(arrays["b"].numpy().sum())))  # real data, every round
+
+    s = offload(FedAvg(), url)
+    with caplog.at_level(logging.INFO, logger="flwr_transports"):
+        r = s.start(_grid(3, faulty=False), _big(), num_rounds=2, evaluate_fn=evaluate)
+    assert [n for n, _ in got] == [0, 1, 2]
+    assert got[2][1] == float(r.arrays["b"].numpy().sum())
+    said = [m for m in caplog.messages if "an evaluate_fn reads the model" in m]
+    assert len(said) == 1 and "assembled in the ServerApp" in said[0]
+    assert s.stats["agg_streamed_rounds"] == 2
+    assert _leftovers(s3, b) == ([], [])
 
 
 # -- the server step on the shard owners -------------------------------------------------

@@ -59,6 +59,18 @@ def _owners(rec: ArrayRecord, cuts: list[float]):
 @pytest.mark.parametrize("cuts", [[0, 1], [0, 0.5, 1], [0, 0.13, 0.5, 0.77, 1],
                                   [0, 0, 0.9, 1]])
 def test_owners_parts_are_encodes_bytes_and_digest(cuts):
+    """Also with encrypt=true (first split): each sealed part is, byte for byte, what
+    the link's own publish stores for that payload and key (links/s3_http.build_part)."""
+    from flwr_transports.aggregation.ray_publish import seal_part
+    from flwr_transports.links.s3 import ENC_CHUNK
+    from flwr_transports.links.s3_http import (
+        Cipher,
+        Layout,
+        SegmentReader,
+        build_part,
+        new_encryption,
+    )
+
     rec = _record()
     want = encode(rec)
     outs, infos, arrays = _owners(rec, cuts)
@@ -84,6 +96,11 @@ def test_owners_parts_are_encodes_bytes_and_digest(cuts):
         buf = fill_part(outs[writer], spec, foreign, lambda x: x)
         leaves += leaves_of(buf)
         body += buf
+        if cuts == [0, 1]:
+            enc = new_encryption(ENC_CHUNK)
+            lay_enc = Layout(want.size, ENC_CHUNK)
+            assert seal_part(buf, enc, p0, want.size) == build_part(
+                SegmentReader(want), lay_enc, Cipher(enc, want.size), WINDOW, p0 // WINDOW)
     assert bytes(body) == want.to_bytes()
     assert f"{DIGEST_ALGO}:{hashlib.sha256(b''.join(leaves)).hexdigest()}" == want.digest
     got = decode_bytes(bytes(body), want.digest)  # what a client decodes

@@ -15,7 +15,8 @@ the parts of ONE S3 multipart upload that the ServerApp creates:
    come from them as Ray objects (the ServerApp only passes the references).
 3. **Upload.** The ServerApp presigns one ``UploadPart`` URL per part (the store's
    credentials stay in the ServerApp); the writer fills the part, hashes its windows,
-   PUTs it and returns ``(part number, ETag, leaf hashes)``.
+   (with ``encrypt=true``, seals its chunks with the object's key from the ServerApp:
+   parts are whole chunks) PUTs it and returns ``(part number, ETag, leaf hashes)``.
 4. **Complete.** The ServerApp checks the leaves (one per window, every window),
    computes the ``sha256t`` root, completes the upload and hands the object to the
    offload wrapper, which publishes it as the next model's reference. Flower's round
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..codec import DIGEST_ALGO, header_bytes
+from ..links.s3 import ENC_CHUNK
 from .fold import WINDOW
 from .ray_common import MAX_RESTARTS, RayClusterError
 
@@ -154,6 +156,19 @@ def fill_part(out: dict, spec: dict, foreign: list, get) -> bytearray:
     return buf
 
 
+def seal_part(buf: bytearray, enc: dict, p0: int, size: int) -> bytes:
+    """The stored bytes of a part starting at plaintext offset ``p0`` of a ``size``-byte
+    payload encrypted with ``enc`` (the link's chunks, each sealed with its tag)."""
+    from ..links.s3_http import Cipher
+
+    c = enc["chunk"]
+    if p0 % c:
+        raise RuntimeError("aggregation=ray: a part does not start on an encryption chunk")
+    cipher = Cipher(enc, size)
+    mv = memoryview(buf)
+    return b"".join(cipher.seal((p0 + o) // c, mv[o:o + c]) for o in range(0, len(buf), c))
+
+
 def leaves_of(buf: bytearray) -> list[bytes]:
     mv = memoryview(buf)
     return [hashlib.sha256(mv[o:o + WINDOW]).digest() for o in range(0, max(len(buf), 1),
@@ -167,6 +182,8 @@ def write_model(cluster, sink, server_round: int, lay: OutputLayout, recover) ->
     the same elements (the old one died)."""
     ray = cluster.connect()
     bounds = part_bounds(lay.size)
+    if WINDOW % ENC_CHUNK:  # parts must hold whole encryption chunks (encrypt=true)
+        raise RuntimeError("aggregation=ray: digest windows are not whole encryption chunks")
     segs = [lay.segments(p0, p1) for p0, p1 in bounds]
     writers = []
     for sg in segs:
@@ -196,6 +213,7 @@ def write_model(cluster, sink, server_round: int, lay: OutputLayout, recover) ->
                         foreign.append(cluster.actors[j].piece.remote(key, e0, e1))
                         ps.append(("e", off, len(foreign) - 1, key, e0, e1, skip, nbytes))
                 specs.append({"num": p + 1, "size": bounds[p][1] - bounds[p][0], "segs": ps,
+                              "at": bounds[p][0], "total": lay.size, "enc": up.get("enc"),
                               "url": up["urls"][p], "md5": up["md5"],
                               "retries": up["retries"], "read_timeout": up["read_timeout"]})
                 refs.append(foreign)

@@ -290,6 +290,10 @@ class ShardOwner:
                                        read_timeout=float(spec.get("read_timeout", 120)))
         buf = fill_part(self.out, spec, foreign, ray.get)
         leaves = leaves_of(buf)
+        if spec.get("enc"):  # encrypt=true: the link's chunks, sealed here
+            from .ray_publish import seal_part
+
+            buf = seal_part(buf, spec["enc"], spec["at"], spec["total"])
         etag = self._http.put(spec["url"], buf, f"part {spec['num']} of the next model "
                               f"(shard {self.j})", md5=bool(spec.get("md5", True)))
         return spec["num"], etag, leaves

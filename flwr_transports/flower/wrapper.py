@@ -803,8 +803,6 @@ class _OwnerSink:
             why = "an evaluate_fn reads the model's arrays every round"
         elif w.link is None or not hasattr(w.link, "begin_owned"):
             why = "no s3 link"
-        elif getattr(w.link.cfg, "encrypt", False):
-            why = "encrypt=true (the owners' parts are not encrypted: not built)"
         elif w.codec != "raw" or w._downlink is not None:
             why = f"codec={w.codec} (the owners write raw payloads)"
         elif size < w.threshold:

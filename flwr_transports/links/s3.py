@@ -310,6 +310,7 @@ class S3ServerLink(ServerLink):
         self._hooks: dict[str, Any] = {}  # reply key -> landing hook (on_upload)
         self._uploading: dict[str, threading.Thread] = {}  # name -> background publish
         self._owned_ups: dict[str, str] = {}  # key -> upload id (begin_owned, not complete)
+        self._owned_enc: dict[str, dict | None] = {}  # name -> its key (complete_owned)
         self._failed: dict[str, BaseException] = {}  # name -> why its background publish failed
         self._arrivals: dict[str, Any] = {}  # key -> s3_segments.Arrival (segmented slots)
         self.reply_hint = 0  # the largest payload published: how replies are segmented
@@ -445,9 +446,10 @@ class S3ServerLink(ServerLink):
     def begin_owned(self, name: str, n: int) -> dict[str, Any]:
         """A multipart upload of ``n`` parts for ``name`` whose parts others PUT to the
         presigned URLs returned (the credentials stay here); :meth:`complete_owned`
-        publishes it, :meth:`abort_owned` drops it."""
-        if self.cfg.encrypt:
-            raise LinkError("s3: a payload written by others cannot be encrypted here")
+        publishes it, :meth:`abort_owned` drops it. With ``encrypt=true`` the writers
+        get the object's key (``enc``) and seal its chunks; every part but the last must
+        then hold whole chunks."""
+        enc = new_encryption(ENC_CHUNK) if self.cfg.encrypt else None
         key = self._key(name)
         up = self._boto(f"starting the upload of {name}", self.s3.create_multipart_upload,
                         Bucket=self.cfg.bucket, Key=key)
@@ -459,7 +461,7 @@ class S3ServerLink(ServerLink):
         except BaseException:
             self.abort_owned({"key": key, "uid": uid})
             raise
-        return {"name": name, "key": key, "uid": uid, "urls": urls,
+        return {"name": name, "key": key, "uid": uid, "urls": urls, "enc": enc,
                 "md5": self.cfg.checksum == "md5", "retries": self.cfg.retries,
                 "read_timeout": self.cfg.timeout}
 
@@ -475,6 +477,7 @@ class S3ServerLink(ServerLink):
         with self._lock:
             self._owned_ups.pop(up["key"], None)
             self._published[up["name"]] = up["key"]
+            self._owned_enc[up["name"]] = up.get("enc")
         return self.published_loc(up["name"], size)
 
     def abort_owned(self, up: dict[str, Any]) -> None:
@@ -483,17 +486,20 @@ class S3ServerLink(ServerLink):
         self._abort(up["key"], up["uid"])
 
     def published_loc(self, name: str, size: int) -> dict[str, Any]:
-        """A fresh location (presigned GET) of an unencrypted publication."""
+        """A fresh location (presigned GET) of a publication from :meth:`complete_owned`."""
         with self._lock:
-            key = self._published[name]
-        return self._loc(key, size, None, Layout(size, 0).align(self.cfg.part_size)[1])
+            key, enc = self._published[name], self._owned_enc.get(name)
+        return self._loc(key, size, enc, self._owned_unit(size, enc))
 
     def read_published(self, name: str, size: int) -> PayloadSource:
-        """A ranged reader of an unencrypted publication (the ServerApp's own)."""
+        """A ranged reader of a publication from :meth:`complete_owned` (decrypted)."""
         with self._lock:
-            key = self._published[name]
-        return self._reader(key, size, {"enc": None, "part": self.cfg.part_size,
+            key, enc = self._published[name], self._owned_enc.get(name)
+        return self._reader(key, size, {"enc": enc, "part": self._owned_unit(size, enc),
                                         "name": name})
+
+    def _owned_unit(self, size: int, enc: dict | None) -> int:
+        return Layout(size, enc["chunk"] if enc else 0).align(self.cfg.part_size)[1]
 
     def _upload_in_background(self, *args) -> None:
         try:
@@ -543,6 +549,7 @@ class S3ServerLink(ServerLink):
     def release(self, name: str) -> None:
         self.wait_published(name)  # an upload still running would re-create the object
         with self._lock:
+            self._owned_enc.pop(name, None)
             key = self._published.pop(name, None)
             self._uploading.pop(name, None)
             self._failed.pop(name, None)

@@ -226,7 +226,9 @@ def test_fedadam_on_ray_equals_streaming(cluster, bucket, monkeypatch):
     """FedAdam's step runs on the shard owners, on the sums they folded from the store
     (its moments live there, not in the ServerApp): the same model as streaming,
     where Flower's FedAdam steps in the ServerApp. The owners write each new model to
-    the store themselves (ray_model=store): the ServerApp never collects it."""
+    the store themselves (ray_model=store): the ServerApp never collects it. Round 2:
+    owner 1 is killed after its step, before its part is written: its successor serves
+    the new model from the state that step left, and writes the part."""
     from flwr_transports.aggregation.ray_step import ShardStep
 
     def collected(*a, **k):
@@ -236,13 +238,23 @@ def test_fedadam_on_ray_equals_streaming(cluster, bucket, monkeypatch):
     s3, b = bucket
     url = f"s3://{b}/runs?endpoint_url={_endpoint(s3)}"
     _, r_st = _ray_run(FedAdam(), f"{url}&aggregation=streaming", _grid(3, faulty=False))
-    s_ray, r_ray = _ray_run(FedAdam(), f"{url}&aggregation=ray", _grid(3, faulty=False))
+    killed = []
+
+    def kill(todo, cl):
+        if cl.step.steps == 1 and not killed:  # round 2, after the owners' step
+            killed.append(cl.names[1])
+            ray.kill(cl.actors[1], no_restart=True)
+
+    s_ray, r_ray = _ray_run(FedAdam(), f"{url}&aggregation=ray", _grid(3, faulty=False),
+                            hook=lambda n, cl: setattr(cl, "before_write", kill))
+    assert killed and s_ray._ray.restarts == 1
     step = s_ray._trainer
     assert step is not s_ray.inner and step.steps == 2 and step.seeded == 1
     assert s_ray.stats["agg_streamed_rounds"] == 2
     assert s_ray.inner.m_t is None and s_ray.inner.current_arrays is None
     _compare(r_st, r_ray, tol=1e-5)
     assert _leftovers(s3, b) == ([], [])
+    assert _gone(s_ray._ray.history)
 
 
 def test_owners_write_the_model_clients_decode_the_same_as_streaming(

@@ -23,6 +23,7 @@ folded (all actors together) and per actor.
 
     python benchmarks/ray_shards_bench.py --sizes 64,512 --clients 4 --shards 1,2
     python benchmarks/ray_shards_bench.py --sizes 64,256 --shards 2 --skip-streaming --store
+    python benchmarks/ray_shards_bench.py --sizes 64,512 --shards 2 --store-only
     python benchmarks/ray_shards_bench.py --cpu-only   # one actor's fold, no store
 """
 
@@ -239,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-streaming", action="store_true", help="only the ray modes")
     ap.add_argument("--store", action="store_true", help="also ray_model=store: the shard "
                     "owners write the mean to the store (ray-store K=k)")
+    ap.add_argument("--store-only", action="store_true", help="only ray_model=store (no "
+                    "streaming, no ray K=k with the mean assembled here)")
     ap.add_argument("--cpu-only", action="store_true", help="only the in-memory fold "
                     "throughput of one shard owner (no store, no Ray)")
     args = ap.parse_args(argv)
@@ -281,9 +284,10 @@ def main(argv=None) -> int:
                         u["slot"] = slot
                         link.open_upload(slot, u["loc"], u["size"]).close()
                     print(f"# {mib} MiB x {args.clients}: uploaded in {t_up:.1f}s", flush=True)
-                    modes = [] if args.skip_streaming else [("streaming", 0)]
-                    modes += [("ray", int(k)) for k in args.shards.split(",")]
-                    if args.store:
+                    modes = [] if args.skip_streaming or args.store_only else [("streaming", 0)]
+                    if not args.store_only:
+                        modes += [("ray", int(k)) for k in args.shards.split(",")]
+                    if args.store or args.store_only:
                         modes += [("ray-store", int(k)) for k in args.shards.split(",")]
                     for mode, k in modes:
                         row = {"model_mib": mib, "clients": args.clients,

@@ -346,10 +346,23 @@ def test_owners_write_the_model_clients_decode_the_same_as_streaming(
     assert _gone(s_enc._ray.history)
 
 
+class _Damped(FedAvg):
+    """A strategy that streams (declared) and computes on the mean itself."""
+
+    streaming_aggregation = True
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = ArrayRecord({k: Array(np.asarray(a.numpy() * 0.5)) for k, a in
+                                  arrays.items()})
+        return arrays, metrics
+
+
 def test_an_evaluate_fn_gets_the_model_assembled_in_the_serverapp(cluster, bucket, caplog):
-    """Flower hands an evaluate_fn the model's arrays every round: then the ServerApp
-    assembles the model (as with ray_model=server) and says why, once; the owners write
-    nothing."""
+    """Flower hands an evaluate_fn the model's arrays every round, and a strategy may
+    compute on the mean in its own aggregate_train: then the ServerApp assembles the
+    model (as with ray_model=server) and says why, once; the owners write nothing."""
     import logging
 
     s3, b = bucket
@@ -359,13 +372,14 @@ def test_an_evaluate_fn_gets_the_model_assembled_in_the_serverapp(cluster, bucke
     def evaluate(rnd, arrays):
         got.append((rnd, float(arrays["b"].numpy().sum())))  # real data, every round
 
-    s = offload(FedAvg(), url)
+    s = offload(_Damped(), url)
     with caplog.at_level(logging.INFO, logger="flwr_transports"):
         r = s.start(_grid(3, faulty=False), _big(), num_rounds=2, evaluate_fn=evaluate)
     assert [n for n, _ in got] == [0, 1, 2]
     assert got[2][1] == float(r.arrays["b"].numpy().sum())
     said = [m for m in caplog.messages if "an evaluate_fn reads the model" in m]
     assert len(said) == 1 and "assembled in the ServerApp" in said[0]
+    assert "_Damped.aggregate_train computes on the mean" in said[0]
     assert s.stats["agg_streamed_rounds"] == 2
     assert _leftovers(s3, b) == ([], [])
 

@@ -848,7 +848,7 @@ class RayRoundStream:
             return cl.step.from_sums(self, total)
         outs = [self._out_array(i, a) for i, a in enumerate(plan.arrays)]
         if cl.sink is not None and cl.sink.usable(self.round, sum(
-                len(o.npy) + o.count * o.itemsize for o in outs)):
+                len(o.npy) + o.count * o.itemsize for o in outs), mean=True):
             return self._write(outs, float(total))
         ray = cl.connect()
         actors = cl.actors[:len(self.shards)]

@@ -796,17 +796,25 @@ class _OwnerSink:
         self.evaluate_fn = False
         self._said: set[str] = set()
 
-    def usable(self, server_round: int, size: int) -> bool:
+    def usable(self, server_round: int, size: int, mean: bool = False) -> bool:
+        """``mean``: the model is the streamed mean, which the inner strategy's
+        ``aggregate_train`` receives: only Flower's FedAvg returns it untouched (a
+        strategy that computes on it needs its bytes)."""
+        from flwr.serverapp.strategy import FedAvg
+
         w = self._w
-        why = ""
+        whys = []
         if self.evaluate_fn:
-            why = "an evaluate_fn reads the model's arrays every round"
-        elif w.link is None or not hasattr(w.link, "begin_owned"):
-            why = "no s3 link"
+            whys.append("an evaluate_fn reads the model's arrays every round")
+        if mean and type(w.inner).aggregate_train is not FedAvg.aggregate_train:
+            whys.append(f"{type(w.inner).__name__}.aggregate_train computes on the mean")
+        if w.link is None or not hasattr(w.link, "begin_owned"):
+            whys.append("no s3 link")
         elif w.codec != "raw" or w._downlink is not None:
-            why = f"codec={w.codec} (the owners write raw payloads)"
+            whys.append(f"codec={w.codec} (the owners write raw payloads)")
         elif size < w.threshold:
-            why = "the model is below threshold (it goes in-band)"
+            whys.append("the model is below threshold (it goes in-band)")
+        why = "; ".join(whys)
         if why:
             if why not in self._said:
                 self._said.add(why)

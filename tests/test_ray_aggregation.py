@@ -347,9 +347,14 @@ def test_owners_write_the_model_clients_decode_the_same_as_streaming(
 
 
 class _Damped(FedAvg):
-    """A strategy that streams (declared) and computes on the mean itself."""
+    """A strategy that streams (declared), computes on the mean itself and reads the
+    model it sends for evaluation."""
 
     streaming_aggregation = True
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        config["b0"] = float(arrays["b"].numpy()[0])
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
         arrays, metrics = super().aggregate_train(server_round, replies)
@@ -380,6 +385,7 @@ def test_an_evaluate_fn_gets_the_model_assembled_in_the_serverapp(cluster, bucke
     said = [m for m in caplog.messages if "an evaluate_fn reads the model" in m]
     assert len(said) == 1 and "assembled in the ServerApp" in said[0]
     assert "_Damped.aggregate_train computes on the mean" in said[0]
+    assert "_Damped.configure_evaluate is the app's own" in said[0]
     assert s.stats["agg_streamed_rounds"] == 2
     assert _leftovers(s3, b) == ([], [])
 

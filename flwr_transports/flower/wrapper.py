@@ -808,6 +808,11 @@ class _OwnerSink:
             whys.append("an evaluate_fn reads the model's arrays every round")
         if mean and type(w.inner).aggregate_train is not FedAvg.aggregate_train:
             whys.append(f"{type(w.inner).__name__}.aggregate_train computes on the mean")
+        for meth in ("configure_train", "configure_evaluate"):  # they get the model
+            own = getattr(type(w.inner), meth, None)
+            if not getattr(own, "__module__", "").startswith("flwr."):
+                whys.append(f"{type(w.inner).__name__}.{meth} is the app's own (it may "
+                            "read the model's arrays)")
         if w.link is None or not hasattr(w.link, "begin_owned"):
             whys.append("no s3 link")
         elif w.codec != "raw" or w._downlink is not None:

@@ -692,8 +692,9 @@ class S3ServerLink(ServerLink):
         st["state"] = "completed"
         with self._lock:
             early = self._arrivals.pop(key, None)
-        if early is not None:  # a fold still waiting for a segment sees it now
-            early.update(found)
+        if early is not None and early.update(found):  # a fold waiting for a segment
+            self.last_landed = early.complete_at  # sees it now; the upload has landed
+            self.notify_landed()
         arr = s3_segments.Arrival(self, key, size, st)
         arr.update(found)
         arr.final = True
@@ -776,7 +777,7 @@ class S3ServerLink(ServerLink):
                     threading.Thread(target=self._land_segmented, args=(key, st, fn, cap),
                                      daemon=True, name="ftx-s3-fold").start()
                     continue
-                size = found[key]
+                size = found.get(key, -1)
                 if 0 <= size <= cap:  # else it is rejected when the reply arrives
                     threading.Thread(target=self._land, args=(key, size, st, fn), daemon=True,
                                      name="ftx-s3-fold").start()

@@ -62,6 +62,8 @@ log = logging.getLogger("flwr_transports.s3")
 #: seconds between listings while a segmented upload is arriving
 ARRIVAL_POLL = 0.05
 SIZE_MAX_BYTES = 32  # the size object: a decimal number
+AHEAD = 4  # windows fetched ahead of the fold per upload (16 MiB each: 64 MiB)
+AHEAD_MIN = 2**20  # reads smaller than this (headers) are not windows: no read-ahead
 _SEG_RE = re.compile(r"\.s(\d{4,5})$")
 
 
@@ -181,6 +183,10 @@ class Arrival:
         self.complete_at: float | None = None
         self.urls: dict[int, str] = {}
         self.read_segments: set[int] = set()  # segments the fold read (observability)
+        self._alock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[tuple[int, int], Any] = {}  # (offset, n) -> Future (read-ahead)
+        self._closed = False
 
     # -- fed by the link -----------------------------------------------------------
     def update(self, found: dict[str, int]) -> bool:
@@ -262,8 +268,48 @@ class Arrival:
 
     def read_buffer(self, off: int, n: int) -> bytes | bytearray:
         """``read`` without turning the received buffer into ``bytes`` (the fold
-        hashes and folds it where it is)."""
+        hashes and folds it where it is). Reads of the fold's windows (``n`` bytes
+        each, in order) fetch up to ``AHEAD`` next windows of landed segments ahead, so
+        the fold does not wait for the store one window at a time."""
         self.wait(off, n)
+        if n < AHEAD_MIN:  # header reads: no read-ahead
+            return self._fetch(off, n)
+        with self._alock:
+            if self._closed:
+                raise LinkError(f"s3: reply {self.name} was closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(AHEAD, thread_name_prefix="ftx-s3-ahead")
+            f = self._ahead.pop((off, n), None)
+            if f is None:
+                f = self._pool.submit(self._fetch, off, n)
+            nxt = off + n
+            for _ in range(AHEAD):
+                k = min(n, self.size - nxt)
+                if k <= 0 or not self._landed(nxt, k):
+                    break
+                if (nxt, k) not in self._ahead:
+                    self._ahead[(nxt, k)] = self._pool.submit(self._fetch, nxt, k)
+                nxt += k
+            for key in [key for key in self._ahead if key[0] < off]:  # passed: drop
+                self._ahead.pop(key).cancel()
+        return f.result()
+
+    def _landed(self, off: int, n: int) -> bool:
+        with self.cond:
+            return all(j in self.landed
+                       for j in range(self._of(off), self._of(off + n - 1) + 1))
+
+    def close(self) -> None:
+        with self._alock:
+            self._closed = True
+            for f in self._ahead.values():
+                f.cancel()
+            self._ahead.clear()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _fetch(self, off: int, n: int) -> bytes | bytearray:
         out = []
         end = off + n
         while off < end:
@@ -278,7 +324,7 @@ class Arrival:
         return out[0] if len(out) == 1 else b"".join(out)
 
     def source(self) -> PayloadSource:
-        src = PayloadSource(self.read, self.size)
+        src = PayloadSource(self.read, self.size, self.close)
         src.wait = self.wait
         src.read_buffer = self.read_buffer
         src.finish = self.finish

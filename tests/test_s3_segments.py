@@ -414,3 +414,71 @@ def test_federation_coded_replies_segmented(moto_endpoint, s3, bucket):
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(b))))
     assert leftovers(s3, bucket) == ([], [])
+
+
+def _payload(arrays, weight):
+    rec = ArrayRecord(arrays)
+    p = encode(rec, {WEIGHT_META: json.dumps(weight)})
+    return rec, p, bytes(p.to_bytes())
+
+
+def test_concurrent_sum_equals_one_fold_at_a_time():
+    """Folds of several payloads at once into one concurrent sum (windows of each
+    handed over as they 'land', interleaved by threads) give the serial sum's mean."""
+    from flwr_transports.aggregation.fold import Source, WeightedSum
+    from flwr_transports.aggregation.layout import plan_payload
+
+    rng = np.random.default_rng(7)
+    shapes = [(5_000_000,), (300, 41), (17,)]
+    pays = [_payload([rng.standard_normal(s).astype(np.float32) for s in shapes]
+                     + [rng.standard_normal(1000)], w) for w in (1.0, 2.5, 4.0)]
+    serial = None
+    for _, p, raw in pays:
+        plan = plan_payload(Source.from_bytes(raw).read, len(raw))
+        serial = serial or WeightedSum(plan)
+        serial.fold(Source.from_bytes(raw), plan, plan.weight)
+    conc = None
+    lock = threading.Lock()
+    errors = []
+
+    def fold(raw):
+        nonlocal conc
+        try:
+            plan = plan_payload(Source.from_bytes(raw).read, len(raw), predict=True)
+            with lock:
+                conc = conc or WeightedSum(plan, concurrent=True)
+            src = Source.from_bytes(raw)
+            src.wait = lambda off, n: time.sleep(0.001)  # windows handed over one by one
+            conc.fold(src, plan, plan.weight)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=fold, args=(raw,)) for _, _, raw in pays]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors and conc.total == serial.total == 7.5
+    for a, b in zip(conc.mean().values(), serial.mean().values()):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_predicted_npy_header_that_lies_fails_the_fold():
+    """An upload planned from its first bytes predicts each array's .npy header; an
+    array whose header differs (Fortran order: same length, other bytes) is caught
+    when its window is read: the early fold fails (the reply is then read again from
+    the store when it arrives), nothing half-folded counts."""
+    from flwr_transports.aggregation.fold import Source, WeightedSum
+    from flwr_transports.aggregation.layout import plan_payload
+    from flwr_transports.codec import PayloadError
+
+    f = np.asfortranarray(np.arange(6_000_000, dtype=np.float32).reshape(3000, 2000))
+    _, _, raw = _payload([f], 1.0)
+    honest = plan_payload(Source.from_bytes(raw).read, len(raw))
+    assert honest.arrays[0].fortran
+    guessed = plan_payload(Source.from_bytes(raw).read, len(raw), predict=True)
+    assert not guessed.arrays[0].fortran  # predicted C order: wrong, caught below
+    s = WeightedSum(guessed, concurrent=True)
+    with pytest.raises(PayloadError, match="changed"):
+        s.fold(Source.from_bytes(raw), guessed, 1.0)
+    assert s.dirty and s.folded == []

@@ -731,3 +731,39 @@ def test_streaming_with_hostile_replies_folded_from_the_store(moto_endpoint, s3,
     assert seen_in == seen_st
     _compare(r_in, r_st)
     assert leftovers(s3, bucket) == ([], [])
+
+
+def test_owned_upload_binds_the_parts_the_writers_reported(moto_endpoint, s3, bucket):
+    """aggregation=ray's shard owners PUT the parts of the next model (begin_owned):
+    a part PUT again with other bytes after its writer reported its ETag (a writer
+    thought dead, still running) cannot end up in the published object: completion
+    with the reported ETags fails, the abort leaves nothing. A completed upload reads
+    back as the bytes reported; release and close leave nothing."""
+    from flwr_transports.links.s3_http import HttpTransport
+
+    link = server_link(f"s3://{bucket}/own?endpoint_url={moto_endpoint}&part_size=5MiB",
+                       run_id=1, options={})
+    http = HttpTransport(retries=0)
+    body = [os.urandom(5 * MiB), os.urandom(1000)]
+    try:
+        up = link.begin_owned("r1-model", 2)
+        etags = [http.put(up["urls"][i], body[i], f"part {i + 1}", md5=up["md5"])
+                 for i in range(2)]
+        http.put(up["urls"][0], os.urandom(5 * MiB), "the zombie's part 1", md5=False)
+        with pytest.raises(LinkError):
+            link.complete_owned(up, etags, sum(map(len, body)))
+        link.abort_owned(up)
+        assert leftovers(s3, bucket) == ([], [])
+        up = link.begin_owned("r2-model", 2)
+        etags = [http.put(up["urls"][i], body[i], f"part {i + 1}", md5=up["md5"])
+                 for i in range(2)]
+        link.complete_owned(up, etags, sum(map(len, body)))
+        with link.read_published("r2-model", sum(map(len, body))) as src:
+            assert src.read(0, src.size) == b"".join(body)
+        link.release("r2-model")
+        assert leftovers(s3, bucket) == ([], [])
+        link.begin_owned("r3-model", 1)  # never completed: close aborts it
+    finally:
+        http.close()
+        link.close()
+    assert leftovers(s3, bucket) == ([], [])

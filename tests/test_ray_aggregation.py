@@ -119,7 +119,7 @@ def _grid(n_nodes=5, faulty=True):
     return FaultyGrid(_app(), n_nodes=n_nodes, faulty=faulty)
 
 
-def _ray_run(strategy, url, grid, hook=None):
+def _ray_run(strategy, url, grid, hook=None, rounds=2):
     s = offload(strategy, transport=url)
     if hook is not None:
         s._ray.after_submit = hook
@@ -129,7 +129,7 @@ def _ray_run(strategy, url, grid, hook=None):
     import random
 
     random.seed(1234)
-    res = s.start(grid, _big(), num_rounds=2)
+    res = s.start(grid, _big(), num_rounds=rounds)
     return s, res
 
 
@@ -344,6 +344,79 @@ def test_owners_write_the_model_clients_decode_the_same_as_streaming(
     _compare(r_st, r_enc)
     assert _leftovers(s3, b) == ([], [])
     assert _gone(s_enc._ray.history)
+
+
+def test_final_model_store_keeps_the_last_model_outside_the_run(cluster, bucket):
+    """final_model=store: the owners' last object is copied inside the store to a key
+    outside the run's ftx- keys; Result.arrays is its reference; load_model reads it
+    back, verified, bit for bit what the same run without the option returns. Nothing
+    else is left in the bucket. A hostile or stale reference fails clearly."""
+    from flwr_transports import load_model
+    from flwr_transports.codec import PayloadError
+    from flwr_transports.stored import StoredModelError, parse_stored_ref, stored_ref
+
+    s3, b = bucket
+    url = f"s3://{b}/runs?endpoint_url={_endpoint(s3)}&aggregation=ray&ray_shards=2"
+    _, r_mat = _ray_run(FedAvg(), url, _grid(3, faulty=False), rounds=1)
+    assert _leftovers(s3, b) == ([], [])
+    _, r = _ray_run(FedAvg(), f"{url}&final_model=store", _grid(3, faulty=False), rounds=1)
+    ref = parse_stored_ref(r.arrays)
+    assert ref["bucket"] == b and ref["key"].startswith("runs/final/ftx-")
+    assert _leftovers(s3, b) == ([ref["key"]], [])  # only the kept model
+    assert s3.head_object(Bucket=b, Key=ref["key"])["ContentLength"] == ref["size"]
+    assert ref["digest"] == encode(r_mat.arrays).digest
+    got = load_model(url, r.arrays)
+    assert list(got.keys()) == list(r_mat.arrays.keys())
+    for k in got:
+        x, y = got[k].numpy(), r_mat.arrays[k].numpy()
+        assert x.dtype == y.dtype and np.array_equal(x, y), k
+    # hostile references: wrong digest, wrong size, missing object, other bucket, junk
+    bad = dict(ref, digest="sha256t:" + "0" * 64)
+    with pytest.raises(PayloadError, match="digest"):
+        load_model(url, stored_ref(**{k: bad[k] for k in
+                                      ("bucket", "key", "digest", "size", "n_arrays")}))
+    with pytest.raises(StoredModelError, match="bytes, the reference says"):
+        load_model(url, stored_ref(b, ref["key"], ref["digest"], ref["size"] + 1, 4))
+    with pytest.raises(StoredModelError, match="no such object"):
+        load_model(url, stored_ref(b, "runs/final/nope.ftx", ref["digest"], ref["size"], 4))
+    with pytest.raises(StoredModelError, match="pass the run's URL"):
+        load_model(url, stored_ref("elsewhere", ref["key"], ref["digest"], ref["size"], 4))
+    with pytest.raises(StoredModelError, match="not a stored-model reference"):
+        load_model(url, r_mat.arrays)
+    s3.delete_object(Bucket=b, Key=ref["key"])
+    for key in ("runs/ftx-x", "/abs", "a/ftx-b/c"):  # inside the run's keys, absolute
+        with pytest.raises(ValueError, match="final_key"):
+            offload(FedAvg(), f"{url}&final_model=store&final_key={key}")
+    assert _leftovers(s3, b) == ([], [])
+    with pytest.raises(ValueError, match="final_model=store needs"):
+        offload(FedAvg(), f"{url}&final_model=store&ray_model=server")
+
+
+def test_a_final_model_above_copy_objects_limit_is_copied_in_parts(bucket, monkeypatch):
+    """Above S3's 5 GiB CopyObject limit the final model is copied with UploadPartCopy
+    (here the limits made small: 3 parts of at most 5 MiB): the kept object is the same
+    bytes, load_model verifies them; no unfinished upload is left."""
+    from flwr_transports import load_model
+    from flwr_transports.links import s3 as s3link
+    from flwr_transports.stored import stored_ref
+
+    s3, b = bucket
+    url = f"s3://{b}/runs?endpoint_url={_endpoint(s3)}&publish=sync"
+    monkeypatch.setattr(s3link, "COPY_MAX", 0)
+    monkeypatch.setattr(s3link, "COPY_PART", 5 * 2**20)
+    rec = ArrayRecord({"w": Array(np.random.default_rng(3).standard_normal(
+        3 * 2**20 + 5).astype(np.float32))})
+    payload = encode(rec)
+    link = s3link.S3ServerLink(url, 7)
+    try:
+        link.publish("m", payload)
+        key = link.keep_published("m", payload.size, "kept/m.ftx")
+    finally:
+        link.close()
+    assert _leftovers(s3, b) == (["kept/m.ftx"], [])
+    got = load_model(url, stored_ref(b, key, payload.digest, payload.size, 1))
+    assert np.array_equal(got["w"].numpy(), rec["w"].numpy())
+    s3.delete_object(Bucket=b, Key=key)
 
 
 class _Damped(FedAvg):

@@ -48,6 +48,7 @@ from ..codecs.wire import (
 from ..errors import RejectedInput
 from ..links import LinkError, ServerLink, network_scheme, server_link
 from ..links import parse as parse_transport
+from ..links.base import NAME_PREFIX
 from ..options import Option, TransportSpec, choice, integer, optional, size, text
 from ..refs import (
     TICKET_KEY,
@@ -102,11 +103,20 @@ WRAPPER_OPTIONS = (
            "shard owners write each round's model to the store as one multipart upload, "
            "which is handed out as the next model (the ServerApp never holds it during "
            "rounds); server: it is assembled in the ServerApp (docs/aggregation.md)"),
+    Option("final_model", choice("server", "store"), "server", "aggregation=ray, "
+           "ray_model=store: server: Result.arrays is the final model, read back once; "
+           "store: the last model is copied in the store (server-side, no bytes through "
+           "the ServerApp) to final_key and Result.arrays is a reference to it "
+           "(flwr_transports.load_model reads it)"),
+    Option("final_key", optional(text), None, "final_model=store: the object key of the "
+           "final model (default: <prefix>/final/<run>.ftx; never under the run's ftx- "
+           "keys, which are removed)"),
 )
 
 
 #: options about aggregating replies: offload(strategy) only (offload_grid refuses them)
-STRATEGY_ONLY_OPTIONS = frozenset({"aggregation", "ray_address", "ray_shards", "ray_model"})
+STRATEGY_ONLY_OPTIONS = frozenset({"aggregation", "ray_address", "ray_shards", "ray_model",
+                                   "final_model", "final_key"})
 
 
 #: what one reply can legitimately cause while it is checked, fetched and decoded
@@ -684,6 +694,20 @@ class OffloadStrategy(Offloader, Strategy):
                 why = f"{why}; sharded over Ray actors (aggregation=ray){step_why}"
                 if self.options.ray_model == "store":
                     self._ray.sink = _OwnerSink(self)
+        if self.options.final_model == "store" and (
+                self._ray is None or self._ray.sink is None
+                or getattr(self.link_options, "encrypt", False)):
+            raise ValueError(
+                "flwr-transports: final_model=store needs an s3:// transport with "
+                "aggregation=ray and ray_model=store (the shard owners' model is what is "
+                "kept) and no encrypt=true (the object's key would have to leave the run); "
+                "leave final_model out to get the model in Result.arrays")
+        fk = self.options.final_key
+        if fk is not None and (not fk or fk.startswith("/") or any(
+                c.startswith(NAME_PREFIX) for c in fk.split("/"))):
+            raise ValueError(f"flwr-transports: final_key={fk!r}: give a key relative to "
+                             f"the bucket, none of whose path parts starts with "
+                             f"{NAME_PREFIX!r} (the run's own keys, removed when it ends)")
         if self.scheme is not None:
             log.info("flwr-transports: aggregation %s", why)
 
@@ -732,11 +756,31 @@ class OffloadStrategy(Offloader, Strategy):
                 evaluate_fn=evaluate_fn,
             )
             owned = self._owned_of(result.arrays)
-            if owned is not None:  # the shard owners' last model: read once, verified
+            if owned is not None and self.options.final_model == "store":
+                result.arrays = self._keep_final(*owned)  # copied in the store
+            elif owned is not None:  # the shard owners' last model: read once, verified
                 result.arrays = self._materialise(*owned)
+            elif self.options.final_model == "store":
+                log.warning("flwr-transports: final_model=store: the last model was "
+                            "assembled in the ServerApp (see the log line why), not "
+                            "written by the shard owners: Result.arrays holds it, nothing "
+                            "is kept in the store")
             return result
         finally:
             self.close()
+
+    def _keep_final(self, name: str, pub: Published) -> ArrayRecord:
+        """final_model=store: the shard owners' last object copied (server-side) to a
+        key the run's cleanup leaves alone; its reference record (``stored.py``)."""
+        from ..stored import stored_ref
+
+        t0 = time.perf_counter()
+        key = self.link.keep_published(name, pub.raw_size, self.options.final_key)
+        log.info("flwr-transports: the final model (%s) kept in the store as s3://%s/%s "
+                 "(copied in %.2fs; flwr_transports.load_model reads it)",
+                 _mib(pub.raw_size), self.link.cfg.bucket, key, time.perf_counter() - t0)
+        return stored_ref(self.link.cfg.bucket, key, pub.digest, pub.raw_size,
+                          pub.n_arrays)
 
     def _materialise(self, name: str, pub: Published) -> ArrayRecord:
         """The model the shard owners wrote, read from the store (ranged GETs) and

@@ -285,6 +285,11 @@ def _note_plain_http(cfg: S3Config) -> None:
         "channel) or use an https:// endpoint", cfg.endpoint_url)
 
 
+#: keep_published: one CopyObject up to S3's 5 GiB limit, else UploadPartCopy parts
+COPY_MAX = 5 * 2**30
+COPY_PART = 512 * 2**20
+
+
 class S3ServerLink(ServerLink):
     """Server side: holds the credentials, uploads the global model, issues slots."""
 
@@ -315,6 +320,7 @@ class S3ServerLink(ServerLink):
         self._arrivals: dict[str, Any] = {}  # key -> s3_segments.Arrival (segmented slots)
         self.reply_hint = 0  # the largest payload published: how replies are segmented
         self._discarder = None  # background discards of segmented slots
+        self._read_ahead = s3_segments.ReadAhead()  # windows fetched ahead of the folds
         self._discards: list[Any] = []
         self._hooked = threading.Event()
         self._stop = threading.Event()
@@ -498,6 +504,41 @@ class S3ServerLink(ServerLink):
         return self._reader(key, size, {"enc": enc, "part": self._owned_unit(size, enc),
                                         "name": name})
 
+    def keep_published(self, name: str, size: int, dest: str | None = None) -> str:
+        """Copy a publication from :meth:`complete_owned` to ``dest`` (default
+        ``<prefix>/final/<run>.ftx``) inside the store (CopyObject, or UploadPartCopy
+        above 5 GiB: no byte passes through here), where neither :meth:`close` nor
+        ``cleanup`` removes it; returns the key. Not for encrypted publications."""
+        with self._lock:
+            key, enc = self._published[name], self._owned_enc.get(name)
+        if enc:
+            raise ValueError("s3: an encrypted model is not kept past its run")
+        dest = dest if dest is not None else f"{self.cfg.prefix}final/{self.prefix}.ftx"
+        if (not dest or len(dest.encode()) > 1024
+                or dest.startswith(("/", self.cfg.prefix + NAME_PREFIX))):
+            raise ValueError(f"s3: final_key {dest!r} is not a usable key: it must be "
+                             f"non-empty, not start with '/', and not start with "
+                             f"{self.cfg.prefix + NAME_PREFIX!r} (the run's keys, removed)")
+        b, src = self.cfg.bucket, {"Bucket": self.cfg.bucket, "Key": key}
+        what = f"copying the final model to s3://{b}/{dest}"
+        if size <= COPY_MAX:
+            self._boto(what, self.s3.copy_object, Bucket=b, Key=dest, CopySource=src)
+            return dest
+        uid = self._boto(what, self.s3.create_multipart_upload, Bucket=b, Key=dest)["UploadId"]
+        try:
+            parts = []
+            for i, off in enumerate(range(0, size, COPY_PART), 1):
+                r = self._boto(what, self.s3.upload_part_copy, Bucket=b, Key=dest,
+                               UploadId=uid, PartNumber=i, CopySource=src,
+                               CopySourceRange=f"bytes={off}-{min(off + COPY_PART, size) - 1}")
+                parts.append({"PartNumber": i, "ETag": r["CopyPartResult"]["ETag"]})
+            self._boto(what, self.s3.complete_multipart_upload, Bucket=b, Key=dest,
+                       UploadId=uid, MultipartUpload={"Parts": parts})
+        except BaseException:
+            self._abort(dest, uid)
+            raise
+        return dest
+
     def _owned_unit(self, size: int, enc: dict | None) -> int:
         return Layout(size, enc["chunk"] if enc else 0).align(self.cfg.part_size)[1]
 
@@ -584,7 +625,8 @@ class S3ServerLink(ServerLink):
             raise LinkError(f"a reply cap of {max_size} bytes needs parts above S3's limits; "
                             "lower max_reply_size or raise max_parts")
         if self.cfg.segment and not enc:  # each segment its own object (s3_segments.py)
-            _, slot = s3_segments.issue(self, key, name, part, n)
+            st, slot = s3_segments.issue(self, key, name, part, n)
+            st["cap"] = max_size  # what a landing may claim (not the parts' room)
             if self.cfg.progress:
                 slot["progress"] = True
             return slot
@@ -593,7 +635,7 @@ class S3ServerLink(ServerLink):
         uid = up["UploadId"]
         with self._lock:
             self._slots[key] = {"upload_id": uid, "state": "open", "part": part, "enc": enc,
-                                "n": n, "name": name}
+                                "n": n, "name": name, "cap": max_size}
         try:
             urls = self._part_urls(key, uid, n)
         except BaseException:
@@ -772,7 +814,9 @@ class S3ServerLink(ServerLink):
                     st = self._slots.get(key)
                     if self._hooks.pop(key, None) is None or st is None:
                         continue
-                    cap = st["n"] * st["part"]
+                    # the slot's cap, not its parts' room (up to a part more): nothing is
+                    # read on a landing beyond what the reply may declare
+                    cap = min(st["n"] * st["part"], st.get("cap", st["n"] * st["part"]))
                 if "seg" in st:  # a segmented upload declared its size: fold as it lands
                     threading.Thread(target=self._land_segmented, args=(key, st, fn, cap),
                                      daemon=True, name="ftx-s3-fold").start()
@@ -870,6 +914,7 @@ class S3ServerLink(ServerLink):
         self.wait_discarded()
         if self._discarder is not None:
             self._discarder.shutdown(wait=True)
+        self._read_ahead.close()
         try:  # anything else of this run (e.g. after a crash of a previous call)
             _sweep(self.s3, self.cfg, self.key_prefix, older_than=None, dry_run=False)
         except Exception as exc:  # noqa: BLE001

@@ -484,3 +484,47 @@ def test_a_predicted_npy_header_that_lies_fails_the_fold():
     with pytest.raises(PayloadError, match="changed"):
         s.fold(Source.from_bytes(raw), guessed, 1.0)
     assert s.dirty and s.folded == []
+
+
+@pytest.mark.parametrize("declared", ["huge_object", "above_cap", "not_a_number"])
+def test_an_invalid_declared_size_starts_no_early_fold(moto_endpoint, s3, bucket, declared):
+    """The size object is the client's: a 6 MiB object of digits (the ServerApp reads
+    at most 32 bytes of it), a size above the slot's cap (within its parts' room: one
+    part more), or no number: no fold starts on landing (nothing read on the client's
+    word); the reply is still read from the store when it arrives, exactly, and
+    nothing is left in the bucket."""
+    rec, payload = model(1_500_000)  # ~5.7 MiB: segments of 5 and 0.7 MiB
+    data = bytes(b"".join(bytes(s) for s in payload.segments))
+    link = server_link(link_url(bucket, moto_endpoint), run_id=7, options={})
+    link.reply_hint = payload.size
+    from flwr_transports.aggregation.layout import expected_layout
+
+    stream = RoundStream(1, expected=expected_layout(rec))
+    try:
+        slot = link.issue_slot("sz", 16 * MiB)
+        assert link.on_upload(slot, lambda src: stream.on_landed("v", src))
+        http = HttpTransport(retries=0)
+        segs, size_put, size_done = _raw_client(slot)
+        body = {"huge_object": b"1" * (6 * MiB), "above_cap": str(16 * MiB + 1).encode(),
+                "not_a_number": b" 5999999"}[declared]
+        http.complete(size_done, [http.put(size_put, body, "s", md5=False)], "c")
+        _put_segment(http, segs, 0, data[:5 * MiB], 5 * MiB)
+        _put_segment(http, segs, 1, data[5 * MiB:], 5 * MiB)
+        deadline = time.monotonic() + 2  # the watcher saw the size object (and refused it)
+        while slot["key"] in link._hooks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert slot["key"] not in link._hooks and "v" not in stream.landed
+        assert slot["key"] not in link._arrivals
+        total, rejected = stream.settle(
+            [Accepted(0, "v", payload.digest, 3.0, payload.size)],
+            lambda a: link.open_upload(slot, {"key": slot["key"]}, a.size))
+        assert rejected == {} and stream.eager_folds == 0 and stream.settle_folds == 1
+        np.testing.assert_allclose(total.mean().to_numpy_ndarrays()[0],
+                                   rec.to_numpy_ndarrays()[0], rtol=1e-6)
+        link.discard_slot(slot)
+        link.wait_discarded()
+        assert leftovers(s3, bucket) == ([], [])
+    finally:
+        link.close()
+    assert leftovers(s3, bucket) == ([], [])

@@ -62,7 +62,7 @@ log = logging.getLogger("flwr_transports.s3")
 #: seconds between listings while a segmented upload is arriving
 ARRIVAL_POLL = 0.05
 SIZE_MAX_BYTES = 32  # the size object: a decimal number
-AHEAD = 4  # windows fetched ahead of the fold per upload (16 MiB each: 64 MiB)
+AHEAD = 4  # windows fetched ahead of the folds, all uploads of a link together
 AHEAD_MIN = 2**20  # reads smaller than this (headers) are not windows: no read-ahead
 _SEG_RE = re.compile(r"\.s(\d{4,5})$")
 
@@ -162,6 +162,38 @@ def listed(link, key: str) -> dict[str, int]:
     return out
 
 
+class ReadAhead:
+    """Windows fetched ahead of the streaming folds for ALL uploads of a link together:
+    at most ``AHEAD`` windows (16 MiB each) fetched and not yet folded, however many
+    uploads arrive at once (the ServerApp's memory stays flat in the number of
+    clients)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pool: ThreadPoolExecutor | None = None
+        self.free = AHEAD
+
+    def submit(self, fn, *args):
+        """``fn(*args)`` on the read-ahead threads, or None when the budget is spent."""
+        with self.lock:
+            if self.free <= 0:
+                return None
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(AHEAD, thread_name_prefix="ftx-s3-ahead")
+            self.free -= 1
+            return self.pool.submit(fn, *args)
+
+    def give_back(self) -> None:
+        with self.lock:
+            self.free = min(AHEAD, self.free + 1)
+
+    def close(self) -> None:
+        with self.lock:
+            pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Arrival:
     """A segmented upload as it arrives: which segments landed (from the link's
     listings), and a PayloadSource whose ``read`` waits for the bytes it covers
@@ -184,7 +216,7 @@ class Arrival:
         self.urls: dict[int, str] = {}
         self.read_segments: set[int] = set()  # segments the fold read (observability)
         self._alock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self._ra: ReadAhead = link._read_ahead
         self._ahead: dict[tuple[int, int], Any] = {}  # (offset, n) -> Future (read-ahead)
         self._closed = False
 
@@ -269,30 +301,36 @@ class Arrival:
     def read_buffer(self, off: int, n: int) -> bytes | bytearray:
         """``read`` without turning the received buffer into ``bytes`` (the fold
         hashes and folds it where it is). Reads of the fold's windows (``n`` bytes
-        each, in order) fetch up to ``AHEAD`` next windows of landed segments ahead, so
-        the fold does not wait for the store one window at a time."""
+        each, in order) fetch next windows of landed segments ahead (the link's
+        :class:`ReadAhead` budget), so the fold does not wait for the store one window
+        at a time."""
         self.wait(off, n)
         if n < AHEAD_MIN:  # header reads: no read-ahead
             return self._fetch(off, n)
         with self._alock:
             if self._closed:
                 raise LinkError(f"s3: reply {self.name} was closed")
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(AHEAD, thread_name_prefix="ftx-s3-ahead")
             f = self._ahead.pop((off, n), None)
-            if f is None:
-                f = self._pool.submit(self._fetch, off, n)
             nxt = off + n
             for _ in range(AHEAD):
                 k = min(n, self.size - nxt)
                 if k <= 0 or not self._landed(nxt, k):
                     break
                 if (nxt, k) not in self._ahead:
-                    self._ahead[(nxt, k)] = self._pool.submit(self._fetch, nxt, k)
+                    g = self._ra.submit(self._fetch, nxt, k)
+                    if g is None:
+                        break
+                    self._ahead[(nxt, k)] = g
                 nxt += k
             for key in [key for key in self._ahead if key[0] < off]:  # passed: drop
                 self._ahead.pop(key).cancel()
-        return f.result()
+                self._ra.give_back()
+        if f is None:
+            return self._fetch(off, n)
+        try:
+            return f.result()
+        finally:
+            self._ra.give_back()
 
     def _landed(self, off: int, n: int) -> bool:
         with self.cond:
@@ -304,10 +342,8 @@ class Arrival:
             self._closed = True
             for f in self._ahead.values():
                 f.cancel()
+                self._ra.give_back()
             self._ahead.clear()
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
 
     def _fetch(self, off: int, n: int) -> bytes | bytearray:
         out = []

@@ -5,7 +5,9 @@ owners' last model is copied inside the store (no byte through the ServerApp) an
 ``Result.arrays`` is a *stored-model reference*: an ``ArrayRecord`` of one array
 (stype :data:`STORED_STYPE`) whose data is JSON ``{"v", "bucket", "key", "digest",
 "size", "n_arrays"}``. :func:`load_model` reads the model back later: a HEAD checks the
-size, ranged GETs read it, and every byte is verified against the digest.
+size, ranged GETs read it, and every byte is verified against the digest. The same
+reference may be the next run's ``initial_arrays`` (the model is then copied inside the
+store and handed out from there: ``OffloadStrategy._adopt_initial``).
 """
 
 from __future__ import annotations

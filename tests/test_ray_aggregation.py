@@ -119,7 +119,7 @@ def _grid(n_nodes=5, faulty=True):
     return FaultyGrid(_app(), n_nodes=n_nodes, faulty=faulty)
 
 
-def _ray_run(strategy, url, grid, hook=None, rounds=2):
+def _ray_run(strategy, url, grid, hook=None, rounds=2, initial=None):
     s = offload(strategy, transport=url)
     if hook is not None:
         s._ray.after_submit = hook
@@ -129,7 +129,7 @@ def _ray_run(strategy, url, grid, hook=None, rounds=2):
     import random
 
     random.seed(1234)
-    res = s.start(grid, _big(), num_rounds=rounds)
+    res = s.start(grid, _big() if initial is None else initial, num_rounds=rounds)
     return s, res
 
 
@@ -353,6 +353,7 @@ def test_final_model_store_keeps_the_last_model_outside_the_run(cluster, bucket)
     else is left in the bucket. A hostile or stale reference fails clearly."""
     from flwr_transports import load_model
     from flwr_transports.codec import PayloadError
+    from flwr_transports.flower import wrapper
     from flwr_transports.stored import StoredModelError, parse_stored_ref, stored_ref
 
     s3, b = bucket
@@ -383,6 +384,36 @@ def test_final_model_store_keeps_the_last_model_outside_the_run(cluster, bucket)
         load_model(url, stored_ref("elsewhere", ref["key"], ref["digest"], ref["size"], 4))
     with pytest.raises(StoredModelError, match="not a stored-model reference"):
         load_model(url, r_mat.arrays)
+    # the kept model as the next run's initial_arrays: published by reference (copied
+    # in the store, never read by the ServerApp); the clients train from it (round 1's
+    # noise added to it, not to _big()), the original stays, the new one is kept too
+    def never(*a, **k):
+        raise AssertionError("the ServerApp read the model")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wrapper.OffloadStrategy, "_materialise", never)
+        s_c, r_c = _ray_run(FedAvg(), f"{url}&final_model=store&final_key=kept/c.ftx",
+                            _grid(3, faulty=False), rounds=1, initial=r.arrays)
+    assert s_c.stats["replies_rejected"] == 0
+    assert sorted(_leftovers(s3, b)[0]) == sorted([ref["key"], "kept/c.ftx"])
+    got_c, start = load_model(url, r_c.arrays), _big()
+    for k in ("w", "b"):
+        want = got[k].numpy() + (r_mat.arrays[k].numpy() - start[k].numpy())
+        assert np.allclose(got_c[k].numpy(), want, rtol=0, atol=1e-5), k
+    s3.delete_object(Bucket=b, Key="kept/c.ftx")
+    hostile = [(stored_ref(b, "runs/final/nope.ftx", ref["digest"], ref["size"], 4),
+                "no such object"),
+               (stored_ref(b, ref["key"], ref["digest"], ref["size"] - 1, 4),
+                "bytes, the reference says"),
+               (stored_ref(b, ref["key"], ref["digest"], ref["size"], 5), "does not match"),
+               (stored_ref("elsewhere", ref["key"], ref["digest"], ref["size"], 4),
+                "the transport's is")]
+    for bad_ref, why in hostile:
+        with pytest.raises(StoredModelError, match=why):
+            offload(FedAvg(), url).start(_grid(3, faulty=False), bad_ref, num_rounds=1)
+        assert _leftovers(s3, b) == ([ref["key"]], [])
+    with pytest.raises(StoredModelError, match="server step on the shard owners"):
+        offload(FedAdam(), url).start(_grid(3, faulty=False), r.arrays, num_rounds=1)
     s3.delete_object(Bucket=b, Key=ref["key"])
     for key in ("runs/ftx-x", "/abs", "a/ftx-b/c"):  # inside the run's keys, absolute
         with pytest.raises(ValueError, match="final_key"):

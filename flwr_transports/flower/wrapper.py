@@ -745,6 +745,16 @@ class OffloadStrategy(Offloader, Strategy):
                     evaluate_fn=evaluate_fn,
                 )
         self._num_rounds = num_rounds
+        from ..stored import is_stored_ref
+
+        if is_stored_ref(initial_arrays):  # a model kept in the store: published from there
+            if self._ray is not None and self._ray.sink is not None:
+                self._ray.sink.evaluate_fn = evaluate_fn is not None
+            try:
+                initial_arrays = self._adopt_initial(initial_arrays, grid)
+            except BaseException:
+                self.close()
+                raise
         if self.scheme is not None and polls_replies(grid):
             grid = _ReceiveGrid(grid, self)  # our receive loop; the inner strategy sees grid
         if self._ray is not None and self._ray.sink is not None:
@@ -768,6 +778,57 @@ class OffloadStrategy(Offloader, Strategy):
             return result
         finally:
             self.close()
+
+    def _adopt_initial(self, ref: ArrayRecord, grid: Grid) -> ArrayRecord:
+        """``initial_arrays`` is a stored-model reference (a ``final_model=store`` run's
+        ``Result.arrays``): the object is checked (HEAD: size), copied inside the store
+        into this run's keys and published like a model the shard owners wrote; Flower's
+        loop gets its stub (names, dtypes, shapes from the payload's header, a ranged
+        read). Clients verify every byte against the reference's digest."""
+        from flwr.app import Array
+
+        from ..aggregation.layout import NPY_STYPE
+        from ..codec import read_header
+        from ..stored import StoredModelError, parse_stored_ref
+
+        d = parse_stored_ref(ref)
+        sink = self._ray.sink if self._ray is not None else None
+        why = ""
+        if sink is None or getattr(self.link_options, "encrypt", False):
+            why = ("it needs an s3:// transport with aggregation=ray and ray_model=store, "
+                   "without encrypt=true")
+        elif self._trainer is not self.inner:
+            why = (f"{type(self.inner).__name__}'s server step on the shard owners starts "
+                   "from the model's bytes")
+        elif self._ensure_link(grid) is None or not sink.usable(0, d["size"], mean=True):
+            why = "the shard owners would not write the next model (logged above)"
+        if why:
+            raise StoredModelError(f"flwr-transports: initial_arrays is a stored-model "
+                                   f"reference, which this run cannot start from: {why}; "
+                                   f"pass flwr_transports.load_model(url, ref) instead")
+        link = self._ensure_link(grid)
+        if d["bucket"] != link.cfg.bucket:
+            raise StoredModelError(f"flwr-transports: initial_arrays is in bucket "
+                                   f"{d['bucket']!r}, the transport's is {link.cfg.bucket!r}")
+        name = "r0-model"
+        loc = link.adopt_stored(name, d["key"], d["size"])
+        with link.read_published(name, d["size"]) as src:
+            head = read_header(src.read, d["size"])
+        if len(head.arrays) != d["n_arrays"] or any(e.stype != NPY_STYPE
+                                                    for e in head.arrays):
+            raise StoredModelError(f"flwr-transports: s3://{d['bucket']}/{d['key']}: its "
+                                   f"header does not match the reference ({len(head.arrays)} "
+                                   f"arrays, {d['n_arrays']} expected, numpy arrays only)")
+        pub = Published(digest=d["digest"], loc=loc, n_arrays=d["n_arrays"],
+                        at=time.monotonic(), wire_size=d["size"], wire_digest=d["digest"],
+                        wire_codec="raw", raw_size=d["size"])
+        stub = ArrayRecord({e.name: Array(dtype=e.dtype, shape=tuple(e.shape),
+                                          stype=OWNED_STYPE, data=b"")
+                            for e in head.arrays})
+        self._owned[name] = (stub, pub)
+        log.info("flwr-transports: the initial model (%s) is s3://%s/%s, copied into the "
+                 "run in the store", _mib(d["size"]), d["bucket"], d["key"])
+        return stub
 
     def _keep_final(self, name: str, pub: Published) -> ArrayRecord:
         """final_model=store: the shard owners' last object copied (server-side) to a

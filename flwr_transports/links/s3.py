@@ -504,6 +504,30 @@ class S3ServerLink(ServerLink):
         return self._reader(key, size, {"enc": enc, "part": self._owned_unit(size, enc),
                                         "name": name})
 
+    def adopt_stored(self, name: str, key: str, size: int) -> dict[str, Any]:
+        """Publish, as ``name``, a model already in the store (a ``final_model=store``
+        run's ``key``): its size checked with a HEAD, then copied inside the store into
+        this run's keys (no byte passes through here; the original is never released),
+        registered like :meth:`complete_owned`'s publications; its location returned."""
+        from ..stored import StoredModelError
+
+        head = self._head(key, f"reading s3://{self.cfg.bucket}/{key}")
+        if head is None:
+            raise StoredModelError(f"s3://{self.cfg.bucket}/{key}: no such object (the "
+                                   f"initial model's reference names nothing)")
+        if head.get("ContentLength") != size:
+            raise StoredModelError(f"s3://{self.cfg.bucket}/{key}: "
+                                   f"{head.get('ContentLength')} bytes, the reference says "
+                                   f"{size}")
+        dest = self._key(name)
+        with self._lock:  # registered first: close() removes a half-done copy too
+            self._published[name] = dest
+            self._owned_enc[name] = None
+        # the object the HEAD saw, or none (replaced since: the copy fails)
+        self._copy(key, dest, size, f"copying s3://{self.cfg.bucket}/{key} into the run",
+                   etag=head.get("ETag"))
+        return self.published_loc(name, size)
+
     def keep_published(self, name: str, size: int, dest: str | None = None) -> str:
         """Copy a publication from :meth:`complete_owned` to ``dest`` (default
         ``<prefix>/final/<run>.ftx``) inside the store (CopyObject, or UploadPartCopy
@@ -519,17 +543,25 @@ class S3ServerLink(ServerLink):
             raise ValueError(f"s3: final_key {dest!r} is not a usable key: it must be "
                              f"non-empty, not start with '/', and not start with "
                              f"{self.cfg.prefix + NAME_PREFIX!r} (the run's keys, removed)")
+        self._copy(key, dest, size, f"copying the final model to s3://{self.cfg.bucket}/{dest}")
+        return dest
+
+    def _copy(self, key: str, dest: str, size: int, what: str, etag: str | None = None
+              ) -> None:
+        """Server-side copy of ``key`` to ``dest`` (CopyObject, or UploadPartCopy parts
+        above :data:`COPY_MAX`; an unfinished copy is aborted); ``etag``: only that
+        version of ``key``."""
         b, src = self.cfg.bucket, {"Bucket": self.cfg.bucket, "Key": key}
-        what = f"copying the final model to s3://{b}/{dest}"
+        cond = {"CopySourceIfMatch": etag} if etag else {}
         if size <= COPY_MAX:
-            self._boto(what, self.s3.copy_object, Bucket=b, Key=dest, CopySource=src)
-            return dest
+            self._boto(what, self.s3.copy_object, Bucket=b, Key=dest, CopySource=src, **cond)
+            return
         uid = self._boto(what, self.s3.create_multipart_upload, Bucket=b, Key=dest)["UploadId"]
         try:
             parts = []
             for i, off in enumerate(range(0, size, COPY_PART), 1):
                 r = self._boto(what, self.s3.upload_part_copy, Bucket=b, Key=dest,
-                               UploadId=uid, PartNumber=i, CopySource=src,
+                               UploadId=uid, PartNumber=i, CopySource=src, **cond,
                                CopySourceRange=f"bytes={off}-{min(off + COPY_PART, size) - 1}")
                 parts.append({"PartNumber": i, "ETag": r["CopyPartResult"]["ETag"]})
             self._boto(what, self.s3.complete_multipart_upload, Bucket=b, Key=dest,
@@ -537,7 +569,6 @@ class S3ServerLink(ServerLink):
         except BaseException:
             self._abort(dest, uid)
             raise
-        return dest
 
     def _owned_unit(self, size: int, enc: dict | None) -> int:
         return Layout(size, enc["chunk"] if enc else 0).align(self.cfg.part_size)[1]

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples" / "quickstart-offload"))
 
-from ftx_bench.e2e import without_codec  # noqa: E402
-from ftx_bench.reproduce import e2e_points  # noqa: E402
+from ftx_bench.e2e import without_codec
+from ftx_bench.reproduce import e2e_points
 
 
 @pytest.fixture(scope="module")

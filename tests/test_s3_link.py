@@ -767,3 +767,37 @@ def test_owned_upload_binds_the_parts_the_writers_reported(moto_endpoint, s3, bu
         http.close()
         link.close()
     assert leftovers(s3, bucket) == ([], [])
+
+
+
+def test_an_owners_part_damaged_on_its_way_is_never_published(moto_endpoint, s3, bucket):
+    """The ServerApp publishes the owners' model under a digest built from their leaf
+    hashes without reading it back, so every owner's part is PUT with Content-MD5 even
+    with checksum=none (the default): a store that checks it (S3, radosgw) refuses
+    damaged bytes, and a store that kept other bytes than were sent (moto does not check
+    Content-MD5 on parts) is caught from the part's ETag; the upload is aborted, nothing
+    left. (The damage is injected between the PUT and the store: no store here damages
+    bytes on request.)"""
+    from flwr_transports.links.s3_http import HttpTransport, S3HttpError
+
+    link = server_link(f"s3://{bucket}/own?endpoint_url={moto_endpoint}&checksum=none",
+                       run_id=1, options={})
+    http = HttpTransport(retries=0)
+    real_put = http.session.put
+
+    def damaging_put(url, data=None, **kw):
+        return real_put(url, data=bytes([data[0] ^ 1]) + data[1:], **kw)
+
+    body = os.urandom(1000)
+    try:
+        up = link.begin_owned("r1-model", 1)
+        assert up["md5"] is True  # whatever checksum= says
+        assert http.put(up["urls"][0], body, "part 1", md5=up["md5"])  # intact: fine
+        http.session.put = damaging_put
+        with pytest.raises(S3HttpError, match="kept other bytes"):
+            http.put(up["urls"][0], body, "part 1", md5=up["md5"])
+        link.abort_owned(up)
+    finally:
+        http.close()
+        link.close()
+    assert leftovers(s3, bucket) == ([], [])

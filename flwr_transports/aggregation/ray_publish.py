@@ -229,6 +229,11 @@ def write_model(cluster, sink, server_round: int, lay: OutputLayout, recover) ->
                     done[p] = (etag, leaves)
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                     failed = failed or exc
+                except BaseException:
+                    # before the abort below: let the other owners' PUTs end first (a
+                    # part finishing after an abort can keep using storage on S3)
+                    _settle(ray, futs, float(up.get("read_timeout") or 120))
+                    raise
             del futs
             if failed is None:
                 break
@@ -255,6 +260,16 @@ def write_model(cluster, sink, server_round: int, lay: OutputLayout, recover) ->
     except BaseException:
         sink.abort(up)
         raise
+
+
+def _settle(ray, futs: list, timeout: float) -> None:
+    """Wait (at most ``timeout`` s) for every write still running; errors are the
+    caller's to report, not these."""
+    try:
+        ray.wait(list(futs), num_returns=len(futs), timeout=timeout)
+    except Exception:  # best effort before an abort
+        log.debug("flwr-transports: waiting for the owners' writes before an abort failed",
+                  exc_info=True)
 
 
 def _dead(ray, cluster) -> set[int]:

@@ -467,8 +467,12 @@ class S3ServerLink(ServerLink):
         except BaseException:
             self.abort_owned({"key": key, "uid": uid})
             raise
+        # Content-MD5 on every owner's part whatever ``checksum`` says: the ServerApp
+        # publishes a digest built from the owners' leaf hashes without reading the
+        # bytes back, so the store must refuse a part damaged on its way (a client
+        # upload needs no such check: the ServerApp verifies its digest as it reads it)
         return {"name": name, "key": key, "uid": uid, "urls": urls, "enc": enc,
-                "md5": self.cfg.checksum == "md5", "retries": self.cfg.retries,
+                "md5": True, "retries": self.cfg.retries,
                 "read_timeout": self.cfg.timeout}
 
     def complete_owned(self, up: dict[str, Any], etags: list[str], size: int

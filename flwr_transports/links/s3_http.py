@@ -51,6 +51,7 @@ MAX_PARTS = 10_000  # S3: at most 10,000 parts per upload
 MAX_CONCURRENCY = 64
 ENC_ALG = "AES-256-GCM"
 _AAD = b"flwr-transports/s3-gcm/1"
+_MD5_ETAG = re.compile(r"[0-9a-f]{32}")  # a single PUT/part ETag without SSE-KMS/C
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 _RETRY_CODES = {"BadDigest", "RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable"}
 _QUERY_PIECE = re.compile(r"^[A-Za-z0-9._~%=+-]{1,4096}$")
@@ -558,9 +559,15 @@ class HttpTransport:
         return self._call(what, url, once)
 
     def put(self, url: str, body: bytes, what: str, md5: bool = True) -> str:
+        """PUT ``body``; its ETag. With ``md5``: Content-MD5 (a store that checks it
+        refuses damaged bytes), and an ETag that is a plain MD5 (S3 without SSE-KMS/C,
+        radosgw, moto; under SSE-KMS or SSE-C an ETag is no MD5 and is not compared)
+        must be the body's: a store that kept other bytes is an error (raised as
+        S3HttpError, retried like a failed PUT)."""
         headers = {}
+        digest = hashlib.md5(body).digest() if md5 else b""
         if md5:
-            headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+            headers["Content-MD5"] = base64.b64encode(digest).decode()
 
         def once() -> str:
             r = self.session.put(url, data=body, headers=headers, timeout=self.timeout,
@@ -572,7 +579,15 @@ class HttpTransport:
                     if r.status_code in _RETRY_STATUS or e.code in _RETRY_CODES:
                         raise _Retryable(e)
                     raise e
-                return r.headers.get("ETag", "")
+                etag = r.headers.get("ETag", "")
+                plain = etag.strip('"').lower()
+                kms = (r.headers.get("x-amz-server-side-encryption", "").startswith("aws:kms")
+                       or "x-amz-server-side-encryption-customer-algorithm" in r.headers)
+                if md5 and not kms and _MD5_ETAG.fullmatch(plain) and plain != digest.hex():
+                    raise _Retryable(S3HttpError(
+                        f"{what}: the store kept other bytes than were sent (ETag {plain}, "
+                        f"MD5 of the bytes {digest.hex()})"))
+                return etag
             finally:
                 r.close()
 

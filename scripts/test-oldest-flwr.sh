@@ -63,6 +63,7 @@ rc=0
   -m "not integration and not slow and not radosgw and not mpi" \
   --ignore=tests/test_bench.py --ignore=tests/test_bench_p2p_extra.py \
   --ignore=tests/test_wan_relay.py --ignore=tests/test_bench_star.py \
+  --ignore=tests/test_bench_weights.py \
   --ignore=tests/integration tests/ "$@" || rc=$?
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/integration/test_migrate.py \
   "$@" || rc=$?

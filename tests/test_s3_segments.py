@@ -382,6 +382,7 @@ def test_encrypted_slots_stay_one_object(moto_endpoint, s3, bucket):
     assert leftovers(s3, bucket) == ([], [])
 
 
+@pytest.mark.slow  # ~10 s: run once in CI, not again with the oldest Flower
 def test_federation_with_hostile_replies_segmented(moto_endpoint, s3, bucket):
     """The wrapper end to end (six nodes, two rounds, in round 2 a reference that lies
     about its digest, an error reply, a lost reply, another weight in-band): with
@@ -403,6 +404,7 @@ def test_federation_with_hostile_replies_segmented(moto_endpoint, s3, bucket):
     assert leftovers(s3, bucket) == ([], [])
 
 
+@pytest.mark.slow  # ~10 s: run once in CI, not again with the oldest Flower
 def test_federation_coded_replies_segmented(moto_endpoint, s3, bucket):
     """A codec's stream is decoded once all its segments landed (it cannot be read
     out of order), then folded: same model as in-band within rounding."""

@@ -93,7 +93,8 @@ def _memory_links(name: str, which: str, transports: str, quick: str, notes: str
 
 _STAR = ("--wan", "geo-distributed", "--topology", "star")
 _RGW = "inband,tcp://,s3://?store=radosgw"
-_CODECS = "tcp://,tcp://?codec=delta,s3://?store=radosgw,s3://?store=radosgw&codec=delta"
+_CODECS = ("tcp://,tcp://?codec=delta,s3://?store=radosgw,s3://?store=radosgw&codec=delta,"
+           "s3://?store=radosgw&segment=64MiB")
 
 TABLES: dict[str, Table] = {t.name: t for t in [
     Table("loopback-e2e", "End to end, loopback, 500 MiB, 2 SuperNodes",
@@ -108,8 +109,8 @@ TABLES: dict[str, Table] = {t.name: t for t in [
           [Invocation("8MiB", _e2e(*_STAR, "--sizes", "8MiB", "--transports",
                                    "inband,tcp://", "--nodes", "2", "--rounds", "1"),
                       "e2e", True)]),
-    Table("wan-codecs", "Codecs across 100 ms RTT, 5 Gbit/s (star, radosgw), trained "
-                        "weights (475 MiB fp32 GPT), 2 SuperNodes",
+    Table("wan-codecs", "Codecs (and segmented s3:// replies) across 100 ms RTT, 5 Gbit/s "
+                        "(star, radosgw), trained weights (475 MiB fp32 GPT), 2 SuperNodes",
           [Invocation("trained", _e2e(*_STAR, "--weights", "trained", "--transports",
                                       _CODECS, "--nodes", "2", "--rounds", "2"), "e2e", True)],
           [Invocation("8MiB", _e2e(*_STAR, "--sizes", "8MiB", "--transports",
@@ -118,7 +119,9 @@ TABLES: dict[str, Table] = {t.name: t for t in [
           notes="each client replies the model it received plus a recorded round of real "
                 "training (benchmarks/trained_weights.py: the llm-offload example's 125m GPT "
                 "after 5 rounds of 2 AdamW steps at lr 1e-3; fp32); no floor run: the "
-                "ratios are raw round / codec round on the same link, per repeat"),
+                "ratios are raw round / codec round on the same link, per repeat; "
+                "s3://...&segment=64MiB: raw replies uploaded as segments folded as they "
+                "land (issue 24), compared with s3:// by its aggregation tail"),
     Table("n-sweep", "N SuperNodes behind a 1 Gbit/s server uplink, 64 MiB",
           [Invocation(f"N{n}", _e2e(*_STAR, "--server-rate", "1gbit", "--sizes", "64MiB",
                                     "--transports", _RGW, "--nodes", str(n),

@@ -645,11 +645,71 @@ def test_which_server_steps_run_on_the_owners(caplog):
     assert "FedAdam's server step stays in the ServerApp: array 'w': Fortran" in caplog.text
 
 
-def test_ray_is_only_for_the_weighted_mean_and_s3(cluster, tmp_path, caplog):
+def test_ray_is_only_for_the_weighted_mean_and_s3_and_file(cluster, tmp_path, caplog):
     s = offload(FedMedian(), transport=f"file://{tmp_path}", aggregation="ray")
     assert not s.streaming and s._ray is None
-    s = offload(FedAvg(), transport=f"file://{tmp_path}", aggregation="ray")
+    s = offload(FedAvg(), transport="shm://", aggregation="ray")
     assert s.streaming and s._ray is None  # streams in the ServerApp, says why
+    s = offload(FedAvg(), transport=f"file://{tmp_path}", aggregation="ray")
+    assert s.streaming and s._ray is not None and s._ray.sink is None  # model: ServerApp
+    with pytest.raises(ValueError, match="final_model=store needs an s3://"):
+        offload(FedAvg(), transport=f"file://{tmp_path}?aggregation=ray&final_model=store")
+
+
+# -- file:// on a (here: local) shared filesystem ----------------------------------------
+def _ftx_files(d) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_file_ray_equals_streaming_with_hostile_replies(cluster, tmp_path):
+    """file:// with aggregation=ray: the owners pread each accepted upload's windows
+    from the path the link issued; round 2's digest lie is excluded exactly (its root
+    never matches), with the error reply, lost node and weight lie: the same model as
+    streaming in the ServerApp, nothing left in the directory or as a Ray actor."""
+    d = tmp_path / "shared"
+    d.mkdir()
+    url = f"file://{d}?threshold=0"
+    s_st, r_st = _ray_run(FedAvg(), f"{url}&aggregation=streaming", _grid())
+    s_ray, r_ray = _ray_run(FedAvg(), f"{url}&aggregation=ray&ray_shards=2", _grid())
+    assert s_ray._ray is not None and s_ray.stats["agg_streamed_rounds"] == 2
+    assert s_ray.stats["replies_rejected"] == s_st.stats["replies_rejected"] == 1
+    assert s_ray.stats["agg_eager_folds"] >= 5  # folded by the owners as they landed
+    assert s_ray.stats["agg_rebuilds"] == 1
+    _compare(r_st, r_ray)
+    assert _ftx_files(d) == []
+    assert len(s_ray._ray.history) == 2 and _gone(s_ray._ray.history)
+
+
+def test_file_ray_owner_that_does_not_see_the_file_fails_clearly(cluster, tmp_path,
+                                                                   monkeypatch):
+    """An owner whose node does not share the filesystem (here: it is told another,
+    missing path) fails the run with NotSharedError naming the cause; no hang, nothing
+    left behind."""
+    from flwr_transports.aggregation import ray_shards
+
+    d = tmp_path / "shared"
+    d.mkdir()
+    real = ray_shards.ShardOwner.fold
+
+    def elsewhere(self, remote, *a, **k):  # runs in the actor: a node without the mount
+        if remote.get("kind") == "file":
+            remote = {**remote, "path": "/nonexistent-ftx-mount/" + remote["label"]}
+        return real(self, remote, *a, **k)
+
+    monkeypatch.setattr(ray_shards, "_ACTOR", None)
+    monkeypatch.setattr(ray_shards.ShardOwner, "fold", elsewhere)
+    real_ns = ray_shards._not_shared
+
+    def seen_here(cause, remote, j, rnd):  # the ServerApp still sees the real file
+        return real_ns(cause, {**remote, "path": str(d)}, j, rnd)
+
+    monkeypatch.setattr(ray_shards, "_not_shared", seen_here)
+    s = offload(FedAvg(), transport=f"file://{d}?threshold=0&aggregation=ray&ray_shards=2")
+    with pytest.raises(ray_shards.NotSharedError, match="same path") as got:
+        s.start(_grid(faulty=False), _big(), num_rounds=1)
+    assert "/nonexistent-ftx-mount/" in str(got.value)  # the owner's own view
+    assert _ftx_files(d) == []
+    assert s._ray.history and _gone(s._ray.history)
 
 
 def _endpoint(s3) -> str:

@@ -27,6 +27,11 @@ is written to the store by the owners as the parts of one multipart upload and h
 out from there (``ray_model=store``, :mod:`.ray_publish`: the ServerApp holds a stub
 record, never the model); with ``ray_model=server`` (or where that does not apply) it
 is assembled in the ServerApp from the shards once per round; see docs/aggregation.md.
+
+``file://`` on a shared filesystem folds the same way: the owners open the upload file
+at the path the link issued (every Ray node must mount it at the same path: one that
+does not find a file the ServerApp sees fails the run with :class:`NotSharedError`) and
+read its windows with bounded ``os.pread`` calls; the next model is assembled in the ServerApp.
 """
 
 from __future__ import annotations
@@ -65,6 +70,17 @@ ACTOR_CPUS = 0.1
 START_TIMEOUT = 120.0
 SIMULATION_WAIT = 60.0  # seconds the ServerApp waits for the Simulation runtime's Ray
 HEADER_UNIT = 1 << 20  # the ServerApp reads payload headers in units this small
+
+
+class NotVisible(PayloadError):
+    """A shard owner cannot find a ``file://`` upload at the path the ServerApp gave it
+    (the ServerApp then checks whether IT still sees the file: if so, that owner's node
+    does not share the filesystem, and the run fails with :class:`NotSharedError`)."""
+
+
+class NotSharedError(RayClusterError):
+    """``file://`` with ``aggregation=ray``: a shard owner's Ray node does not see the
+    link's directory (every Ray node must mount the same filesystem at the same path)."""
 
 
 class StoreChangedError(RayClusterError):
@@ -218,7 +234,15 @@ class ShardOwner:
     def fold(self, remote: dict[str, Any], plan: Plan, t0: int, t1: int, weight: float,
              ident: Any = None) -> list[bytes]:
         """Read windows ``[t0, t1)`` of the object ``remote`` describes (presigned GET
-        URL, sizes, encryption key: from the ServerApp), hash and fold them."""
+        URL, sizes, encryption key; or, for ``file://``, the upload's path: from the
+        ServerApp), hash and fold them."""
+        if remote.get("kind") == "file":
+            src = open_file_upload(remote)
+            try:
+                return self.sum.fold_windows(Source(src.size, src.read), plan, t0, t1,
+                                             weight, ident)
+            finally:
+                src.close()
         from ..links.s3_http import HttpTransport, RangedReader
 
         if self._http is None:
@@ -300,6 +324,33 @@ class ShardOwner:
 
     def drop(self) -> None:
         self.out = None
+
+
+def open_file_upload(remote: dict[str, Any]):
+    """A ``file://`` upload opened for bounded ``pread``s (:func:`~..links.fs.open_payload`:
+    no symlink, a regular file of exactly the size the reference gave, one hard link,
+    the link's owner), at the path the ServerApp's link issued. Missing here:
+    :class:`NotVisible` (the ServerApp decides whether the upload went away or this
+    node does not share the filesystem)."""
+    from ..links.base import LinkError
+    from ..links.fs import open_payload
+
+    path = remote["path"]
+    try:
+        return open_payload(path, int(remote["size"]), owner=remote.get("owner"))
+    except LinkError as exc:
+        if os.path.lexists(path):
+            raise
+        where = ("its directory is missing" if not os.path.isdir(os.path.dirname(path))
+                 else "no such file")
+        raise NotVisible(f"{remote.get('label', path)}: not found at {path!r} on "
+                         f"{_node()} ({where})") from exc
+
+
+def _node() -> str:
+    import socket
+
+    return f"host {socket.gethostname()}"
 
 
 _ACTOR = None
@@ -590,8 +641,12 @@ class RayRoundStream:
     def _plan(self, src, a: Accepted) -> tuple[Plan, dict]:
         remote = getattr(src, "remote", None)
         if remote is None:
-            raise Unfoldable("aggregation=ray folds uploads of the s3:// link only")
-        plan = self._plan_remote(remote)
+            raise Unfoldable("aggregation=ray folds uploads of the s3:// and file:// "
+                             "links only")
+        # file://: planned from the descriptor the link checked (the owners open the
+        # same path themselves); s3://: ranged GETs of the header
+        plan = (plan_payload(src.read, src.size) if remote.get("kind") == "file"
+                else self._plan_remote(remote))
         if self.expected is None:
             raise Unfoldable("no expected layout (the model sent cannot be streamed)")
         if layout_of(plan) != self.expected:
@@ -602,7 +657,11 @@ class RayRoundStream:
 
     @staticmethod
     def _plan_remote(remote: dict) -> Plan:
-        """The payload's plan from its header only (ranged GETs of 1 MiB units)."""
+        """The payload's plan from its header only (ranged GETs of 1 MiB units; a
+        ``file://`` upload: bounded preads)."""
+        if remote.get("kind") == "file":
+            with open_file_upload(remote) as src:
+                return plan_payload(src.read, src.size)
         from ..links.s3_http import HttpTransport, RangedReader
 
         http = HttpTransport(retries=int(remote["retries"]),
@@ -785,6 +844,7 @@ class RayRoundStream:
                             raise cause from None
                         if not isinstance(cause, PayloadError | OSError | ValueError):
                             raise
+                        _not_shared(cause, jobs[n][2], j, self.round)
                         results[(n, j)] = cause  # this upload cannot be read: rejected
             except (RayClusterError, Unfoldable):
                 raise
@@ -959,6 +1019,7 @@ class RayRoundStream:
             try:
                 got = ray.get(f)
             except ray.exceptions.RayTaskError as exc:
+                _not_shared(getattr(exc, "cause", None), _remote, j, self.round)
                 raise StoreChangedError(
                     f"aggregation=ray: round {self.round}: reply {a.index}'s upload, counted "
                     f"already, could not be read again when shard owner {j} was replaced "
@@ -974,3 +1035,17 @@ class RayRoundStream:
                     f"its digest {a.digest}); the round fails rather than count bytes "
                     "that were never checked. Nothing but this ServerApp may write or "
                     "delete the run's objects in the bucket while a round runs")
+
+
+def _not_shared(cause: Any, remote: dict, j: int, server_round: int) -> None:
+    """An owner did not find a ``file://`` upload the ServerApp still sees: its node
+    does not share the link's filesystem (raise :class:`NotSharedError`, never count the
+    upload as a rejected reply nor wait for it)."""
+    if not isinstance(cause, NotVisible) or remote.get("kind") != "file":
+        return
+    if os.path.lexists(remote["path"]):
+        raise NotSharedError(
+            f"aggregation=ray: round {server_round}: shard owner {j} cannot see the "
+            f"file:// upload the ServerApp sees ({cause}). With file:// every Ray node "
+            "must mount the same shared filesystem (NFS, Lustre, ...) at the same path "
+            "as the ServerApp; mount it there, or use aggregation=streaming") from None

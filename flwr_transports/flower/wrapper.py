@@ -681,9 +681,9 @@ class OffloadStrategy(Offloader, Strategy):
         if self.streaming and self.scheme is None:
             self.streaming, why = False, "inner: transport inband (no link to stream from)"
         if self.streaming and self.aggregation == "ray":
-            if self.scheme != "s3":
-                why = (f"{why}; not on Ray: aggregation=ray folds s3:// uploads only "
-                       f"(streaming in the ServerApp instead)")
+            if self.scheme not in ("s3", "file"):
+                why = (f"{why}; not on Ray: aggregation=ray folds s3:// and file:// "
+                       f"uploads only (streaming in the ServerApp instead)")
             else:
                 from ..aggregation.ray_shards import RayCluster, import_ray
                 from ..aggregation.ray_step import shard_trainer
@@ -692,8 +692,11 @@ class OffloadStrategy(Offloader, Strategy):
                 self._ray = RayCluster(self.options.ray_address, self.options.ray_shards)
                 self._trainer, step_why = shard_trainer(strategy, self._ray)
                 why = f"{why}; sharded over Ray actors (aggregation=ray){step_why}"
-                if self.options.ray_model == "store":
+                if self.options.ray_model == "store" and self.scheme == "s3":
                     self._ray.sink = _OwnerSink(self)
+                elif self.scheme == "file":  # (ray_model=store writes s3 multipart parts)
+                    why = (f"{why}; file://: the owners read the uploads from the shared "
+                           "filesystem, the next model is assembled in the ServerApp")
         if self.options.final_model == "store" and (
                 self._ray is None or self._ray.sink is None
                 or getattr(self.link_options, "encrypt", False)):

@@ -349,8 +349,23 @@ class _FsServerLink(ServerLink):
         place complete), instead of the eager decode."""
         if self._eager is None:
             return False
-        self._eager.hook(self._claimed_path(slot), fn)
+        path = self._claimed_path(slot)
+        remote = self._remote(path, None)
+        if remote is not None:  # aggregation=ray: the shard owners read the file
+            def hooked(src, _inner=fn, _remote=remote):
+                src.remote = {**_remote, "size": src.size}
+                _inner(src)
+
+            self._eager.hook(path, hooked)
+            return True
+        self._eager.hook(path, fn)
         return True
+
+    def _remote(self, path: str, size: int | None) -> dict[str, Any] | None:
+        """What another process needs to read this upload (``aggregation=ray``'s shard
+        owners, :mod:`..aggregation.ray_shards`): the path THIS link issued (never one a
+        client named), its size and owner; None where others cannot read it."""
+        return None
 
     @property
     def last_landed(self) -> float | None:
@@ -365,6 +380,9 @@ class _FsServerLink(ServerLink):
         if claimed != expected:
             raise RefError(f"reply location {claimed!r} is not the location issued for this slot")
         src = open_payload(claimed, size, owner=self._owner)  # checked, decoded or not
+        remote = self._remote(expected, size)
+        if remote is not None:
+            src.remote = remote
         pre = self._eager.take(claimed, size) if self._eager is not None else None
         if pre is not None:
             src.predecoded = lambda timeout=None: pre.result(timeout)
@@ -472,6 +490,10 @@ class FileServerLink(_FsServerLink):
 
     def __init__(self, url: TransportSpec | str, run_id, options: dict[str, Any] | None = None):
         super().__init__(url, run_id, options, _file_root(url))
+
+    def _remote(self, path: str, size: int | None) -> dict[str, Any] | None:
+        return {"kind": "file", "path": path, "size": size, "owner": self._owner,
+                "label": os.path.basename(path)}
 
     @classmethod
     def cleanup(cls, url: TransportSpec | str, *, dry_run: bool = False,

@@ -12,6 +12,7 @@ Ray actor after the run.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import uuid
 
@@ -661,23 +662,77 @@ def _ftx_files(d) -> list[str]:
     return sorted(p.name for p in d.iterdir())
 
 
-def test_file_ray_equals_streaming_with_hostile_replies(cluster, tmp_path):
+def test_file_ray_equals_streaming_with_hostile_replies(cluster, tmp_path, monkeypatch):
     """file:// with aggregation=ray: the owners pread each accepted upload's windows
     from the path the link issued; round 2's digest lie is excluded exactly (its root
-    never matches), with the error reply, lost node and weight lie: the same model as
-    streaming in the ServerApp, nothing left in the directory or as a Ray actor."""
+    never matches), with the error reply, lost node and weight lie, and owner 0 is
+    killed before round 2's mean is collected (its successor re-folds its shard from
+    the files): the same model as streaming in the ServerApp, nothing left in the
+    directory or as a Ray actor."""
+    from flwr_transports.aggregation.ray_shards import RayRoundStream
+
     d = tmp_path / "shared"
     d.mkdir()
     url = f"file://{d}?threshold=0"
+    assemble = RayRoundStream.assemble
+    killed = []
+
+    def kill_then_assemble(self, plan, total):
+        if self.round == 2:
+            killed.append(self.cluster.names[0])
+            ray.kill(self.cluster.actors[0], no_restart=True)
+        return assemble(self, plan, total)
+
+    monkeypatch.setattr(RayRoundStream, "assemble", kill_then_assemble)
     s_st, r_st = _ray_run(FedAvg(), f"{url}&aggregation=streaming", _grid())
     s_ray, r_ray = _ray_run(FedAvg(), f"{url}&aggregation=ray&ray_shards=2", _grid())
     assert s_ray._ray is not None and s_ray.stats["agg_streamed_rounds"] == 2
+    assert len(killed) == 1 and s_ray._ray.restarts == 1
     assert s_ray.stats["replies_rejected"] == s_st.stats["replies_rejected"] == 1
     assert s_ray.stats["agg_eager_folds"] >= 5  # folded by the owners as they landed
     assert s_ray.stats["agg_rebuilds"] == 1
     _compare(r_st, r_ray)
     assert _ftx_files(d) == []
-    assert len(s_ray._ray.history) == 2 and _gone(s_ray._ray.history)
+    assert len(s_ray._ray.history) == 3 and _gone(s_ray._ray.history)
+
+
+def test_file_ray_upload_replaced_before_a_refold_fails_the_round(
+        cluster, tmp_path, monkeypatch):
+    """After the replies were verified, one upload file is REPLACED (a new file renamed
+    over the slot path, one byte flipped in shard 0's windows: what a client with write
+    access to the directory could do) and owner 0 is killed: the re-fold reads bytes
+    that do not hash to the verified leaves and the round fails with StoreChangedError
+    instead of counting them. Nothing left in the directory."""
+    from flwr_transports.aggregation.ray_shards import WINDOW, RayRoundStream, StoreChangedError
+
+    d = tmp_path / "shared"
+    d.mkdir()
+    url = f"file://{d}?threshold=0"
+    assemble = RayRoundStream.assemble
+    changed = []
+
+    def kill_then_assemble(self, plan, total):
+        if not changed:
+            _first, jobs = self._final
+            a, p, remote = jobs[-1]
+            body = bytearray(open(remote["path"], "rb").read())  # noqa: SIM115
+            _t0, t1 = windows_of(p, self.shards, 0)
+            body[min(t1 * WINDOW, len(body)) - 100] ^= 0xFF
+            tmp = remote["path"] + ".new"
+            with open(tmp, "wb") as f:
+                f.write(body)
+            os.chmod(tmp, 0o600)
+            os.rename(tmp, remote["path"])
+            changed.append(a.index)
+        ray.kill(self.cluster.actors[0], no_restart=True)
+        return assemble(self, plan, total)
+
+    monkeypatch.setattr(RayRoundStream, "assemble", kill_then_assemble)
+    with pytest.raises(StoreChangedError, match=r"changed in the store after it was verified"):
+        _ray_run(FedAvg(), f"{url}&aggregation=ray&ray_shards=2", _grid(3, faulty=False),
+                 rounds=1)
+    assert len(changed) == 1
+    assert _ftx_files(d) == []
 
 
 def test_file_ray_owner_that_does_not_see_the_file_fails_clearly(cluster, tmp_path,

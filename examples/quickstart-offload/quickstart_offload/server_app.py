@@ -130,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
 
     weights_dir = str(cfg.get("weights-dir", "") or "")
     model = load_trained(weights_dir) if weights_dir else build_model(model_mib)
-    initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in model.items()})
+    initial = ArrayRecord({k: Array(np.asarray(v)) for k, v in model.items()})
     del model
     inner = FedAvg(
         fraction_train=fraction_train,

@@ -31,6 +31,7 @@ NPY_STYPE = "numpy.ndarray"
 #: no data; the offload wrapper hands out its reference (its arrays are NumPy arrays)
 OWNED_STYPE = "flwr_transports.owned (aggregation=ray: the model is in the store)"
 MAX_NPY_HEADER = 64 * 1024
+NPY_PEEK = 256  # bytes read first at each array (its .npy header, usually 128)
 
 
 class Unfoldable(ValueError):
@@ -194,11 +195,13 @@ def plan_payload(read, size: int, predict: bool = False) -> Plan:
         if npy is not None:
             hl = len(npy)
         else:
-            npy = _read(read, start, min(12, stop - start))
-            hl = _npy_header_len(npy)
+            # one read for the usual header (np.save pads it to 128 bytes), a second
+            # only for a longer one: each read may be a round trip to a store
+            npy = _read(read, start, min(NPY_PEEK, stop - start))
+            hl = _npy_header_len(npy[:12])
             if hl > MAX_NPY_HEADER or start + hl > stop:
                 raise PayloadError(f"array {name!r} has an invalid .npy header length")
-            npy = _read(read, start, hl)
+            npy = npy[:hl] if hl <= len(npy) else _read(read, start, hl)
         in_dtype, nshape, fortran, used = _parse_npy(npy)
         if used != hl:
             raise PayloadError(f"array {name!r}: .npy header length mismatch")

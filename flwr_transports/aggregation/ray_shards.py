@@ -668,8 +668,8 @@ class RayRoundStream:
                              read_timeout=float(remote["read_timeout"]))
         small = RangedReader(http, remote["url"], remote["size"], remote["enc"],
                              HEADER_UNIT, 1, remote["label"], False)
-        try:
-            return plan_payload(small.read, remote["size"])
+        try:  # peek: the header bytes only (read's units and read-ahead fetched
+            return plan_payload(small.peek, remote["size"])  # ~the whole payload)
         finally:
             small.close()
             http.session.close()

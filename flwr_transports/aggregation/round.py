@@ -63,6 +63,12 @@ def _digest_of(src, digest: str) -> None:
         raise PayloadError(f"digest mismatch: payload has {got}, reference says {digest}")
 
 
+def _peek(src):
+    """How a plan reads a source's headers: its ``peek`` where it has one (a store:
+    the few bytes asked, no read-ahead that the fold would fetch again), else ``read``."""
+    return getattr(src, "peek", None) or src.read
+
+
 def _claimed(src, folded: str) -> str:
     """The digest a reference must state for what was folded: the digest of the bytes
     folded, or for a coded upload the digest of its bytes on the wire (when what was
@@ -115,7 +121,7 @@ class RoundStream:
                 return
             st = self.landed[key] = Landed()
             try:
-                plan = self._check(plan_payload(src.read, src.size))
+                plan = self._check(plan_payload(_peek(src), src.size))
                 if plan.weight is None:
                     st.status = "unweighted"  # folded at settle time with the in-band weight
                     return
@@ -229,7 +235,7 @@ class RoundStream:
             for a in (x for x in accepted if x.key in want and x.key not in done):
                 try:
                     with open_upload(a) as src:
-                        plan = plan_payload(src.read, src.size)
+                        plan = plan_payload(_peek(src), src.size)
                         if layout_of(plan) != self.expected:
                             _digest_of(src, a.digest)  # a lie: rejected; else Unfoldable
                             self._check(plan)

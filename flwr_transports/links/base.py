@@ -169,10 +169,14 @@ class PayloadSource:
     Optional hooks a link may set (the wrapper reads only these, declared here):
     ``predecoded``: ``(timeout=None) -> (ArrayRecord, digest)`` when the link already
     decoded the payload while it landed (the caller still checks the digest);
-    ``wire_digest``: the digest of the bytes read, when the link computed it."""
+    ``wire_digest``: the digest of the bytes read, when the link computed it;
+    ``peek``: ``(offset, n) -> bytes`` for a few scattered bytes (a planner's header
+    reads) that must not start the read-ahead ``read`` does (a store's ranged reads:
+    what ``read`` fetched ahead would be dropped and fetched again by the fold)."""
 
     predecoded: Callable[..., Any] | None = None
     wire_digest: str | None = None
+    peek: Callable[[int, int], bytes] | None = None
 
     def __init__(self, read: Callable[[int, int], bytes], size: int, close=None):
         self.read = read

@@ -791,6 +791,45 @@ class RangedReader:
             return out[0]
         return b"".join(out)  # one copy into the bytes the caller keeps
 
+    def peek(self, off: int, n: int) -> bytes:
+        """``n`` bytes at ``off`` WITHOUT read-ahead and without dropping the ranges
+        fetched for :meth:`read`: a planner's scattered header reads (a few bytes
+        before each array, all over the payload). Served from a range already fetched
+        or in flight, else fetched exactly (whole AEAD chunks when encrypted). Through
+        :meth:`read` each would fetch its whole range and the ranges ahead, dropped
+        again as the planner moves on: the fold that follows fetched the payload a
+        second time."""
+        if n == 0:
+            return b""
+        if off < 0 or n < 0 or off + n > self.layout.size:
+            raise ValueError(f"read [{off}, {off + n}) outside a {self.layout.size}-byte payload")
+        U = self.plain_unit
+        j0, j1 = off // U, (off + n - 1) // U
+        with self.lock:
+            futs = [self.futs.get(j) for j in range(j0, j1 + 1)]
+        if all(f is not None for f in futs):
+            try:
+                data = b"".join(f.result() for f in futs)
+            except CancelledError:  # dropped by a concurrent reader: fetch exactly
+                pass
+            else:
+                return data[off - j0 * U:off - j0 * U + n]
+        what = f"download of {n} bytes at {off} of {self.label}"
+        if self.cipher is None:
+            data = self.t.get_range(self.url, off, off + n, self.layout.stored, what,
+                                    self.appear_by)
+            self.prog.add(len(data))
+            return data
+        c, b = self.layout.chunk, self.layout.chunk + TAG
+        k0, k1 = off // c, (off + n - 1) // c
+        data = self.t.get_range(self.url, k0 * b, min((k1 + 1) * b, self.layout.stored),
+                                self.layout.stored, what, self.appear_by)
+        self.prog.add(len(data))
+        mv = memoryview(data)
+        plain = b"".join(self.cipher.open(k0 + i, mv[o:o + b])
+                         for i, o in enumerate(range(0, len(data), b)))
+        return plain[off - k0 * c:off - k0 * c + n]
+
     def close(self) -> None:
         with self.lock:
             for f in self.futs.values():
@@ -801,6 +840,7 @@ class RangedReader:
     def source(self) -> PayloadSource:
         src = PayloadSource(self.read, self.layout.size, self.close)
         src.remote = self.remote
+        src.peek = self.peek
         return src
 
 

@@ -31,7 +31,7 @@ def __getattr__(name: str):  # lazy: importing the package stays cheap
 
         return PayloadMod
     if name == "load_model":
-        from .stored import load_model
+        from .loading import load_model
 
         return load_model
     raise AttributeError(f"module 'flwr_transports' has no attribute {name!r}")

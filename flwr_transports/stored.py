@@ -4,7 +4,7 @@ With ``offload(strategy, "s3://...?aggregation=ray&final_model=store")`` the sha
 owners' last model is copied inside the store (no byte through the ServerApp) and
 ``Result.arrays`` is a *stored-model reference*: an ``ArrayRecord`` of one array
 (stype :data:`STORED_STYPE`) whose data is JSON ``{"v", "bucket", "key", "digest",
-"size", "n_arrays"}``. :func:`load_model` reads the model back later: a HEAD checks the
+"size", "n_arrays"}``. :func:`flwr_transports.loading.load_model` reads the model back later: a HEAD checks the
 size, ranged GETs read it, and every byte is verified against the digest. The same
 reference may be the next run's ``initial_arrays`` (the model is then copied inside the
 store and handed out from there: ``OffloadStrategy._adopt_initial``).
@@ -63,39 +63,3 @@ def parse_stored_ref(rec: object) -> dict[str, Any]:
         raise StoredModelError("stored-model reference: a field is missing or invalid "
                                "(v, bucket, key, digest, size, n_arrays)")
     return d
-
-
-def load_model(url: str, ref: ArrayRecord) -> ArrayRecord:
-    """Read the model a ``final_model=store`` run kept (``ref``: its ``Result.arrays``)
-    with the store named by ``url`` (the same ``s3://bucket/...?endpoint_url=...`` as
-    the run; its bucket must be the reference's). Raises :class:`StoredModelError` when
-    the object is missing or its size differs, ``PayloadError`` when its bytes do not
-    match the digest."""
-    from .codec import decode
-    from .flower.wrapper import WRAPPER_OPTIONS
-    from .links import parse, server_link
-
-    d = parse_stored_ref(ref)
-    spec = parse(url, WRAPPER_OPTIONS)  # the run's URL: its wrapper options are ignored
-    if spec.scheme != "s3":
-        raise StoredModelError(f"load_model reads s3:// stores, not {spec.scheme}://")
-    link = server_link(spec, "load")
-    try:
-        if link.cfg.bucket != d["bucket"]:
-            raise StoredModelError(f"the reference is in bucket {d['bucket']!r}, the URL "
-                                   f"names {link.cfg.bucket!r}: pass the run's URL")
-        head = link._head(d["key"], f"reading s3://{d['bucket']}/{d['key']}")
-        if head is None:
-            raise StoredModelError(f"s3://{d['bucket']}/{d['key']}: no such object (the "
-                                   f"stored model was removed?)")
-        if head.get("ContentLength") != d["size"]:
-            raise StoredModelError(f"s3://{d['bucket']}/{d['key']}: {head.get('ContentLength')} "
-                                   f"bytes, the reference says {d['size']}")
-        src = link._reader(d["key"], d["size"], {"enc": None, "name": "stored model",
-                                                  "part": link._owned_unit(d["size"], None)})
-        try:
-            return decode(src.read, d["size"], d["digest"])
-        finally:
-            src.close()
-    finally:
-        link.close()

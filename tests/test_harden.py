@@ -288,9 +288,17 @@ def test_s3_sweep_warning_separates_endpoint_and_prefix(caplog):
 
     class Link:
         cfg, key_prefix = Cfg(), "runs/ftx-16779-1-abcd"
-        _published, _slots, _uploading = {}, {}, {}
-        _stop, _hooked, _watcher = threading.Event(), threading.Event(), None
+        _published, _slots, _uploading, _owned_ups = {}, {}, {}, {}
+        _stop, _hooked, _watcher, _discarder = threading.Event(), threading.Event(), None, None
         s3 = None
+
+        class _read_ahead:
+            @staticmethod
+            def close():
+                pass
+
+        def wait_discarded(self):
+            pass
 
         class http:
             @staticmethod

@@ -33,6 +33,9 @@ from flwr_transports.refs import RefError
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# moto round trips, ~18 s in all: run once in CI (not again in the oldest-Flower pass)
+pytestmark = pytest.mark.slow
+
 MiB = 2**20
 
 
